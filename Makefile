@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   builds the tiny Flux artifact, loads it into its pipeline and writes artifacts/demo.png
+#   make test   runs the test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Exact pins for a reproducible environment; torch==2.13.0 is the CPU wheel (an unpinned torch pulls CUDA).
+PINS := torch==2.13.0 torchao==0.18.0 diffusers==0.42.1 transformers==5.24.0 accelerate==1.15.0 \
+        safetensors==0.8.0 click==8.5.1 huggingface_hub==2.4.0 pillow==13.0.0 psutil==7.2.2 \
+        pytest==9.2.0 hypothesis==6.170.17
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(PINS)
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+demo: install
+	dir=$$($(BIN)/aotpack build tiny-flux --quant int8wo --overwrite) && \
+	$(BIN)/aotpack inspect "$$dir" && \
+	$(BIN)/aotpack run "$$dir" --prompt "a dog surfing on the moon" --out artifacts/demo.png
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf artifacts/*/ artifacts/.*partial* .pytest_cache

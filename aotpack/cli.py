@@ -1,0 +1,220 @@
+"""The ``aotpack`` command: a thin Click layer over the library. Results on stdout, progress on stderr."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+
+import click
+
+from . import __version__
+from .errors import AotpackError
+
+
+def _debug() -> bool:
+    return os.environ.get("AOTPACK_DEBUG", "") not in ("", "0")
+
+
+def _quiet_dependencies() -> None:
+    """torchao and friends log import-time noise (CUDA kernels missing on CPU, deprecations): keep stderr
+    for aotpack's own progress unless debugging."""
+    if _debug():
+        return
+    for name in ("torchao", "torch._export", "torch.export", "torch._inductor", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.set_verbosity_error()
+        tlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _setup_logging(quiet: bool) -> None:
+    log = logging.getLogger("aotpack")
+    log.handlers[:] = []
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+class AotpackGroup(click.Group):
+    """Turns AotpackError into 'Error: ...' / 'Hint: ...' and exit code 1; tracebacks only with AOTPACK_DEBUG=1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AotpackError as e:
+            if _debug():
+                raise
+            click.echo(f"Error: {e.cause}", err=True)
+            if e.hint:
+                click.echo(f"Hint: {e.hint}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted; nothing was left half-written", err=True)
+            ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:  # a bug or an unforeseen failure: still one line unless debugging
+            if _debug():
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            click.echo(f"Error: unexpected {type(e).__name__}: {first[:300]}", err=True)
+            click.echo("Hint: run again with AOTPACK_DEBUG=1 for the full traceback, and report it", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=AotpackGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="aotpack")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
+def cli(quiet: bool) -> None:
+    """Quantize a diffusion transformer with torchao, compile it ahead of time with AOTInductor, and load
+    the artifact into a diffusers pipeline.
+
+    \b
+    Examples:
+      aotpack recipes
+      aotpack build tiny-flux --quant int8wo
+      aotpack inspect artifacts/tiny-flux-int8wo-cpu-x86_64-avx512
+      aotpack run artifacts/tiny-flux-int8wo-cpu-x86_64-avx512 --prompt "a dog surfing on the moon" --out dog.png
+
+    Set AOTPACK_DEBUG=1 for full tracebacks.
+    """
+    _setup_logging(quiet)
+    _quiet_dependencies()
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def recipes(as_json: bool) -> None:
+    """List recipes and the quantization schemes each can use on this machine.
+
+    \b
+    Examples:
+      aotpack recipes
+      aotpack recipes --json
+    """
+    from .platform import default_device
+    from .recipe import get_recipe, list_recipes
+    from .schemes import SCHEMES, why_not
+
+    device = default_device()
+    usable = [name for name, s in SCHEMES.items() if why_not(s, device) is None]
+    rows = []
+    for name in list_recipes():
+        r = get_recipe(name)
+        rows.append({"name": name, "description": r.description, "checkpoint": r.checkpoint, "dtype": r.dtype,
+                     "variants": list(r.variants), "default_quant": r.default_quant,
+                     "runs_here": not (r.checkpoint_needs and r.checkpoint_needs != device)})
+    if as_json:
+        click.echo(json.dumps({"device": device, "schemes_here": usable, "recipes": rows}, indent=2))
+        return
+    for row in rows:
+        variants = f" (variants: {', '.join(row['variants'])})" if row["variants"] else ""
+        note = "" if row["runs_here"] else f"  [needs a GPU; use --model for a local checkpoint]"
+        click.echo(f"{row['name']:<12} {row['description']}{variants}{note}")
+        click.echo(f"{'':<12} checkpoint {row['checkpoint']}, dtype {row['dtype']}, default --quant {row['default_quant']}")
+    click.echo(f"\nschemes usable on this machine ({device}): {', '.join(usable)}")
+    click.echo("all schemes and what they need: aotpack schemes")
+
+
+@cli.command()
+def schemes() -> None:
+    """List every quantization scheme, the torchao config behind it and the hardware it needs."""
+    from .platform import default_device
+    from .schemes import SCHEMES, why_not
+
+    device = default_device()
+    for name, s in SCHEMES.items():
+        status = "ok here" if why_not(s, device) is None else f"not here (use {s.instead})"
+        click.echo(f"{name:<10} {s.description:<52} needs {s.needs():<30} {status}")
+
+
+@cli.command()
+@click.argument("recipe")
+@click.option("--quant", "-q", "quant", default=None, help="Quantization scheme (default: the recipe's).")
+@click.option("--out", type=click.Path(), default=None, help="The artifact folder itself (default: artifacts/<recipe>-<scheme>-<platform>).")
+@click.option("--model", default=None, help="A local diffusers folder or Hub id instead of the recipe's checkpoint.")
+@click.option("--variant", default=None, help="A recipe variant, e.g. 'schnell' for flux.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Override the recipe's dtype (float32 is the fast choice on CPUs without bf16 units).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing artifact folder.")
+def build(recipe, quant, out, model, variant, dtype, overwrite) -> None:
+    """Quantize, export and compile RECIPE into an artifact folder; prints its path.
+
+    \b
+    Examples:
+      aotpack build tiny-flux --quant int8wo
+      aotpack build tiny-flux --quant int8dq --out my-artifact --overwrite
+      aotpack build flux --quant int8dq                       # real FLUX.1-dev: network + GPU
+      aotpack build flux --variant schnell --quant int8wo
+      aotpack build flux --model ./my-flux-dir --quant int8wo --dtype float32
+    """
+    from .builder import build as build_artifact
+
+    path = build_artifact(recipe, quant, out=out, model=model, variant=variant, dtype=dtype, overwrite=overwrite)
+    click.echo(str(path))
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+def inspect(artifact, as_json) -> None:
+    """Summarise an artifact's manifest (validated, no code loaded).
+
+    \b
+    Examples:
+      aotpack inspect artifacts/tiny-flux-int8wo-cpu-x86_64-avx512
+      aotpack inspect artifacts/tiny-flux-int8wo-cpu-x86_64-avx512 --json
+    """
+    from .info import inspect as read_manifest, summarize
+
+    data = read_manifest(artifact)
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else summarize(data))
+
+
+@cli.command()
+@click.argument("artifact")
+@click.option("--prompt", required=True, help="Text prompt.")
+@click.option("--out", type=click.Path(), default="out.png", show_default=True, help="Image file to write.")
+@click.option("--height", type=int, default=None, help="Pixels (default: the recipe's).")
+@click.option("--width", type=int, default=None, help="Pixels (default: the recipe's).")
+@click.option("--steps", type=int, default=None, help="Denoising steps (default: the recipe's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--guidance-scale", type=float, default=None)
+def run(artifact, prompt, out, height, width, steps, seed, guidance_scale) -> None:
+    """Generate an image with an artifact dropped into its diffusers pipeline; prints the file written.
+
+    \b
+    Examples:
+      aotpack run artifacts/tiny-flux-int8wo-cpu-x86_64-avx512 --prompt "a dog surfing on the moon" --out dog.png
+      aotpack run my-artifact --prompt "a cat" --height 256 --width 256 --steps 8 --seed 1
+    """
+    from .run import run as run_artifact
+
+    path = run_artifact(artifact, prompt=prompt, out=out, height=height, width=width, steps=steps, seed=seed,
+                        guidance_scale=guidance_scale)
+    click.echo(str(path))
+
+
+def main() -> None:
+    cli(prog_name="aotpack")
+
+
+if __name__ == "__main__":
+    main()

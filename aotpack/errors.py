@@ -1,0 +1,58 @@
+"""Errors that aotpack raises: one line naming the cause, one line naming the fix.
+
+The library never prints or exits; only ``cli.py`` turns these into ``Error: ...`` / ``Hint: ...``.
+"""
+
+from __future__ import annotations
+
+
+class AotpackError(Exception):
+    """Base class: ``cause`` is one line saying what is wrong, ``hint`` one line saying what to do."""
+
+    def __init__(self, cause: str, hint: str = "") -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.cause if not self.hint else f"{self.cause} ({self.hint})"
+
+
+class RecipeError(AotpackError):
+    """Unknown recipe, bad recipe file, or a model folder that does not fit the recipe."""
+
+
+class SchemeError(AotpackError):
+    """Unknown quantization scheme, or one this machine / torchao cannot run."""
+
+
+class ManifestError(AotpackError):
+    """manifest.json is missing, unreadable or does not follow the schema."""
+
+
+class IncompatibleArtifactError(AotpackError):
+    """The artifact was built for another platform (torch version, device, GPU capability, CPU ISA)."""
+
+
+class IntegrityError(AotpackError):
+    """A file of the artifact is missing or its bytes do not match the manifest."""
+
+
+class InputError(AotpackError):
+    """An input passed to the compiled transformer is outside what was exported."""
+
+
+class BuildError(AotpackError):
+    """A build stage failed."""
+
+
+class OutputExistsError(AotpackError):
+    """The output folder exists and --overwrite was not given."""
+
+
+class ResourceError(AotpackError):
+    """Not enough memory or disk for the requested work."""
+
+
+class HubError(AotpackError):
+    """A Hub operation failed: auth, missing repo or revision, network."""

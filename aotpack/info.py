@@ -1,0 +1,44 @@
+"""``inspect``: read an artifact's manifest (validated) and summarise it for people."""
+
+from __future__ import annotations
+
+import os
+
+from . import manifest as mf
+
+
+def inspect(path: str | os.PathLike) -> dict:
+    """The validated manifest of the artifact at ``path``."""
+    return mf.read(path)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def summarize(data: dict) -> str:
+    """A human summary of a manifest, one fact per line."""
+    r, p, b = data["recipe"], data["platform"], data["build"]
+    from .platform import tag
+
+    lines = [
+        f"recipe      {r['name']}" + (f" ({r['variant']})" if r["variant"] else "") + f" -> {r['pipeline']}.{r['component']}",
+        f"checkpoint  {data['model']['checkpoint']}" + (f" @ {data['model']['revision']}" if data["model"]["revision"] else ""),
+        f"scheme      {data['scheme']['name']}"
+        + (f" ({data['scheme']['torchao_config']['_type']})" if data["scheme"]["torchao_config"] else ""),
+        f"dtype       {data['dtype']}",
+        f"platform    {tag(p)}: torch {p['torch']}, torchao {p['torchao']}, diffusers {p['diffusers']}, python {p['python']}",
+    ]
+    dyn = ", ".join(f"{k} {v[0]}..{v[1]}" for k, v in data["inputs"]["dynamic"].items())
+    img = data["inputs"]["image"]
+    lines.append(f"inputs      {dyn}; height {img['height'][0]}..{img['height'][1]}, width {img['width'][0]}..{img['width'][1]}"
+                 f" (multiples of {img['multiple']}); text tokens {data['inputs']['max_sequence_length']}")
+    for name, entry in sorted(data["files"].items()):
+        lines.append(f"file        {name:<22} {_mb(entry['size']):>12}  sha256 {entry['sha256'][:16]}...")
+    total = sum(e["size"] for e in data["files"].values())
+    lines.append(f"total       {_mb(total)}")
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in b["stages"].items())
+    lines.append(f"built       {b['date']} with aotpack {data['aotpack_version']}: {stages}")
+    lines.append(f"accuracy    compiled vs eager max |diff| {b['max_abs_error']:.2e}; "
+                 f"quantized vs unquantized {b['quant_abs_error']:.2e}")
+    return "\n".join(lines)

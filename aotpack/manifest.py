@@ -1,0 +1,146 @@
+"""manifest.json: the contract between build and load. Versioned schema, written once, checked on load."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import IncompatibleArtifactError, ManifestError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+# A file name inside an artifact: one plain path component, no traversal, no hidden files.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+_OPT_STR = (str, type(None))
+SCHEMA: dict[str, Any] = {
+    "schema_version": int,
+    "aotpack_version": str,
+    "recipe": {"name": str, "variant": _OPT_STR, "family": str, "pipeline": str, "component": str},
+    "model": {"checkpoint": str, "revision": _OPT_STR, "source": str, "config": dict},
+    "scheme": {"name": str, "torchao_config": (dict, type(None))},
+    "dtype": str,
+    "inputs": {"tensors": list, "dynamic": dict, "image": dict, "max_sequence_length": int},
+    "platform": {
+        "device": str, "arch": str, "isa": _OPT_STR, "cpu_flags": list, "cuda_capability": _OPT_STR,
+        "gpu_name": _OPT_STR, "torch": str, "torchao": str, "diffusers": str, "python": str,
+    },
+    "files": dict,
+    "build": {"date": str, "stages": dict, "peak_rss_bytes": int, "max_abs_error": (float, int), "quant_abs_error": (float, int)},
+}
+
+
+def is_safe_name(name: Any) -> bool:
+    """True for a plain file name that cannot escape its folder (no '/', '..', absolute or hidden paths)."""
+    return isinstance(name, str) and bool(_SAFE_NAME.match(name)) and ".." not in name
+
+
+def _check(value: Any, spec: Any, where: str, problems: list[str]) -> None:
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            problems.append(f"{where or 'manifest'} must be an object")
+            return
+        for key in sorted(set(spec) - set(value)):
+            problems.append(f"missing field '{where + '.' if where else ''}{key}'")
+        for key in sorted(set(value) - set(spec)):
+            problems.append(f"unknown field '{where + '.' if where else ''}{key}'")
+        for key in spec.keys() & value.keys():
+            _check(value[key], spec[key], f"{where + '.' if where else ''}{key}", problems)
+        return
+    types = spec if isinstance(spec, tuple) else (spec,)
+    # bool is an int subclass; a schema int never means a bool.
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        names = "/".join("null" if t is type(None) else t.__name__ for t in types)
+        problems.append(f"field '{where}' must be {names}, got {type(value).__name__}")
+
+
+def validate(data: Any) -> dict:
+    """Check ``data`` against the schema; every problem is gathered into one ManifestError."""
+    if not isinstance(data, dict):
+        raise ManifestError("manifest.json must hold a JSON object", "rebuild the artifact")
+    version = data.get("schema_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        raise ManifestError(
+            f"manifest schema {version} comes from a newer aotpack ({data.get('aotpack_version', '?')}); "
+            f"this aotpack reads schema {SCHEMA_VERSION}",
+            "upgrade aotpack: pip install -U aotpack",
+        )
+    if version != SCHEMA_VERSION and isinstance(version, int) and not isinstance(version, bool):
+        raise ManifestError(f"manifest schema {version} is not supported (this aotpack reads {SCHEMA_VERSION})",
+                            "rebuild the artifact with this aotpack")
+    problems: list[str] = []
+    _check(data, SCHEMA, "", problems)
+    files = data.get("files")
+    if isinstance(files, dict):
+        for name, entry in files.items():
+            if not is_safe_name(name):
+                problems.append(f"file name {name!r} is not a plain file name")
+            if not (isinstance(entry, dict) and set(entry) == {"size", "sha256"}
+                    and isinstance(entry["size"], int) and not isinstance(entry["size"], bool)
+                    and entry["size"] >= 0 and isinstance(entry["sha256"], str) and _SHA.match(entry["sha256"])):
+                problems.append(f"files[{name!r}] must be {{size: int >= 0, sha256: 64 hex digits}}")
+    inputs = data.get("inputs")
+    if isinstance(inputs, dict) and isinstance(inputs.get("tensors"), list):
+        problems.extend(_check_tensor_specs(inputs["tensors"], inputs.get("dynamic")))
+    if problems:
+        raise ManifestError("manifest.json is invalid: " + "; ".join(problems[:8])
+                            + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""),
+                            "rebuild the artifact, or download it again")
+    return data
+
+
+def _check_tensor_specs(specs: list, dynamic: Any) -> list[str]:
+    problems = []
+    dims = dynamic if isinstance(dynamic, dict) else {}
+    for name, rng in dims.items():
+        if not (isinstance(rng, list) and len(rng) == 2 and all(type(v) is int for v in rng) and 0 <= rng[0] <= rng[1]):
+            problems.append(f"inputs.dynamic.{name} must be [min, max]")
+    for i, spec in enumerate(specs):
+        ok = (isinstance(spec, dict) and set(spec) == {"name", "shape", "dtype"} and isinstance(spec["name"], str)
+              and isinstance(spec["dtype"], str) and isinstance(spec["shape"], list)
+              and all((type(d) is int and d >= 0) or (isinstance(d, str) and d in dims) for d in spec["shape"]))
+        if not ok:
+            problems.append(f"inputs.tensors[{i}] must be {{name, shape: [int or dynamic dim], dtype}}")
+    return problems
+
+
+def parse(text: str | bytes) -> dict:
+    """Parse and validate manifest JSON text."""
+    try:
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ManifestError(f"manifest.json is not valid JSON ({e})", "rebuild the artifact, or download it again") from None
+    return validate(data)
+
+
+def read(folder: str | Path) -> dict:
+    """Read and validate ``folder/manifest.json``."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise ManifestError(f"no artifact at {folder}", "build one with 'aotpack build', or check the path")
+    if not folder.is_dir():
+        raise ManifestError(f"{folder} is not a folder", "pass the artifact folder (the one holding manifest.json)")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{folder} has no {MANIFEST}: not an aotpack artifact", "pass the artifact folder")
+    return parse(path.read_bytes())
+
+
+def dumps(data: dict) -> str:
+    validate(data)
+    return json.dumps(data, indent=2) + "\n"
+
+
+def check_compatible(data: dict, here: dict) -> None:
+    """Raise IncompatibleArtifactError when the artifact was built for another platform."""
+    from .platform import mismatches
+
+    problems = mismatches(data["platform"], here)
+    if problems:
+        raise IncompatibleArtifactError(
+            "artifact does not fit this machine: " + "; ".join(problems),
+            "rebuild it here with 'aotpack build', or pull a build for this platform",
+        )

@@ -1,0 +1,82 @@
+"""Resolve where a pipeline comes from (builtin, local folder, Hub id) and load it with from_pretrained."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .errors import HubError, RecipeError
+from .recipe import Recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A pipeline checkpoint: ``checkpoint`` as the manifest records it, ``location`` what from_pretrained gets."""
+
+    checkpoint: str
+    revision: str | None
+    kind: str            # "builtin", "local" or "hub"
+    location: str
+
+
+def resolve_source(recipe: Recipe, model: str | None = None, device: str = "cpu") -> Source:
+    """Where to read the pipeline from; fails early when the recipe's checkpoint cannot run here."""
+    if model:
+        path = Path(model).expanduser()
+        if path.exists():
+            if not (path / "model_index.json").is_file():
+                raise RecipeError(
+                    f"{model} is not a diffusers pipeline folder (no model_index.json)",
+                    "pass a folder written by save_pretrained, or a Hub repo id",
+                )
+            return Source(str(path.resolve()), None, "local", str(path.resolve()))
+        if model.count("/") != 1 or model.startswith((".", "/", "~")):
+            raise RecipeError(f"--model {model}: no such folder, and not a Hub repo id (owner/name)",
+                              "check the path")
+        return Source(model, None, "hub", model)
+    if recipe.builtin:
+        from .tiny import ensure_builtin
+
+        return Source(recipe.checkpoint, recipe.revision, "builtin", str(ensure_builtin(recipe.builtin)))
+    if recipe.checkpoint_needs and recipe.checkpoint_needs != device:
+        raise RecipeError(
+            f"recipe '{recipe.full_name}' builds {recipe.checkpoint}, which needs a {recipe.checkpoint_needs.upper()} "
+            f"device and network access; this machine runs on {device.upper()}",
+            f"build tiny-{recipe.family} here, or pass --model with a local diffusers folder that fits this machine",
+        )
+    return Source(recipe.checkpoint, recipe.revision, "hub", recipe.checkpoint)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_pipeline(recipe: Recipe, source: Source, *, dtype: str, with_component: bool = True):
+    """Load the recipe's pipeline from ``source``; without the component when ``with_component`` is False,
+    so a serving box never reads the original transformer's weights."""
+    import diffusers
+
+    cls = getattr(diffusers, recipe.pipeline, None)
+    if cls is None:
+        raise RecipeError(f"diffusers {diffusers.__version__} has no pipeline class {recipe.pipeline}",
+                          "upgrade diffusers")
+    kwargs = {"dtype": torch_dtype(dtype)}
+    if source.kind == "hub" and source.revision:
+        kwargs["revision"] = source.revision
+    if not with_component:
+        kwargs[recipe.component] = None
+    try:
+        pipe = cls.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if source.kind == "hub":
+            raise HubError(
+                f"could not load {source.checkpoint} from the Hub: {first}",
+                "check the network, the repo id and 'hf auth login' (gated models need an accepted licence)",
+            ) from None
+        raise RecipeError(f"could not load the pipeline from {source.location}: {first}",
+                          f"check that it is a {recipe.pipeline} folder") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

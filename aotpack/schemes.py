@@ -1,0 +1,149 @@
+"""Quantization schemes by the names of the diffusers-torchao recipes, mapped to torchao 0.18 configs.
+
+Each scheme says what hardware it needs, so that a build fails in one line before any heavy work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from .errors import SchemeError
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    name: str
+    description: str
+    devices: tuple[str, ...]            # devices with a kernel for it ("cpu", "cuda")
+    min_cuda_capability: tuple[int, int] | None = None
+    make_config: Callable[[], Any] | None = None
+    unavailable: str | None = None      # why the installed torchao cannot do it at all
+    instead: str = "int8wo"
+
+    def needs(self) -> str:
+        if self.unavailable:
+            return "unavailable in torchao 0.18"
+        parts = []
+        for d in self.devices:
+            if d == "cuda" and self.min_cuda_capability:
+                parts.append("CUDA sm%d%d+" % self.min_cuda_capability)
+            else:
+                parts.append(d.upper() if d == "cpu" else "CUDA")
+        return " or ".join(parts)
+
+
+def _int8wo():
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return Int8WeightOnlyConfig()
+
+
+def _int8dq():
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    return Int8DynamicActivationInt8WeightConfig()
+
+
+def _int4wo():
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    return Int4WeightOnlyConfig(group_size=128)
+
+
+def _int4dq():
+    import torch
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4)
+
+
+def _fp8wo():
+    from torchao.quantization import Float8WeightOnlyConfig
+
+    return Float8WeightOnlyConfig()
+
+
+def _fp8dq():
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig
+
+    return Float8DynamicActivationFloat8WeightConfig()
+
+
+def _fp8dqrow():
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+
+
+def _sparsify():
+    from torchao.sparsity.sparse_api import SemiSparseWeightConfig
+
+    return SemiSparseWeightConfig()
+
+
+_FPX = "torchao 0.18 removed the fpx (floating point e-m) weight-only configs"
+
+SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in (
+        Scheme("none", "no quantization (the recipe's dtype)", ("cpu", "cuda")),
+        Scheme("int8wo", "int8 weight-only, per-row scales", ("cpu", "cuda"), make_config=_int8wo),
+        Scheme("int8dq", "int8 dynamic activations + int8 weights", ("cpu", "cuda"), make_config=_int8dq),
+        Scheme("int4wo", "int4 weight-only, group size 128 (tinygemm)", ("cuda",), make_config=_int4wo),
+        Scheme("int4dq", "int8 dynamic activations + int4 weights", ("cpu", "cuda"), make_config=_int4dq),
+        Scheme("fp8wo", "float8 e4m3 weight-only", ("cpu", "cuda"), make_config=_fp8wo, instead="int8wo"),
+        Scheme("fp8dq", "float8 dynamic activations + weights, per tensor", ("cuda",), (8, 9), _fp8dq,
+               instead="int8dq"),
+        Scheme("fp8dqrow", "float8 dynamic activations + weights, per row", ("cuda",), (8, 9), _fp8dqrow,
+               instead="int8dq"),
+        Scheme("fp6_e3m2", "float6 e3m2 weight-only", (), unavailable=_FPX, instead="fp8wo or int8wo"),
+        Scheme("fp5_e2m2", "float5 e2m2 weight-only", (), unavailable=_FPX, instead="fp8wo or int8wo"),
+        Scheme("fp4_e2m1", "float4 e2m1 weight-only", (), unavailable=_FPX, instead="fp8wo or int8wo"),
+        Scheme("sparsify", "2:4 semi-structured sparsity (cuSPARSELt)", ("cuda",), (8, 0), _sparsify,
+               instead="int8dq"),
+    )
+}
+
+
+def get_scheme(name: str) -> Scheme:
+    """The scheme called ``name``; an unknown name is a SchemeError listing the known ones."""
+    if name not in SCHEMES:
+        raise SchemeError(f"unknown quantization scheme '{name}'", f"choose one of: {', '.join(SCHEMES)}")
+    return SCHEMES[name]
+
+
+def why_not(scheme: Scheme, device: str, cuda_capability: tuple[int, int] | None = None) -> str | None:
+    """Why ``scheme`` cannot run on this device, or None when it can."""
+    if scheme.unavailable:
+        return scheme.unavailable
+    if device not in scheme.devices:
+        return f"{scheme.name} needs {scheme.needs()}; this machine runs on {device.upper()}"
+    if device == "cuda" and scheme.min_cuda_capability and cuda_capability is not None:
+        if tuple(cuda_capability) < scheme.min_cuda_capability:
+            return (f"{scheme.name} needs CUDA sm%d%d+, this GPU is sm%d%d"
+                    % (*scheme.min_cuda_capability, *cuda_capability))
+    return None
+
+
+def check_scheme(name: str, device: str, cuda_capability: tuple[int, int] | None = None) -> Scheme:
+    """Return the scheme, or raise one SchemeError saying why it cannot run here and what to use instead."""
+    scheme = get_scheme(name)
+    reason = why_not(scheme, device, cuda_capability)
+    if reason:
+        raise SchemeError(f"scheme '{name}' cannot run here: {reason}", f"use --quant {scheme.instead} instead")
+    return scheme
+
+
+def torchao_config(scheme: Scheme) -> Any | None:
+    """A fresh torchao config object for ``scheme`` (None for 'none')."""
+    return scheme.make_config() if scheme.make_config else None
+
+
+def config_to_json(config: Any | None) -> dict | None:
+    """torchao's own JSON-able form of a config (round-trips with ``config_from_dict``)."""
+    if config is None:
+        return None
+    from torchao.core.config import config_to_dict
+
+    return config_to_dict(config)

@@ -1,0 +1,85 @@
+"""Tiny random pipelines built offline from configs with a fixed seed (the demo and test default).
+
+The pipeline is saved with ``save_pretrained`` and always loaded back with ``from_pretrained``, so the real
+loading path runs even without network. Same seed, same weights: every machine builds identical models.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+_CHARS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def cache_dir() -> Path:
+    """Where aotpack keeps things it can rebuild (``AOTPACK_CACHE``, default ~/.cache/aotpack)."""
+    return Path(os.environ.get("AOTPACK_CACHE") or Path.home() / ".cache" / "aotpack")
+
+
+def _tiny_flux(seed: int = 0):
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    torch.manual_seed(seed)
+    # Character-level tokenizers built from in-memory vocabularies: no download, real tokenizer classes.
+    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for tok in list(_CHARS) + [c + "</w>" for c in _CHARS]:
+        clip_vocab.setdefault(tok, len(clip_vocab))
+    tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
+    t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    t5_vocab += [("\u2581" + c, -1.0) for c in _CHARS] + [(c, -2.0) for c in _CHARS]
+    tokenizer_2 = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=512)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=64,
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=len(clip_vocab), projection_dim=32,
+        max_position_embeddings=77,
+    ))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
+        relative_attention_num_buckets=8,
+    ))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035, sample_size=64,
+    )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+    )
+
+
+BUILDERS = {"tiny-flux": _tiny_flux}
+
+
+def ensure_builtin(name: str) -> Path:
+    """The saved folder of builtin pipeline ``name``, built on first use (atomically) and reused after."""
+    from .errors import RecipeError
+
+    if name not in BUILDERS:
+        raise RecipeError(f"unknown builtin model '{name}'", f"builtins: {', '.join(BUILDERS)}")
+    final = cache_dir() / "builtin" / name
+    if (final / "model_index.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=final.parent))
+    try:
+        BUILDERS[name]().save_pretrained(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process won the race; its copy is identical
+            if not (final / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
