@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from . import artifact, manifest as mf
-from .errors import RecipeError
+from .errors import BuildError, RecipeError
 from .platform import describe, default_device, tag
 from .recipe import DTYPES, get_recipe
 from .schemes import check_scheme, config_to_json, torchao_config
@@ -36,8 +36,6 @@ def build(
     device: str | None = None,
 ) -> Path:
     """Build an artifact folder and return its path. Every check that needs no model runs first."""
-    import torch
-
     r = get_recipe(recipe, variant)
     quant = quant or r.default_quant
     device = device or default_device()
@@ -47,17 +45,30 @@ def build(
     dtype = dtype or r.dtype
     if dtype not in DTYPES:
         raise RecipeError(f"unknown dtype '{dtype}'", f"choose one of: {', '.join(DTYPES)}")
-    from .models import load_pipeline, resolve_source
+    from .models import resolve_source
 
     source = resolve_source(r, model, device)
     final = Path(out) if out else default_out(r.full_name, quant, tag(here), artifacts_dir)
     artifact.check_output(final.absolute(), overwrite=overwrite)
 
+    try:
+        return _build(r, quant, scheme, dtype, source, here, final, overwrite)
+    except OSError as e:  # disk full, permissions, ...: the partial folder is already gone
+        where = f" ({e.filename})" if e.filename else ""
+        raise BuildError(f"could not write the artifact: {e.strerror or e}{where}",
+                         "free disk space or choose another --out, then build again") from None
+
+
+def _build(r, quant, scheme, dtype, source, here, final, overwrite) -> Path:
+    import torch
+
+    from .models import load_pipeline
+
     timings: dict[str, float] = {}
     with artifact.atomic_folder(final, overwrite=overwrite) as tmp, torch.no_grad():
         with stage("load", timings):
             pipe = load_pipeline(r, source, dtype=dtype)
-            pipe.to(device)
+            pipe.to(here["device"])
         with stage("capture", timings):
             from .capture import capture_inputs
 

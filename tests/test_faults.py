@@ -1,0 +1,315 @@
+"""The table of bad inputs and faults (README, Troubleshooting): each gives one clear line and leaves
+nothing half-written. Row ids match the README table."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import aotpack
+from aotpack import manifest as mf
+from aotpack.artifact import MODEL, WEIGHTS, file_entries
+from aotpack.cli import cli
+from aotpack.errors import InputError, IntegrityError, ResourceError
+
+from conftest import REPO, no_partials, run_cli
+
+
+def invoke(*args, env=None):
+    result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+    return result
+
+
+def assert_one_clear_error(result, *parts):
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    text = result.stderr if hasattr(result, "stderr") else result.output
+    assert "Traceback" not in text
+    lines = [ln for ln in text.strip().splitlines() if ln.startswith(("Error:", "Hint:"))]
+    assert lines and lines[0].startswith("Error:"), text
+    assert len([ln for ln in lines if ln.startswith("Error:")]) == 1
+    for part in parts:
+        assert part in text, (part, text)
+
+
+def edit_manifest(folder: Path, change, rehash: bool = False) -> None:
+    data = json.loads((folder / mf.MANIFEST).read_text())
+    change(data)
+    if rehash:
+        data["files"] = file_entries(folder)
+    (folder / mf.MANIFEST).write_text(json.dumps(data))
+
+
+# ---- build: refused before any heavy work ------------------------------------------------------------
+
+def test_f01_unknown_recipe(tmp_path):
+    assert_one_clear_error(invoke("build", "flux3", "--out", str(tmp_path / "x")), "unknown recipe 'flux3'")
+    assert not (tmp_path / "x").exists()
+
+
+def test_f02_unknown_scheme(tmp_path):
+    assert_one_clear_error(invoke("build", "tiny-flux", "--quant", "int3", "--out", str(tmp_path / "x")),
+                           "unknown quantization scheme 'int3'", "Hint: choose one of")
+
+
+def test_f03_scheme_needs_another_device(tmp_path):
+    assert_one_clear_error(invoke("build", "tiny-flux", "--quant", "fp8dq", "--out", str(tmp_path / "x")),
+                           "needs CUDA sm89+", "--quant int8dq")
+
+
+def test_f04_scheme_missing_from_torchao(tmp_path):
+    assert_one_clear_error(invoke("build", "tiny-flux", "--quant", "fp6_e3m2", "--out", str(tmp_path / "x")),
+                           "torchao 0.18 removed the fpx", "fp8wo or int8wo")
+
+
+def test_f05_real_checkpoint_needs_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert_one_clear_error(invoke("build", "flux", "--quant", "int8dq", "--out", str(tmp_path / "x")),
+                           "needs a CUDA device", "--model")
+
+
+def test_f06_model_folder_is_not_a_pipeline(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_clear_error(invoke("build", "flux", "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "x")),
+                           "not a diffusers pipeline folder")
+
+
+def test_f07_output_exists_is_refused_and_untouched(artifacts, tmp_path):
+    out = artifacts.copy("int8wo", tmp_path / "a")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert_one_clear_error(invoke("build", "tiny-flux", "--quant", "int8wo", "--out", str(out)),
+                           "already exists", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_f08_overwrite_never_deletes_a_foreign_folder(tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "cat.jpg").write_bytes(b"meow")
+    assert_one_clear_error(invoke("build", "tiny-flux", "--out", str(out), "--overwrite"), "not an aotpack artifact")
+    assert (out / "cat.jpg").read_bytes() == b"meow"
+
+
+# ---- load: manifest, platform, files ------------------------------------------------------------------
+
+def test_f09_missing_artifact(tmp_path):
+    assert_one_clear_error(invoke("inspect", str(tmp_path / "nope")), "no artifact at")
+
+
+def test_f10_folder_without_manifest(tmp_path):
+    assert_one_clear_error(invoke("inspect", str(tmp_path)), "not an aotpack artifact")
+
+
+@pytest.mark.parametrize(
+    "row,text,expect",
+    [
+        ("f11_not_json", b"{ this is not json", "not valid JSON"),
+        ("f12_binary_garbage", b"\xff\xfe\x00\x01", "not valid JSON"),
+        ("f13_not_an_object", b"[]", "must hold a JSON object"),
+    ],
+)
+def test_unreadable_manifest(artifacts, tmp_path, row, text, expect):
+    out = artifacts.copy("int8wo", tmp_path / row)
+    (out / mf.MANIFEST).write_bytes(text)
+    assert_one_clear_error(invoke("inspect", str(out)), expect)
+
+
+@pytest.mark.parametrize(
+    "row,change,expect",
+    [
+        ("f14_old_schema", lambda d: d.update(schema_version=0), "schema 0 is not supported"),
+        ("f15_newer_aotpack", lambda d: d.update(schema_version=99, aotpack_version="7.0"), "newer aotpack (7.0)"),
+        ("f16_unknown_field", lambda d: d.update(surprise=True), "unknown field 'surprise'"),
+        ("f17_missing_field", lambda d: d.pop("inputs"), "missing field 'inputs'"),
+        ("f18_traversal_name", lambda d: d["files"].update({"../../.bashrc": {"size": 1, "sha256": "0" * 64}}),
+         "not a plain file name"),
+    ],
+)
+def test_bad_manifest_is_refused(artifacts, tmp_path, row, change, expect):
+    out = artifacts.copy("int8wo", tmp_path / row)
+    edit_manifest(out, change)
+    assert_one_clear_error(invoke("run", str(out), "--prompt", "x", "--out", str(tmp_path / "o.png")), expect)
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize(
+    "row,change,expect",
+    [
+        ("f19_other_torch", lambda p: p.update(torch="2.11.0"), "built with torch 2.11.0"),
+        ("f20_other_device", lambda p: p.update(device="cuda", cuda_capability="9.0"), "built for device cuda"),
+        ("f21_other_isa", lambda p: p.update(isa="amx+avx512_fp16"), "built for CPU ISA amx+avx512_fp16"),
+        ("f22_other_arch", lambda p: p.update(arch="aarch64"), "built for aarch64"),
+    ],
+)
+def test_other_platform_is_refused(artifacts, tmp_path, row, change, expect):
+    out = artifacts.copy("int8wo", tmp_path / row)
+    edit_manifest(out, lambda d: change(d["platform"]))
+    assert_one_clear_error(invoke("run", str(out), "--prompt", "x", "--out", str(tmp_path / "o.png")),
+                           expect, "rebuild")
+
+
+def test_f23_missing_weights(artifacts, tmp_path):
+    out = artifacts.copy("int8wo", tmp_path / "a")
+    (out / WEIGHTS).unlink()
+    assert_one_clear_error(invoke("run", str(out), "--prompt", "x", "--out", str(tmp_path / "o.png")),
+                           "weights.safetensors is missing")
+
+
+def test_f24_truncated_model(artifacts, tmp_path):
+    out = artifacts.copy("int8wo", tmp_path / "a")
+    data = (out / MODEL).read_bytes()
+    (out / MODEL).write_bytes(data[: len(data) // 2])
+    assert_one_clear_error(invoke("run", str(out), "--prompt", "x", "--out", str(tmp_path / "o.png")),
+                           "model.pt2 is", "truncated or replaced")
+
+
+def test_f25_flipped_byte_in_weights(artifacts, tmp_path):
+    out = artifacts.copy("int8wo", tmp_path / "a")
+    data = bytearray((out / WEIGHTS).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (out / WEIGHTS).write_bytes(bytes(data))
+    res = run_cli("run", str(out), "--prompt", "x", "--out", str(tmp_path / "o.png"))
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "Error: weights.safetensors does not match its sha256" in res.stderr
+
+
+def test_f26_weights_of_another_build(artifacts, tmp_path):
+    """Hashes agree (the manifest was re-written), but the names and shapes are another build's."""
+    out = artifacts.copy("none", tmp_path / "a")
+    shutil.copy(artifacts("int8wo") / WEIGHTS, out / WEIGHTS)
+    edit_manifest(out, lambda d: None, rehash=True)
+    with pytest.raises(IntegrityError, match="weights do not match the compiled constants"):
+        aotpack.load(out)
+
+
+def test_f27_not_enough_memory(artifacts, monkeypatch):
+    # Simulates a small machine: the reserve aotpack keeps free is raised past what is available.
+    monkeypatch.setenv("AOTPACK_MEMORY_RESERVE", str(1 << 50))
+    with pytest.raises(ResourceError, match=r"the weights need .* GiB but only .* GiB of memory is available"):
+        aotpack.load(artifacts("int8wo"))
+
+
+# ---- call time ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def module(artifacts):
+    return aotpack.load(artifacts("int8wo"))
+
+
+def good_inputs(module, batch=2, seq=16):
+    cfg = module.config
+    return dict(
+        hidden_states=torch.randn(batch, seq, cfg.in_channels),
+        encoder_hidden_states=torch.randn(batch, 32, cfg.joint_attention_dim),
+        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim),
+        timestep=torch.full((batch,), 0.5), guidance=torch.full((batch,), 3.5),
+        img_ids=torch.zeros(seq, 3), txt_ids=torch.zeros(32, 3),
+    )
+
+
+@pytest.mark.parametrize(
+    "row,mutate,expect",
+    [
+        ("f28_batch_too_large", lambda m, x: good_inputs(m, batch=5), "outside the artifact's range [1, 4]"),
+        ("f29_image_too_large", lambda m, x: good_inputs(m, seq=300), "outside the artifact's range [4, 256]"),
+        ("f30_wrong_dtype", lambda m, x: x | {"hidden_states": x["hidden_states"].bfloat16()}, "dtype bfloat16"),
+        ("f31_wrong_device", lambda m, x: x | {"timestep": torch.empty(2, device="meta")}, "is on meta"),
+        ("f32_missing_input", lambda m, x: {k: v for k, v in x.items() if k != "guidance"}, "missing input(s): guidance"),
+        ("f33_text_length", lambda m, x: x | {"encoder_hidden_states": torch.randn(2, 40, 32)}, "exported with 32"),
+        ("f34_sizes_disagree", lambda m, x: x | {"img_ids": torch.zeros(20, 3)}, "another input has 16"),
+    ],
+)
+def test_bad_call_inputs(module, row, mutate, expect):
+    with pytest.raises(InputError) as e:
+        module(**mutate(module, good_inputs(module)))
+    assert expect in e.value.cause
+
+
+def test_f35_lora_scale_at_call_time(module):
+    with pytest.raises(InputError, match="cannot change compiled code"):
+        module(**good_inputs(module), joint_attention_kwargs={"scale": 0.5})
+
+
+def test_f36_image_size_out_of_range_on_the_cli(artifacts, tmp_path):
+    assert_one_clear_error(
+        invoke("run", str(artifacts("int8wo")), "--prompt", "x", "--height", "512", "--out", str(tmp_path / "o.png")),
+        "--height 512 is outside what the artifact accepts: 32..256")
+    assert not (tmp_path / "o.png").exists()
+
+
+# ---- build faults: disk full, interrupt ----------------------------------------------------------------
+
+def test_f37_disk_full_during_build(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "w"))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "a"
+    assert_one_clear_error(invoke("build", "tiny-flux", "--quant", "none", "--out", str(out)),
+                           "could not write the artifact: No space left on device", "free disk space")
+    assert not out.exists() and no_partials(tmp_path)
+
+
+@pytest.mark.slow
+def test_f38_interrupt_during_build_then_build_again(tmp_path):
+    out = tmp_path / "a"
+    env = dict(os.environ)
+    proc = subprocess.Popen([sys.executable, "-m", "aotpack.cli", "build", "tiny-flux", "--quant", "none",
+                             "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stderr:  # wait until the compiler is running, then press Ctrl-C
+        if line.startswith("compile"):
+            time.sleep(2)
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=300) == 130, rest
+    assert "Error: interrupted" in rest and "Traceback" not in rest
+    assert not out.exists() and no_partials(tmp_path)
+    again = run_cli("build", "tiny-flux", "--quant", "none", "--out", str(out))
+    assert again.returncode == 0, again.stderr
+    assert (out / mf.MANIFEST).is_file() and no_partials(tmp_path)
+
+
+# ---- what aotpack never does -----------------------------------------------------------------------------
+
+def test_f39_no_pickle_anywhere_in_the_package():
+    """No pickle, no torch.load without weights_only=True, no pickle_weights constants format."""
+    for path in (REPO / "aotpack").rglob("*.py"):
+        text = path.read_text()
+        assert "import pickle" not in text and "pickle.load" not in text, path
+        assert "pickle_weights" not in text, path
+        for i, line in enumerate(text.splitlines()):
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{path}:{i + 1}"
+
+
+def test_f40_compiled_code_is_never_callable_before_its_constants(artifacts, monkeypatch):
+    """Running the AOTI model before load_constants crashed the process: load() checks the weights first,
+    and an error there leaves no half-ready module behind."""
+    from aotpack import runtime
+
+    calls = []
+    real = torch._inductor.aoti_load_package
+
+    def spy(path):
+        m = real(path)
+        calls.append(m)
+        return m
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", spy)
+    monkeypatch.setattr(runtime, "_check_constants", lambda *a: (_ for _ in ()).throw(IntegrityError("bad", "x")))
+    with pytest.raises(IntegrityError):
+        aotpack.load(artifacts("int8wo"))
+    assert len(calls) == 1  # the package was opened, but nothing was returned to call
