@@ -13,7 +13,7 @@ from . import artifact, manifest as mf
 from .errors import BuildError, RecipeError
 from .platform import describe, default_device, tag
 from .recipe import DTYPES, get_recipe
-from .schemes import check_scheme, config_to_json, torchao_config
+from .schemes import check_scheme, config_to_json, quantize, torchao_config
 from .stages import peak_rss_bytes, stage
 
 log = logging.getLogger("aotpack")
@@ -83,9 +83,7 @@ def _build(r, quant, scheme, dtype, source, here, final, overwrite) -> Path:
         config_obj = torchao_config(scheme)
         with stage("quantize", timings):
             if config_obj is not None:
-                from torchao.quantization import quantize_
-
-                quantize_(component, config_obj)
+                quantize(component, scheme, config_obj)
             quantized_ref = wrapper(example)
             if config_obj is not None:
                 from torchao.utils import unwrap_tensor_subclass

@@ -147,7 +147,7 @@ def schemes() -> None:
 
 @cli.command()
 @click.argument("recipe")
-@click.option("--quant", "-q", "quant", default=None, help="Quantization scheme (default: the recipe's).")
+@click.option("--quant", "quant", default=None, help="Quantization scheme (default: the recipe's).")
 @click.option("--out", type=click.Path(), default=None, help="The artifact folder itself (default: artifacts/<recipe>-<scheme>-<platform>).")
 @click.option("--model", default=None, help="A local diffusers folder or Hub id instead of the recipe's checkpoint.")
 @click.option("--variant", default=None, help="A recipe variant, e.g. 'schnell' for flux.")

@@ -20,6 +20,7 @@ class Scheme:
     make_config: Callable[[], Any] | None = None
     unavailable: str | None = None      # why the installed torchao cannot do it at all
     instead: str = "int8wo"
+    group_size: int | None = None       # linears whose in_features it does not divide stay unquantized
 
     def needs(self) -> str:
         if self.unavailable:
@@ -90,8 +91,10 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("none", "no quantization (the recipe's dtype)", ("cpu", "cuda")),
         Scheme("int8wo", "int8 weight-only, per-row scales", ("cpu", "cuda"), make_config=_int8wo),
         Scheme("int8dq", "int8 dynamic activations + int8 weights", ("cpu", "cuda"), make_config=_int8dq),
-        Scheme("int4wo", "int4 weight-only, group size 128 (tinygemm)", ("cuda",), make_config=_int4wo),
-        Scheme("int4dq", "int8 dynamic activations + int4 weights", ("cpu", "cuda"), make_config=_int4dq),
+        Scheme("int4wo", "int4 weight-only, group size 128 (tinygemm)", ("cuda",), make_config=_int4wo,
+               group_size=128),
+        Scheme("int4dq", "int8 dynamic activations + int4 weights (group 32)", ("cpu", "cuda"), make_config=_int4dq,
+               group_size=32),
         Scheme("fp8wo", "float8 e4m3 weight-only", ("cpu", "cuda"), make_config=_fp8wo, instead="int8wo"),
         Scheme("fp8dq", "float8 dynamic activations + weights, per tensor", ("cuda",), (8, 9), _fp8dq,
                instead="int8dq"),
@@ -138,6 +141,24 @@ def check_scheme(name: str, device: str, cuda_capability: tuple[int, int] | None
 def torchao_config(scheme: Scheme) -> Any | None:
     """A fresh torchao config object for ``scheme`` (None for 'none')."""
     return scheme.make_config() if scheme.make_config else None
+
+
+def quantize(module: Any, scheme: Scheme, config: Any) -> None:
+    """Apply ``config`` to the linears of ``module`` that the scheme can take."""
+    import torch
+    from torchao.quantization import quantize_
+
+    from .errors import BuildError
+
+    def fits(m: Any, fqn: str) -> bool:
+        return isinstance(m, torch.nn.Linear) and (not scheme.group_size or m.in_features % scheme.group_size == 0)
+
+    try:
+        quantize_(module, config, filter_fn=fits)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise BuildError(f"torchao could not apply {scheme.name}: {type(e).__name__}: {first[:300]}",
+                         "try another --quant; set AOTPACK_DEBUG=1 for the full trace") from e
 
 
 def config_to_json(config: Any | None) -> dict | None:

@@ -17,7 +17,7 @@ def main(artifact: str, scheme: str) -> None:
     from aotpack.models import load_pipeline
     from aotpack.recipe import get_recipe
     from aotpack.run import source_of
-    from aotpack.schemes import get_scheme, torchao_config
+    from aotpack.schemes import get_scheme, quantize, torchao_config
 
     data = aotpack.inspect(artifact)
     recipe = get_recipe("tiny-flux")
@@ -32,9 +32,7 @@ def main(artifact: str, scheme: str) -> None:
         eager_fp = call()
         config = torchao_config(get_scheme(scheme))
         if config is not None:
-            from torchao.quantization import quantize_
-
-            quantize_(pipe.transformer, config)
+            quantize(pipe.transformer, get_scheme(scheme), config)
         eager_q = call()
         rss1 = psutil.Process().memory_info().rss
         aotpack.load_into(pipe, artifact)
