@@ -197,19 +197,72 @@ def inspect(artifact, as_json) -> None:
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the recipe's).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--guidance-scale", type=float, default=None)
-def run(artifact, prompt, out, height, width, steps, seed, guidance_scale) -> None:
+@click.option("--revision", default=None, help="For a Hub repo id: the tag or commit to load.")
+@click.option("--trust", is_flag=True, help="For a Hub repo id: accept a branch.")
+def run(artifact, prompt, out, height, width, steps, seed, guidance_scale, revision, trust) -> None:
     """Generate an image with an artifact dropped into its diffusers pipeline; prints the file written.
 
     \b
     Examples:
       aotpack run artifacts/tiny-flux-int8wo-cpu-x86_64-avx512 --prompt "a dog surfing on the moon" --out dog.png
       aotpack run my-artifact --prompt "a cat" --height 256 --width 256 --steps 8 --seed 1
+      aotpack run me/tiny-flux-aot --revision v1 --prompt "a cat" --out cat.png
     """
     from .run import run as run_artifact
 
+    extra = {"revision": revision, "trust": trust} if (revision or trust) else {}
     path = run_artifact(artifact, prompt=prompt, out=out, height=height, width=width, steps=steps, seed=seed,
-                        guidance_scale=guidance_scale)
+                        guidance_scale=guidance_scale, **extra)
     click.echo(str(path))
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--repo-id", required=True, help="Hub repo, owner/name (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", default="main", show_default=True, help="Branch to commit to.")
+@click.option("--tag", "tag_name", default=None, help="Tag the resulting commit (a pin for serving boxes).")
+@click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the one saved by 'hf auth login').")
+def push(artifact, repo_id, private, revision, tag_name, token) -> None:
+    """Add (or replace) one build in a Hub repo, in one commit; prints the commit URL.
+
+    The repo keeps several builds (scheme x platform) under builds/, an index and a model card.
+    Pushing a build the repo already holds uploads nothing.
+
+    \b
+    Examples:
+      aotpack push artifacts/tiny-flux-int8wo-cpu-x86_64-avx2 --repo-id me/tiny-flux-aot --tag v1
+      aotpack push my-artifact --repo-id me/flux-aot --private --revision dev
+    """
+    from .hub import push as push_build
+
+    result = push_build(artifact, repo_id, private=private, revision=revision, tag_name=tag_name, token=token)
+    if result.commit:
+        click.echo(result.url)
+    else:
+        click.echo(f"{repo_id}: build {result.build} is already there; nothing uploaded")
+
+
+@cli.command()
+@click.argument("repo_id")
+@click.option("--revision", default=None, help="Tag or commit to pull (a branch needs --trust).")
+@click.option("--quant", default=None, help="Only a build of this scheme.")
+@click.option("--trust", is_flag=True, help="Accept a branch (a moving revision) for native code.")
+@click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the one saved by 'hf auth login').")
+def pull(repo_id, revision, quant, trust, token) -> None:
+    """Download the build of REPO_ID that fits this machine, verify it, print its folder.
+
+    Works offline from the Hub cache (HF_HUB_OFFLINE=1) once pulled.
+
+    \b
+    Examples:
+      aotpack pull me/tiny-flux-aot --revision v1
+      aotpack pull me/tiny-flux-aot --revision v1 --quant int8wo
+      aotpack pull me/tiny-flux-aot --trust            # latest main: only for repos you control
+    """
+    from .hub import pull as pull_build
+
+    click.echo(str(pull_build(repo_id, revision=revision, quant=quant, token=token, trust=trust)))
 
 
 def main() -> None:

@@ -36,8 +36,9 @@ def cpu_isa() -> str:
 
 
 def _isa_name(isa) -> str:
-    # inductor's str() of an ISA may hold spaces ('avx512 avx512_vnni'); folder names want one token.
-    return str(isa).replace(" ", "+")
+    # inductor's str() of an ISA lists the base and its extension ('avx512 avx512_vnni'); the last word
+    # names the class uniquely and makes a plain folder name.
+    return str(isa).split()[-1]
 
 
 def supported_isas() -> list[str]:

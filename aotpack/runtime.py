@@ -172,8 +172,11 @@ def _st_dtype(code: str) -> str:
     return _ST.get(code, code)
 
 
-def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = False, verify: bool = True) -> AotModule:
-    """Load an artifact folder (or, with the Hub extra, a repo id) as a drop-in module.
+def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = False, token: str | None = None,
+         quant: str | None = None, verify: bool = True) -> AotModule:
+    """Load an artifact folder, or the build of a Hub repo ("owner/name") that fits this machine.
+
+    A repo id needs a pinned ``revision`` (tag or commit) or ``trust=True``: the .pt2 is native code.
 
     Order matters: manifest → platform check → sha256 of every file → memory estimate → load code →
     check weights against the compiled constants → load constants (zero-copy) → ready.
@@ -185,7 +188,7 @@ def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = 
     if not folder.exists() and _looks_like_repo_id(str(path)):
         from .hub import resolve_for_load
 
-        folder = resolve_for_load(str(path), revision=revision, trust=trust)
+        folder = resolve_for_load(str(path), revision=revision, trust=trust, token=token, quant=quant)
     data = mf.read(folder)
     here = describe(data["platform"]["device"] if data["platform"]["device"] == "cpu" else None)
     mf.check_compatible(data, here)
