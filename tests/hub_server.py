@@ -192,7 +192,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.state.lock:
             if repo_id in self.state.repos:
                 return self._json(409, {"error": "You already created this model repo", "url": url})
-            repo = Repo(repo_id, owner, bool(body.get("private")))
+            repo = Repo(repo_id, owner, bool(body.get("private")) or body.get("visibility") == "private")
             attrs = b"*.pt2 filter=lfs diff=lfs merge=lfs -text\n*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
             first = repo.new_commit(None, {".gitattributes": {"data": attrs, "lfs": None}}, "initial commit")
             repo.branches["main"] = first
