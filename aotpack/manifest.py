@@ -43,10 +43,11 @@ def _check(value: Any, spec: Any, where: str, problems: list[str]) -> None:
         if not isinstance(value, dict):
             problems.append(f"{where or 'manifest'} must be an object")
             return
+        # repr() keeps every name on one line, whatever characters a hostile manifest puts in it
         for key in sorted(set(spec) - set(value)):
-            problems.append(f"missing field '{where + '.' if where else ''}{key}'")
-        for key in sorted(set(value) - set(spec)):
-            problems.append(f"unknown field '{where + '.' if where else ''}{key}'")
+            problems.append(f"missing field {(where + '.' if where else '') + key!r}")
+        for key in sorted(set(value) - set(spec), key=str):
+            problems.append(f"unknown field {(where + '.' if where else '') + str(key)!r}")
         for key in spec.keys() & value.keys():
             _check(value[key], spec[key], f"{where + '.' if where else ''}{key}", problems)
         return
@@ -54,7 +55,7 @@ def _check(value: Any, spec: Any, where: str, problems: list[str]) -> None:
     # bool is an int subclass; a schema int never means a bool.
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
         names = "/".join("null" if t is type(None) else t.__name__ for t in types)
-        problems.append(f"field '{where}' must be {names}, got {type(value).__name__}")
+        problems.append(f"field {where!r} must be {names}, got {type(value).__name__}")
 
 
 def validate(data: Any) -> dict:
@@ -97,7 +98,7 @@ def _check_tensor_specs(specs: list, dynamic: Any) -> list[str]:
     dims = dynamic if isinstance(dynamic, dict) else {}
     for name, rng in dims.items():
         if not (isinstance(rng, list) and len(rng) == 2 and all(type(v) is int for v in rng) and 0 <= rng[0] <= rng[1]):
-            problems.append(f"inputs.dynamic.{name} must be [min, max]")
+            problems.append(f"inputs.dynamic.{name!r} must be [min, max]")
     for i, spec in enumerate(specs):
         ok = (isinstance(spec, dict) and set(spec) == {"name", "shape", "dtype"} and isinstance(spec["name"], str)
               and isinstance(spec["dtype"], str) and isinstance(spec["shape"], list)

@@ -104,7 +104,7 @@ def test_one_repo_many_builds_index_and_card(hub, env, artifacts):
     assert not (pulled.parent / pulled.name.replace("none-", "int8wo-")).exists()  # only that build came down
 
 
-def test_branch_needs_trust(hub, env, artifacts):
+def test_h05_branch_needs_trust(hub, env, artifacts):
     ok(cli(env, "push", str(artifacts("int8wo")), "--repo-id", "me/trust"))
     one_error(cli(env, "pull", "me/trust"), "'main' is a branch", "--trust")
     assert Path(ok(cli(env, "pull", "me/trust", "--trust"))).is_dir()
@@ -120,7 +120,7 @@ def test_offline_from_the_cache(hub, env, artifacts):
     assert offline == online and len(hub.state.requests) == count  # not one request
 
 
-def test_private_repo_refuses_missing_and_wrong_tokens(hub, env, artifacts):
+def test_h02_private_repo_refuses_missing_and_wrong_tokens(hub, env, artifacts):
     ok(cli(env, "push", str(artifacts("int8wo")), "--repo-id", "me/secret", "--private", "--tag", "v1"))
     one_error(cli(env, "pull", "me/secret", "--revision", "v1", HF_TOKEN=""), "me/secret was not found, or it is private")
     one_error(cli(env, "pull", "me/secret", "--revision", "v1", HF_TOKEN="hf_wrong"), "refused the token")
@@ -128,17 +128,17 @@ def test_private_repo_refuses_missing_and_wrong_tokens(hub, env, artifacts):
     assert Path(ok(cli(env, "pull", "me/secret", "--revision", "v1"))).is_dir()
 
 
-def test_push_without_token(hub, env, artifacts):
+def test_h01_push_without_token(hub, env, artifacts):
     one_error(cli(env, "push", str(artifacts("int8wo")), "--repo-id", "me/notoken", HF_TOKEN=""), "refused the token")
 
 
-def test_missing_repo_and_revision(hub, env, artifacts):
+def test_h03_h04_missing_repo_and_revision(hub, env, artifacts):
     one_error(cli(env, "pull", "me/nothing-here", "--revision", "v1"), "me/nothing-here was not found")
     ok(cli(env, "push", str(artifacts("int8wo")), "--repo-id", "me/revs"))
     one_error(cli(env, "pull", "me/revs", "--revision", "v9"), "revision 'v9' does not exist")
 
 
-def test_altered_bytes_are_refused_before_loading(hub, env, artifacts):
+def test_h06_altered_bytes_are_refused_before_loading(hub, env, artifacts):
     ok(cli(env, "push", str(artifacts("int8wo")), "--repo-id", "me/altered", "--tag", "v1"))
     data = bytearray((artifacts("int8wo") / WEIGHTS).read_bytes())
     data[-10] ^= 0xFF
@@ -165,7 +165,7 @@ def unique_copy(src: Path, dest: Path) -> Path:
     return dest
 
 
-def test_interrupted_upload_leaves_the_repo_as_it_was(hub, env, artifacts, tmp_path):
+def test_h08_interrupted_upload_leaves_the_repo_as_it_was(hub, env, artifacts, tmp_path):
     ok(cli(env, "push", str(artifacts("none")), "--repo-id", "me/interrupted"))
     before = head(hub, "me/interrupted")
     hub.state.drop_upload_once = True
@@ -182,7 +182,7 @@ def test_interrupted_upload_leaves_the_repo_as_it_was(hub, env, artifacts, tmp_p
         ok(cli(env, "push", str(fresh), "--repo-id", "me/interrupted"))
 
 
-def test_server_errors_are_retried(hub, env, artifacts):
+def test_h09_server_errors_are_retried(hub, env, artifacts):
     ok(cli(env, "push", str(artifacts("int8wo")), "--repo-id", "me/flaky", "--tag", "v1"))
     hub.state.fail_next = 2
     assert Path(ok(cli(env, "pull", "me/flaky", "--revision", "v1"))).is_dir()
@@ -191,7 +191,7 @@ def test_server_errors_are_retried(hub, env, artifacts):
     hub.state.fail_next = 0
 
 
-def test_connection_dropped_mid_download(hub, env, artifacts):
+def test_h07_connection_dropped_mid_download(hub, env, artifacts):
     ok(cli(env, "push", str(artifacts("int8wo")), "--repo-id", "me/dropped", "--tag", "v1"))
     build = next(p for p in files_at(hub, "me/dropped", head(hub, "me/dropped")) if p.endswith(WEIGHTS))
     hub.state.drop_download_once = build
@@ -203,7 +203,7 @@ def test_connection_dropped_mid_download(hub, env, artifacts):
     assert Path(ok(cli(env, "pull", "me/dropped", "--revision", "v1"))).is_dir()
 
 
-def test_nothing_fits_lists_what_the_repo_has(hub, env, artifacts, tmp_path):
+def test_h10_nothing_fits_lists_what_the_repo_has(hub, env, artifacts, tmp_path):
     other = tmp_path / "gpu-build"
     shutil.copytree(artifacts("int8wo"), other)
     data = json.loads((other / mf.MANIFEST).read_text())
