@@ -19,7 +19,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AOTPACK_CACHE") or Path.home() / ".cache" / "aotpack")
 
 
-def _tiny_flux(seed: int = 0):
+def _tiny_flux(seed: int = 0, **transformer_overrides):
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
@@ -42,11 +42,12 @@ def _tiny_flux(seed: int = 0):
         vocab_size=len(tokenizer_2), d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
         relative_attention_num_buckets=8,
     ))
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-        guidance_embeds=True,
-    )
+    transformer = FluxTransformer2DModel(**{
+        **dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+               guidance_embeds=True),
+        **transformer_overrides,
+    })
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
         up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
@@ -59,7 +60,13 @@ def _tiny_flux(seed: int = 0):
     )
 
 
-BUILDERS = {"tiny-flux": _tiny_flux}
+def _flux_blocks(seed: int = 0):
+    """Real-width Flux blocks (hidden 3072 = 24 heads x 128, one double + one single block, ~0.5B params)
+    inside the tiny pipeline: the size at which speed and memory figures tell the truth on a CPU."""
+    return _tiny_flux(seed, num_attention_heads=24, attention_head_dim=128, axes_dims_rope=[16, 56, 56])
+
+
+BUILDERS = {"tiny-flux": _tiny_flux, "flux-blocks": _flux_blocks}
 
 
 def ensure_builtin(name: str) -> Path:
