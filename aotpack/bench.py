@@ -25,6 +25,8 @@ def _child(path: str) -> dict:
     import aotpack
     from aotpack import manifest as mf
 
+    import torch._inductor.package  # noqa: F401  (import cost is process start, not load)
+
     proc = psutil.Process()
     data = mf.read(path)
     files = [Path(path) / name for name in data["files"]]
