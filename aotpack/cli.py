@@ -11,7 +11,7 @@ import warnings
 import click
 
 from . import __version__
-from .errors import AotpackError
+from .errors import AotpackError, first_line
 
 
 def _debug() -> bool:
@@ -73,7 +73,7 @@ class AotpackGroup(click.Group):
         except Exception as e:  # a bug or an unforeseen failure: still one line unless debugging
             if _debug():
                 raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            first = first_line(e)
             click.echo(f"Error: unexpected {type(e).__name__}: {first[:300]}", err=True)
             click.echo("Hint: run again with AOTPACK_DEBUG=1 for the full traceback, and report it", err=True)
             ctx.exit(1)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import BuildError
+from .errors import BuildError, first_line
 
 CONSTANTS_KEY = "aotpack.constants"
 
@@ -25,7 +25,7 @@ def compile_package(ep: Any, path: Path, *, metadata: dict[str, str], max_autotu
     try:
         out = torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e)
         raise BuildError(f"AOTInductor compile failed: {type(e).__name__}: {first[:300]}",
                          "set AOTPACK_DEBUG=1 for the full trace") from e
     return Path(out)

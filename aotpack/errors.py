@@ -6,6 +6,12 @@ The library never prints or exits; only ``cli.py`` turns these into ``Error: ...
 from __future__ import annotations
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its class name if empty): long library errors stay one line."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 class AotpackError(Exception):
     """Base class: ``cause`` is one line saying what is wrong, ``hint`` one line saying what to do."""
 

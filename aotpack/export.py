@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import BuildError
+from .errors import BuildError, first_line
 from .recipe import Recipe
 
 
@@ -60,6 +60,6 @@ def export_component(wrapper: Any, example: dict[str, Any], recipe: Recipe):
         with torch.no_grad():
             return torch.export.export(wrapper, (example,), dynamic_shapes={"inputs": spec}, strict=False)
     except Exception as e:  # export errors are long; keep the first line and the class
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e)
         raise BuildError(f"torch.export failed: {type(e).__name__}: {first[:300]}",
                          "set AOTPACK_DEBUG=1 for the full trace; narrow the recipe's shape ranges") from e

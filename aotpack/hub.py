@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import artifact, manifest as mf
-from .errors import AotpackError, HubError, IncompatibleArtifactError, IntegrityError
+from .errors import AotpackError, HubError, IncompatibleArtifactError, IntegrityError, first_line
 from .platform import describe, mismatches, tag
 
 log = logging.getLogger("aotpack")
@@ -62,7 +62,7 @@ def _hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
         raise HubError(f"repo {repo_id} was not found, or it is private and this token cannot see it",
                        "check the repo id; log in with 'hf auth login', set HF_TOKEN or pass --token") from None
     except hfe.EntryNotFoundError as e:
-        raise HubError(f"{repo_id} has no such file ({_first(e)})", "was this repo written by 'aotpack push'?") from None
+        raise HubError(f"{repo_id} has no such file ({first_line(e, 200)})", "was this repo written by 'aotpack push'?") from None
     except hfe.OfflineModeIsEnabled:
         raise HubError(f"{repo_id} is not in the local cache and HF_HUB_OFFLINE=1",
                        "pull it once with network access, or unset HF_HUB_OFFLINE") from None
@@ -77,15 +77,10 @@ def _hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
         if status == 403:
             raise HubError(f"the token may not write to {repo_id} (403 Forbidden)",
                            "use a token with write access to that namespace") from None
-        raise HubError(f"the Hub answered {status}: {_first(e)}", "try again later") from None
+        raise HubError(f"the Hub answered {status}: {first_line(e, 200)}", "try again later") from None
     except (httpx2.TransportError, ConnectionError) as e:
         raise HubError(f"could not reach the Hub at {endpoint()}: {type(e).__name__}",
                        "check the network and HF_ENDPOINT; try again") from None
-
-
-def _first(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _retrying(fn: Callable[[], Any], what: str) -> Any:

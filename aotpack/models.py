@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .errors import HubError, RecipeError
+from .errors import HubError, RecipeError, first_line
 from .recipe import Recipe
 
 
@@ -70,7 +70,7 @@ def load_pipeline(recipe: Recipe, source: Source, *, dtype: str, with_component:
     try:
         pipe = cls.from_pretrained(source.location, **kwargs)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if source.kind == "hub":
             raise HubError(
                 f"could not load {source.checkpoint} from the Hub: {first}",

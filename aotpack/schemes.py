@@ -148,7 +148,7 @@ def quantize(module: Any, scheme: Scheme, config: Any) -> None:
     import torch
     from torchao.quantization import quantize_
 
-    from .errors import BuildError
+    from .errors import BuildError, first_line
 
     def fits(m: Any, fqn: str) -> bool:
         return isinstance(m, torch.nn.Linear) and (not scheme.group_size or m.in_features % scheme.group_size == 0)
@@ -156,7 +156,7 @@ def quantize(module: Any, scheme: Scheme, config: Any) -> None:
     try:
         quantize_(module, config, filter_fn=fits)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e)
         raise BuildError(f"torchao could not apply {scheme.name}: {type(e).__name__}: {first[:300]}",
                          "try another --quant; set AOTPACK_DEBUG=1 for the full trace") from e
 
