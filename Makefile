@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # Exact pins for a reproducible environment; torch==2.13.0 is the CPU wheel (an unpinned torch pulls CUDA).
 PINS := torch==2.13.0 torchao==0.18.0 diffusers==0.42.1 transformers==5.24.0 accelerate==1.15.0 \
         safetensors==0.8.0 click==8.5.1 huggingface_hub==2.4.0 pillow==13.0.0 psutil==7.2.2 \
-        pytest==9.2.0 hypothesis==6.170.17
+        pytest==9.2.0 hypothesis==6.170.17 peft==0.21.2 imageio==2.38.1 imageio-ffmpeg==0.8.1 matplotlib==3.11.2
 
 .PHONY: install demo test test-fast bench clean
 

@@ -34,10 +34,12 @@ def capture_inputs(pipe: Any, recipe: Recipe) -> tuple[dict[str, Any], dict[str,
     handle = component.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
+            per_prompt = max(1, cap.get("batch", 2) // recipe.call.get("batch_divisor", 1))
             pipe(
-                prompt=cap.get("prompt", "a photo"), height=cap["height"], width=cap["width"],
-                num_images_per_prompt=cap.get("batch", 2), num_inference_steps=cap["steps"],
-                guidance_scale=cap.get("guidance_scale", 3.5), max_sequence_length=recipe.max_sequence_length,
+                prompt=cap.get("prompt", "a photo"),
+                **recipe.pipeline_kwargs(height=cap["height"], width=cap["width"], steps=cap["steps"],
+                                         guidance_scale=cap.get("guidance_scale", 3.5), batch=per_prompt,
+                                         frames=cap.get("frames")),
                 generator=torch.Generator("cpu").manual_seed(0), output_type="latent",
             )
     except _Captured:
@@ -46,6 +48,42 @@ def capture_inputs(pipe: Any, recipe: Recipe) -> tuple[dict[str, Any], dict[str,
         handle.remove()
     if not seen:
         raise BuildError(f"the pipeline never called its {recipe.component}", "check the recipe's capture settings")
-    tensors = {k: v.detach() for k, v in seen.items() if isinstance(v, torch.Tensor)}
-    others = {k: v for k, v in seen.items() if not isinstance(v, torch.Tensor) and v is not None}
+    tensors = flatten_inputs(seen)
+    others = {k: v for k, v in seen.items() if not _is_tensors(v) and v is not None}
     return tensors, others
+
+
+def _is_tensors(v: Any) -> bool:
+    import torch
+
+    return isinstance(v, torch.Tensor) or (
+        isinstance(v, (tuple, list)) and bool(v) and all(isinstance(x, torch.Tensor) for x in v))
+
+
+def flatten_inputs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Tensor keyword arguments, with tuples of tensors (rotary embeddings) spread as ``name.0``, ``name.1``."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.detach()
+        elif _is_tensors(v):
+            for i, x in enumerate(v):
+                out[f"{k}.{i}"] = x.detach()
+    return out
+
+
+def unflatten_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of ``flatten_inputs``: ``name.0``, ``name.1`` become the tuple ``name``."""
+    out: dict[str, Any] = {}
+    groups: dict[str, dict[int, Any]] = {}
+    for k, v in inputs.items():
+        base, dot, idx = k.rpartition(".")
+        if dot and idx.isdigit():
+            groups.setdefault(base, {})[int(idx)] = v
+        else:
+            out[k] = v
+    for base, parts in groups.items():
+        out[base] = tuple(parts[i] for i in sorted(parts))
+    return out

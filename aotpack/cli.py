@@ -154,7 +154,16 @@ def schemes() -> None:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Override the recipe's dtype (float32 is the fast choice on CPUs without bf16 units).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing artifact folder.")
-def build(recipe, quant, out, model, variant, dtype, overwrite) -> None:
+@click.option("--lora", type=click.Path(), default=None, help="A LoRA .safetensors to fuse into the weights before quantizing.")
+@click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Strength of --lora.")
+@click.option("--fuse-qkv", is_flag=True, help="Fuse each attention's q/k/v projections into one linear before quantizing.")
+@click.option("--quantize-text-encoder", default=None, metavar="SCHEME",
+              help="Quantize the pipeline's text encoders with SCHEME when the artifact is loaded (they stay eager).")
+@click.option("--quantize-vae", default=None, metavar="SCHEME",
+              help="Quantize the VAE with SCHEME (compiled in with --compile-vae, else applied at load).")
+@click.option("--compile-vae", is_flag=True, help="Compile the VAE decoder too, as a second module in the artifact.")
+def build(recipe, quant, out, model, variant, dtype, overwrite, lora, lora_scale, fuse_qkv, quantize_text_encoder,
+          quantize_vae, compile_vae) -> None:
     """Quantize, export and compile RECIPE into an artifact folder; prints its path.
 
     \b
@@ -164,10 +173,15 @@ def build(recipe, quant, out, model, variant, dtype, overwrite) -> None:
       aotpack build flux --quant int8dq                       # real FLUX.1-dev: network + GPU
       aotpack build flux --variant schnell --quant int8wo
       aotpack build flux --model ./my-flux-dir --quant int8wo --dtype float32
+      aotpack build tiny-cogvideox --quant int8wo
+      aotpack build tiny-flux --lora my-style.safetensors --lora-scale 0.8 --fuse-qkv
     """
     from .builder import build as build_artifact
 
-    path = build_artifact(recipe, quant, out=out, model=model, variant=variant, dtype=dtype, overwrite=overwrite)
+    path = build_artifact(recipe, quant, out=out, model=model, variant=variant, dtype=dtype, overwrite=overwrite,
+                          lora=lora, lora_scale=lora_scale, fuse_qkv=fuse_qkv,
+                          quantize_text_encoder=quantize_text_encoder, quantize_vae=quantize_vae,
+                          compile_vae=compile_vae)
     click.echo(str(path))
 
 
@@ -191,7 +205,10 @@ def inspect(artifact, as_json) -> None:
 @cli.command()
 @click.argument("artifact")
 @click.option("--prompt", required=True, help="Text prompt.")
-@click.option("--out", type=click.Path(), default="out.png", show_default=True, help="Image file to write.")
+@click.option("--out", type=click.Path(), default=None,
+              help="File to write: .png/.jpg/.webp for images; .mp4 or .gif for videos "
+                   "(default out.png, or out.mp4 for video artifacts - out.gif without an mp4 writer).")
+@click.option("--frames", type=int, default=None, help="Video artifacts: frames to generate (default: the recipe's).")
 @click.option("--height", type=int, default=None, help="Pixels (default: the recipe's).")
 @click.option("--width", type=int, default=None, help="Pixels (default: the recipe's).")
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the recipe's).")
@@ -199,20 +216,22 @@ def inspect(artifact, as_json) -> None:
 @click.option("--guidance-scale", type=float, default=None)
 @click.option("--revision", default=None, help="For a Hub repo id: the tag or commit to load.")
 @click.option("--trust", is_flag=True, help="For a Hub repo id: accept a branch.")
-def run(artifact, prompt, out, height, width, steps, seed, guidance_scale, revision, trust) -> None:
-    """Generate an image with an artifact dropped into its diffusers pipeline; prints the file written.
+def run(artifact, prompt, out, frames, height, width, steps, seed, guidance_scale, revision, trust) -> None:
+    """Generate an image (or a video) with an artifact dropped into its diffusers pipeline; prints the file
+    written.
 
     \b
     Examples:
       aotpack run artifacts/tiny-flux-int8wo-cpu-x86_64-avx512 --prompt "a dog surfing on the moon" --out dog.png
       aotpack run my-artifact --prompt "a cat" --height 256 --width 256 --steps 8 --seed 1
       aotpack run me/tiny-flux-aot --revision v1 --prompt "a cat" --out cat.png
+      aotpack run artifacts/tiny-cogvideox-int8wo-cpu-x86_64-avx512 --prompt "a cat" --frames 13 --out cat.mp4
     """
     from .run import run as run_artifact
 
     extra = {"revision": revision, "trust": trust} if (revision or trust) else {}
     path = run_artifact(artifact, prompt=prompt, out=out, height=height, width=width, steps=steps, seed=seed,
-                        guidance_scale=guidance_scale, **extra)
+                        guidance_scale=guidance_scale, frames=frames, **extra)
     click.echo(str(path))
 
 

@@ -16,6 +16,15 @@ _SHA = re.compile(r"^[0-9a-f]{64}$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 _OPT_STR = (str, type(None))
+
+
+class Optional_:
+    """A field that may be absent (added after schema 1 shipped; absent in older artifacts)."""
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+
+
 SCHEMA: dict[str, Any] = {
     "schema_version": int,
     "aotpack_version": str,
@@ -23,13 +32,21 @@ SCHEMA: dict[str, Any] = {
     "model": {"checkpoint": str, "revision": _OPT_STR, "source": str, "config": dict},
     "scheme": {"name": str, "torchao_config": (dict, type(None))},
     "dtype": str,
-    "inputs": {"tensors": list, "dynamic": dict, "image": dict, "max_sequence_length": int},
+    "inputs": {"tensors": list, "dynamic": dict, "image": dict, "max_sequence_length": int,
+               "relations": Optional_(list)},
     "platform": {
         "device": str, "arch": str, "isa": _OPT_STR, "cpu_flags": list, "cuda_capability": _OPT_STR,
         "gpu_name": _OPT_STR, "torch": str, "torchao": str, "diffusers": str, "python": str,
     },
     "files": dict,
-    "build": {"date": str, "stages": dict, "peak_rss_bytes": int, "max_abs_error": (float, int), "quant_abs_error": (float, int)},
+    "build": {"date": str, "stages": dict, "peak_rss_bytes": int, "max_abs_error": (float, int),
+              "quant_abs_error": (float, int, type(None))},
+    # build options (fused projections, quantized side components, ...), a LoRA fused at build time,
+    # extra compiled modules (the VAE decoder) and the per-layer quantization plan
+    "options": Optional_(dict),
+    "lora": Optional_((dict, type(None))),
+    "modules": Optional_(dict),
+    "plan": Optional_((dict, type(None))),
 }
 
 
@@ -44,12 +61,15 @@ def _check(value: Any, spec: Any, where: str, problems: list[str]) -> None:
             problems.append(f"{where or 'manifest'} must be an object")
             return
         # repr() keeps every name on one line, whatever characters a hostile manifest puts in it
-        for key in sorted(set(spec) - set(value)):
+        for key in sorted(k for k in set(spec) - set(value) if not isinstance(spec[k], Optional_)):
             problems.append(f"missing field {(where + '.' if where else '') + key!r}")
         for key in sorted(set(value) - set(spec), key=str):
             problems.append(f"unknown field {(where + '.' if where else '') + str(key)!r}")
         for key in spec.keys() & value.keys():
             _check(value[key], spec[key], f"{where + '.' if where else ''}{key}", problems)
+        return
+    if isinstance(spec, Optional_):
+        _check(value, spec.spec, where, problems)
         return
     types = spec if isinstance(spec, tuple) else (spec,)
     # bool is an int subclass; a schema int never means a bool.
@@ -86,6 +106,22 @@ def validate(data: Any) -> dict:
     inputs = data.get("inputs")
     if isinstance(inputs, dict) and isinstance(inputs.get("tensors"), list):
         problems.extend(_check_tensor_specs(inputs["tensors"], inputs.get("dynamic")))
+        dims = inputs.get("dynamic") if isinstance(inputs.get("dynamic"), dict) else {}
+        for i, rel in enumerate(inputs.get("relations") or []):
+            if not (isinstance(rel, dict) and set(rel) == {"dim", "product", "divisor"} and rel["dim"] in dims
+                    and isinstance(rel["product"], list) and rel["product"]
+                    and all(isinstance(d, str) and d in dims for d in rel["product"])
+                    and type(rel["divisor"]) is int and rel["divisor"] >= 1):
+                problems.append(f"inputs.relations[{i}] must be {{dim, product: [dims], divisor: int >= 1}}")
+    modules = data.get("modules")
+    if isinstance(modules, dict):
+        for name, m in modules.items():
+            if not (isinstance(m, dict) and isinstance(m.get("inputs"), dict) and isinstance(m.get("config"), dict)
+                    and isinstance(m["inputs"].get("tensors"), list) and isinstance(m["inputs"].get("dynamic"), dict)
+                    and all(isinstance(m.get(k), str) and m[k] in (files or {}) for k in ("model", "weights"))):
+                problems.append(f"modules[{name!r}] must name its model and weights files and its inputs")
+            else:
+                problems.extend(_check_tensor_specs(m["inputs"]["tensors"], m["inputs"]["dynamic"]))
     if problems:
         raise ManifestError("manifest.json is invalid: " + "; ".join(problems[:8])
                             + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""),
@@ -97,8 +133,9 @@ def _check_tensor_specs(specs: list, dynamic: Any) -> list[str]:
     problems = []
     dims = dynamic if isinstance(dynamic, dict) else {}
     for name, rng in dims.items():
-        if not (isinstance(rng, list) and len(rng) == 2 and all(type(v) is int for v in rng) and 0 <= rng[0] <= rng[1]):
-            problems.append(f"inputs.dynamic.{name!r} must be [min, max]")
+        if not (isinstance(rng, list) and len(rng) in (2, 3) and all(type(v) is int for v in rng)
+                and 0 <= rng[0] <= rng[1] and (len(rng) == 2 or rng[2] >= 1)):
+            problems.append(f"inputs.dynamic.{name!r} must be [min, max] or [min, max, multiple]")
     for i, spec in enumerate(specs):
         ok = (isinstance(spec, dict) and set(spec) == {"name", "shape", "dtype"} and isinstance(spec["name"], str)
               and isinstance(spec["dtype"], str) and isinstance(spec["shape"], list)

@@ -53,9 +53,9 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_pipeline(recipe: Recipe, source: Source, *, dtype: str, with_component: bool = True):
+def load_pipeline(recipe: Recipe, source: Source, *, dtype: str, with_component: bool = True, skip: tuple = ()):
     """Load the recipe's pipeline from ``source``; without the component when ``with_component`` is False,
-    so a serving box never reads the original transformer's weights."""
+    so a serving box never reads the original transformer's weights (nor those of the parts in ``skip``)."""
     import diffusers
 
     cls = getattr(diffusers, recipe.pipeline, None)
@@ -67,6 +67,8 @@ def load_pipeline(recipe: Recipe, source: Source, *, dtype: str, with_component:
         kwargs["revision"] = source.revision
     if not with_component:
         kwargs[recipe.component] = None
+    for name in skip:
+        kwargs[name] = None
     try:
         pipe = cls.from_pretrained(source.location, **kwargs)
     except (OSError, ValueError) as e:

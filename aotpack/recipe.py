@@ -13,9 +13,19 @@ from .errors import RecipeError
 DTYPES = ("float32", "bfloat16", "float16")
 _TOP_KEYS = {
     "name", "family", "description", "pipeline", "component", "checkpoint", "revision", "checkpoint_needs",
-    "dtype", "default_quant", "shapes", "capture", "run", "inputs", "variants",
+    "dtype", "default_quant", "shapes", "capture", "run", "inputs", "variants", "call", "output",
 }
-_VARIANT_KEYS = {"checkpoint", "revision", "description", "max_sequence_length", "run_steps", "guidance_scale"}
+# The dynamic dims a recipe may name in [inputs], and how their ranges follow from [shapes]:
+#   batch          the component's batch (shapes.batch)
+#   image_seq      image tokens, (height / multiple) * (width / multiple)                      (Flux)
+#   latent_frames  latent frames, (frames - 1) / temporal_compression + 1                      (video)
+#   latent_height  latent rows, height / vae_scale, a multiple of multiple / vae_scale (patch) (video)
+#   latent_width   latent columns, as latent_height
+#   video_seq      video tokens, latent_frames * (height / multiple) * (width / multiple)      (video)
+DIMS = ("batch", "image_seq", "latent_frames", "latent_height", "latent_width", "video_seq")
+_VIDEO_DIMS = {"latent_frames", "latent_height", "latent_width", "video_seq"}
+_VARIANT_KEYS = {"checkpoint", "revision", "description", "max_sequence_length", "run_steps", "guidance_scale",
+                 "inputs", "dtype", "shapes"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +52,15 @@ class Recipe:
     checkpoint_needs: str | None = None
     variant: str | None = None
     variants: tuple[str, ...] = ()
+    frames: tuple[int, int] | None = None          # video recipes: pixel frames [min, max]
+    temporal_compression: int = 1
+    vae_scale: int = 8
+    call: dict[str, Any] = dataclasses.field(default_factory=dict)
+    output: str = "image"                          # "image" or "video"
+
+    @property
+    def is_video(self) -> bool:
+        return self.output == "video"
 
     @property
     def builtin(self) -> str | None:
@@ -56,6 +75,50 @@ class Recipe:
         """Image tokens for the smallest and largest allowed image (one token per `multiple` x `multiple` px)."""
         m = self.multiple
         return ((self.height[0] // m) * (self.width[0] // m), (self.height[1] // m) * (self.width[1] // m))
+
+    def latent_frames(self, frames: int) -> int:
+        return (frames - 1) // self.temporal_compression + 1
+
+    def dim_range(self, name: str) -> list[int]:
+        """[min, max] of a dynamic dim, plus the multiple it must be when that is not 1."""
+        if name == "batch":
+            return list(self.batch)
+        if name == "image_seq":
+            return list(self.image_seq_range())
+        frames = self.frames or (1, 1)
+        lf = (self.latent_frames(frames[0]), self.latent_frames(frames[1]))
+        if name == "latent_frames":
+            return list(lf)
+        patch = self.multiple // self.vae_scale
+        if name in ("latent_height", "latent_width"):
+            px = self.height if name == "latent_height" else self.width
+            return [px[0] // self.vae_scale, px[1] // self.vae_scale] + ([patch] if patch > 1 else [])
+        if name == "video_seq":
+            lo, hi = self.image_seq_range()
+            return [lf[0] * lo, lf[1] * hi]
+        raise KeyError(name)
+
+    def pipeline_kwargs(self, *, height: int, width: int, steps: int, guidance_scale: float, batch: int = 1,
+                        frames: int | None = None) -> dict[str, Any]:
+        """Keyword arguments for one pipeline call, named as this recipe's pipeline names them.
+
+        ``batch`` is outputs per prompt (images or videos)."""
+        kwargs: dict[str, Any] = {
+            "height": height, "width": width, "num_inference_steps": steps, "guidance_scale": guidance_scale,
+            "max_sequence_length": self.max_sequence_length,
+            self.call.get("batch", "num_images_per_prompt"): batch,
+        }
+        if self.is_video:
+            kwargs[self.call.get("frames", "num_frames")] = frames or self.run["frames"]
+        return kwargs
+
+    def relations(self) -> list[dict[str, Any]]:
+        """Equalities between dims that export cannot express and the loader must check itself."""
+        if "video_seq" in self.dynamic:
+            patch = self.multiple // self.vae_scale
+            return [{"dim": "video_seq", "product": ["latent_frames", "latent_height", "latent_width"],
+                     "divisor": patch * patch}]
+        return []
 
 
 def recipes_dir() -> Path:
@@ -121,6 +184,10 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
     if data.get("dtype") not in DTYPES:
         problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {data.get('dtype')!r}")
     shapes = data.get("shapes") if isinstance(data.get("shapes"), dict) else {}
+    _vs = data.get("variants") if isinstance(data.get("variants"), dict) else {}
+    over_shapes = _vs.get(variant).get("shapes") if variant and isinstance(_vs.get(variant), dict) else None
+    if isinstance(over_shapes, dict):
+        shapes = {**shapes, **over_shapes}  # a variant may accept other sizes
     if not shapes:
         problems.append("missing [shapes]")
     batch = _pair(shapes.get("batch"), "batch", problems)
@@ -149,15 +216,43 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
             v = table.get(key)
             if isinstance(v, int) and not (rng[0] <= v <= rng[1] and v % multiple == 0):
                 problems.append(f"{section}.{key}={v} must lie in shapes.{key} and be a multiple of {multiple}")
+    output = data.get("output", "image")
+    if output not in ("image", "video"):
+        problems.append(f"output must be 'image' or 'video', got {output!r}")
+    frames = None
+    temporal = shapes.get("temporal_compression", 1)
+    vae_scale = shapes.get("vae_scale", 8)
+    for key, v in (("temporal_compression", temporal), ("vae_scale", vae_scale)):
+        if not isinstance(v, int) or v <= 0:
+            problems.append(f"shapes.{key} must be a positive integer")
+    if output == "video":
+        frames = _pair(shapes.get("frames"), "frames", problems)
+        for section, table in (("capture", capture), ("run", run)):
+            v = table.get("frames")
+            if not isinstance(v, int) or not frames[0] <= v <= frames[1]:
+                problems.append(f"{section}.frames must be an integer in shapes.frames")
+        if isinstance(vae_scale, int) and vae_scale > 0 and multiple % vae_scale:
+            problems.append("shapes.multiple must be a multiple of shapes.vae_scale")
+    call = data.get("call", {})
+    if not isinstance(call, dict) or not all(isinstance(k, str) for k in call):
+        problems.append("[call] must be a table")
+        call = {}
     inputs = data.get("inputs") if isinstance(data.get("inputs"), dict) else {}
+    variants = data.get("variants") if isinstance(data.get("variants"), dict) else {}
+    if variant is not None and isinstance(variants.get(variant), dict) and isinstance(variants[variant].get("inputs"), dict):
+        inputs = variants[variant]["inputs"]  # a variant may export other dims (e.g. fixed-size positional embeddings)
     dynamic: dict[str, dict[str, int]] = {}
-    for dim_name in ("batch", "image_seq"):
-        table = inputs.get(dim_name)
-        if not isinstance(table, dict) or not all(isinstance(v, int) for v in table.values()):
+    if "batch" not in inputs:
+        problems.append("inputs.batch must map input names to dim indices")
+    for dim_name, table in inputs.items():
+        if dim_name not in DIMS:
+            problems.append(f"inputs.{dim_name}: unknown dim (known: {', '.join(DIMS)})")
+        elif dim_name in _VIDEO_DIMS and output != "video":
+            problems.append(f"inputs.{dim_name} needs output = 'video'")
+        elif not isinstance(table, dict) or not all(isinstance(v, int) for v in table.values()):
             problems.append(f"inputs.{dim_name} must map input names to dim indices")
         else:
             dynamic[dim_name] = dict(table)
-    variants = data.get("variants") if isinstance(data.get("variants"), dict) else {}
     fields = dict(data)
     if variant is not None:
         if variant not in variants:
@@ -167,7 +262,7 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
             over = variants[variant]
             for key in sorted(set(over) - _VARIANT_KEYS):
                 problems.append(f"variants.{variant}: unknown key '{key}'")
-            for key in ("checkpoint", "revision", "description"):
+            for key in ("checkpoint", "revision", "description", "dtype"):
                 if key in over:
                     fields[key] = over[key]
             if "max_sequence_length" in over:
@@ -186,5 +281,6 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
         revision=fields.get("revision"), dtype=fields["dtype"], default_quant=fields["default_quant"],
         batch=batch, height=height, width=width, multiple=multiple, max_sequence_length=max_seq,
         capture=capture, run=run, dynamic=dynamic, checkpoint_needs=fields.get("checkpoint_needs"),
-        variant=variant, variants=tuple(sorted(variants)),
+        variant=variant, variants=tuple(sorted(variants)), frames=frames, temporal_compression=temporal,
+        vae_scale=vae_scale, call=dict(call), output=output,
     )

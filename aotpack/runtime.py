@@ -36,14 +36,82 @@ class AotModule(torch.nn.Module):
 
         self._compiled = compiled
         self._weights = weights  # user_managed constants: this dict owns the memory the compiled code reads
+        self._base_weights = weights  # the artifact's own weights (file-backed), restored by swap_lora(None)
+        self.lora: dict | None = None
+        self.vae_decoder: AotVaeDecoder | None = None  # set by load() when the artifact carries one
         self.manifest = manifest
         self.path = path
         self.config = FrozenDict(manifest["model"]["config"])
         self._dtype = getattr(torch, manifest["dtype"])
         self._device = torch.device(manifest["platform"]["device"])
-        self._specs = manifest["inputs"]["tensors"]
-        self._ranges = manifest["inputs"]["dynamic"]
-        self._names = [s["name"] for s in self._specs]
+        self._names = [t["name"] for t in manifest["inputs"]["tensors"]]
+
+    def swap_lora(self, lora: str | os.PathLike | None, scale: float = 1.0) -> float:
+        """Swap in weights with the LoRA ``lora`` fused at ``scale`` - no recompile; ``None`` restores the
+        artifact's own weights. Returns the seconds it took.
+
+        The blocks the LoRA touches are read again in high precision from the checkpoint the artifact was
+        built from, the LoRA is fused, they are quantized with the artifact's scheme (as a build with
+        ``--lora`` would), and the compiled module's constants are swapped in one call.
+        """
+        t0 = time.perf_counter()
+        if lora is None:
+            new = self._base_weights
+        else:
+            new = self._lora_weights(str(lora), float(scale))
+        self._compiled.load_constants(new, check_full_update=True, user_managed=True)
+        self._weights = new
+        self.lora = None if lora is None else {"file": Path(lora).name, "scale": float(scale)}
+        log.info("LoRA %s in %.2f s", "removed" if lora is None else f"{Path(lora).name} swapped in",
+                 time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    def _lora_weights(self, path: str, scale: float) -> dict[str, torch.Tensor]:
+        import diffusers
+
+        from .models import torch_dtype
+        from .run import source_of
+        from .schemes import get_scheme, quantize, torchao_config
+        from .weights import CheckpointReader, component_folder, materialize, read_lora, skeleton, touched_units
+
+        m = self.manifest
+        if m.get("lora"):
+            raise InputError(f"this artifact was built with LoRA {m['lora']['file']} fused in",
+                             "build without --lora to swap LoRAs at load time")
+        component = m["recipe"]["component"]
+        source = source_of(m)
+        folder = component_folder(source.location, component, kind=source.kind, revision=source.revision)
+        lora = read_lora(path, getattr(diffusers, m["recipe"]["pipeline"]), component, scale=scale)
+        model = skeleton(dict(m["model"]["config"]), fuse_qkv=(m.get("options") or {}).get("fuse_qkv", False))
+        scheme = get_scheme(m["scheme"]["name"])
+        config = torchao_config(scheme)
+        only = touched_units(model, lora)
+        with torch.no_grad():
+            materialize(model, CheckpointReader(folder), dtype=torch_dtype(m["dtype"]), device=str(self._device),
+                        quantize_unit=(lambda unit: quantize(unit, scheme, config)) if config else None,
+                        lora=lora, only=only)
+        new = dict(self._base_weights)
+        replaced = 0
+        for prefix in sorted(only):
+            unit = model.get_submodule(prefix.rstrip("."))
+            if config is not None:
+                from torchao.utils import unwrap_tensor_subclass
+
+                unwrap_tensor_subclass(unit)
+            for key, value in unit.state_dict().items():
+                name = f"component.{prefix}{key}"
+                if name not in new:
+                    continue  # not a compiled constant (e.g. a projection that lives on fused)
+                old = new[name]
+                if old.dtype != value.dtype or old.shape != value.shape:
+                    raise InputError(f"LoRA weights for {name} are {value.dtype} {list(value.shape)}, the artifact "
+                                     f"holds {old.dtype} {list(old.shape)}", "rebuild the artifact with this aotpack")
+                new[name] = value.detach().contiguous()
+                replaced += 1
+        if not replaced:
+            raise InputError(f"LoRA {Path(path).name} changes none of the artifact's weights",
+                             "this LoRA was trained for another model")
+        return new
 
     @property
     def dtype(self) -> torch.dtype:
@@ -63,46 +131,17 @@ class AotModule(torch.nn.Module):
 
     def check_inputs(self, inputs: dict[str, Any]) -> None:
         """Raise InputError unless every input matches the exported names, dtypes, devices and ranges."""
-        missing = [n for n in self._names if inputs.get(n) is None]
-        if missing:
-            raise InputError(f"missing input(s): {', '.join(missing)}", "pass every input the artifact was exported with")
-        extra = sorted(k for k, v in inputs.items() if k not in self._names and v is not None)
-        if extra:
-            raise InputError(f"unexpected input(s): {', '.join(extra)}", "this artifact was exported without them")
-        bound: dict[str, int] = {}
-        for spec in self._specs:
-            name, t = spec["name"], inputs[spec["name"]]
-            if not isinstance(t, torch.Tensor):
-                raise InputError(f"{name} must be a tensor, got {type(t).__name__}", "pass a torch.Tensor")
-            if str(t.dtype).removeprefix("torch.") != spec["dtype"]:
-                raise InputError(f"{name} has dtype {str(t.dtype).removeprefix('torch.')}, the artifact expects {spec['dtype']}",
-                                 f"cast it, or build with --dtype {str(t.dtype).removeprefix('torch.')}")
-            if t.device.type != self._device.type:
-                raise InputError(f"{name} is on {t.device.type}, the artifact runs on {self._device.type}",
-                                 f"move the inputs (and the pipeline) to {self._device.type}")
-            want = spec["shape"]
-            if t.dim() != len(want):
-                raise InputError(f"{name} has {t.dim()} dims {list(t.shape)}, the artifact expects {len(want)} ({want})",
-                                 "check the pipeline and the artifact match")
-            for axis, (size, w) in enumerate(zip(t.shape, want)):
-                if isinstance(w, int):
-                    if size != w:
-                        raise InputError(f"{name} dim {axis} is {size}, the artifact was exported with {w}",
-                                         "use the recipe's settings (e.g. max_sequence_length) or rebuild")
-                    continue
-                lo, hi = self._ranges[w]
-                if not lo <= size <= hi:
-                    raise InputError(f"{name} dim {axis} ({w}) is {size}, outside the artifact's range [{lo}, {hi}]",
-                                     _range_hint(w, self.manifest))
-                if bound.setdefault(w, size) != size:
-                    raise InputError(f"{name} dim {axis} ({w}) is {size} but another input has {bound[w]}",
-                                     "inputs disagree on one dynamic size")
+        check_tensors(inputs, self.manifest["inputs"], self._device, self.manifest)
 
-    def forward(self, hidden_states=None, joint_attention_kwargs=None, return_dict: bool = True, **kwargs):
-        if joint_attention_kwargs and any(k != "scale" or v != 1.0 for k, v in joint_attention_kwargs.items()):
-            raise InputError(f"joint_attention_kwargs {sorted(joint_attention_kwargs)} cannot change compiled code",
-                             "fuse LoRAs into the weights before building")
-        kwargs["hidden_states"] = hidden_states
+    def forward(self, hidden_states=None, joint_attention_kwargs=None, attention_kwargs=None, return_dict: bool = True,
+                **kwargs):
+        for extra in (joint_attention_kwargs, attention_kwargs):
+            if extra and any(k != "scale" or v != 1.0 for k, v in extra.items()):
+                raise InputError(f"attention kwargs {sorted(extra)} cannot change compiled code",
+                                 "swap a LoRA in with load_into(pipe, artifact, lora=FILE) instead")
+        given, kwargs = {"hidden_states": hidden_states, **kwargs}, {}
+        for k, v in given.items():  # tuples of tensors (rotary embeddings) were exported as name.0, name.1, ...
+            kwargs.update({f"{k}.{i}": x for i, x in enumerate(v)} if _tensor_tuple(v) else {k: v})
         self.check_inputs(kwargs)  # None-valued extras (controlnet samples, ...) are allowed and dropped
         out = self._compiled({n: kwargs[n] for n in self._names})
         if isinstance(out, (list, tuple)):
@@ -114,6 +153,105 @@ class AotModule(torch.nn.Module):
         return Transformer2DModelOutput(sample=out)
 
 
+class AotVaeDecoder(torch.nn.Module):
+    """The VAE's decoder, compiled (``--compile-vae``): stands in for the pipeline's ``vae`` when decoding."""
+
+    def __init__(self, compiled: Any, weights: dict[str, torch.Tensor], spec: dict, manifest: dict) -> None:
+        super().__init__()
+        from diffusers.configuration_utils import FrozenDict
+
+        self._compiled, self._weights, self._spec, self._manifest = compiled, weights, spec, manifest
+        self.config = FrozenDict(spec["config"])
+        self._dtype = getattr(torch, spec["inputs"]["tensors"][0]["dtype"])
+        self._device = torch.device(manifest["platform"]["device"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, **kwargs):
+        check_tensors({"z": z}, self._spec["inputs"], self._device, self._manifest)
+        out = self._compiled({"z": z})
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        if not return_dict:
+            return (out,)
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        return DecoderOutput(sample=out)
+
+    def encode(self, *args, **kwargs):
+        raise InputError("this artifact's VAE is compiled for decoding only",
+                         "load the pipeline's own VAE (without the artifact's vae_decoder) for image-to-image")
+
+
+def check_tensors(inputs: dict[str, Any], spec: dict, device: torch.device, manifest: dict) -> None:
+    """Raise InputError unless every input matches the exported names, dtypes, devices and ranges.
+
+    AOTInductor does not check shapes itself: a wrong size would read out of bounds.
+    """
+    names = [t["name"] for t in spec["tensors"]]
+    missing = [n for n in names if inputs.get(n) is None]
+    if missing:
+        raise InputError(f"missing input(s): {', '.join(missing)}", "pass every input the artifact was exported with")
+    extra = sorted(k for k, v in inputs.items() if k not in names and v is not None)
+    if extra:
+        raise InputError(f"unexpected input(s): {', '.join(extra)}", "this artifact was exported without them")
+    bound: dict[str, int] = {}
+    for ts in spec["tensors"]:
+        name, t = ts["name"], inputs[ts["name"]]
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{name} must be a tensor, got {type(t).__name__}", "pass a torch.Tensor")
+        if str(t.dtype).removeprefix("torch.") != ts["dtype"]:
+            raise InputError(f"{name} has dtype {str(t.dtype).removeprefix('torch.')}, the artifact expects {ts['dtype']}",
+                             f"cast it, or build with --dtype {str(t.dtype).removeprefix('torch.')}")
+        if t.device.type != device.type:
+            raise InputError(f"{name} is on {t.device.type}, the artifact runs on {device.type}",
+                             f"move the inputs (and the pipeline) to {device.type}")
+        want = ts["shape"]
+        if t.dim() != len(want):
+            raise InputError(f"{name} has {t.dim()} dims {list(t.shape)}, the artifact expects {len(want)} ({want})",
+                             "check the pipeline and the artifact match")
+        for axis, (size, w) in enumerate(zip(t.shape, want)):
+            if isinstance(w, int):
+                if size != w:
+                    raise InputError(f"{name} dim {axis} is {size}, the artifact was exported with {w}",
+                                     "use the recipe's settings (e.g. max_sequence_length) or rebuild")
+                continue
+            lo, hi, *step = spec["dynamic"][w]
+            if not lo <= size <= hi:
+                raise InputError(f"{name} dim {axis} ({w}) is {size}, outside the artifact's range [{lo}, {hi}]",
+                                 _range_hint(w, manifest))
+            if step and size % step[0]:
+                raise InputError(f"{name} dim {axis} ({w}) is {size}, not a multiple of {step[0]}",
+                                 _range_hint(w, manifest))
+            if bound.setdefault(w, size) != size:
+                raise InputError(f"{name} dim {axis} ({w}) is {size} but another input has {bound[w]}",
+                                 "inputs disagree on one dynamic size")
+    # Export cannot tie e.g. the rotary table's length to frames x rows x columns; the compiled code would
+    # read out of bounds, so the tie is checked here.
+    for rel in spec.get("relations") or []:
+        if rel["dim"] in bound and all(d in bound for d in rel["product"]):
+            want = 1
+            for d in rel["product"]:
+                want *= bound[d]
+            want //= rel["divisor"]
+            if bound[rel["dim"]] != want:
+                raise InputError(
+                    f"{rel['dim']} is {bound[rel['dim']]} but {' x '.join(rel['product'])} / {rel['divisor']} "
+                    f"is {want}", "inputs disagree (e.g. rotary embeddings made for another size)")
+
+
+def _tensor_tuple(v: Any) -> bool:
+    return isinstance(v, (tuple, list)) and bool(v) and all(isinstance(x, torch.Tensor) for x in v)
+
+
 def _range_hint(dim: str, manifest: dict) -> str:
     image = manifest["inputs"].get("image") or {}
     if dim == "image_seq" and image:
@@ -121,6 +259,10 @@ def _range_hint(dim: str, manifest: dict) -> str:
                 f"(multiples of {image.get('multiple')}), or rebuild with a wider recipe")
     if dim == "batch":
         return "use a batch inside the range, or rebuild with a wider recipe"
+    if dim in ("latent_frames", "latent_height", "latent_width", "video_seq") and image:
+        frames = f"frames must be in {image['frames']}, " if image.get("frames") else ""
+        return (f"{frames}height in {image.get('height')} and width in {image.get('width')} "
+                f"(multiples of {image.get('multiple')}), or rebuild with a wider recipe")
     return "rebuild with a wider range"
 
 
@@ -194,28 +336,47 @@ def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = 
     mf.check_compatible(data, here)
     if verify:
         artifact.verify_files(folder, data["files"])
-    _check_memory(data["files"][artifact.WEIGHTS]["size"])
+    modules = data.get("modules") or {}
+    _check_memory(sum(data["files"][m["weights"]]["size"] for m in modules.values())
+                  + data["files"][artifact.WEIGHTS]["size"])
+    device = data["platform"]["device"]
+    module = AotModule(*_load_compiled(folder, artifact.MODEL, artifact.WEIGHTS, device), data, folder)
+    if "vae_decoder" in modules:
+        m = modules["vae_decoder"]
+        module.vae_decoder = AotVaeDecoder(*_load_compiled(folder, m["model"], m["weights"], device), m, data)
+    log.info("loaded %s in %.2f s", folder, time.perf_counter() - t0)
+    return module
+
+
+def _load_compiled(folder: Path, model: str, weights_file: str, device: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Load one compiled module and its weights; the weights are checked against its constants first."""
     from safetensors.torch import load_file
 
-    compiled = torch._inductor.aoti_load_package(str(folder / artifact.MODEL))
-    _check_constants(compiled, folder / artifact.WEIGHTS)
-    weights = load_file(str(folder / artifact.WEIGHTS), device=data["platform"]["device"])
+    compiled = torch._inductor.aoti_load_package(str(folder / model))
+    _check_constants(compiled, folder / weights_file)
+    weights = load_file(str(folder / weights_file), device=device)
     # user_managed: the compiled code reads these tensors in place, no second copy.
     compiled.load_constants(weights, check_full_update=True, user_managed=True)
-    log.info("loaded %s in %.2f s", folder, time.perf_counter() - t0)
-    return AotModule(compiled, weights, data, folder)
+    return compiled, weights
 
 
 def _looks_like_repo_id(text: str) -> bool:
     return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not os.path.isabs(text)
 
 
-def load_into(pipe: Any, path: str | os.PathLike, **kwargs) -> Any:
-    """Replace the pipeline's component (e.g. ``pipe.transformer``) with the artifact; returns the pipeline."""
+def load_into(pipe: Any, path: str | os.PathLike, *, lora: str | os.PathLike | None = None, lora_scale: float = 1.0,
+              **kwargs) -> Any:
+    """Replace the pipeline's component (e.g. ``pipe.transformer``) with the artifact; returns the pipeline.
+
+    ``lora``: a LoRA .safetensors swapped into the compiled module's weights at ``lora_scale`` (no recompile).
+    """
     module = load(path, **kwargs)
+    if lora is not None:
+        module.swap_lora(lora, lora_scale)
+    from .run import assemble
+
     component = module.manifest["recipe"]["component"]
     if not hasattr(pipe, component):
         raise InputError(f"{type(pipe).__name__} has no component '{component}'",
                          f"this artifact is for a {module.manifest['recipe']['pipeline']}")
-    setattr(pipe, component, module)
-    return pipe
+    return assemble(pipe, module)

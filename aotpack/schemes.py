@@ -151,7 +151,8 @@ def quantize(module: Any, scheme: Scheme, config: Any) -> None:
     from .errors import BuildError, first_line
 
     def fits(m: Any, fqn: str) -> bool:
-        return isinstance(m, torch.nn.Linear) and (not scheme.group_size or m.in_features % scheme.group_size == 0)
+        return (isinstance(m, torch.nn.Linear) and type(m.weight.data) is torch.Tensor  # not quantized already
+                and (not scheme.group_size or m.in_features % scheme.group_size == 0))
 
     try:
         quantize_(module, config, filter_fn=fits)

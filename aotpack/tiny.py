@@ -22,7 +22,7 @@ def cache_dir() -> Path:
 def _tiny_flux(seed: int = 0, **transformer_overrides):
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
     # Character-level tokenizers built from in-memory vocabularies: no download, real tokenizer classes.
@@ -30,18 +30,12 @@ def _tiny_flux(seed: int = 0, **transformer_overrides):
     for tok in list(_CHARS) + [c + "</w>" for c in _CHARS]:
         clip_vocab.setdefault(tok, len(clip_vocab))
     tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
-    t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    t5_vocab += [("\u2581" + c, -1.0) for c in _CHARS] + [(c, -2.0) for c in _CHARS]
-    tokenizer_2 = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=512)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=64,
         num_attention_heads=4, num_hidden_layers=2, vocab_size=len(clip_vocab), projection_dim=32,
         max_position_embeddings=77,
     ))
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer_2), d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
-        relative_attention_num_buckets=8,
-    ))
+    tokenizer_2, text_encoder_2 = _t5()  # after CLIP: same random stream as before
     transformer = FluxTransformer2DModel(**{
         **dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
@@ -66,7 +60,42 @@ def _flux_blocks(seed: int = 0):
     return _tiny_flux(seed, num_attention_heads=24, attention_head_dim=128, axes_dims_rope=[16, 56, 56])
 
 
-BUILDERS = {"tiny-flux": _tiny_flux, "flux-blocks": _flux_blocks}
+def _t5(d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    t5_vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    t5_vocab += [("\u2581" + c, -1.0) for c in _CHARS] + [(c, -2.0) for c in _CHARS]
+    tokenizer = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=512)
+    encoder = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_ff=64, d_kv=8, num_heads=4, num_layers=2,
+        relative_attention_num_buckets=8,
+    ))
+    return tokenizer, encoder
+
+
+def _tiny_cogvideox(seed: int = 0):
+    """A tiny CogVideoXPipeline in the layout of CogVideoX-5b (rotary position embeddings, so frames and size can
+    be dynamic): T5 text encoder, 3-D VAE with 8x spatial and 4x temporal compression, DDIM scheduler."""
+    import torch
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    tokenizer, text_encoder = _t5()
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True,
+    )
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+    )
+    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                             scheduler=CogVideoXDDIMScheduler())
+
+
+BUILDERS = {"tiny-flux": _tiny_flux, "flux-blocks": _flux_blocks, "tiny-cogvideox": _tiny_cogvideox}
 
 
 def ensure_builtin(name: str) -> Path:

@@ -31,21 +31,23 @@ def _isolated_env(tmp_path_factory):
 
 
 class ArtifactFactory:
-    """Builds tiny-flux once per scheme per session; tests copy before they damage anything."""
+    """Builds each (recipe, scheme, options) once per session; tests copy before they damage anything."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._built: dict[str, Path] = {}
+        self._built: dict[tuple, Path] = {}
 
-    def __call__(self, scheme: str) -> Path:
-        if scheme not in self._built:
+    def __call__(self, scheme: str, recipe: str = "tiny-flux", **options) -> Path:
+        key = (recipe, scheme, tuple(sorted(options.items())))
+        if key not in self._built:
             import aotpack
 
-            self._built[scheme] = aotpack.build("tiny-flux", scheme, out=self.root / f"tiny-flux-{scheme}")
-        return self._built[scheme]
+            name = f"{recipe}-{scheme}" + "".join(f"-{k}" for k in sorted(options))
+            self._built[key] = aotpack.build(recipe, scheme, out=self.root / name, **options)
+        return self._built[key]
 
-    def copy(self, scheme: str, dest: Path) -> Path:
-        shutil.copytree(self(scheme), dest)
+    def copy(self, scheme: str, dest: Path, **kwargs) -> Path:
+        shutil.copytree(self(scheme, **kwargs), dest)
         return dest
 
 
@@ -65,3 +67,29 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeou
 def no_partials(folder: Path) -> bool:
     """True when no temporary build folder was left in ``folder``."""
     return not [p for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+@pytest.fixture(scope="session")
+def lora_file(tmp_path_factory) -> Path:
+    """A random rank-4 LoRA for tiny-flux in the diffusers/PEFT layout (no alphas: scaling 1)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from aotpack.tiny import ensure_builtin
+
+    folder = ensure_builtin("tiny-flux") / "transformer"
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {}
+    with safe_open(str(next(folder.glob("*.safetensors"))), framework="pt") as f:
+        for key in f.keys():
+            name = key.removesuffix(".weight")
+            if key.endswith(".weight") and any(t in name for t in ("attn.to_q", "attn.to_k", "attn.to_v",
+                                                                     "attn.to_out.0", "ff.net.2", "proj_mlp")):
+                out_f, in_f = f.get_slice(key).get_shape()
+                tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(4, in_f, generator=g) * 0.3
+                tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out_f, 4, generator=g) * 0.3
+    path = tmp_path_factory.mktemp("lora") / "style.safetensors"
+    save_file(tensors, str(path))
+    return path

@@ -1,17 +1,32 @@
-"""Run in a fresh process by the tests: the same tiny-flux pipeline call, eager vs the artifact.
+"""Run in a fresh process by the tests: the same pipeline call, eager diffusers vs the artifact.
 
-Prints one JSON line: max |diff| of the final latents against eager with the same scheme (compile
-fidelity), against eager unquantized (quantization error), and resident memory figures.
+    python tests/fresh_check.py ARTIFACT SCHEME [--lora FILE --lora-scale S] [--swap]
+
+The eager side is what a diffusers user would write: from_pretrained, then (with --lora) load_lora_weights +
+fuse_lora, then the build options the manifest records (fused projections, quantized text encoders), then
+torchao quantization. The artifact side is ``aotpack.load_into`` (``--swap``: the LoRA is swapped into the
+compiled module at load time instead of being in the build).
+
+Prints one JSON line: max |diff| of the final latents against eager with the same scheme (compile fidelity),
+against eager unquantized (quantization error), against eager without the LoRA, and memory figures.
 """
 
+import argparse
 import json
-import sys
 
 import psutil
 import torch
 
 
-def main(artifact: str, scheme: str) -> None:
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("artifact")
+    ap.add_argument("scheme")
+    ap.add_argument("--lora")
+    ap.add_argument("--lora-scale", type=float, default=1.0)
+    ap.add_argument("--swap", action="store_true")
+    ap.add_argument("--decode", action="store_true", help="compare decoded images, not latents")
+    args = ap.parse_args()
     rss0 = psutil.Process().memory_info().rss
     import aotpack
     from aotpack.models import load_pipeline
@@ -19,34 +34,60 @@ def main(artifact: str, scheme: str) -> None:
     from aotpack.run import source_of
     from aotpack.schemes import get_scheme, quantize, torchao_config
 
-    data = aotpack.inspect(artifact)
-    recipe = get_recipe("tiny-flux")
-    pipe = load_pipeline(recipe, source_of(data), dtype="float32")
+    data = aotpack.inspect(args.artifact)
+    recipe = get_recipe(data["recipe"]["name"], data["recipe"]["variant"])
+    options = data.get("options") or {}
+    pipe = load_pipeline(recipe, source_of(data), dtype=data["dtype"])
 
     def call():
-        return pipe("a dog surfing on the moon", height=96, width=64, num_inference_steps=3,
-                    max_sequence_length=32, num_images_per_prompt=1, output_type="latent",
-                    generator=torch.Generator().manual_seed(1)).images
+        # not the capture's size: the artifact serves other sizes (and frames) than it was exported with
+        kwargs = recipe.pipeline_kwargs(height=96, width=64, steps=3, guidance_scale=recipe.run["guidance_scale"],
+                                        frames=13 if recipe.is_video else None)
+        out = pipe("a dog surfing on the moon", **kwargs, output_type="pt" if args.decode else "latent",
+                   generator=torch.Generator().manual_seed(1))
+        return out.frames if recipe.is_video else out.images
+
+    def quantize_all(scheme_name, targets):
+        scheme = get_scheme(scheme_name)
+        config = torchao_config(scheme)
+        if config is not None:
+            for t in targets:
+                quantize(t, scheme, torchao_config(scheme))
 
     with torch.no_grad():
         eager_fp = call()
-        config = torchao_config(get_scheme(scheme))
-        if config is not None:
-            quantize(pipe.transformer, get_scheme(scheme), config)
+        if options.get("quantize_text_encoder"):
+            quantize_all(options["quantize_text_encoder"],
+                         [getattr(pipe, n) for n in pipe.components if n.startswith("text_encoder")])
+        if args.lora:
+            eager_base = call()
+            pipe.load_lora_weights(args.lora)
+            pipe.fuse_lora(lora_scale=args.lora_scale)
+            pipe.unload_lora_weights()
+        if options.get("fuse_qkv"):
+            pipe.transformer.fuse_qkv_projections()
+        quantize_all(args.scheme, [pipe.transformer])
         eager_q = call()
+        if not args.lora:
+            eager_base = eager_q
         rss1 = psutil.Process().memory_info().rss
-        aotpack.load_into(pipe, artifact)
+        swap = {"lora": args.lora, "lora_scale": args.lora_scale} if args.swap else {}
+        pipe = aotpack.load_into(pipe, args.artifact, **swap)
         rss2 = psutil.Process().memory_info().rss
         assert type(pipe.transformer).__name__ == "AotModule"
+        if options.get("compile_vae"):
+            assert type(pipe.vae).__name__ == "AotVaeDecoder"
         aot = call()
     print(json.dumps({
         "vs_eager_same_scheme": float((aot - eager_q).abs().max()),
         "vs_eager_unquantized": float((aot - eager_fp).abs().max()),
+        "vs_eager_without_lora": float((aot - eager_base).abs().max()),
         "scale": float(eager_fp.abs().max()),
+        "shape": list(aot.shape),
         "rss_load_delta": rss2 - rss1,
         "rss_start": rss0,
     }))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main()

@@ -300,6 +300,7 @@ def test_f40_compiled_code_is_never_callable_before_its_constants(artifacts, mon
     and an error there leaves no half-ready module behind."""
     from aotpack import runtime
 
+    path = artifacts("int8wo")  # built first: the build itself loads the package to verify it
     calls = []
     real = torch._inductor.aoti_load_package
 
@@ -311,5 +312,101 @@ def test_f40_compiled_code_is_never_callable_before_its_constants(artifacts, mon
     monkeypatch.setattr(torch._inductor, "aoti_load_package", spy)
     monkeypatch.setattr(runtime, "_check_constants", lambda *a: (_ for _ in ()).throw(IntegrityError("bad", "x")))
     with pytest.raises(IntegrityError):
-        aotpack.load(artifacts("int8wo"))
+        aotpack.load(path)
     assert len(calls) == 1  # the package was opened, but nothing was returned to call
+
+
+# ---- LoRA, video and build options ------------------------------------------------------------------------
+
+def test_f41_lora_file_missing(tmp_path):
+    assert_one_clear_error(invoke("build", "tiny-flux", "--lora", str(tmp_path / "nope.safetensors"),
+                                  "--out", str(tmp_path / "x")), "LoRA file", "does not exist")
+    assert not (tmp_path / "x").exists()
+
+
+def test_f42_lora_not_safetensors(tmp_path):
+    bad = tmp_path / "style.bin"
+    bad.write_bytes(b"\x80\x04not a safetensors file")
+    assert_one_clear_error(invoke("build", "tiny-flux", "--lora", str(bad), "--out", str(tmp_path / "x")),
+                           "is not .safetensors", "never loads pickled weights")
+
+
+def test_f43_lora_for_another_model(artifacts, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 3072),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(3072, 4)}, str(path))
+    module = aotpack.load(artifacts("int8wo"))
+    with pytest.raises(InputError, match="this LoRA was trained for another model"):
+        module.swap_lora(path)
+    save_file({"transformer.no_such_block.proj.lora_A.weight": torch.randn(4, 32),
+               "transformer.no_such_block.proj.lora_B.weight": torch.randn(32, 4)}, str(path))
+    with pytest.raises(InputError, match="targets transformer|trained for another model"):
+        module.swap_lora(path)
+
+
+def test_f44_lora_that_also_changes_the_text_encoder(artifacts, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "te.safetensors"
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 32),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(32, 4),
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 32),
+               "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(32, 4)},
+              str(path))
+    assert_one_clear_error(invoke("build", "tiny-flux", "--lora", str(path), "--out", str(tmp_path / "x")),
+                           "also changes text_encoder", "keep only the transformer keys")
+    assert not (tmp_path / "x").exists() and no_partials(tmp_path)
+
+
+def test_f45_compile_vae_on_a_video_recipe(tmp_path):
+    assert_one_clear_error(invoke("build", "tiny-cogvideox", "--compile-vae", "--out", str(tmp_path / "x")),
+                           "--compile-vae is not available for tiny-cogvideox")
+
+
+def test_f46_frames_out_of_range_or_not_4k_plus_1(artifacts, tmp_path):
+    path = str(artifacts("int8wo", recipe="tiny-cogvideox"))
+    for frames in ("8", "21"):
+        assert_one_clear_error(invoke("run", path, "--prompt", "x", "--frames", frames, "--out", str(tmp_path / "v.gif")),
+                               f"--frames {frames} is outside what the artifact accepts: 5..17, of the form 4k+1")
+    assert not (tmp_path / "v.gif").exists()
+
+
+def test_f47_video_artifact_to_an_image_file_and_frames_for_an_image_artifact(artifacts, tmp_path):
+    assert_one_clear_error(invoke("run", str(artifacts("int8wo", recipe="tiny-cogvideox")), "--prompt", "x",
+                                  "--out", str(tmp_path / "v.png")), "this artifact makes videos")
+    assert_one_clear_error(invoke("run", str(artifacts("int8wo")), "--prompt", "x", "--frames", "9",
+                                  "--out", str(tmp_path / "v.png")), "--frames is for video artifacts")
+
+
+def _local_copy(tmp_path):
+    from aotpack.tiny import ensure_builtin
+
+    local = tmp_path / "local"
+    shutil.copytree(ensure_builtin("tiny-flux"), local)
+    return local
+
+
+def test_f48_checkpoint_with_pickled_weights_only(tmp_path):
+    local = _local_copy(tmp_path)
+    for f in (local / "transformer").glob("*.safetensors"):
+        f.unlink()
+    (local / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    assert_one_clear_error(invoke("build", "tiny-flux", "--model", str(local), "--out", str(tmp_path / "x")),
+                           "holds no safetensors weights (only pickled diffusion_pytorch_model.bin)")
+    assert not (tmp_path / "x").exists() and no_partials(tmp_path)
+
+
+def test_f49_checkpoint_with_a_broken_safetensors_header(tmp_path):
+    local = _local_copy(tmp_path)
+    weights = next((local / "transformer").glob("*.safetensors"))
+    weights.write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    assert_one_clear_error(invoke("build", "tiny-flux", "--model", str(local), "--out", str(tmp_path / "x")),
+                           "is not a safetensors file")
+    assert not (tmp_path / "x").exists() and no_partials(tmp_path)
+
+
+def test_f50_side_scheme_unknown(tmp_path):
+    assert_one_clear_error(invoke("build", "tiny-flux", "--quantize-text-encoder", "int3", "--out", str(tmp_path / "x")),
+                           "--quantize-text-encoder: unknown quantization scheme 'int3'")

@@ -54,3 +54,32 @@ def test_invalid_recipe_gathers_every_problem():
     msg = e.value.cause
     for part in ("dtype must be one of", "shapes.batch", "capture.height=65", "unknown key 'colour'"):
         assert part in msg, part
+
+
+def test_video_recipes_and_their_dims():
+    tiny = get_recipe("tiny-cogvideox")
+    assert tiny.is_video and tiny.frames == (5, 17)
+    assert tiny.dim_range("latent_frames") == [2, 5]
+    assert tiny.dim_range("latent_height") == [4, 16, 2]  # latent rows, in steps of the patch size
+    assert tiny.dim_range("video_seq") == [2 * 2 * 2, 5 * 8 * 8]
+    assert tiny.relations() == [{"dim": "video_seq", "product": ["latent_frames", "latent_height", "latent_width"],
+                                 "divisor": 4}]
+    kwargs = tiny.pipeline_kwargs(height=64, width=64, steps=2, guidance_scale=6.0, batch=1, frames=9)
+    assert kwargs["num_videos_per_prompt"] == 1 and kwargs["num_frames"] == 9
+    two_b = get_recipe("cogvideox")
+    assert two_b.checkpoint == "THUDM/CogVideoX-2b" and set(two_b.dynamic) == {"batch"}
+    five_b = get_recipe("cogvideox", "5b")
+    assert five_b.checkpoint == "THUDM/CogVideoX-5b" and five_b.dtype == "bfloat16"
+    assert "video_seq" in five_b.dynamic and five_b.height == (320, 768)
+
+
+def test_video_dims_need_a_video_recipe():
+    import tomllib
+
+    data = tomllib.loads((recipes_dir() / "tiny-flux.toml").read_text())
+    data["inputs"]["latent_frames"] = {"hidden_states": 1}
+    data["inputs"]["colour"] = {"hidden_states": 1}
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(data, source="broken.toml")
+    assert "inputs.latent_frames needs output = 'video'" in e.value.cause
+    assert "inputs.colour: unknown dim" in e.value.cause

@@ -1,0 +1,347 @@
+"""Stream a component's weights from its safetensors files, one weight at a time.
+
+A build never holds the whole component in high precision: the model is made on the meta device, then its
+weights are read from disk one by one; each gets its LoRA delta (and, for fused projections, is concatenated)
+in high precision, and each linear is quantized before the next is read. Peak memory is the quantized weights
+plus one high-precision weight.
+
+The same code makes new weights for a LoRA swap at load time (only the blocks - entries of
+``transformer_blocks`` etc. - the LoRA touches), so the swapped constants are exactly what a build with that
+LoRA would have produced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .errors import BuildError, InputError, first_line
+
+log = logging.getLogger("aotpack")
+
+# Fused projections as data: the fused parameter and the parameters it concatenates (diffusers'
+# ``fuse_projections``), so a fused model can be filled straight from an unfused checkpoint.
+FUSED = {
+    "to_qkv": ("to_q", "to_k", "to_v"),
+    "to_kv": ("to_k", "to_v"),
+    "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
+}
+
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+class _SafetensorsFile:
+    """One .safetensors file read tensor by tensor with ``pread`` into fresh memory.
+
+    Not ``safe_open``: its memory map would leave every byte read resident in this process (counted in RSS)
+    until the file is closed, which is exactly the peak a block-by-block build avoids.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import struct
+
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 8, 0)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, 100 << 20):
+            raise BuildError(f"{path.name} is not a safetensors file", "download or save the checkpoint again")
+        try:
+            header = json.loads(os.pread(self._fd, n, 8))
+        except ValueError:
+            raise BuildError(f"{path.name} has a broken safetensors header", "download the checkpoint again") from None
+        header.pop("__metadata__", None)
+        self.entries: dict[str, tuple[str, list[int], int, int]] = {}
+        for key, e in header.items():
+            lo, hi = e["data_offsets"]
+            if e.get("dtype") not in _ST_DTYPES or not 0 <= lo <= hi <= size - 8 - n:
+                raise BuildError(f"{path.name}: tensor {key} is out of bounds or of an unknown dtype",
+                                 "download the checkpoint again")
+            self.entries[key] = (_ST_DTYPES[e["dtype"]], list(e["shape"]), 8 + n + lo, hi - lo)
+
+    def get(self, key: str) -> Any:
+        import torch
+
+        dtype, shape, offset, nbytes = self.entries[key]
+        buf = bytearray(nbytes)
+        view, done = memoryview(buf), 0
+        while done < nbytes:
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise BuildError(f"{self.path.name} ends early", "download the checkpoint again")
+            done += got
+        t = torch.frombuffer(buf, dtype=getattr(torch, dtype)) if nbytes else torch.empty(0, dtype=getattr(torch, dtype))
+        return t.reshape(shape)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class CheckpointReader:
+    """Tensors of one component folder's safetensors files, read one at a time (never pickles)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            pickled = sorted(p.name for p in folder.glob("*.bin"))
+            raise BuildError(
+                f"{folder} holds no safetensors weights" + (f" (only pickled {pickled[0]})" if pickled else ""),
+                "aotpack reads weights from safetensors only; convert the checkpoint with save_pretrained",
+            )
+        self._where: dict[str, _SafetensorsFile] = {}
+        self._files = [_SafetensorsFile(path) for path in files]
+        for f in self._files:
+            for key in f.entries:
+                self._where[key] = f
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> Any:
+        return self._where[key].get(key)
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+
+def component_folder(location: str, component: str, *, kind: str, revision: str | None = None) -> Path:
+    """The local folder of a pipeline's component (a Hub checkpoint is fetched, that component only)."""
+    if kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        try:
+            root = snapshot_download(location, revision=revision, allow_patterns=[f"{component}/*"])
+        except Exception as e:  # network, auth, missing repo: one line
+            from .errors import HubError
+
+            raise HubError(f"could not fetch {location}/{component}: {first_line(e)}",
+                           "check the network and 'hf auth login'") from None
+        return Path(root) / component
+    return Path(location) / component
+
+
+@dataclass
+class Lora:
+    """A LoRA as per-weight deltas: ``deltas[name]`` is ``(A, B, scaling)`` with W += scale * scaling * B @ A."""
+
+    path: str
+    sha256: str
+    scale: float
+    deltas: dict[str, tuple[Any, Any, float]] = field(default_factory=dict)
+
+    def modules(self) -> set[str]:
+        return {k.rsplit(".", 1)[0] for k in self.deltas}
+
+    def apply(self, name: str, weight: Any) -> Any:
+        if name not in self.deltas:
+            return weight
+        import torch
+
+        a, b, scaling = self.deltas[name]
+        delta = (b.to(torch.float32) @ a.to(torch.float32)) * (scaling * self.scale)
+        if delta.shape != weight.shape:
+            raise InputError(f"LoRA for {name} has shape {list(delta.shape)}, the weight is {list(weight.shape)}",
+                             "this LoRA was trained for another model")
+        return (weight.to(torch.float32) + delta).to(weight.dtype)
+
+    def describe(self) -> dict:
+        return {"file": Path(self.path).name, "sha256": self.sha256, "scale": self.scale,
+                "modules": len(self.modules())}
+
+
+def read_lora(path: str, pipeline_cls: Any, component: str, *, scale: float = 1.0) -> Lora:
+    """Read a LoRA file (diffusers/PEFT, kohya, xlabs, ... as the pipeline's ``lora_state_dict`` converts them).
+
+    Scaling follows PEFT as diffusers loads it: alpha / rank, alpha from the file's ``.alpha`` entries or its
+    metadata, else the first module's rank (diffusers' default).
+    """
+    import torch
+
+    from .artifact import sha256_file
+
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"LoRA file {path} does not exist", "pass the path of a .safetensors LoRA")
+    if file.suffix != ".safetensors":
+        raise InputError(f"LoRA file {file.name} is not .safetensors",
+                         "aotpack never loads pickled weights; convert the LoRA to safetensors")
+    loader = getattr(pipeline_cls, "lora_state_dict", None)
+    if loader is None:
+        raise InputError(f"{pipeline_cls.__name__} has no LoRA support in diffusers", "build without a LoRA")
+    try:
+        kwargs = {"use_safetensors": True, "return_lora_metadata": True}
+        if "return_alphas" in loader.__code__.co_varnames:
+            kwargs["return_alphas"] = True
+        out = loader(str(file), **kwargs)
+    except Exception as e:
+        raise InputError(f"could not read LoRA {file.name}: {first_line(e)}",
+                         "pass a LoRA in a format diffusers reads for this pipeline") from None
+    out = list(out) if isinstance(out, tuple) else [out]
+    state_dict = out[0]
+    alphas = next((o for o in out[1:] if isinstance(o, dict) and any(k.endswith("alpha") for k in o)), None) or {}
+    metadata = next((o for o in out[1:] if isinstance(o, dict) and o is not alphas and o), None) or {}
+    meta = metadata.get(component, metadata) if isinstance(metadata, dict) else {}
+    if isinstance(meta, str):
+        meta = json.loads(meta)
+    prefix = f"{component}."
+    others = sorted({k.split(".", 1)[0] for k in state_dict if not k.startswith(prefix)})
+    if others:
+        raise InputError(f"LoRA {file.name} also changes {', '.join(others)}; aotpack fuses {component} LoRAs only",
+                         f"keep only the {component} keys in the file")
+    alphas = {**{k: v for k, v in state_dict.items() if k.endswith(".alpha")}, **alphas}
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, value in state_dict.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}.weight"
+            if key.endswith(marker):
+                pairs.setdefault(key[len(prefix):-len(marker)], {})[part] = value
+    if not pairs:
+        raise InputError(f"LoRA {file.name} holds no lora_A/lora_B weights", "check the file")
+    first_rank = None
+    lora = Lora(path=str(file), sha256=sha256_file(file), scale=scale)
+    for module, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise InputError(f"LoRA {file.name}: {module} lacks lora_A or lora_B", "check the file")
+        rank = ab["lora_A"].shape[0]
+        first_rank = first_rank or rank
+        alpha = alphas.get(f"{prefix}{module}.alpha", alphas.get(f"{module}.alpha"))
+        if alpha is None:
+            alpha = (meta.get("alpha_pattern") or {}).get(module, meta.get("lora_alpha", first_rank))
+        alpha = float(alpha.item() if isinstance(alpha, torch.Tensor) else alpha)
+        lora.deltas[f"{module}.weight"] = (ab["lora_A"], ab["lora_B"], alpha / rank)
+    return lora
+
+
+def skeleton(config: dict, *, fuse_qkv: bool = False) -> Any:
+    """The component built from its config on the meta device (buffers are real: they are not all saved)."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    cls = getattr(diffusers, config.get("_class_name", ""), None)
+    if cls is None:
+        raise BuildError(f"diffusers has no model class {config.get('_class_name')!r}", "upgrade diffusers")
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config)
+    if fuse_qkv:
+        if not hasattr(model, "fuse_qkv_projections"):
+            raise InputError(f"{cls.__name__} cannot fuse its attention projections", "build without --fuse-qkv")
+        model.fuse_qkv_projections()  # on meta: only the structure (and the attention processors) change
+    return model.eval()
+
+
+def units(model: Any) -> Iterator[tuple[str, Any]]:
+    """(prefix, module) for each unit streamed at once: every block of a ModuleList, every other child."""
+    import torch
+
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            for i, block in enumerate(child):
+                yield f"{name}.{i}.", block
+        else:
+            yield f"{name}.", child
+    if any(True for _ in model.named_parameters(recurse=False)):
+        raise BuildError(f"{type(model).__name__} holds parameters outside its submodules", "not supported yet")
+
+
+def _keep_fp32(model: Any, name: str) -> bool:
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    return any(k in name.split(".") for k in keep)
+
+
+def materialize(
+    model: Any,
+    reader: CheckpointReader,
+    *,
+    dtype: Any,
+    device: str,
+    quantize_unit: Callable[[Any], None] | None = None,  # called on each nn.Linear once it is filled
+    lora: Lora | None = None,
+    only: set[str] | None = None,
+) -> list[str]:
+    """Fill ``model``'s meta parameters from ``reader``, quantizing each linear as soon as it is read.
+
+    ``only``: unit prefixes to fill (a LoRA swap); the others stay on meta. Returns the prefixes filled.
+    """
+    import torch
+
+    def value(name: str) -> torch.Tensor:
+        module, _, leaf = name.rpartition(".")
+        parent, _, attr = module.rpartition(".")
+        if name in reader:
+            t = reader.get(name)
+        elif attr in FUSED and leaf in ("weight", "bias"):
+            parts = [f"{parent}.{p}.{leaf}" if parent else f"{p}.{leaf}" for p in FUSED[attr]]
+            t = torch.cat([value(p) for p in parts])
+            return t  # each part already carries its LoRA delta
+        else:
+            raise BuildError(f"the checkpoint has no weight {name}",
+                             "the checkpoint does not match the recipe's model class")
+        t = t.to(torch.float32 if _keep_fp32(model, name) else dtype)
+        return lora.apply(name, t) if lora is not None else t
+
+    done = []
+    for prefix, unit in units(model):
+        if only is not None and prefix not in only:
+            continue
+        # Leaf by leaf: each linear is quantized as soon as it is read, so at most one high-precision
+        # weight is alive at a time (fused projections and LoRA deltas are made from the reader per weight).
+        for local, module in unit.named_modules():
+            direct = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+            if not direct:
+                continue
+            base = prefix + (f"{local}." if local else "")
+            for leaf, param in list(module.named_parameters(recurse=False)):
+                t = value(base + leaf).to(device)
+                if t.shape != param.shape:
+                    raise BuildError(f"checkpoint weight {base + leaf} is {list(t.shape)}, the model expects "
+                                     f"{list(param.shape)}", "the checkpoint does not match its config")
+                module._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
+            for leaf, buf in list(module.named_buffers(recurse=False)):
+                if base + leaf in reader:
+                    buf = reader.get(base + leaf)
+                if buf.is_floating_point() and not _keep_fp32(model, base + leaf):
+                    buf = buf.to(dtype)
+                module._buffers[leaf] = buf.to(device)
+            if quantize_unit is not None and isinstance(module, torch.nn.Linear):
+                quantize_unit(module)
+        done.append(prefix)
+    if lora is not None:
+        names = {n for n, _ in model.named_parameters()}
+        unknown = sorted(k for k in lora.deltas if k not in names and k.rsplit(".", 1)[0] not in _unfused(model))
+        if unknown:
+            raise InputError(f"LoRA {Path(lora.path).name} targets weights this model does not have: {unknown[:3]}",
+                             "this LoRA was trained for another model")
+    return done
+
+
+def _unfused(model: Any) -> set[str]:
+    """Module names whose weights live on inside a fused projection."""
+    out = set()
+    for name, module in model.named_modules():
+        for fused, parts in FUSED.items():
+            if getattr(module, fused, None) is not None:
+                out.update(f"{name}.{p}" if name else p for p in parts)
+    return out
+
+
+def touched_units(model: Any, lora: Lora) -> set[str]:
+    """The unit prefixes a LoRA changes."""
+    prefixes = [p for p, _ in units(model)]
+    out = set()
+    for key in lora.deltas:
+        match = [p for p in prefixes if key.startswith(p)]
+        if not match:
+            raise InputError(f"LoRA {Path(lora.path).name} targets {key}, which this model does not have",
+                             "this LoRA was trained for another model")
+        out.add(max(match, key=len))
+    return out
