@@ -50,7 +50,7 @@ class AotModule(torch.nn.Module):
         """Swap in weights with the LoRA ``lora`` fused at ``scale`` - no recompile; ``None`` restores the
         artifact's own weights. Returns the seconds it took.
 
-        The blocks the LoRA touches are read again in high precision from the checkpoint the artifact was
+        The linears the LoRA touches are read again in high precision from the checkpoint the artifact was
         built from, the LoRA is fused, they are quantized with the artifact's scheme (as a build with
         ``--lora`` would), and the compiled module's constants are swapped in one call.
         """
@@ -72,7 +72,7 @@ class AotModule(torch.nn.Module):
         from .models import torch_dtype
         from .run import source_of
         from .schemes import get_scheme, quantize, torchao_config
-        from .weights import CheckpointReader, component_folder, materialize, read_lora, skeleton, touched_units
+        from .weights import CheckpointReader, component_folder, materialize, read_lora, skeleton, touched_modules
 
         m = self.manifest
         if m.get("lora"):
@@ -85,27 +85,29 @@ class AotModule(torch.nn.Module):
         model = skeleton(dict(m["model"]["config"]), fuse_qkv=(m.get("options") or {}).get("fuse_qkv", False))
         scheme = get_scheme(m["scheme"]["name"])
         config = torchao_config(scheme)
-        only = touched_units(model, lora)
+        only = touched_modules(model, lora)
         with torch.no_grad():
             materialize(model, CheckpointReader(folder), dtype=torch_dtype(m["dtype"]), device=str(self._device),
                         quantize_unit=(lambda unit: quantize(unit, scheme, config)) if config else None,
                         lora=lora, only=only)
         new = dict(self._base_weights)
         replaced = 0
-        for prefix in sorted(only):
-            unit = model.get_submodule(prefix.rstrip("."))
+        for module_name in sorted(only):
+            leaf = model.get_submodule(module_name)
             if config is not None:
                 from torchao.utils import unwrap_tensor_subclass
 
-                unwrap_tensor_subclass(unit)
-            for key, value in unit.state_dict().items():
-                name = f"component.{prefix}{key}"
-                if name not in new:
-                    continue  # not a compiled constant (e.g. a projection that lives on fused)
-                old = new[name]
-                if old.dtype != value.dtype or old.shape != value.shape:
-                    raise InputError(f"LoRA weights for {name} are {value.dtype} {list(value.shape)}, the artifact "
-                                     f"holds {old.dtype} {list(old.shape)}", "rebuild the artifact with this aotpack")
+                holder = torch.nn.Module()  # unwrap_tensor_subclass works on a module's children
+                holder.add_module("leaf", leaf)
+                unwrap_tensor_subclass(holder)
+            fresh = {f"component.{module_name}.{k}": v for k, v in leaf.state_dict().items()}
+            held = [n for n in new if n.startswith(f"component.{module_name}.")]
+            for name in held:  # every constant of the module gets its new value (unused ones were compiled away)
+                value, old = fresh.get(name), new[name]
+                if value is None or old.dtype != value.dtype or old.shape != value.shape:
+                    got = "nothing" if value is None else f"{value.dtype} {list(value.shape)}"
+                    raise InputError(f"the LoRA swap makes {got} for {name}, the artifact holds {old.dtype} "
+                                     f"{list(old.shape)}", "rebuild the artifact with this aotpack")
                 new[name] = value.detach().contiguous()
                 replaced += 1
         if not replaced:

@@ -5,9 +5,8 @@ weights are read from disk one by one; each gets its LoRA delta (and, for fused 
 in high precision, and each linear is quantized before the next is read. Peak memory is the quantized weights
 plus one high-precision weight.
 
-The same code makes new weights for a LoRA swap at load time (only the blocks - entries of
-``transformer_blocks`` etc. - the LoRA touches), so the swapped constants are exactly what a build with that
-LoRA would have produced.
+The same code makes new weights for a LoRA swap at load time (only the linears the LoRA touches), so the
+swapped constants are exactly what a build with that LoRA would have produced.
 """
 
 from __future__ import annotations
@@ -270,7 +269,7 @@ def materialize(
 ) -> list[str]:
     """Fill ``model``'s meta parameters from ``reader``, quantizing each linear as soon as it is read.
 
-    ``only``: unit prefixes to fill (a LoRA swap); the others stay on meta. Returns the prefixes filled.
+    ``only``: names of the modules to fill (a LoRA swap); the others stay on meta. Returns the modules filled.
     """
     import torch
 
@@ -291,15 +290,13 @@ def materialize(
 
     done = []
     for prefix, unit in units(model):
-        if only is not None and prefix not in only:
-            continue
         # Leaf by leaf: each linear is quantized as soon as it is read, so at most one high-precision
         # weight is alive at a time (fused projections and LoRA deltas are made from the reader per weight).
         for local, module in unit.named_modules():
             direct = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-            if not direct:
-                continue
             base = prefix + (f"{local}." if local else "")
+            if not direct or (only is not None and base.rstrip(".") not in only):
+                continue
             for leaf, param in list(module.named_parameters(recurse=False)):
                 t = value(base + leaf).to(device)
                 if t.shape != param.shape:
@@ -314,7 +311,7 @@ def materialize(
                 module._buffers[leaf] = buf.to(device)
             if quantize_unit is not None and isinstance(module, torch.nn.Linear):
                 quantize_unit(module)
-        done.append(prefix)
+            done.append(base.rstrip("."))
     if lora is not None:
         names = {n for n, _ in model.named_parameters()}
         unknown = sorted(k for k in lora.deltas if k not in names and k.rsplit(".", 1)[0] not in _unfused(model))
@@ -334,14 +331,17 @@ def _unfused(model: Any) -> set[str]:
     return out
 
 
-def touched_units(model: Any, lora: Lora) -> set[str]:
-    """The unit prefixes a LoRA changes."""
-    prefixes = [p for p, _ in units(model)]
+def touched_modules(model: Any, lora: Lora) -> set[str]:
+    """The modules whose weights a LoRA changes: its targets, or the fused projections that hold them."""
+    names = dict(model.named_modules())
     out = set()
     for key in lora.deltas:
-        match = [p for p in prefixes if key.startswith(p)]
-        if not match:
+        module = key.rsplit(".", 1)[0]
+        parent, _, attr = module.rpartition(".")
+        fused = [f"{parent}.{f}" if parent else f for f, parts in FUSED.items()
+                 if attr in parts and getattr(names.get(parent), f, None) is not None]
+        if module not in names and not fused:
             raise InputError(f"LoRA {Path(lora.path).name} targets {key}, which this model does not have",
                              "this LoRA was trained for another model")
-        out.add(max(match, key=len))
+        out.update(fused or [module])
     return out
