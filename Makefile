@@ -28,6 +28,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Real-width side-by-side bench (eager / torch.compile / compile + portable cache / aotpack): ~10 minutes
+# on 2 cores; results in artifacts/bench/flux-blocks-<platform>/ (results.md, .csv, .json, .png).
+bench: install
+	$(BIN)/aotpack bench flux-blocks --quant none --quant int8wo
+
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 

@@ -57,9 +57,53 @@ def verify_files(folder: Path, files: dict[str, dict], names: tuple[str, ...] = 
                 f"{name} is {size} bytes, the manifest says {entry['size']} (truncated or replaced)",
                 "download or build the artifact again",
             )
+        if verified_before(path, entry["sha256"]):
+            continue
         if sha256_file(path) != entry["sha256"]:
             raise IntegrityError(f"{name} does not match its sha256 in the manifest (corrupted or tampered)",
                                  "download or build the artifact again; do not load it")
+        remember_verified(path, entry["sha256"])
+
+
+# A file hashed once is not hashed again while its identity is unchanged: device, inode, size, mtime and
+# ctime (which no user-space call can set back, and which any write, rename into place or utime changes).
+# The record lives in AOTPACK_CACHE/verified/, one small JSON file per path. AOTPACK_VERIFY=full ignores it.
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _record(path: Path) -> Path:
+    from .tiny import cache_dir
+
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+    return cache_dir() / "verified" / f"{key}.json"
+
+
+def verified_before(path: Path, sha256: str) -> bool:
+    import json
+
+    if os.environ.get("AOTPACK_VERIFY") == "full":
+        return False
+    try:
+        data = json.loads(_record(path).read_text())
+        return data == {"path": str(path.resolve()), "stamp": _stamp(path), "sha256": sha256}
+    except (OSError, ValueError):
+        return False
+
+
+def remember_verified(path: Path, sha256: str) -> None:
+    import json
+
+    rec = _record(path)
+    try:
+        rec.parent.mkdir(parents=True, exist_ok=True)
+        tmp = rec.with_name(f".{rec.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"path": str(path.resolve()), "stamp": _stamp(path), "sha256": sha256}))
+        os.replace(tmp, rec)
+    except OSError:  # a read-only cache only costs the hash next time
+        pass
 
 
 def _is_artifact(path: Path) -> bool:

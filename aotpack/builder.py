@@ -13,7 +13,7 @@ from . import artifact, manifest as mf
 from .errors import BuildError, RecipeError
 from .platform import describe, default_device, tag
 from .recipe import DTYPES, get_recipe
-from .schemes import check_scheme, config_to_json, quantize, torchao_config
+from .schemes import check_scheme, config_to_json, get_scheme, quantize, torchao_config
 from .stages import peak_rss_bytes, stage
 
 log = logging.getLogger("aotpack")
@@ -40,6 +40,10 @@ def build(
     quantize_text_encoder: str | None = None,
     quantize_vae: str | None = None,
     compile_vae: bool = False,
+    plan: str | None = None,
+    error_budget: float | None = None,
+    reuse: str | os.PathLike | None = None,
+    max_autotune: bool = False,
 ) -> Path:
     """Build an artifact folder and return its path. Every check that needs no model runs first.
 
@@ -48,13 +52,30 @@ def build(
     ``quantize_text_encoder`` / ``quantize_vae``: schemes applied to those components when the artifact is
     loaded into its pipeline (they stay eager) - or, for the VAE with ``compile_vae``, compiled in.
     ``compile_vae``: the VAE decoder becomes a second compiled module in the artifact.
+    ``quant="auto"``: a per-layer plan (fastest scheme within ``error_budget``), stored as plan.json;
+    ``plan``: rebuild from a saved plan.json without timing again (implies ``quant="auto"``).
+    ``reuse``: an artifact whose compiled code may be taken instead of compiling, if its compile key (graph,
+    shapes, settings, platform) equals this build's - e.g. the same model with other weights or a LoRA.
     """
     r = get_recipe(recipe, variant)
+    if plan is not None:
+        if quant not in (None, "auto"):
+            raise RecipeError(f"--plan and --quant {quant} contradict each other", "leave --quant out with --plan")
+        quant = "auto"
     quant = quant or r.default_quant
     device = device or default_device()
     here = describe(device)
     cap = tuple(int(x) for x in here["cuda_capability"].split(".")) if here["cuda_capability"] else None
-    scheme = check_scheme(quant, device, cap)
+    plan_data = None
+    if quant == "auto":
+        from .autoquant import read_plan
+
+        scheme = None
+        plan_data = read_plan(plan, device, cap) if plan is not None else None
+        if error_budget is not None and not 0 <= error_budget < 1:
+            raise RecipeError(f"--error-budget {error_budget} must be in [0, 1)", "e.g. --error-budget 0.05")
+    else:
+        scheme = check_scheme(quant, device, cap)
     dtype = dtype or r.dtype
     if dtype not in DTYPES:
         raise RecipeError(f"unknown dtype '{dtype}'", f"choose one of: {', '.join(DTYPES)}")
@@ -78,26 +99,49 @@ def build(
                           "leave --compile-vae out (the VAE then runs eager)")
     options = {"fuse_qkv": bool(fuse_qkv), "quantize_text_encoder": quantize_text_encoder,
                "quantize_vae": quantize_vae, "compile_vae": bool(compile_vae)}
+    if max_autotune:  # recorded only when set: older manifests compare equal
+        options["max_autotune"] = True
+    reuse_map = _reusable(reuse) if reuse is not None else None
     source = resolve_source(r, model, device)
     final = Path(out) if out else default_out(r.full_name, quant, tag(here), artifacts_dir)
     artifact.check_output(final.absolute(), overwrite=overwrite)
 
     try:
-        return _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lora, lora_scale)
+        return _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lora, lora_scale,
+                      plan_data, error_budget, reuse_map)
     except OSError as e:  # disk full, permissions, ...: the partial folder is already gone
         where = f" ({e.filename})" if e.filename else ""
         raise BuildError(f"could not write the artifact: {e.strerror or e}{where}",
                          "free disk space or choose another --out, then build again") from None
 
 
-def _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lora_path, lora_scale) -> Path:
+def _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lora_path, lora_scale, plan_data,
+           error_budget, reuse) -> Path:
     import torch
 
     from .models import load_pipeline, torch_dtype
     from .weights import CheckpointReader, component_folder, materialize, read_lora, skeleton
 
     timings: dict[str, float] = {}
-    config_obj = torchao_config(scheme)
+    config_obj = torchao_config(scheme) if scheme is not None else None
+    planner = None
+    if quant != "auto":
+        quantize_unit = (lambda name, linear: quantize(linear, scheme, config_obj)) if config_obj else None
+    elif plan_data is not None:
+        from .autoquant import plan_quantizer
+
+        quantize_unit = plan_quantizer(plan_data)
+    else:
+        from .autoquant import DEFAULT_BUDGET, Planner
+
+        cap = tuple(int(x) for x in here["cuda_capability"].split(".")) if here["cuda_capability"] else None
+        planner = Planner(here["device"], _tokens(r), torch_dtype(dtype), budget=error_budget or DEFAULT_BUDGET,
+                          cap=cap)
+
+        def quantize_unit(name, linear):
+            chosen = get_scheme(planner.choose(name, linear))
+            if chosen.make_config is not None:
+                quantize(linear, chosen, torchao_config(chosen))
     with artifact.atomic_folder(final, overwrite=overwrite) as tmp, torch.no_grad():
         with stage("load", timings):  # everything but the component, which is streamed below
             pipe = load_pipeline(r, source, dtype=dtype, with_component=False)
@@ -111,8 +155,14 @@ def _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lor
             if lora_path is not None:
                 lora = read_lora(lora_path, type(pipe), r.component, scale=lora_scale)
             materialize(component, CheckpointReader(folder), dtype=torch_dtype(dtype), device=here["device"],
-                        quantize_unit=(lambda unit: quantize(unit, scheme, config_obj)) if config_obj else None,
-                        lora=lora)
+                        quantize_unit=quantize_unit, lora=lora)
+            if quant == "auto":
+                from .autoquant import PLAN_FILE, check_plan_covers
+
+                linears = {n for n, m in component.named_modules() if isinstance(m, torch.nn.Linear)}
+                plan_data = plan_data if plan_data is not None else planner.plan()
+                check_plan_covers(plan_data, linears)
+                (tmp / PLAN_FILE).write_text(json.dumps(plan_data, indent=1, sort_keys=True) + "\n")
             setattr(pipe, r.component, component)
         with stage("capture", timings):
             from .capture import capture_inputs
@@ -126,13 +176,13 @@ def _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lor
         wrapper = wrap(component)
         with stage("reference", timings):
             quantized_ref = wrapper(example)
-            if config_obj is not None:
+            if config_obj is not None or quant == "auto":
                 from torchao.utils import unwrap_tensor_subclass
 
                 unwrap_tensor_subclass(wrapper)
         with stage("export", timings):
             ep = export_component(wrapper, example, r)
-        from .compile import compile_package, constant_values, constants_signature
+        from .compile import compile_cached, constant_values, constants_signature, open_package
 
         metadata = {
             "aotpack.version": __version__,
@@ -141,11 +191,13 @@ def _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lor
             "aotpack.constants": constants_signature({**ep.state_dict, **ep.constants}),
         }
         with stage("compile", timings):
-            compile_package(ep, tmp / artifact.MODEL, metadata=metadata)
+            key, compiled_how = compile_cached(ep, tmp / artifact.MODEL, metadata=metadata, reuse=reuse,
+                                               max_autotune=options.get("max_autotune", False))
+        log.info("model.pt2: %s", compiled_how)
         with stage("save weights", timings):
             from safetensors.torch import save_file
 
-            compiled = torch._inductor.aoti_load_package(str(tmp / artifact.MODEL))
+            compiled = open_package(tmp / artifact.MODEL)
             constants = constant_values(ep, compiled.get_constant_fqns())
             save_file(constants, str(tmp / artifact.WEIGHTS))
         with stage("verify", timings):
@@ -157,7 +209,8 @@ def _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lor
         modules = {}
         if vae is not None:
             del compiled, constants
-            modules["vae_decoder"] = _compile_vae(vae, r, options["quantize_vae"], here, tmp, timings)
+            modules["vae_decoder"] = _compile_vae(vae, r, options["quantize_vae"], here, tmp, timings,
+                                                  options.get("max_autotune", False))
         data = {
             "schema_version": mf.SCHEMA_VERSION,
             "aotpack_version": __version__,
@@ -184,12 +237,17 @@ def _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lor
                 "max_abs_error": max_abs_error,
                 # the unquantized component is never whole in memory, so its output is not known here
                 "quant_abs_error": None,
+                "compile_key": key,
+                "compiled": compiled_how,
             },
             "options": options,
             "lora": lora.describe() if lora is not None else None,
             "modules": modules,
+            "plan": _plan_summary(plan_data) if plan_data is not None else None,
         }
         (tmp / mf.MANIFEST).write_text(mf.dumps(data))
+    for name, entry in data["files"].items():  # hashed just now by this build: the first load need not
+        artifact.remember_verified(final / name, entry["sha256"])
     log.info("artifact written to %s", final)
     return final
 
@@ -197,12 +255,39 @@ def _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lor
 VAE_MODEL, VAE_WEIGHTS = "vae_decoder.pt2", "vae_decoder.safetensors"
 
 
-def _compile_vae(vae, r, quant, here, tmp: Path, timings: dict) -> dict:
+def _reusable(folder: str | os.PathLike) -> dict[str, Path]:
+    """{compile key: model.pt2} of a verified artifact (every file's sha256 checked: it is native code)."""
+    folder = Path(folder)
+    data = mf.read(folder)
+    artifact.verify_files(folder, data["files"])
+    key = data["build"].get("compile_key")
+    if not key:
+        raise RecipeError(f"{folder} records no compile key (built by an older aotpack)",
+                          "build without --reuse")
+    return {key: folder / artifact.MODEL}
+
+
+def _plan_summary(plan_data: dict) -> dict:
+    from .autoquant import summary
+
+    return summary(plan_data)
+
+
+def _tokens(r) -> int:
+    """Rows of the activations a linear sees in the recipe's capture call (image or video tokens + text)."""
+    cap, m = r.capture, r.multiple
+    tokens = (cap["height"] // m) * (cap["width"] // m)
+    if r.is_video:
+        tokens *= r.latent_frames(cap["frames"])
+    return tokens + r.max_sequence_length
+
+
+def _compile_vae(vae, r, quant, here, tmp: Path, timings: dict, max_autotune: bool = False) -> dict:
     """Export and compile the VAE's decoder (optionally quantized) next to the component; its manifest entry."""
     import torch
     from safetensors.torch import save_file
 
-    from .compile import compile_package, constant_values, constants_signature
+    from .compile import compile_cached, constant_values, constants_signature, open_package
     from .export import decoder_inputs, export_dynamic, tensor_specs, wrap_decoder
 
     dtype = next(vae.parameters()).dtype
@@ -219,10 +304,10 @@ def _compile_vae(vae, r, quant, here, tmp: Path, timings: dict) -> dict:
         else:
             reference = wrapper(example)
         ep = export_dynamic(wrapper, example, ranges, table)
-        compile_package(ep, tmp / VAE_MODEL, metadata={
+        compile_cached(ep, tmp / VAE_MODEL, metadata={
             "aotpack.version": __version__, "aotpack.module": "vae_decoder",
-            "aotpack.constants": constants_signature({**ep.state_dict, **ep.constants})})
-        compiled = torch._inductor.aoti_load_package(str(tmp / VAE_MODEL))
+            "aotpack.constants": constants_signature({**ep.state_dict, **ep.constants})}, max_autotune=max_autotune)
+        compiled = open_package(tmp / VAE_MODEL)
         constants = constant_values(ep, compiled.get_constant_fqns())
         save_file(constants, str(tmp / VAE_WEIGHTS))
         compiled.load_constants(constants, check_full_update=True, user_managed=True)

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import click
 
@@ -147,7 +148,12 @@ def schemes() -> None:
 
 @cli.command()
 @click.argument("recipe")
-@click.option("--quant", "quant", default=None, help="Quantization scheme (default: the recipe's).")
+@click.option("--quant", "quant", default=None,
+              help="Quantization scheme (default: the recipe's); 'auto' picks one per layer (see --error-budget).")
+@click.option("--plan", type=click.Path(), default=None,
+              help="Rebuild from the plan.json of an earlier --quant auto build, without timing again.")
+@click.option("--error-budget", type=float, default=None,
+              help="--quant auto: the largest relative output error a layer may get (default 0.05).")
 @click.option("--out", type=click.Path(), default=None, help="The artifact folder itself (default: artifacts/<recipe>-<scheme>-<platform>).")
 @click.option("--model", default=None, help="A local diffusers folder or Hub id instead of the recipe's checkpoint.")
 @click.option("--variant", default=None, help="A recipe variant, e.g. 'schnell' for flux.")
@@ -162,8 +168,13 @@ def schemes() -> None:
 @click.option("--quantize-vae", default=None, metavar="SCHEME",
               help="Quantize the VAE with SCHEME (compiled in with --compile-vae, else applied at load).")
 @click.option("--compile-vae", is_flag=True, help="Compile the VAE decoder too, as a second module in the artifact.")
-def build(recipe, quant, out, model, variant, dtype, overwrite, lora, lora_scale, fuse_qkv, quantize_text_encoder,
-          quantize_vae, compile_vae) -> None:
+@click.option("--max-autotune", is_flag=True,
+              help="Let inductor benchmark kernel choices while compiling (GPU; slow). The tuned code is the .pt2.")
+@click.option("--reuse", type=click.Path(), default=None,
+              help="Take the compiled code of this artifact instead of compiling, when the graph is the same "
+                   "(e.g. other weights or a LoRA).")
+def build(recipe, quant, plan, error_budget, out, model, variant, dtype, overwrite, lora, lora_scale, fuse_qkv,
+          quantize_text_encoder, quantize_vae, compile_vae, max_autotune, reuse) -> None:
     """Quantize, export and compile RECIPE into an artifact folder; prints its path.
 
     \b
@@ -175,13 +186,16 @@ def build(recipe, quant, out, model, variant, dtype, overwrite, lora, lora_scale
       aotpack build flux --model ./my-flux-dir --quant int8wo --dtype float32
       aotpack build tiny-cogvideox --quant int8wo
       aotpack build tiny-flux --lora my-style.safetensors --lora-scale 0.8 --fuse-qkv
+      aotpack build flux-blocks --quant auto --error-budget 0.02
+      aotpack build flux-blocks --plan artifacts/flux-blocks-auto-cpu-x86_64-avx512/plan.json --out again
     """
     from .builder import build as build_artifact
 
     path = build_artifact(recipe, quant, out=out, model=model, variant=variant, dtype=dtype, overwrite=overwrite,
                           lora=lora, lora_scale=lora_scale, fuse_qkv=fuse_qkv,
                           quantize_text_encoder=quantize_text_encoder, quantize_vae=quantize_vae,
-                          compile_vae=compile_vae)
+                          compile_vae=compile_vae, plan=plan, error_budget=error_budget, reuse=reuse,
+                          max_autotune=max_autotune)
     click.echo(str(path))
 
 
@@ -216,7 +230,11 @@ def inspect(artifact, as_json) -> None:
 @click.option("--guidance-scale", type=float, default=None)
 @click.option("--revision", default=None, help="For a Hub repo id: the tag or commit to load.")
 @click.option("--trust", is_flag=True, help="For a Hub repo id: accept a branch.")
-def run(artifact, prompt, out, frames, height, width, steps, seed, guidance_scale, revision, trust) -> None:
+@click.option("--lora", type=click.Path(), default=None, help="Swap this LoRA .safetensors in (no recompile).")
+@click.option("--lora-scale", type=float, default=1.0, show_default=True)
+@click.option("--cuda-graphs", is_flag=True, help="Replay the compiled module as CUDA graphs (CUDA artifacts).")
+def run(artifact, prompt, out, frames, height, width, steps, seed, guidance_scale, revision, trust, lora, lora_scale,
+        cuda_graphs) -> None:
     """Generate an image (or a video) with an artifact dropped into its diffusers pipeline; prints the file
     written.
 
@@ -226,10 +244,15 @@ def run(artifact, prompt, out, frames, height, width, steps, seed, guidance_scal
       aotpack run my-artifact --prompt "a cat" --height 256 --width 256 --steps 8 --seed 1
       aotpack run me/tiny-flux-aot --revision v1 --prompt "a cat" --out cat.png
       aotpack run artifacts/tiny-cogvideox-int8wo-cpu-x86_64-avx512 --prompt "a cat" --frames 13 --out cat.mp4
+      aotpack run my-artifact --prompt "a cat" --lora style.safetensors --lora-scale 0.8
     """
     from .run import run as run_artifact
 
     extra = {"revision": revision, "trust": trust} if (revision or trust) else {}
+    if lora:
+        extra.update(lora=lora, lora_scale=lora_scale)
+    if cuda_graphs:
+        extra["cuda_graphs"] = True
     path = run_artifact(artifact, prompt=prompt, out=out, height=height, width=width, steps=steps, seed=seed,
                         guidance_scale=guidance_scale, frames=frames, **extra)
     click.echo(str(path))
@@ -282,6 +305,38 @@ def pull(repo_id, revision, quant, trust, token) -> None:
     from .hub import pull as pull_build
 
     click.echo(str(pull_build(repo_id, revision=revision, quant=quant, token=token, trust=trust)))
+
+
+@cli.command()
+@click.argument("recipe")
+@click.option("--quant", "quants", multiple=True, help="Scheme(s) to compare (repeatable; default: none and the recipe's).")
+@click.option("--variant", default=None, help="A recipe variant.")
+@click.option("--steps", type=int, default=None, help="Denoising steps per image (default: the recipe's run steps).")
+@click.option("--images", type=int, default=2, show_default=True, help="Images after the first, for steady latency.")
+@click.option("--out", type=click.Path(), default=None,
+              help="Results folder (default: artifacts/bench/<recipe>-<platform>).")
+@click.option("--max-autotune", is_flag=True, help="torch.compile with mode='max-autotune' (GPU).")
+def bench(recipe, quants, variant, steps, images, out, max_autotune) -> None:
+    """Compare eager, torch.compile (cold), torch.compile + its portable cache and the aotpack artifact.
+
+    Each variant runs in a fresh process with the checkpoint and artifact evicted from the page cache and an
+    empty compiler cache. Writes results.md (table), results.csv, results.json and results.png; prints the
+    folder. Artifacts are built first when missing (into artifacts/).
+
+    \b
+    Examples:
+      aotpack bench tiny-flux --quant int8wo
+      aotpack bench flux-blocks --quant none --quant int8wo      # real width: what `make bench` runs
+    """
+    from .bench import run_bench
+    from .platform import describe, tag
+    from .recipe import get_recipe
+
+    r = get_recipe(recipe, variant)
+    quants = list(quants) or list(dict.fromkeys(["none", r.default_quant]))
+    folder = Path(out) if out else Path("artifacts") / "bench" / f"{r.full_name}-{tag(describe())}"
+    click.echo(str(run_bench(recipe, quants, out=folder, steps=steps, images=images, variant=variant,
+                             max_autotune=max_autotune)))
 
 
 def main() -> None:

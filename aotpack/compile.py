@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,78 @@ def compile_package(ep: Any, path: Path, *, metadata: dict[str, str], max_autotu
         raise BuildError(f"AOTInductor compile failed: {type(e).__name__}: {first[:300]}",
                          "set AOTPACK_DEBUG=1 for the full trace") from e
     return Path(out)
+
+
+def compile_key(ep: Any, configs: dict[str, Any]) -> str:
+    """What the compiled code depends on: the exported graph and its signature, the dynamic ranges, the
+    constants' names, dtypes and shapes (not their values: they stay outside the code), the compiler's
+    settings, torch and the CPU/GPU it targets. Equal keys, interchangeable .pt2 files."""
+    import hashlib
+
+    import torch
+
+    from .platform import describe, tag
+
+    parts = [
+        ep.graph_module.code,
+        str(ep.graph_signature),
+        repr(sorted((str(k), str(v)) for k, v in ep.range_constraints.items())),
+        constants_signature({**ep.state_dict, **ep.constants}),
+        json.dumps(configs, sort_keys=True, default=str),
+        torch.__version__,
+        tag(describe()),
+    ]
+    return hashlib.sha256("\n\0".join(parts).encode()).hexdigest()
+
+
+def compile_cached(ep: Any, path: Path, *, metadata: dict[str, str], max_autotune: bool = False,
+                   reuse: dict[str, Path] | None = None) -> tuple[str, str]:
+    """``compile_package`` unless an identical compile exists; returns (key, where it came from).
+
+    Looks in ``reuse`` ({key: .pt2} of verified artifacts, e.g. a pulled build) and then in
+    ``AOTPACK_CACHE/compiled/``; a fresh compile is stored there. Rebuilding with other weights of the same
+    architecture (a LoRA, a fine-tune) then costs no compile: weights are not part of the code.
+    """
+    import shutil
+
+    from .tiny import cache_dir
+
+    configs = {"package_constants_in_so": False, "metadata": metadata, "max_autotune": max_autotune}
+    key = compile_key(ep, configs)
+    cached = cache_dir() / "compiled" / f"{key}.pt2"
+    given = (reuse or {}).get(key)
+    for source, label in ((given, f"reused from {given.parent if given else ''}"), (cached, "compile cache")):
+        if source is not None and source.is_file():
+            shutil.copyfile(source, path)
+            return key, label
+    compile_package(ep, path, metadata=metadata, max_autotune=max_autotune)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, cached)
+    except OSError:  # a full or read-only cache only costs the next compile
+        pass
+    return key, "compiled"
+
+
+def open_package(path: str | Path) -> Any:
+    """Open a .pt2's compiled model (no constants yet: they come from weights.safetensors).
+
+    Like ``torch._inductor.aoti_load_package``, minus its device-information check, which only logs a warning
+    and to get there has inductor compile and run CPU-ISA test programs: 1 s on a warm compiler cache and
+    6 s on a cold one, the dominant cost of a cold start. aotpack checks the platform from the manifest
+    (CPU flags, GPU capability, versions) before it opens the package.
+    """
+    import torch
+
+    try:
+        from torch.export.pt2_archive._package import AOTICompiledModel
+
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    except (ImportError, AttributeError):  # another torch: the public loader
+        return torch._inductor.aoti_load_package(str(path))
+    return AOTICompiledModel(loader)
 
 
 def constants_signature(tensors: dict[str, Any]) -> str:

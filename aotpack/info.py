@@ -49,6 +49,10 @@ def summarize(data: dict) -> str:
     if data.get("lora"):
         lines.append(f"lora        {data['lora']['file']} at scale {data['lora']['scale']} "
                      f"({data['lora']['modules']} modules, sha256 {data['lora']['sha256'][:16]}...)")
+    if data.get("plan"):
+        plan = data["plan"]
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(plan["counts"].items()))
+        lines.append(f"plan        {plan['file']}: {counts} layers (error budget {plan['budget']})")
     for name, mod in (data.get("modules") or {}).items():
         lines.append(f"module      {name}: {mod['model']} + {mod['weights']}")
     return "\n".join(lines)

@@ -40,7 +40,8 @@ SCHEMA: dict[str, Any] = {
     },
     "files": dict,
     "build": {"date": str, "stages": dict, "peak_rss_bytes": int, "max_abs_error": (float, int),
-              "quant_abs_error": (float, int, type(None))},
+              "quant_abs_error": (float, int, type(None)),
+              "compile_key": Optional_(str), "compiled": Optional_(str)},
     # build options (fused projections, quantized side components, ...), a LoRA fused at build time,
     # extra compiled modules (the VAE decoder) and the per-layer quantization plan
     "options": Optional_(dict),
@@ -113,6 +114,10 @@ def validate(data: Any) -> dict:
                     and all(isinstance(d, str) and d in dims for d in rel["product"])
                     and type(rel["divisor"]) is int and rel["divisor"] >= 1):
                 problems.append(f"inputs.relations[{i}] must be {{dim, product: [dims], divisor: int >= 1}}")
+    plat = data.get("platform")
+    if isinstance(plat, dict) and isinstance(plat.get("cpu_flags"), list) and \
+            not all(isinstance(f, str) for f in plat["cpu_flags"]):
+        problems.append("platform.cpu_flags must be a list of strings")
     modules = data.get("modules")
     if isinstance(modules, dict):
         for name, m in modules.items():

@@ -7,7 +7,13 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8", "avx_vnni", "fma")
+_CPU_FLAGS = ("avx2", "avx512f", "avx512dq", "avx512vl", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile",
+              "amx_bf16", "amx_int8", "avx_vnni", "fma")
+_AVX512 = {"avx512f", "avx512dq", "avx512vl", "avx512bw"}
+# The /proc/cpuinfo flags each of inductor's x86 ISAs needs: a load checks these instead of asking inductor,
+# whose check compiles and runs test programs (seconds on a cold compiler cache).
+ISA_FLAGS = {"avx2": {"avx2", "fma"}, "avx512": _AVX512, "avx512_vnni": _AVX512 | {"avx512_vnni"},
+             "amx_tile": _AVX512 | {"amx_tile"}, "amx_bf16": _AVX512 | {"amx_tile", "amx_bf16"}}
 
 
 def cpu_flags() -> list[str]:
@@ -54,11 +60,18 @@ def default_device() -> str:
 
 
 @lru_cache(maxsize=None)
-def describe(device: str | None = None) -> dict:
-    """This machine as the manifest records it."""
-    import diffusers
+def describe(device: str | None = None, *, probe_isa: bool = True) -> dict:
+    """This machine as the manifest records it. ``probe_isa=False`` leaves ``isa`` unset (a load does not need
+    it: ``mismatches`` checks the CPU flags) and saves inductor's probe."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
-    import torchao
+
+    def installed(name: str) -> str:  # not imported: importing torchao costs a serving process ~0.3 s
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "none"
 
     device = device or default_device()
     info = {
@@ -69,11 +82,11 @@ def describe(device: str | None = None) -> dict:
         "cuda_capability": None,
         "gpu_name": None,
         "torch": torch.__version__,
-        "torchao": torchao.__version__,
-        "diffusers": diffusers.__version__,
+        "torchao": installed("torchao"),
+        "diffusers": installed("diffusers"),
         "python": ".".join(map(str, sys.version_info[:3])),
     }
-    if device == "cpu":
+    if device == "cpu" and probe_isa:
         info["isa"] = cpu_isa()
     elif device == "cuda":
         major, minor = torch.cuda.get_device_capability()
@@ -105,6 +118,11 @@ def mismatches(built: dict, here: dict) -> list[str]:
         )
     if built["device"] == "cpu":
         isa = built.get("isa") or "none"
-        if isa not in supported_isas():
+        need = ISA_FLAGS.get(isa)
+        if need is not None and built["arch"] == here["arch"] == "x86_64" and here.get("cpu_flags"):
+            lacking = sorted(need - {f for f in here["cpu_flags"] if isinstance(f, str)})
+            if lacking:
+                out.append(f"built for CPU ISA {isa}, this CPU lacks {', '.join(lacking)}")
+        elif isa != "none" and isa not in supported_isas():  # another architecture's ISA: ask inductor
             out.append(f"built for CPU ISA {isa}, this CPU supports {', '.join(supported_isas())}")
     return out

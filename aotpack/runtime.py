@@ -39,6 +39,7 @@ class AotModule(torch.nn.Module):
         self._base_weights = weights  # the artifact's own weights (file-backed), restored by swap_lora(None)
         self.lora: dict | None = None
         self.vae_decoder: AotVaeDecoder | None = None  # set by load() when the artifact carries one
+        self._graphs: CudaGraphs | None = None  # load(..., cuda_graphs=True)
         self.manifest = manifest
         self.path = path
         self.config = FrozenDict(manifest["model"]["config"])
@@ -61,6 +62,8 @@ class AotModule(torch.nn.Module):
             new = self._lora_weights(str(lora), float(scale))
         self._compiled.load_constants(new, check_full_update=True, user_managed=True)
         self._weights = new
+        if self._graphs is not None:
+            self._graphs.clear()
         self.lora = None if lora is None else {"file": Path(lora).name, "scale": float(scale)}
         log.info("LoRA %s in %.2f s", "removed" if lora is None else f"{Path(lora).name} swapped in",
                  time.perf_counter() - t0)
@@ -83,13 +86,19 @@ class AotModule(torch.nn.Module):
         folder = component_folder(source.location, component, kind=source.kind, revision=source.revision)
         lora = read_lora(path, getattr(diffusers, m["recipe"]["pipeline"]), component, scale=scale)
         model = skeleton(dict(m["model"]["config"]), fuse_qkv=(m.get("options") or {}).get("fuse_qkv", False))
-        scheme = get_scheme(m["scheme"]["name"])
-        config = torchao_config(scheme)
+        if m.get("plan"):  # --quant auto: each layer with its own scheme, as the build did
+            from .autoquant import plan_quantizer
+
+            quantize_unit = plan_quantizer(json.loads((self.path / m["plan"]["file"]).read_text()))
+            config = True
+        else:
+            scheme = get_scheme(m["scheme"]["name"])
+            config = torchao_config(scheme)
+            quantize_unit = (lambda name, linear: quantize(linear, scheme, config)) if config else None
         only = touched_modules(model, lora)
         with torch.no_grad():
             materialize(model, CheckpointReader(folder), dtype=torch_dtype(m["dtype"]), device=str(self._device),
-                        quantize_unit=(lambda unit: quantize(unit, scheme, config)) if config else None,
-                        lora=lora, only=only)
+                        quantize_unit=quantize_unit, lora=lora, only=only)
         new = dict(self._base_weights)
         replaced = 0
         for module_name in sorted(only):
@@ -145,7 +154,8 @@ class AotModule(torch.nn.Module):
         for k, v in given.items():  # tuples of tensors (rotary embeddings) were exported as name.0, name.1, ...
             kwargs.update({f"{k}.{i}": x for i, x in enumerate(v)} if _tensor_tuple(v) else {k: v})
         self.check_inputs(kwargs)  # None-valued extras (controlnet samples, ...) are allowed and dropped
-        out = self._compiled({n: kwargs[n] for n in self._names})
+        run = self._graphs or self._compiled
+        out = run({n: kwargs[n] for n in self._names})
         if isinstance(out, (list, tuple)):
             out = out[0]
         if not return_dict:
@@ -153,6 +163,42 @@ class AotModule(torch.nn.Module):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=out)
+
+
+class CudaGraphs:
+    """Replays the compiled module as CUDA graphs, one per input signature (names, shapes, dtypes), so that
+    a step costs one launch instead of one per kernel. Inputs are copied into the graph's static buffers and
+    outputs cloned out. Written for GPUs and untested on them here (the CI machines have none)."""
+
+    def __init__(self, compiled: Any, max_graphs: int = 8) -> None:
+        self.compiled, self.max_graphs = compiled, max_graphs
+        self.graphs: dict[tuple, tuple[Any, dict, Any]] = {}
+
+    def clear(self) -> None:  # after load_constants: the graphs hold the old weights' addresses
+        self.graphs.clear()
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> Any:
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
+        entry = self.graphs.get(key)
+        if entry is None:
+            if len(self.graphs) >= self.max_graphs:
+                return self.compiled(inputs)  # a shape seen too late to capture: plain replay-free call
+            static = {k: v.clone() for k, v in inputs.items()}
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm up outside the capture (allocations, lazy init)
+                    self.compiled(static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.compiled(static)
+            entry = self.graphs[key] = (graph, static, out)
+        graph, static, out = entry
+        for k, v in inputs.items():
+            static[k].copy_(v)
+        graph.replay()
+        return [o.clone() for o in out] if isinstance(out, (list, tuple)) else out.clone()
 
 
 class AotVaeDecoder(torch.nn.Module):
@@ -317,8 +363,10 @@ def _st_dtype(code: str) -> str:
 
 
 def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = False, token: str | None = None,
-         quant: str | None = None, verify: bool = True) -> AotModule:
+         quant: str | None = None, verify: bool = True, cuda_graphs: bool = False) -> AotModule:
     """Load an artifact folder, or the build of a Hub repo ("owner/name") that fits this machine.
+
+    ``cuda_graphs``: replay the compiled module as CUDA graphs (CUDA artifacts only).
 
     A repo id needs a pinned ``revision`` (tag or commit) or ``trust=True``: the .pt2 is native code.
 
@@ -334,7 +382,10 @@ def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = 
 
         folder = resolve_for_load(str(path), revision=revision, trust=trust, token=token, quant=quant)
     data = mf.read(folder)
-    here = describe(data["platform"]["device"] if data["platform"]["device"] == "cpu" else None)
+    if cuda_graphs and data["platform"]["device"] != "cuda":
+        raise InputError(f"cuda_graphs needs a CUDA artifact; this one runs on {data['platform']['device']}",
+                         "leave cuda_graphs out, or build the artifact on a GPU machine")
+    here = describe(data["platform"]["device"] if data["platform"]["device"] == "cpu" else None, probe_isa=False)
     mf.check_compatible(data, here)
     if verify:
         artifact.verify_files(folder, data["files"])
@@ -343,6 +394,8 @@ def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = 
                   + data["files"][artifact.WEIGHTS]["size"])
     device = data["platform"]["device"]
     module = AotModule(*_load_compiled(folder, artifact.MODEL, artifact.WEIGHTS, device), data, folder)
+    if cuda_graphs:
+        module._graphs = CudaGraphs(module._compiled)
     if "vae_decoder" in modules:
         m = modules["vae_decoder"]
         module.vae_decoder = AotVaeDecoder(*_load_compiled(folder, m["model"], m["weights"], device), m, data)
@@ -354,7 +407,9 @@ def _load_compiled(folder: Path, model: str, weights_file: str, device: str) -> 
     """Load one compiled module and its weights; the weights are checked against its constants first."""
     from safetensors.torch import load_file
 
-    compiled = torch._inductor.aoti_load_package(str(folder / model))
+    from .compile import open_package
+
+    compiled = open_package(folder / model)
     _check_constants(compiled, folder / weights_file)
     weights = load_file(str(folder / weights_file), device=device)
     # user_managed: the compiled code reads these tensors in place, no second copy.

@@ -13,7 +13,17 @@ log = logging.getLogger("aotpack")
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
+    """Peak resident set size of this process so far.
+
+    Linux: VmHWM of /proc/self/status. Not getrusage's ru_maxrss, which a process inherits from the one that
+    started it (a bench worker would report its parent's build peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return ru if sys.platform == "darwin" else ru * 1024
 

@@ -263,7 +263,7 @@ def materialize(
     *,
     dtype: Any,
     device: str,
-    quantize_unit: Callable[[Any], None] | None = None,  # called on each nn.Linear once it is filled
+    quantize_unit: Callable[[str, Any], None] | None = None,  # (name, nn.Linear) once the linear is filled
     lora: Lora | None = None,
     only: set[str] | None = None,
 ) -> list[str]:
@@ -310,7 +310,7 @@ def materialize(
                     buf = buf.to(dtype)
                 module._buffers[leaf] = buf.to(device)
             if quantize_unit is not None and isinstance(module, torch.nn.Linear):
-                quantize_unit(module)
+                quantize_unit(base.rstrip("."), module)
             done.append(base.rstrip("."))
     if lora is not None:
         names = {n for n, _ in model.named_parameters()}

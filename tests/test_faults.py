@@ -183,6 +183,25 @@ def test_f25_flipped_byte_in_weights(artifacts, tmp_path):
     assert "Error: weights.safetensors does not match its sha256" in res.stderr
 
 
+def test_f25b_flipped_byte_after_a_verified_load(artifacts, tmp_path):
+    """A verified file is not hashed again while its identity (inode, size, mtime, ctime) holds; an in-place
+    edit that even restores the mtime still changes the ctime, and is caught."""
+    out = artifacts.copy("int8wo", tmp_path / "a")
+    aotpack.load(out)  # hashes and remembers
+    from aotpack.artifact import verified_before
+
+    assert verified_before(out / WEIGHTS, mf.read(out)["files"][WEIGHTS]["sha256"])
+    st = (out / WEIGHTS).stat()
+    with open(out / WEIGHTS, "r+b") as f:
+        f.seek(st.st_size // 2)
+        byte = f.read(1)
+        f.seek(st.st_size // 2)
+        f.write(bytes([byte[0] ^ 1]))
+    os.utime(out / WEIGHTS, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(IntegrityError, match="does not match its sha256"):
+        aotpack.load(out)
+
+
 def test_f26_weights_of_another_build(artifacts, tmp_path):
     """Hashes agree (the manifest was re-written), but the names and shapes are another build's."""
     out = artifacts.copy("none", tmp_path / "a")
@@ -265,7 +284,7 @@ def test_f37_disk_full_during_build(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_f38_interrupt_during_build_then_build_again(tmp_path):
     out = tmp_path / "a"
-    env = dict(os.environ)
+    env = dict(os.environ, AOTPACK_CACHE=str(tmp_path / "cache"))  # an empty compile cache: it must compile
     proc = subprocess.Popen([sys.executable, "-m", "aotpack.cli", "build", "tiny-flux", "--quant", "none",
                              "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stderr:  # wait until the compiler is running, then press Ctrl-C
@@ -277,7 +296,7 @@ def test_f38_interrupt_during_build_then_build_again(tmp_path):
     assert proc.wait(timeout=300) == 130, rest
     assert "Error: interrupted" in rest and "Traceback" not in rest
     assert not out.exists() and no_partials(tmp_path)
-    again = run_cli("build", "tiny-flux", "--quant", "none", "--out", str(out))
+    again = run_cli("build", "tiny-flux", "--quant", "none", "--out", str(out), env={"AOTPACK_CACHE": env["AOTPACK_CACHE"]})
     assert again.returncode == 0, again.stderr
     assert (out / mf.MANIFEST).is_file() and no_partials(tmp_path)
 
@@ -302,14 +321,16 @@ def test_f40_compiled_code_is_never_callable_before_its_constants(artifacts, mon
 
     path = artifacts("int8wo")  # built first: the build itself loads the package to verify it
     calls = []
-    real = torch._inductor.aoti_load_package
+    from aotpack import compile as compile_mod
+
+    real = compile_mod.open_package
 
     def spy(path):
         m = real(path)
         calls.append(m)
         return m
 
-    monkeypatch.setattr(torch._inductor, "aoti_load_package", spy)
+    monkeypatch.setattr(compile_mod, "open_package", spy)
     monkeypatch.setattr(runtime, "_check_constants", lambda *a: (_ for _ in ()).throw(IntegrityError("bad", "x")))
     with pytest.raises(IntegrityError):
         aotpack.load(path)
@@ -410,3 +431,24 @@ def test_f49_checkpoint_with_a_broken_safetensors_header(tmp_path):
 def test_f50_side_scheme_unknown(tmp_path):
     assert_one_clear_error(invoke("build", "tiny-flux", "--quantize-text-encoder", "int3", "--out", str(tmp_path / "x")),
                            "--quantize-text-encoder: unknown quantization scheme 'int3'")
+
+
+def test_f51_cuda_graphs_for_a_cpu_artifact(artifacts, tmp_path):
+    assert_one_clear_error(invoke("run", str(artifacts("int8wo")), "--prompt", "x", "--cuda-graphs",
+                                  "--out", str(tmp_path / "o.png")), "cuda_graphs needs a CUDA artifact")
+
+
+def test_f52_plan_file_broken_or_for_another_model(tmp_path):
+    bad = tmp_path / "plan.json"
+    bad.write_text("{not json")
+    assert_one_clear_error(invoke("build", "tiny-flux", "--plan", str(bad), "--out", str(tmp_path / "x")),
+                           "plan file plan.json is not valid JSON")
+    bad.write_text(json.dumps({"version": 1, "layers": {"x.proj": {"scheme": "fp8dq"}}}))
+    assert_one_clear_error(invoke("build", "tiny-flux", "--plan", str(bad), "--out", str(tmp_path / "x")),
+                           "uses fp8dq, which cannot run here")
+    bad.write_text(json.dumps({"version": 1, "layers": {"no_such.proj": {"scheme": "int8wo"}}}))
+    assert_one_clear_error(invoke("build", "tiny-flux", "--plan", str(bad), "--out", str(tmp_path / "x")),
+                           "the plan names layers this model does not have: no_such.proj")
+    assert not (tmp_path / "x").exists() and no_partials(tmp_path)
+    assert_one_clear_error(invoke("build", "tiny-flux", "--plan", str(bad), "--quant", "int8wo",
+                                  "--out", str(tmp_path / "x")), "--plan and --quant int8wo contradict")

@@ -112,6 +112,19 @@ def test_platform_mismatch_is_refused(field, value, expect):
     assert expect in e.value.cause and "rebuild" in e.value.hint
 
 
+def test_cpu_isa_is_checked_against_the_cpu_flags_without_probing():
+    from aotpack.platform import describe as here_now
+
+    here = dict(here_now("cpu", probe_isa=False)) | {"arch": "x86_64"}
+    data = sample()
+    data["platform"].update(arch="x86_64", isa="amx_bf16")
+    with pytest.raises(IncompatibleArtifactError) as e:
+        mf.check_compatible(data, here | {"cpu_flags": ["avx2", "fma", "avx512f"]})
+    assert "built for CPU ISA amx_bf16, this CPU lacks amx_bf16, amx_tile, avx512bw" in e.value.cause
+    data["platform"]["isa"] = "avx2"
+    mf.check_compatible(data, here | {"cpu_flags": ["avx2", "fma"]})
+
+
 def test_gpu_capability_mismatch():
     built = copy.deepcopy(sample()["platform"]) | {"device": "cuda", "cuda_capability": "9.0", "isa": None}
     here = dict(built) | {"cuda_capability": "8.0"}

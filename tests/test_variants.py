@@ -166,3 +166,38 @@ def test_run_with_a_compiled_vae_never_reads_the_vae_weights(artifacts, lora_fil
     from PIL import Image
 
     assert Image.open(out).size == (128, 128)
+
+
+# ---- --quant auto and --plan --------------------------------------------------------------------------------
+
+def test_quant_auto_records_a_plan_and_a_rebuild_from_it_is_identical(artifacts, tmp_path):
+    path = artifacts("auto", error_budget=0.05)
+    data = mf.read(path)
+    assert data["scheme"]["name"] == "auto" and "plan.json" in data["files"]
+    plan = json.loads((path / "plan.json").read_text())
+    layers = data["plan"]["layers"]
+    assert layers and set(layers) == set(plan["layers"])
+    assert all(v["scheme"] in ("none", "int8wo", "int8dq", "fp8wo") for v in plan["layers"].values())
+    assert all(v["error"] <= 0.05 for v in plan["layers"].values())
+    assert sum(data["plan"]["counts"].values()) == len(layers)
+    # the budget decides: nothing may exceed it, and with budget 0 every layer stays unquantized
+    assert plan["timings"] and all("none" in t for t in plan["timings"].values())
+    again = aotpack.build("tiny-flux", plan=str(path / "plan.json"), out=tmp_path / "again")
+    redo = mf.read(again)
+    assert redo["plan"]["layers"] == layers
+    assert redo["files"]["weights.safetensors"]["sha256"] == data["files"]["weights.safetensors"]["sha256"]
+    result = fresh_check(again, "none")  # against unquantized eager: within the budget's reach
+    assert result["vs_eager_unquantized"] < 0.1 * max(1.0, result["scale"]), result
+
+
+def test_a_rebuild_with_other_weights_reuses_the_compiled_code(artifacts, lora_file, tmp_path):
+    """Weights live outside the code: the same graph with a LoRA fused needs no compile (--reuse)."""
+    base = artifacts("int8wo")
+    out = aotpack.build("tiny-flux", "int8wo", lora=str(lora_file), lora_scale=0.8, reuse=base,
+                        out=tmp_path / "styled")
+    data = mf.read(out)
+    assert data["build"]["compiled"] == f"reused from {base}"
+    assert data["build"]["compile_key"] == mf.read(base)["build"]["compile_key"]
+    assert data["build"]["stages"]["compile"] < 1.0
+    result = fresh_check(out, "int8wo", "--lora", lora_file, "--lora-scale", 0.8)
+    assert result["vs_eager_same_scheme"] <= 1e-3, result

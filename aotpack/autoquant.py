@@ -1,0 +1,171 @@
+"""``--quant auto``: a per-layer quantization plan, stored as JSON in the artifact (torchao 0.18 removed autoquant).
+
+For each distinct linear shape, every candidate scheme this device runs is timed on a linear of that shape
+with the recipe's token count; for each layer, its output error under each scheme is measured on its real
+weights (relative max error against the high-precision layer, on a fixed random input). Each layer gets the
+fastest scheme whose error is within the budget (``none`` always is). ``--plan FILE`` rebuilds from a saved
+plan without timing again.
+
+Timings are of eager torchao kernels, a proxy for the compiled ones (the compiled program is what runs);
+they are recorded in the plan so the choice can be checked.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError, SchemeError
+from .schemes import SCHEMES, Scheme, get_scheme, torchao_config, why_not
+
+PLAN_FILE = "plan.json"
+PLAN_VERSION = 1
+# Schemes auto chooses from, when this device runs them (dynamic fp8 and int4 need GPUs; sparsify needs
+# pruned weights, never chosen automatically).
+CANDIDATES = ("none", "int8wo", "int8dq", "fp8wo", "int4wo", "fp8dqrow")
+DEFAULT_BUDGET = 0.05
+
+
+def candidates(device: str, cap: tuple[int, int] | None = None) -> list[Scheme]:
+    return [SCHEMES[n] for n in CANDIDATES if why_not(SCHEMES[n], device, cap) is None]
+
+
+class Planner:
+    """Chooses a scheme per linear as the build streams them; ``plan()`` is the JSON to store."""
+
+    def __init__(self, device: str, tokens: int, dtype: Any, budget: float = DEFAULT_BUDGET,
+                 cap: tuple[int, int] | None = None, repeats: int = 5) -> None:
+        self.device, self.tokens, self.dtype, self.budget, self.repeats = device, tokens, dtype, budget, repeats
+        self.schemes = candidates(device, cap)
+        self.timings: dict[str, dict[str, float]] = {}
+        self.layers: dict[str, dict[str, Any]] = {}
+
+    def _time(self, linear: Any, x: Any) -> float:
+        import torch
+
+        with torch.no_grad():
+            linear(x)  # warm-up
+            best = float("inf")
+            for _ in range(self.repeats):
+                if self.device == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                linear(x)
+                if self.device == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t)
+        return best
+
+    def _quantized_copy(self, linear: Any, scheme: Scheme) -> Any | None:
+        import copy
+
+        import torch
+
+        from .schemes import quantize
+
+        q = copy.deepcopy(linear)
+        config = torchao_config(scheme)
+        if config is None:
+            return q
+        if scheme.group_size and q.in_features % scheme.group_size:
+            return None
+        try:
+            quantize(q, scheme, config)
+        except Exception:  # a scheme with no kernel for this shape is simply not a candidate for it
+            return None
+        return q if type(q.weight.data) is not torch.Tensor else None
+
+    def choose(self, name: str, linear: Any) -> str:
+        """The scheme for layer ``name`` (an nn.Linear holding its high-precision weight)."""
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(self.tokens, linear.in_features, generator=g).to(self.device, self.dtype)
+        shape = f"{linear.out_features}x{linear.in_features}"
+        with torch.no_grad():
+            ref = linear(x)
+            scale = float(ref.abs().max()) or 1.0
+            errors, times = {}, self.timings.setdefault(shape, {})
+            for scheme in self.schemes:
+                q = self._quantized_copy(linear, scheme)
+                if q is None:
+                    continue
+                errors[scheme.name] = float((q(x) - ref).abs().max()) / scale
+                if scheme.name not in times:
+                    times[scheme.name] = self._time(q, x)
+        fits = [s for s in errors if errors[s] <= self.budget]
+        best = min(fits, key=lambda s: times[s])
+        self.layers[name] = {"scheme": best, "error": round(errors[best], 6),
+                             "errors": {k: round(v, 6) for k, v in errors.items()}}
+        return best
+
+    def plan(self) -> dict:
+        return {"version": PLAN_VERSION, "device": self.device, "tokens": self.tokens, "budget": self.budget,
+                "timings": self.timings, "layers": self.layers}
+
+
+def read_plan(path: str | Path, device: str, cap: tuple[int, int] | None = None) -> dict:
+    """Read and check a plan file: JSON only, every scheme known and runnable here."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"plan file {path} does not exist", "pass the plan.json of an earlier --quant auto build")
+    try:
+        data = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"plan file {p.name} is not valid JSON ({e})", "pass a plan.json written by aotpack") from None
+    layers = data.get("layers") if isinstance(data, dict) else None
+    if data.get("version") != PLAN_VERSION if isinstance(data, dict) else True:
+        raise InputError(f"plan file {p.name} is not an aotpack plan (version {PLAN_VERSION})",
+                         "pass a plan.json written by aotpack")
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) and isinstance(v.get("scheme"), str)
+                                               for v in layers.values()):
+        raise InputError(f"plan file {p.name} has no valid 'layers' table", "pass a plan.json written by aotpack")
+    for name in sorted({v["scheme"] for v in layers.values()}):
+        try:
+            scheme = get_scheme(name)
+        except SchemeError as e:
+            raise InputError(f"plan file {p.name}: {e.cause}", e.hint) from None
+        reason = why_not(scheme, device, cap)
+        if reason:
+            raise InputError(f"plan file {p.name} uses {name}, which cannot run here: {reason}",
+                             "make the plan on this kind of machine (--quant auto)")
+    return data
+
+
+def plan_quantizer(plan: dict):
+    """A ``quantize_unit(name, linear)`` callback applying a fixed plan; layers it does not name stay as they are."""
+    from .schemes import quantize
+
+    layers = plan["layers"]
+    seen: set[str] = set()
+
+    def apply(name: str, linear: Any) -> None:
+        entry = layers.get(name)
+        if entry is None:
+            return
+        seen.add(name)
+        scheme = get_scheme(entry["scheme"])
+        config = torchao_config(scheme)
+        if config is not None:
+            quantize(linear, scheme, config)
+
+    apply.seen = seen  # type: ignore[attr-defined]
+    return apply
+
+
+def check_plan_covers(plan: dict, names: set[str]) -> None:
+    unknown = sorted(set(plan["layers"]) - names)
+    if unknown:
+        raise InputError(f"the plan names layers this model does not have: {', '.join(unknown[:3])}",
+                         "use a plan made for this recipe (and the same --fuse-qkv)")
+
+
+def summary(plan: dict) -> dict:
+    """What the manifest records: budget, layers per scheme and each layer's scheme."""
+    counts: dict[str, int] = {}
+    for entry in plan["layers"].values():
+        counts[entry["scheme"]] = counts.get(entry["scheme"], 0) + 1
+    return {"file": PLAN_FILE, "budget": plan.get("budget"), "counts": counts,
+            "layers": {k: v["scheme"] for k, v in plan["layers"].items()}}
