@@ -28,10 +28,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# Real-width side-by-side bench (eager / torch.compile / compile + portable cache / aotpack): ~10 minutes
-# on 2 cores; results in artifacts/bench/flux-blocks-<platform>/ (results.md, .csv, .json, .png).
+# Real-width side-by-side bench (eager / torch.compile / compile + portable cache / aotpack): ~15 minutes
+# on 2 cores (builds included); results in artifacts/bench/flux-blocks-<platform>/ (.md, .csv, .json, .png).
 bench: install
-	$(BIN)/aotpack bench flux-blocks --quant none --quant int8wo
+	$(BIN)/aotpack bench flux-blocks --quant none --quant int8wo --quant auto
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -81,10 +81,18 @@ def worker(args: dict) -> dict:
         pipe = load_pipeline(recipe, source, dtype=args["dtype"])
         pipe.to(args["device"])
         transformer = getattr(pipe, recipe.component)
-        scheme = get_scheme(args["quant"])
-        config = torchao_config(scheme)
-        if config is not None:
-            quantize(transformer, scheme, config)
+        if args["quant"] == "auto":  # the artifact's per-layer plan, applied to the eager model
+            from .autoquant import plan_quantizer
+
+            apply = plan_quantizer(json.loads((Path(args["artifact"]) / "plan.json").read_text()))
+            for name, module in list(transformer.named_modules()):
+                if isinstance(module, torch.nn.Linear):
+                    apply(name, module)
+        else:
+            scheme = get_scheme(args["quant"])
+            config = torchao_config(scheme)
+            if config is not None:
+                quantize(transformer, scheme, config)
         if variant.startswith("compile"):
             if variant == "compile+cache":
                 torch.compiler.load_cache_artifacts(Path(args["cache_file"]).read_bytes())

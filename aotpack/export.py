@@ -90,13 +90,15 @@ def export_dynamic(wrapper: Any, example: dict[str, Any], ranges: dict[str, list
 
     dims: dict[str, Any] = {}
     for name, (lo, hi, *step) in ranges.items():
+        if lo == hi:  # a fixed size: exported static (the loader still checks it)
+            continue
         if step and step[0] > 1:  # a dim that steps by m (latent rows of patch m) is exported as m * Dim
             dims[name] = step[0] * Dim(f"{name}_div{step[0]}", min=lo // step[0], max=hi // step[0])
         else:
             dims[name] = Dim(name, min=lo, max=hi)
     spec: dict[str, Any] = {}
     for name in example:
-        axes = {table[name]: dims[dim_name] for dim_name, table in table_of.items() if name in table}
+        axes = {table[name]: dims[dim_name] for dim_name, table in table_of.items() if name in table and dim_name in dims}
         spec[name] = axes or None
     try:
         with torch.no_grad():

@@ -23,7 +23,25 @@ from .errors import InputError, IntegrityError, ResourceError
 log = logging.getLogger("aotpack")
 
 
-class AotModule(torch.nn.Module):
+class _Pinned(torch.nn.Module):
+    """Compiled code is tied to its device and dtype: it reports them and ``.to()`` leaves it as it is."""
+
+    _dtype: torch.dtype
+    _device: torch.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def to(self, *args, **kwargs):
+        return self
+
+
+class AotModule(_Pinned):
     """A compiled component that behaves like the diffusers model it replaces.
 
     Keeps the pieces a pipeline reads: ``config``, ``dtype``, ``device``, ``cache_context`` and the forward
@@ -124,21 +142,10 @@ class AotModule(torch.nn.Module):
                              "this LoRA was trained for another model")
         return new
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
     @contextlib.contextmanager
     def cache_context(self, name: str):
         """diffusers' cache hooks have no meaning for compiled code; kept so pipelines can enter it."""
         yield
-
-    def to(self, *args, **kwargs):  # the compiled code is tied to its device and dtype
-        return self
 
     def check_inputs(self, inputs: dict[str, Any]) -> None:
         """Raise InputError unless every input matches the exported names, dtypes, devices and ranges."""
@@ -201,7 +208,7 @@ class CudaGraphs:
         return [o.clone() for o in out] if isinstance(out, (list, tuple)) else out.clone()
 
 
-class AotVaeDecoder(torch.nn.Module):
+class AotVaeDecoder(_Pinned):
     """The VAE's decoder, compiled (``--compile-vae``): stands in for the pipeline's ``vae`` when decoding."""
 
     def __init__(self, compiled: Any, weights: dict[str, torch.Tensor], spec: dict, manifest: dict) -> None:
@@ -212,17 +219,6 @@ class AotVaeDecoder(torch.nn.Module):
         self.config = FrozenDict(spec["config"])
         self._dtype = getattr(torch, spec["inputs"]["tensors"][0]["dtype"])
         self._device = torch.device(manifest["platform"]["device"])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    def to(self, *args, **kwargs):
-        return self
 
     def decode(self, z: torch.Tensor, return_dict: bool = True, **kwargs):
         check_tensors({"z": z}, self._spec["inputs"], self._device, self._manifest)
