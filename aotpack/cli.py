@@ -144,6 +144,11 @@ def schemes() -> None:
     for name, s in SCHEMES.items():
         status = "ok here" if why_not(s, device) is None else f"not here (use {s.instead})"
         click.echo(f"{name:<10} {s.description:<52} needs {s.needs():<30} {status}")
+    from .autoquant import candidates
+
+    here = ", ".join(c.name for c in candidates(device))
+    click.echo(f"{'auto':<10} {'a scheme per layer: the fastest within --error-budget':<52} "
+               f"{'chooses among':<36} {here}")
 
 
 @cli.command()
