@@ -224,3 +224,24 @@ def test_token_never_leaks(hub, env, artifacts):
     texts = [res.stdout, res.stderr, pulled.stdout, pulled.stderr]
     texts += [f["data"].decode(errors="replace") for f in repo.commits[repo.branches["main"]]["files"].values() if f["data"]]
     assert all(TOKEN not in t for t in texts)
+
+
+def test_video_build_and_lora_swap_through_the_hub(hub, env, artifacts, lora_file, tmp_path):
+    """Builds with extra files travel whole; a pulled artifact takes a LoRA like a local one."""
+    video = artifacts("int8wo", recipe="tiny-cogvideox")
+    ok(cli(env, "push", str(video), "--repo-id", "me/video", "--tag", "v1"))
+    out = tmp_path / "v.gif"
+    ok(cli(env, "run", "me/video", "--revision", "v1", "--prompt", "a dog", "--steps", "1", "--out", str(out)))
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.n_frames == 9
+    ok(cli(env, "push", str(artifacts("int8wo")), "--repo-id", "me/styled", "--tag", "v1"))
+    args = ["--prompt", "a dog", "--height", "64", "--width", "64", "--steps", "2"]
+    ok(cli(env, "run", str(artifacts("int8wo")), *args, "--lora", str(lora_file), "--out", str(tmp_path / "l.png")))
+    ok(cli(env, "run", "me/styled", "--revision", "v1", *args, "--lora", str(lora_file), "--out", str(tmp_path / "h.png")))
+    ok(cli(env, "run", "me/styled", "--revision", "v1", *args, "--out", str(tmp_path / "plain.png")))
+    import numpy as np
+
+    a, b, c = (np.asarray(Image.open(tmp_path / n)) for n in ("l.png", "h.png", "plain.png"))
+    assert (a == b).all() and not (a == c).all()
