@@ -21,6 +21,10 @@ from .manifest import MANIFEST, is_safe_name
 MODEL = "model.pt2"
 WEIGHTS = "weights.safetensors"
 REQUIRED_FILES = (MODEL, WEIGHTS)
+# safetensors header dtype codes -> torch dtype names
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:

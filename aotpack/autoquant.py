@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, SchemeError
-from .schemes import SCHEMES, Scheme, get_scheme, torchao_config, why_not
+from .schemes import SCHEMES, Scheme, get_scheme, quantize_named, torchao_config, why_not
 
 PLAN_FILE = "plan.json"
 PLAN_VERSION = 1
@@ -134,25 +134,15 @@ def read_plan(path: str | Path, device: str, cap: tuple[int, int] | None = None)
     return data
 
 
-def plan_quantizer(plan: dict):
-    """A ``quantize_unit(name, linear)`` callback applying a fixed plan; layers it does not name stay as they are."""
-    from .schemes import quantize
-
-    layers = plan["layers"]
-    seen: set[str] = set()
-
-    def apply(name: str, linear: Any) -> None:
-        entry = layers.get(name)
-        if entry is None:
-            return
-        seen.add(name)
-        scheme = get_scheme(entry["scheme"])
-        config = torchao_config(scheme)
-        if config is not None:
-            quantize(linear, scheme, config)
-
-    apply.seen = seen  # type: ignore[attr-defined]
-    return apply
+def linear_quantizer(scheme: str, plan: dict | None = None):
+    """The ``(name, linear)`` callback a build (or a LoRA swap) quantizes each linear with: the plan's scheme
+    for that layer (layers it does not name stay as they are), else ``scheme``; None when nothing is quantized."""
+    if plan is not None:
+        layers = plan["layers"]
+        return lambda name, linear: quantize_named(linear, layers[name]["scheme"]) if name in layers else None
+    if torchao_config(get_scheme(scheme)) is None:
+        return None
+    return lambda name, linear: quantize_named(linear, scheme)
 
 
 def check_plan_covers(plan: dict, names: set[str]) -> None:

@@ -64,7 +64,7 @@ def worker(args: dict) -> dict:
 
     from .models import load_pipeline, resolve_source
     from .recipe import get_recipe
-    from .schemes import get_scheme, quantize, torchao_config
+    from .schemes import quantize_named
 
     variant = args["variant"]
     recipe = get_recipe(args["recipe"], args.get("recipe_variant"))
@@ -82,17 +82,14 @@ def worker(args: dict) -> dict:
         pipe.to(args["device"])
         transformer = getattr(pipe, recipe.component)
         if args["quant"] == "auto":  # the artifact's per-layer plan, applied to the eager model
-            from .autoquant import plan_quantizer
+            from .autoquant import PLAN_FILE, linear_quantizer
 
-            apply = plan_quantizer(json.loads((Path(args["artifact"]) / "plan.json").read_text()))
+            apply = linear_quantizer("auto", json.loads((Path(args["artifact"]) / PLAN_FILE).read_text()))
             for name, module in list(transformer.named_modules()):
                 if isinstance(module, torch.nn.Linear):
                     apply(name, module)
         else:
-            scheme = get_scheme(args["quant"])
-            config = torchao_config(scheme)
-            if config is not None:
-                quantize(transformer, scheme, config)
+            quantize_named(transformer, args["quant"])
         if variant.startswith("compile"):
             if variant == "compile+cache":
                 torch.compiler.load_cache_artifacts(Path(args["cache_file"]).read_bytes())

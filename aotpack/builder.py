@@ -13,7 +13,7 @@ from . import artifact, manifest as mf
 from .errors import BuildError, RecipeError
 from .platform import describe, default_device, tag
 from .recipe import DTYPES, get_recipe
-from .schemes import check_scheme, config_to_json, get_scheme, quantize, torchao_config
+from .schemes import check_scheme, config_to_json, quantize_named, torchao_config
 from .stages import peak_rss_bytes, stage
 
 log = logging.getLogger("aotpack")
@@ -125,12 +125,10 @@ def _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lor
     timings: dict[str, float] = {}
     config_obj = torchao_config(scheme) if scheme is not None else None
     planner = None
-    if quant != "auto":
-        quantize_unit = (lambda name, linear: quantize(linear, scheme, config_obj)) if config_obj else None
-    elif plan_data is not None:
-        from .autoquant import plan_quantizer
+    if quant != "auto" or plan_data is not None:
+        from .autoquant import linear_quantizer
 
-        quantize_unit = plan_quantizer(plan_data)
+        quantize_unit = linear_quantizer(quant, plan_data)
     else:
         from .autoquant import DEFAULT_BUDGET, Planner
 
@@ -139,9 +137,7 @@ def _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lor
                           cap=cap)
 
         def quantize_unit(name, linear):
-            chosen = get_scheme(planner.choose(name, linear))
-            if chosen.make_config is not None:
-                quantize(linear, chosen, torchao_config(chosen))
+            quantize_named(linear, planner.choose(name, linear))
     with artifact.atomic_folder(final, overwrite=overwrite) as tmp, torch.no_grad():
         with stage("load", timings):  # everything but the component, which is streamed below
             pipe = load_pipeline(r, source, dtype=dtype, with_component=False)
@@ -176,7 +172,7 @@ def _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lor
         wrapper = wrap(component)
         with stage("reference", timings):
             quantized_ref = wrapper(example)
-            if config_obj is not None or quant == "auto":
+            if quantize_unit is not None:  # torchao subclasses -> plain tensors for export
                 from torchao.utils import unwrap_tensor_subclass
 
                 unwrap_tensor_subclass(wrapper)
@@ -294,9 +290,7 @@ def _compile_vae(vae, r, quant, here, tmp: Path, timings: dict, max_autotune: bo
     with stage("vae decoder", timings):
         wrapper = wrap_decoder(vae)
         example, ranges, table = decoder_inputs(vae, r, dtype, here["device"])
-        if quant and quant != "none":
-            scheme = check_scheme(quant, here["device"])
-            quantize(vae, scheme, torchao_config(scheme))
+        if quant and quantize_named(vae, check_scheme(quant, here["device"]).name):
             from torchao.utils import unwrap_tensor_subclass
 
             reference = wrapper(example)

@@ -49,29 +49,31 @@ def capture_inputs(pipe: Any, recipe: Recipe) -> tuple[dict[str, Any], dict[str,
     if not seen:
         raise BuildError(f"the pipeline never called its {recipe.component}", "check the recipe's capture settings")
     tensors = flatten_inputs(seen)
-    others = {k: v for k, v in seen.items() if not _is_tensors(v) and v is not None}
+    others = {k: v for k, v in seen.items() if not isinstance(v, torch.Tensor) and not is_tensor_tuple(v)
+              and v is not None}
     return tensors, others
 
 
-def _is_tensors(v: Any) -> bool:
+def is_tensor_tuple(v: Any) -> bool:
     import torch
 
-    return isinstance(v, torch.Tensor) or (
-        isinstance(v, (tuple, list)) and bool(v) and all(isinstance(x, torch.Tensor) for x in v))
+    return isinstance(v, (tuple, list)) and bool(v) and all(isinstance(x, torch.Tensor) for x in v)
+
+
+def spread_tuples(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments with each tuple of tensors (rotary embeddings) spread as ``name.0``, ``name.1``, ...:
+    the names they are exported under. Everything else is kept as it is."""
+    out: dict[str, Any] = {}
+    for k, v in kwargs.items():
+        out.update({f"{k}.{i}": x for i, x in enumerate(v)} if is_tensor_tuple(v) else {k: v})
+    return out
 
 
 def flatten_inputs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Tensor keyword arguments, with tuples of tensors (rotary embeddings) spread as ``name.0``, ``name.1``."""
+    """The tensor keyword arguments (tuples spread), detached: what export gets."""
     import torch
 
-    out: dict[str, Any] = {}
-    for k, v in kwargs.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v.detach()
-        elif _is_tensors(v):
-            for i, x in enumerate(v):
-                out[f"{k}.{i}"] = x.detach()
-    return out
+    return {k: v.detach() for k, v in spread_tuples(kwargs).items() if isinstance(v, torch.Tensor)}
 
 
 def unflatten_inputs(inputs: dict[str, Any]) -> dict[str, Any]:

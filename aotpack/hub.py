@@ -342,7 +342,7 @@ def pull(
     from huggingface_hub import snapshot_download
 
     api = _api(token)
-    here = describe()
+    here = describe(probe_isa=False)  # pulls sit on a serving box's boot path: no compiler probe
     with _hub_errors(repo_id, revision):
         commit = _resolve_pin(api, repo_id, revision, trust)
         index = _read_index(api, repo_id, commit)

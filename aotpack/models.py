@@ -47,6 +47,17 @@ def resolve_source(recipe: Recipe, model: str | None = None, device: str = "cpu"
     return Source(recipe.checkpoint, recipe.revision, "hub", recipe.checkpoint)
 
 
+def source_of(data: dict) -> Source:
+    """Where the rest of the pipeline comes from, as the manifest recorded it."""
+    model = data["model"]
+    if model["source"] == "builtin":
+        from .tiny import ensure_builtin
+
+        name = model["checkpoint"].split(":", 1)[1]
+        return Source(model["checkpoint"], model["revision"], "builtin", str(ensure_builtin(name)))
+    return Source(model["checkpoint"], model["revision"], model["source"], model["checkpoint"])
+
+
 def torch_dtype(name: str):
     import torch
 

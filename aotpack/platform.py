@@ -8,12 +8,13 @@ from functools import lru_cache
 from pathlib import Path
 
 _CPU_FLAGS = ("avx2", "avx512f", "avx512dq", "avx512vl", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile",
-              "amx_bf16", "amx_int8", "avx_vnni", "fma")
+              "amx_bf16", "amx_int8", "avx_vnni", "fma", "f16c")
 _AVX512 = {"avx512f", "avx512dq", "avx512vl", "avx512bw"}
-# The /proc/cpuinfo flags each of inductor's x86 ISAs needs: a load checks these instead of asking inductor,
-# whose check compiles and runs test programs (seconds on a cold compiler cache).
-ISA_FLAGS = {"avx2": {"avx2", "fma"}, "avx512": _AVX512, "avx512_vnni": _AVX512 | {"avx512_vnni"},
-             "amx_tile": _AVX512 | {"amx_tile"}, "amx_bf16": _AVX512 | {"amx_tile", "amx_bf16"}}
+# The /proc/cpuinfo flags each of inductor's x86 ISAs (VecAVX2, VecAVX512, VecAVX512VNNI, VecAMX, named as
+# _isa_name names them) compiles for: a load checks these instead of asking inductor, whose check compiles and
+# runs test programs (seconds on a cold compiler cache).
+ISA_FLAGS = {"avx2": {"avx2", "fma", "f16c"}, "avx512": _AVX512, "avx512_vnni": _AVX512 | {"avx512_vnni"},
+             "amx_tile": _AVX512 | {"avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"}}
 
 
 def cpu_flags() -> list[str]:
@@ -31,6 +32,13 @@ def cpu_flags() -> list[str]:
 
 def _torch_base(version: str) -> str:
     return version.split("+", 1)[0]
+
+
+def isa_from_flags(flags: list[str]) -> str | None:
+    """The most capable of inductor's x86 ISAs whose flags this CPU has; None elsewhere (then ask inductor)."""
+    have = set(flags)
+    fits = [isa for isa, need in ISA_FLAGS.items() if need <= have]
+    return max(fits, key=lambda isa: len(ISA_FLAGS[isa])) if fits else None
 
 
 def cpu_isa() -> str:
@@ -61,8 +69,10 @@ def default_device() -> str:
 
 @lru_cache(maxsize=None)
 def describe(device: str | None = None, *, probe_isa: bool = True) -> dict:
-    """This machine as the manifest records it. ``probe_isa=False`` leaves ``isa`` unset (a load does not need
-    it: ``mismatches`` checks the CPU flags) and saves inductor's probe."""
+    """This machine as the manifest records it. ``probe_isa=False`` takes ``isa`` from the CPU flags instead of
+    inductor's probe (which compiles test programs: seconds on a cold compiler cache); a load or a pull only
+    needs it to prefer a build, ``mismatches`` checks the flags themselves. Builds probe: they record what
+    inductor generated code for."""
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
@@ -86,8 +96,8 @@ def describe(device: str | None = None, *, probe_isa: bool = True) -> dict:
         "diffusers": installed("diffusers"),
         "python": ".".join(map(str, sys.version_info[:3])),
     }
-    if device == "cpu" and probe_isa:
-        info["isa"] = cpu_isa()
+    if device == "cpu":
+        info["isa"] = cpu_isa() if probe_isa else isa_from_flags(info["cpu_flags"])
     elif device == "cuda":
         major, minor = torch.cuda.get_device_capability()
         info["cuda_capability"] = f"{major}.{minor}"

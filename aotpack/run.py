@@ -9,27 +9,16 @@ from pathlib import Path
 
 from . import manifest as mf
 from .errors import AotpackError, InputError
-from .models import Source, load_pipeline
+from .models import load_pipeline, source_of  # source_of: re-exported for callers of aotpack.run
 from .recipe import get_recipe
 
 log = logging.getLogger("aotpack")
 
 
-def source_of(data: dict) -> Source:
-    """Where the rest of the pipeline comes from, as the manifest recorded it."""
-    model = data["model"]
-    if model["source"] == "builtin":
-        from .tiny import ensure_builtin
-
-        name = model["checkpoint"].split(":", 1)[1]
-        return Source(model["checkpoint"], model["revision"], "builtin", str(ensure_builtin(name)))
-    return Source(model["checkpoint"], model["revision"], model["source"], model["checkpoint"])
-
-
 def pipeline_for(artifact: str | os.PathLike, *, lora: str | None = None, lora_scale: float = 1.0, **load_kwargs):
     """A ready pipeline whose component is the artifact; the original component's weights are never read
     (nor the VAE's when the artifact carries a compiled VAE decoder)."""
-    from .runtime import load
+    from .runtime import assemble, load
 
     module = load(artifact, **load_kwargs)
     if lora is not None:
@@ -40,34 +29,6 @@ def pipeline_for(artifact: str | os.PathLike, *, lora: str | None = None, lora_s
     pipe = load_pipeline(recipe, source_of(data), dtype=data["dtype"], with_component=False, skip=skip)
     pipe.to(data["platform"]["device"])
     return assemble(pipe, module, remake=True), recipe
-
-
-def assemble(pipe, module, *, remake: bool = False):
-    """Put the artifact's modules into ``pipe`` and apply its load-time options; returns the pipeline.
-
-    ``remake``: the pipeline was loaded without its VAE; it is made again from its components, so that what
-    its constructor derives from the VAE's config (scale factors, processors) is right."""
-    from .schemes import get_scheme, quantize, torchao_config
-
-    data = module.manifest
-    options = data.get("options") or {}
-    component = data["recipe"]["component"]
-    for key, targets in (("quantize_text_encoder", [n for n in pipe.components if n.startswith("text_encoder")]),
-                         ("quantize_vae", [] if module.vae_decoder is not None else ["vae"])):
-        name = options.get(key)
-        if name and name != "none":
-            scheme = get_scheme(name)
-            for target in targets:
-                if getattr(pipe, target, None) is not None:
-                    quantize(getattr(pipe, target), scheme, torchao_config(scheme))
-    if module.vae_decoder is not None and remake:
-        fresh = type(pipe)(**{**pipe.components, component: module, "vae": module.vae_decoder})
-        fresh.set_progress_bar_config(disable=True)
-        return fresh
-    setattr(pipe, component, module)
-    if module.vae_decoder is not None:
-        pipe.vae = module.vae_decoder
-    return pipe
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

@@ -83,16 +83,15 @@ class AotModule(_Pinned):
         if self._graphs is not None:
             self._graphs.clear()
         self.lora = None if lora is None else {"file": Path(lora).name, "scale": float(scale)}
-        log.info("LoRA %s in %.2f s", "removed" if lora is None else f"{Path(lora).name} swapped in",
-                 time.perf_counter() - t0)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        log.info("LoRA %s in %.2f s", "removed" if lora is None else f"{Path(lora).name} swapped in", seconds)
+        return seconds
 
     def _lora_weights(self, path: str, scale: float) -> dict[str, torch.Tensor]:
         import diffusers
 
-        from .models import torch_dtype
-        from .run import source_of
-        from .schemes import get_scheme, quantize, torchao_config
+        from .autoquant import linear_quantizer
+        from .models import source_of, torch_dtype
         from .weights import CheckpointReader, component_folder, materialize, read_lora, skeleton, touched_modules
 
         m = self.manifest
@@ -104,15 +103,9 @@ class AotModule(_Pinned):
         folder = component_folder(source.location, component, kind=source.kind, revision=source.revision)
         lora = read_lora(path, getattr(diffusers, m["recipe"]["pipeline"]), component, scale=scale)
         model = skeleton(dict(m["model"]["config"]), fuse_qkv=(m.get("options") or {}).get("fuse_qkv", False))
-        if m.get("plan"):  # --quant auto: each layer with its own scheme, as the build did
-            from .autoquant import plan_quantizer
-
-            quantize_unit = plan_quantizer(json.loads((self.path / m["plan"]["file"]).read_text()))
-            config = True
-        else:
-            scheme = get_scheme(m["scheme"]["name"])
-            config = torchao_config(scheme)
-            quantize_unit = (lambda name, linear: quantize(linear, scheme, config)) if config else None
+        # as the build did: the artifact's scheme, or each layer's scheme from its --quant auto plan
+        plan = json.loads((self.path / m["plan"]["file"]).read_text()) if m.get("plan") else None
+        quantize_unit = linear_quantizer(m["scheme"]["name"], plan)
         only = touched_modules(model, lora)
         with torch.no_grad():
             materialize(model, CheckpointReader(folder), dtype=torch_dtype(m["dtype"]), device=str(self._device),
@@ -121,7 +114,7 @@ class AotModule(_Pinned):
         replaced = 0
         for module_name in sorted(only):
             leaf = model.get_submodule(module_name)
-            if config is not None:
+            if quantize_unit is not None:
                 from torchao.utils import unwrap_tensor_subclass
 
                 holder = torch.nn.Module()  # unwrap_tensor_subclass works on a module's children
@@ -157,9 +150,9 @@ class AotModule(_Pinned):
             if extra and any(k != "scale" or v != 1.0 for k, v in extra.items()):
                 raise InputError(f"attention kwargs {sorted(extra)} cannot change compiled code",
                                  "swap a LoRA in with load_into(pipe, artifact, lora=FILE) instead")
-        given, kwargs = {"hidden_states": hidden_states, **kwargs}, {}
-        for k, v in given.items():  # tuples of tensors (rotary embeddings) were exported as name.0, name.1, ...
-            kwargs.update({f"{k}.{i}": x for i, x in enumerate(v)} if _tensor_tuple(v) else {k: v})
+        from .capture import spread_tuples
+
+        kwargs = spread_tuples({"hidden_states": hidden_states, **kwargs})
         self.check_inputs(kwargs)  # None-valued extras (controlnet samples, ...) are allowed and dropped
         run = self._graphs or self._compiled
         out = run({n: kwargs[n] for n in self._names})
@@ -292,10 +285,6 @@ def check_tensors(inputs: dict[str, Any], spec: dict, device: torch.device, mani
                     f"is {want}", "inputs disagree (e.g. rotary embeddings made for another size)")
 
 
-def _tensor_tuple(v: Any) -> bool:
-    return isinstance(v, (tuple, list)) and bool(v) and all(isinstance(x, torch.Tensor) for x in v)
-
-
 def _range_hint(dim: str, manifest: dict) -> str:
     image = manifest["inputs"].get("image") or {}
     if dim == "image_seq" and image:
@@ -349,13 +338,8 @@ def _check_constants(compiled: Any, path: Path) -> None:
                 )
 
 
-_ST = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "U8": "uint8", "I32": "int32",
-       "I64": "int64", "I16": "int16", "F64": "float64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
-       "F8_E5M2": "float8_e5m2"}
-
-
 def _st_dtype(code: str) -> str:
-    return _ST.get(code, code)
+    return artifact.SAFETENSORS_DTYPES.get(code, code)
 
 
 def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = False, token: str | None = None,
@@ -413,6 +397,32 @@ def _load_compiled(folder: Path, model: str, weights_file: str, device: str) -> 
     return compiled, weights
 
 
+def assemble(pipe, module, *, remake: bool = False):
+    """Put the artifact's modules into ``pipe`` and apply its load-time options; returns the pipeline.
+
+    ``remake``: the pipeline was loaded without its VAE; it is made again from its components, so that what
+    its constructor derives from the VAE's config (scale factors, processors) is right."""
+    from .schemes import quantize_named
+
+    data = module.manifest
+    options = data.get("options") or {}
+    component = data["recipe"]["component"]
+    for key, targets in (("quantize_text_encoder", [n for n in pipe.components if n.startswith("text_encoder")]),
+                         ("quantize_vae", [] if module.vae_decoder is not None else ["vae"])):
+        if options.get(key):
+            for target in targets:
+                if getattr(pipe, target, None) is not None:
+                    quantize_named(getattr(pipe, target), options[key])
+    if module.vae_decoder is not None and remake:
+        fresh = type(pipe)(**{**pipe.components, component: module, "vae": module.vae_decoder})
+        fresh.set_progress_bar_config(disable=True)
+        return fresh
+    setattr(pipe, component, module)
+    if module.vae_decoder is not None:
+        pipe.vae = module.vae_decoder
+    return pipe
+
+
 def _looks_like_repo_id(text: str) -> bool:
     return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not os.path.isabs(text)
 
@@ -426,8 +436,6 @@ def load_into(pipe: Any, path: str | os.PathLike, *, lora: str | os.PathLike | N
     module = load(path, **kwargs)
     if lora is not None:
         module.swap_lora(lora, lora_scale)
-    from .run import assemble
-
     component = module.manifest["recipe"]["component"]
     if not hasattr(pipe, component):
         raise InputError(f"{type(pipe).__name__} has no component '{component}'",

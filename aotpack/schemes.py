@@ -162,6 +162,16 @@ def quantize(module: Any, scheme: Scheme, config: Any) -> None:
                          "try another --quant; set AOTPACK_DEBUG=1 for the full trace") from e
 
 
+def quantize_named(module: Any, name: str) -> bool:
+    """Quantize ``module``'s linears with the scheme called ``name``; False (nothing done) for 'none'."""
+    scheme = get_scheme(name)
+    config = torchao_config(scheme)
+    if config is None:
+        return False
+    quantize(module, scheme, config)
+    return True
+
+
 def config_to_json(config: Any | None) -> dict | None:
     """torchao's own JSON-able form of a config (round-trips with ``config_from_dict``)."""
     if config is None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from .artifact import SAFETENSORS_DTYPES
 from .errors import BuildError, InputError, first_line
 
 log = logging.getLogger("aotpack")
@@ -29,11 +30,6 @@ FUSED = {
     "to_kv": ("to_k", "to_v"),
     "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj"),
 }
-
-
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 class _SafetensorsFile:
@@ -61,10 +57,10 @@ class _SafetensorsFile:
         self.entries: dict[str, tuple[str, list[int], int, int]] = {}
         for key, e in header.items():
             lo, hi = e["data_offsets"]
-            if e.get("dtype") not in _ST_DTYPES or not 0 <= lo <= hi <= size - 8 - n:
+            if e.get("dtype") not in SAFETENSORS_DTYPES or not 0 <= lo <= hi <= size - 8 - n:
                 raise BuildError(f"{path.name}: tensor {key} is out of bounds or of an unknown dtype",
                                  "download the checkpoint again")
-            self.entries[key] = (_ST_DTYPES[e["dtype"]], list(e["shape"]), 8 + n + lo, hi - lo)
+            self.entries[key] = (SAFETENSORS_DTYPES[e["dtype"]], list(e["shape"]), 8 + n + lo, hi - lo)
 
     def get(self, key: str) -> Any:
         import torch

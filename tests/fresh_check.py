@@ -31,7 +31,7 @@ def main() -> None:
     import aotpack
     from aotpack.models import load_pipeline
     from aotpack.recipe import get_recipe
-    from aotpack.run import source_of
+    from aotpack.models import source_of
     from aotpack.schemes import get_scheme, quantize, torchao_config
 
     data = aotpack.inspect(args.artifact)

@@ -117,6 +117,11 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return self.state.tokens.get(auth[7:].strip(), False)
 
+    def _write_request(self, repo_id):
+        """The JSON body of a write request and its repo (None, error already sent, when refused)."""
+        body = json.loads(self._body() or b"{}")
+        return body, self._repo(repo_id, write=True)
+
     def _repo(self, repo_id: str, *, write: bool = False, head: bool = False) -> Repo | None:
         """The repo if the caller may see it (and write to it); else sends the Hub's answer and returns None."""
         user = self._user()
@@ -262,8 +267,7 @@ class _Handler(BaseHTTPRequestHandler):
         })
 
     def post_branch(self, repo_id, branch, query) -> None:
-        body = json.loads(self._body() or b"{}")
-        repo = self._repo(repo_id, write=True)
+        body, repo = self._write_request(repo_id)
         if repo is None:
             return
         if branch in repo.branches:
@@ -275,8 +279,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {})
 
     def post_tag(self, repo_id, revision, query) -> None:
-        body = json.loads(self._body() or b"{}")
-        repo = self._repo(repo_id, write=True)
+        body, repo = self._write_request(repo_id)
         if repo is None:
             return
         commit = repo.resolve(revision)
@@ -288,8 +291,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {})
 
     def post_preupload(self, repo_id, revision, query) -> None:
-        body = json.loads(self._body() or b"{}")
-        repo = self._repo(repo_id, write=True)
+        body, repo = self._write_request(repo_id)
         if repo is None:
             return
         out = []
@@ -299,8 +301,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"files": out})
 
     def post_lfs_batch(self, repo_id, query) -> None:
-        body = json.loads(self._body() or b"{}")
-        repo = self._repo(repo_id, write=True)
+        body, repo = self._write_request(repo_id)
         if repo is None:
             return
         objects = []

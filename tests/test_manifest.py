@@ -117,12 +117,13 @@ def test_cpu_isa_is_checked_against_the_cpu_flags_without_probing():
 
     here = dict(here_now("cpu", probe_isa=False)) | {"arch": "x86_64"}
     data = sample()
-    data["platform"].update(arch="x86_64", isa="amx_bf16")
+    data["platform"].update(arch="x86_64", isa="amx_tile")
     with pytest.raises(IncompatibleArtifactError) as e:
-        mf.check_compatible(data, here | {"cpu_flags": ["avx2", "fma", "avx512f"]})
-    assert "built for CPU ISA amx_bf16, this CPU lacks amx_bf16, amx_tile, avx512bw" in e.value.cause
+        mf.check_compatible(data, here | {"cpu_flags": ["avx2", "fma", "f16c", "avx512f"]})
+    assert ("built for CPU ISA amx_tile, this CPU lacks amx_bf16, amx_int8, amx_tile, avx512_vnni, avx512bw"
+            in e.value.cause)
     data["platform"]["isa"] = "avx2"
-    mf.check_compatible(data, here | {"cpu_flags": ["avx2", "fma"]})
+    mf.check_compatible(data, here | {"cpu_flags": ["avx2", "fma", "f16c"]})
 
 
 def test_gpu_capability_mismatch():
