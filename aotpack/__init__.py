@@ -5,42 +5,42 @@ drop the artifact back into a diffusers pipeline.
     aotpack.load_into(pipe, "artifacts/tiny-flux-int8wo-cpu-x86_64-avx512")
 """
 
-__version__ = "0.1.0"
+from aotpack._version import __version__  # noqa: E402
 
 from .errors import AotpackError  # noqa: E402  (light: no torch import)
 
 
 def build(*args, **kwargs):
     """Build an artifact; see :func:`aotpack.builder.build`."""
-    from .builder import build as _build
+    from aotpack.builder.pipeline import build as _build
 
     return _build(*args, **kwargs)
 
 
 def load(*args, **kwargs):
     """Load an artifact as a drop-in module; see :func:`aotpack.runtime.load`."""
-    from .runtime import load as _load
+    from aotpack.serve.module import load as _load
 
     return _load(*args, **kwargs)
 
 
 def load_into(*args, **kwargs):
     """Swap a pipeline's component for an artifact; see :func:`aotpack.runtime.load_into`."""
-    from .runtime import load_into as _load_into
+    from aotpack.serve.module import load_into as _load_into
 
     return _load_into(*args, **kwargs)
 
 
 def run(*args, **kwargs):
     """Generate an image with an artifact; see :func:`aotpack.run.run`."""
-    from .run import run as _run
+    from aotpack.serve.run import run as _run
 
     return _run(*args, **kwargs)
 
 
 def inspect(*args, **kwargs):
     """Read an artifact's validated manifest; see :func:`aotpack.info.inspect`."""
-    from .info import inspect as _inspect
+    from aotpack.artifact.summary import inspect as _inspect
 
     return _inspect(*args, **kwargs)
 

@@ -52,7 +52,7 @@ def _rss() -> int:
 
 
 def _peak_rss() -> int:
-    from .stages import peak_rss_bytes
+    from aotpack.stages import peak_rss_bytes
 
     return peak_rss_bytes()
 
@@ -62,9 +62,9 @@ def worker(args: dict) -> dict:
     t0 = args["t0"]
     import torch
 
-    from .models import load_pipeline, resolve_source
-    from .recipe import get_recipe
-    from .schemes import quantize_named
+    from aotpack.builder.source import load_pipeline, resolve_source
+    from aotpack.builder.recipe import get_recipe
+    from aotpack.builder.schemes import quantize_named
 
     variant = args["variant"]
     recipe = get_recipe(args["recipe"], args.get("recipe_variant"))
@@ -72,7 +72,7 @@ def worker(args: dict) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rss_start = _rss()
     if variant == "aotpack":
-        from .run import pipeline_for
+        from aotpack.serve.run import pipeline_for
 
         pipe, _ = pipeline_for(args["artifact"])
         transformer = getattr(pipe, recipe.component)
@@ -82,7 +82,7 @@ def worker(args: dict) -> dict:
         pipe.to(args["device"])
         transformer = getattr(pipe, recipe.component)
         if args["quant"] == "auto":  # the artifact's per-layer plan, applied to the eager model
-            from .autoquant import PLAN_FILE, linear_quantizer
+            from aotpack.builder.plan import PLAN_FILE, linear_quantizer
 
             apply = linear_quantizer("auto", json.loads((Path(args["artifact"]) / PLAN_FILE).read_text()))
             for name, module in list(transformer.named_modules()):
@@ -164,8 +164,8 @@ def load_worker(args: dict) -> dict:
     import safetensors.torch  # noqa: F401
     import torch._inductor.package  # noqa: F401
 
-    from . import manifest as mf
-    from .runtime import load
+    from aotpack.artifact import manifest as mf
+    from aotpack.serve.module import load
 
     folder = Path(args["artifact"])
     data = mf.read(folder)
@@ -209,7 +209,7 @@ def _example_inputs(data: dict, torch: Any) -> dict:
     for spec in data["inputs"]["tensors"]:
         shape = [sizes[d] if isinstance(d, str) else d for d in spec["shape"]]
         x[spec["name"]] = torch.randn(shape).to(getattr(torch, spec["dtype"])) * 0.1
-    from .capture import unflatten_inputs
+    from aotpack.builder.capture import unflatten_inputs
 
     return unflatten_inputs(x)
 
@@ -221,7 +221,7 @@ def _spawn(kind: str, args: dict, env: dict | None = None, evict_folders: tuple 
     out = subprocess.run([sys.executable, "-m", "aotpack.bench", kind, json.dumps(args)], capture_output=True,
                          text=True, env=full_env)
     if out.returncode != 0:
-        from .errors import AotpackError, first_line
+        from aotpack.errors import AotpackError, first_line
 
         tail = [ln for ln in out.stderr.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
         raise AotpackError(f"bench variant {args.get('variant', kind)} failed: {tail[0][:300]}",
@@ -235,7 +235,7 @@ def machine() -> dict:
     """What the numbers were measured on."""
     import torch
 
-    from .platform import describe, tag
+    from aotpack.artifact.platform import describe, tag
 
     here = describe()
     cpu = "unknown"
@@ -257,16 +257,16 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
               variants: tuple[str, ...] = VARIANTS, variant: str | None = None, max_autotune: bool = False,
               artifacts_dir: Path = Path("artifacts")) -> Path:
     """Build (or reuse) the artifacts, run every variant for every scheme, write results; returns ``out``."""
-    from .builder import default_out
-    from .platform import default_device, describe, tag
-    from .recipe import get_recipe
+    from aotpack.builder.pipeline import default_out
+    from aotpack.artifact.platform import default_device, describe, tag
+    from aotpack.builder.recipe import get_recipe
 
     recipe = get_recipe(recipe_name, variant)
     device = default_device()
     here = describe(device)
     out.mkdir(parents=True, exist_ok=True)
     rows, loads, builds = [], {}, {}
-    from .models import resolve_source
+    from aotpack.builder.source import resolve_source
 
     source = resolve_source(recipe, None, device)
     checkpoint_dir = Path(source.location) if source.kind != "hub" else None
@@ -281,7 +281,7 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
                    "--out", str(path), "--overwrite"] + (["--variant", variant] if variant else [])
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
-                from .errors import AotpackError
+                from aotpack.errors import AotpackError
 
                 lines = [ln for ln in done.stderr.splitlines() if ln.startswith("Error:")] or ["Error: build failed"]
                 raise AotpackError(f"bench could not build {quant}: {lines[0][7:]}", "run the build by itself")
@@ -311,7 +311,7 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
 
 
 def _weights_bytes(path: Path) -> int:
-    from . import manifest as mf
+    from aotpack.artifact import manifest as mf
 
     return mf.read(path)["files"]["weights.safetensors"]["size"]
 

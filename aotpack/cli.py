@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import AotpackError, first_line
+from aotpack._version import __version__
+from aotpack.errors import AotpackError, first_line
 
 
 def _debug() -> bool:
@@ -110,9 +110,9 @@ def recipes(as_json: bool) -> None:
       aotpack recipes
       aotpack recipes --json
     """
-    from .platform import default_device
-    from .recipe import get_recipe, list_recipes
-    from .schemes import SCHEMES, why_not
+    from aotpack.artifact.platform import default_device
+    from aotpack.builder.recipe import get_recipe, list_recipes
+    from aotpack.builder.schemes import SCHEMES, why_not
 
     device = default_device()
     usable = [name for name, s in SCHEMES.items() if why_not(s, device) is None]
@@ -137,14 +137,14 @@ def recipes(as_json: bool) -> None:
 @cli.command()
 def schemes() -> None:
     """List every quantization scheme, the torchao config behind it and the hardware it needs."""
-    from .platform import default_device
-    from .schemes import SCHEMES, why_not
+    from aotpack.artifact.platform import default_device
+    from aotpack.builder.schemes import SCHEMES, why_not
 
     device = default_device()
     for name, s in SCHEMES.items():
         status = "ok here" if why_not(s, device) is None else f"not here (use {s.instead})"
         click.echo(f"{name:<10} {s.description:<52} needs {s.needs():<30} {status}")
-    from .autoquant import candidates
+    from aotpack.builder.plan import candidates
 
     here = ", ".join(c.name for c in candidates(device))
     click.echo(f"{'auto':<10} {'a scheme per layer: the fastest within --error-budget':<52} "
@@ -194,7 +194,7 @@ def build(recipe, quant, plan, error_budget, out, model, variant, dtype, overwri
       aotpack build flux-blocks --quant auto --error-budget 0.02
       aotpack build flux-blocks --plan artifacts/flux-blocks-auto-cpu-x86_64-avx512/plan.json --out again
     """
-    from .builder import build as build_artifact
+    from aotpack.builder.pipeline import build as build_artifact
 
     path = build_artifact(recipe, quant, out=out, model=model, variant=variant, dtype=dtype, overwrite=overwrite,
                           lora=lora, lora_scale=lora_scale, fuse_qkv=fuse_qkv,
@@ -215,7 +215,7 @@ def inspect(artifact, as_json) -> None:
       aotpack inspect artifacts/tiny-flux-int8wo-cpu-x86_64-avx512
       aotpack inspect artifacts/tiny-flux-int8wo-cpu-x86_64-avx512 --json
     """
-    from .info import inspect as read_manifest, summarize
+    from aotpack.artifact.summary import inspect as read_manifest, summarize
 
     data = read_manifest(artifact)
     click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else summarize(data))
@@ -251,7 +251,7 @@ def run(artifact, prompt, out, frames, height, width, steps, seed, guidance_scal
       aotpack run artifacts/tiny-cogvideox-int8wo-cpu-x86_64-avx512 --prompt "a cat" --frames 13 --out cat.mp4
       aotpack run my-artifact --prompt "a cat" --lora style.safetensors --lora-scale 0.8
     """
-    from .run import run as run_artifact
+    from aotpack.serve.run import run as run_artifact
 
     extra = {"revision": revision, "trust": trust} if (revision or trust) else {}
     if lora:
@@ -281,7 +281,7 @@ def push(artifact, repo_id, private, revision, tag_name, token) -> None:
       aotpack push artifacts/tiny-flux-int8wo-cpu-x86_64-avx2 --repo-id me/tiny-flux-aot --tag v1
       aotpack push my-artifact --repo-id me/flux-aot --private --revision dev
     """
-    from .hub import push as push_build
+    from aotpack.hub import push as push_build
 
     result = push_build(artifact, repo_id, private=private, revision=revision, tag_name=tag_name, token=token)
     if result.commit:
@@ -307,7 +307,7 @@ def pull(repo_id, revision, quant, trust, token) -> None:
       aotpack pull me/tiny-flux-aot --revision v1 --quant int8wo
       aotpack pull me/tiny-flux-aot --trust            # latest main: only for repos you control
     """
-    from .hub import pull as pull_build
+    from aotpack.hub import pull as pull_build
 
     click.echo(str(pull_build(repo_id, revision=revision, quant=quant, token=token, trust=trust)))
 
@@ -333,9 +333,9 @@ def bench(recipe, quants, variant, steps, images, out, max_autotune) -> None:
       aotpack bench tiny-flux --quant int8wo
       aotpack bench flux-blocks --quant none --quant int8wo      # real width: what `make bench` runs
     """
-    from .bench import run_bench
-    from .platform import describe, tag
-    from .recipe import get_recipe
+    from aotpack.bench import run_bench
+    from aotpack.artifact.platform import describe, tag
+    from aotpack.builder.recipe import get_recipe
 
     r = get_recipe(recipe, variant)
     quants = list(quants) or list(dict.fromkeys(["none", r.default_quant]))

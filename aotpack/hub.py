@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import artifact, manifest as mf
-from .errors import AotpackError, HubError, IncompatibleArtifactError, IntegrityError, first_line
-from .platform import describe, mismatches, tag
+from aotpack.artifact import files as artifact
+from aotpack.artifact import manifest as mf
+from aotpack.errors import AotpackError, HubError, IncompatibleArtifactError, IntegrityError, first_line
+from aotpack.artifact.platform import describe, mismatches, tag
 
 log = logging.getLogger("aotpack")
 
@@ -264,7 +265,7 @@ def push(
 
 
 def _pins_file() -> Path:
-    from .tiny import cache_dir
+    from aotpack.paths import cache_dir
 
     return cache_dir() / "hub-pins.json"
 

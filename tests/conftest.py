@@ -75,7 +75,7 @@ def lora_file(tmp_path_factory) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from aotpack.tiny import ensure_builtin
+    from aotpack.builder.tiny import ensure_builtin
 
     folder = ensure_builtin("tiny-flux") / "transformer"
     from safetensors import safe_open

@@ -29,10 +29,10 @@ def main() -> None:
     args = ap.parse_args()
     rss0 = psutil.Process().memory_info().rss
     import aotpack
-    from aotpack.models import load_pipeline
-    from aotpack.recipe import get_recipe
-    from aotpack.models import source_of
-    from aotpack.schemes import get_scheme, quantize, torchao_config
+    from aotpack.builder.source import load_pipeline
+    from aotpack.builder.recipe import get_recipe
+    from aotpack.builder.source import source_of
+    from aotpack.builder.schemes import get_scheme, quantize, torchao_config
 
     data = aotpack.inspect(args.artifact)
     recipe = get_recipe(data["recipe"]["name"], data["recipe"]["variant"])

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from aotpack import artifact
+from aotpack.artifact import files as artifact
 from aotpack.errors import IntegrityError, OutputExistsError
 
 from conftest import no_partials

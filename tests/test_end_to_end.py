@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from aotpack import manifest as mf
-from aotpack.artifact import MODEL, WEIGHTS, sha256_file
+from aotpack.artifact import manifest as mf
+from aotpack.artifact.files import MODEL, WEIGHTS, sha256_file
 
 from conftest import REPO, no_partials, run_cli
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from aotpack.export import export_dynamic
+from aotpack.builder.export import export_dynamic
 
 
 class Wrapper(torch.nn.Module):

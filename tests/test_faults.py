@@ -17,8 +17,8 @@ import torch
 from click.testing import CliRunner
 
 import aotpack
-from aotpack import manifest as mf
-from aotpack.artifact import MODEL, WEIGHTS, file_entries
+from aotpack.artifact import manifest as mf
+from aotpack.artifact.files import MODEL, WEIGHTS, file_entries
 from aotpack.cli import cli
 from aotpack.errors import InputError, IntegrityError, ResourceError
 
@@ -188,7 +188,7 @@ def test_f25b_flipped_byte_after_a_verified_load(artifacts, tmp_path):
     edit that even restores the mtime still changes the ctime, and is caught."""
     out = artifacts.copy("int8wo", tmp_path / "a")
     aotpack.load(out)  # hashes and remembers
-    from aotpack.artifact import verified_before
+    from aotpack.artifact.files import verified_before
 
     assert verified_before(out / WEIGHTS, mf.read(out)["files"][WEIGHTS]["sha256"])
     st = (out / WEIGHTS).stat()
@@ -317,11 +317,11 @@ def test_f39_no_pickle_anywhere_in_the_package():
 def test_f40_compiled_code_is_never_callable_before_its_constants(artifacts, monkeypatch):
     """Running the AOTI model before load_constants crashed the process: load() checks the weights first,
     and an error there leaves no half-ready module behind."""
-    from aotpack import runtime
+    from aotpack.serve import module as runtime
 
     path = artifacts("int8wo")  # built first: the build itself loads the package to verify it
     calls = []
-    from aotpack import compile as compile_mod
+    from aotpack.builder import compile as compile_mod
 
     real = compile_mod.open_package
 
@@ -402,7 +402,7 @@ def test_f47_video_artifact_to_an_image_file_and_frames_for_an_image_artifact(ar
 
 
 def _local_copy(tmp_path):
-    from aotpack.tiny import ensure_builtin
+    from aotpack.builder.tiny import ensure_builtin
 
     local = tmp_path / "local"
     shutil.copytree(ensure_builtin("tiny-flux"), local)

@@ -9,9 +9,9 @@ import json
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from aotpack import manifest as mf
+from aotpack.artifact import manifest as mf
 from aotpack.errors import AotpackError, InputError, ManifestError
-from aotpack.runtime import AotModule
+from aotpack.serve.module import AotModule
 
 from test_manifest import sample
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from aotpack import manifest as mf
-from aotpack.artifact import WEIGHTS
+from aotpack.artifact import manifest as mf
+from aotpack.artifact.files import WEIGHTS
 
 from conftest import run_cli
 from hub_server import HubServer
@@ -157,7 +157,7 @@ def unique_copy(src: Path, dest: Path) -> Path:
     data = bytearray((dest / WEIGHTS).read_bytes())
     data[-1] ^= 0x01
     (dest / WEIGHTS).write_bytes(bytes(data))
-    from aotpack.artifact import file_entries
+    from aotpack.artifact.files import file_entries
 
     manifest = json.loads((dest / mf.MANIFEST).read_text())
     manifest["files"] = file_entries(dest)

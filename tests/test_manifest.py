@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from aotpack import manifest as mf
+from aotpack.artifact import manifest as mf
 from aotpack.errors import IncompatibleArtifactError, ManifestError
-from aotpack.platform import describe
+from aotpack.artifact.platform import describe
 
 
 def sample() -> dict:
@@ -113,7 +113,7 @@ def test_platform_mismatch_is_refused(field, value, expect):
 
 
 def test_cpu_isa_is_checked_against_the_cpu_flags_without_probing():
-    from aotpack.platform import describe as here_now
+    from aotpack.artifact.platform import describe as here_now
 
     here = dict(here_now("cpu", probe_isa=False)) | {"arch": "x86_64"}
     data = sample()

@@ -1,7 +1,7 @@
 import pytest
 
 from aotpack.errors import RecipeError
-from aotpack.recipe import get_recipe, list_recipes, parse_recipe, recipes_dir
+from aotpack.builder.recipe import get_recipe, list_recipes, parse_recipe, recipes_dir
 
 
 def test_shipped_recipes_all_load():

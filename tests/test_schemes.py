@@ -1,7 +1,7 @@
 import pytest
 
 from aotpack.errors import SchemeError
-from aotpack.schemes import SCHEMES, check_scheme, config_to_json, get_scheme, torchao_config, why_not
+from aotpack.builder.schemes import SCHEMES, check_scheme, config_to_json, get_scheme, torchao_config, why_not
 
 SEED_NAMES = ["none", "int8wo", "int8dq", "int4wo", "int4dq", "fp8wo", "fp8dq", "fp8dqrow",
               "fp6_e3m2", "fp5_e2m2", "fp4_e2m1", "sparsify"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import aotpack
-from aotpack import manifest as mf
+from aotpack.artifact import manifest as mf
 from aotpack.errors import InputError
 
 from conftest import REPO, run_cli
@@ -59,7 +59,7 @@ def test_tiny_cogvideox_runs_to_a_video(artifacts, tmp_path):
 
 
 def test_default_output_is_a_video_and_gif_without_an_mp4_writer(artifacts, tmp_path, monkeypatch):
-    import aotpack.run as run_mod
+    import aotpack.serve.run as run_mod
 
     path = artifacts("int8wo", recipe="tiny-cogvideox")
     monkeypatch.chdir(tmp_path)
@@ -159,7 +159,7 @@ def test_run_with_a_compiled_vae_never_reads_the_vae_weights(artifacts, lora_fil
         raise AssertionError("the eager VAE was loaded")
 
     monkeypatch.setattr(AutoencoderKL, "from_pretrained", classmethod(forbidden))
-    from aotpack.run import run
+    from aotpack.serve.run import run
 
     out = run(artifacts("int8wo", lora=str(lora_file), **OPTIONS), prompt="a dog", steps=2,
               out=tmp_path / "a.png")

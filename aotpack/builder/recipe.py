@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError
+from aotpack.errors import RecipeError
 
 DTYPES = ("float32", "bfloat16", "float16")
 _TOP_KEYS = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from .errors import SchemeError
+from aotpack.errors import SchemeError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +148,7 @@ def quantize(module: Any, scheme: Scheme, config: Any) -> None:
     import torch
     from torchao.quantization import quantize_
 
-    from .errors import BuildError, first_line
+    from aotpack.errors import BuildError, first_line
 
     def fits(m: Any, fqn: str) -> bool:
         return (isinstance(m, torch.nn.Linear) and type(m.weight.data) is torch.Tensor  # not quantized already

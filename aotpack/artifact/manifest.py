@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import IncompatibleArtifactError, ManifestError
+from aotpack.errors import IncompatibleArtifactError, ManifestError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -179,7 +179,7 @@ def dumps(data: dict) -> str:
 
 def check_compatible(data: dict, here: dict) -> None:
     """Raise IncompatibleArtifactError when the artifact was built for another platform."""
-    from .platform import mismatches
+    from aotpack.artifact.platform import mismatches
 
     problems = mismatches(data["platform"], here)
     if problems:

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .artifact import SAFETENSORS_DTYPES
-from .errors import BuildError, InputError, first_line
+from aotpack.artifact.files import SAFETENSORS_DTYPES
+from aotpack.errors import BuildError, InputError, first_line
 
 log = logging.getLogger("aotpack")
 
@@ -117,7 +117,7 @@ def component_folder(location: str, component: str, *, kind: str, revision: str 
         try:
             root = snapshot_download(location, revision=revision, allow_patterns=[f"{component}/*"])
         except Exception as e:  # network, auth, missing repo: one line
-            from .errors import HubError
+            from aotpack.errors import HubError
 
             raise HubError(f"could not fetch {location}/{component}: {first_line(e)}",
                            "check the network and 'hf auth login'") from None
@@ -162,7 +162,7 @@ def read_lora(path: str, pipeline_cls: Any, component: str, *, scale: float = 1.
     """
     import torch
 
-    from .artifact import sha256_file
+    from aotpack.artifact.files import sha256_file
 
     file = Path(path)
     if not file.is_file():

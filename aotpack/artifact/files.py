@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import IntegrityError, OutputExistsError
-from .manifest import MANIFEST, is_safe_name
+from aotpack.errors import IntegrityError, OutputExistsError
+from aotpack.artifact.manifest import MANIFEST, is_safe_name
 
 MODEL = "model.pt2"
 WEIGHTS = "weights.safetensors"
@@ -79,7 +79,7 @@ def _stamp(path: Path) -> list[int]:
 
 
 def _record(path: Path) -> Path:
-    from .tiny import cache_dir
+    from aotpack.paths import cache_dir
 
     key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
     return cache_dir() / "verified" / f"{key}.json"

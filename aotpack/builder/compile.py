@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import BuildError, first_line
+from aotpack.errors import BuildError, first_line
 
 CONSTANTS_KEY = "aotpack.constants"
 
@@ -40,7 +40,7 @@ def compile_key(ep: Any, configs: dict[str, Any]) -> str:
 
     import torch
 
-    from .platform import describe, tag
+    from aotpack.artifact.platform import describe, tag
 
     parts = [
         ep.graph_module.code,
@@ -64,7 +64,7 @@ def compile_cached(ep: Any, path: Path, *, metadata: dict[str, str], max_autotun
     """
     import shutil
 
-    from .tiny import cache_dir
+    from aotpack.paths import cache_dir
 
     configs = {"package_constants_in_so": False, "metadata": metadata, "max_autotune": max_autotune}
     key = compile_key(ep, configs)

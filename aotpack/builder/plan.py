@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, SchemeError
-from .schemes import SCHEMES, Scheme, get_scheme, quantize_named, torchao_config, why_not
+from aotpack.errors import InputError, SchemeError
+from aotpack.builder.schemes import SCHEMES, Scheme, get_scheme, quantize_named, torchao_config, why_not
 
 PLAN_FILE = "plan.json"
 PLAN_VERSION = 1
@@ -63,7 +63,7 @@ class Planner:
 
         import torch
 
-        from .schemes import quantize
+        from aotpack.builder.schemes import quantize
 
         q = copy.deepcopy(linear)
         config = torchao_config(scheme)

@@ -7,10 +7,10 @@ import os
 import time
 from pathlib import Path
 
-from . import manifest as mf
-from .errors import AotpackError, InputError
-from .models import load_pipeline, source_of  # source_of: re-exported for callers of aotpack.run
-from .recipe import get_recipe
+from aotpack.artifact import manifest as mf
+from aotpack.errors import AotpackError, InputError
+from aotpack.builder.source import load_pipeline, source_of  # source_of: re-exported for callers of aotpack.run
+from aotpack.builder.recipe import get_recipe
 
 log = logging.getLogger("aotpack")
 
@@ -18,7 +18,7 @@ log = logging.getLogger("aotpack")
 def pipeline_for(artifact: str | os.PathLike, *, lora: str | None = None, lora_scale: float = 1.0, **load_kwargs):
     """A ready pipeline whose component is the artifact; the original component's weights are never read
     (nor the VAE's when the artifact carries a compiled VAE decoder)."""
-    from .runtime import assemble, load
+    from aotpack.serve.module import assemble, load
 
     module = load(artifact, **load_kwargs)
     if lora is not None:

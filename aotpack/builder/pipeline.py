@@ -8,13 +8,14 @@ import logging
 import os
 from pathlib import Path
 
-from . import __version__
-from . import artifact, manifest as mf
-from .errors import BuildError, RecipeError
-from .platform import describe, default_device, tag
-from .recipe import DTYPES, get_recipe
-from .schemes import check_scheme, config_to_json, quantize_named, torchao_config
-from .stages import peak_rss_bytes, stage
+from aotpack._version import __version__
+from aotpack.artifact import files as artifact
+from aotpack.artifact import manifest as mf
+from aotpack.errors import BuildError, RecipeError
+from aotpack.artifact.platform import describe, default_device, tag
+from aotpack.builder.recipe import DTYPES, get_recipe
+from aotpack.builder.schemes import check_scheme, config_to_json, quantize_named, torchao_config
+from aotpack.stages import peak_rss_bytes, stage
 
 log = logging.getLogger("aotpack")
 
@@ -68,7 +69,7 @@ def build(
     cap = tuple(int(x) for x in here["cuda_capability"].split(".")) if here["cuda_capability"] else None
     plan_data = None
     if quant == "auto":
-        from .autoquant import read_plan
+        from aotpack.builder.plan import read_plan
 
         scheme = None
         plan_data = read_plan(plan, device, cap) if plan is not None else None
@@ -79,7 +80,7 @@ def build(
     dtype = dtype or r.dtype
     if dtype not in DTYPES:
         raise RecipeError(f"unknown dtype '{dtype}'", f"choose one of: {', '.join(DTYPES)}")
-    from .models import resolve_source
+    from aotpack.builder.source import resolve_source
 
     for what, side in (("--quantize-text-encoder", quantize_text_encoder), ("--quantize-vae", quantize_vae)):
         if side is not None:
@@ -119,18 +120,18 @@ def _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lor
            error_budget, reuse) -> Path:
     import torch
 
-    from .models import load_pipeline, torch_dtype
-    from .weights import CheckpointReader, component_folder, materialize, read_lora, skeleton
+    from aotpack.builder.source import load_pipeline, torch_dtype
+    from aotpack.builder.weights import CheckpointReader, component_folder, materialize, read_lora, skeleton
 
     timings: dict[str, float] = {}
     config_obj = torchao_config(scheme) if scheme is not None else None
     planner = None
     if quant != "auto" or plan_data is not None:
-        from .autoquant import linear_quantizer
+        from aotpack.builder.plan import linear_quantizer
 
         quantize_unit = linear_quantizer(quant, plan_data)
     else:
-        from .autoquant import DEFAULT_BUDGET, Planner
+        from aotpack.builder.plan import DEFAULT_BUDGET, Planner
 
         cap = tuple(int(x) for x in here["cuda_capability"].split(".")) if here["cuda_capability"] else None
         planner = Planner(here["device"], _tokens(r), torch_dtype(dtype), budget=error_budget or DEFAULT_BUDGET,
@@ -153,7 +154,7 @@ def _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lor
             materialize(component, CheckpointReader(folder), dtype=torch_dtype(dtype), device=here["device"],
                         quantize_unit=quantize_unit, lora=lora)
             if quant == "auto":
-                from .autoquant import PLAN_FILE, check_plan_covers
+                from aotpack.builder.plan import PLAN_FILE, check_plan_covers
 
                 linears = {n for n, m in component.named_modules() if isinstance(m, torch.nn.Linear)}
                 plan_data = plan_data if plan_data is not None else planner.plan()
@@ -161,13 +162,13 @@ def _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lor
                 (tmp / PLAN_FILE).write_text(json.dumps(plan_data, indent=1, sort_keys=True) + "\n")
             setattr(pipe, r.component, component)
         with stage("capture", timings):
-            from .capture import capture_inputs
+            from aotpack.builder.capture import capture_inputs
 
             example, _ = capture_inputs(pipe, r)
         config = json.loads(json.dumps(dict(component.config), default=list))
         vae = pipe.vae if options["compile_vae"] else None
         del pipe  # only the component (and the VAE with --compile-vae) is needed from here on
-        from .export import dynamic_ranges, export_component, tensor_specs, wrap
+        from aotpack.builder.export import dynamic_ranges, export_component, tensor_specs, wrap
 
         wrapper = wrap(component)
         with stage("reference", timings):
@@ -178,7 +179,7 @@ def _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lor
                 unwrap_tensor_subclass(wrapper)
         with stage("export", timings):
             ep = export_component(wrapper, example, r)
-        from .compile import compile_cached, constant_values, constants_signature, open_package
+        from aotpack.builder.compile import compile_cached, constant_values, constants_signature, open_package
 
         metadata = {
             "aotpack.version": __version__,
@@ -264,7 +265,7 @@ def _reusable(folder: str | os.PathLike) -> dict[str, Path]:
 
 
 def _plan_summary(plan_data: dict) -> dict:
-    from .autoquant import summary
+    from aotpack.builder.plan import summary
 
     return summary(plan_data)
 
@@ -283,8 +284,8 @@ def _compile_vae(vae, r, quant, here, tmp: Path, timings: dict, max_autotune: bo
     import torch
     from safetensors.torch import save_file
 
-    from .compile import compile_cached, constant_values, constants_signature, open_package
-    from .export import decoder_inputs, export_dynamic, tensor_specs, wrap_decoder
+    from aotpack.builder.compile import compile_cached, constant_values, constants_signature, open_package
+    from aotpack.builder.export import decoder_inputs, export_dynamic, tensor_specs, wrap_decoder
 
     dtype = next(vae.parameters()).dtype
     with stage("vae decoder", timings):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import BuildError, first_line
-from .recipe import Recipe
+from aotpack.errors import BuildError, first_line
+from aotpack.builder.recipe import Recipe
 
 
 def _wrapper_class():
@@ -19,7 +19,7 @@ def _wrapper_class():
             self.component = component
 
         def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-            from .capture import unflatten_inputs
+            from aotpack.builder.capture import unflatten_inputs
 
             return self.component(**unflatten_inputs(inputs), return_dict=False)[0]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from . import manifest as mf
+from aotpack.artifact import manifest as mf
 
 
 def inspect(path: str | os.PathLike) -> dict:
@@ -19,7 +19,7 @@ def _mb(n: int) -> str:
 def summarize(data: dict) -> str:
     """A human summary of a manifest, one fact per line."""
     r, p, b = data["recipe"], data["platform"], data["build"]
-    from .platform import tag
+    from aotpack.artifact.platform import tag
 
     lines = [
         f"recipe      {r['name']}" + (f" ({r['variant']})" if r["variant"] else "") + f" -> {r['pipeline']}.{r['component']}",

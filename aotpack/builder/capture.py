@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import BuildError
-from .recipe import Recipe
+from aotpack.errors import BuildError
+from aotpack.builder.recipe import Recipe
 
 
 class _Captured(Exception):

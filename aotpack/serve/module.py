@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from . import artifact, manifest as mf
-from .errors import InputError, IntegrityError, ResourceError
+from aotpack.artifact import files as artifact
+from aotpack.artifact import manifest as mf
+from aotpack.errors import InputError, IntegrityError, ResourceError
 
 log = logging.getLogger("aotpack")
 
@@ -90,9 +91,9 @@ class AotModule(_Pinned):
     def _lora_weights(self, path: str, scale: float) -> dict[str, torch.Tensor]:
         import diffusers
 
-        from .autoquant import linear_quantizer
-        from .models import source_of, torch_dtype
-        from .weights import CheckpointReader, component_folder, materialize, read_lora, skeleton, touched_modules
+        from aotpack.builder.plan import linear_quantizer
+        from aotpack.builder.source import source_of, torch_dtype
+        from aotpack.builder.weights import CheckpointReader, component_folder, materialize, read_lora, skeleton, touched_modules
 
         m = self.manifest
         if m.get("lora"):
@@ -150,7 +151,7 @@ class AotModule(_Pinned):
             if extra and any(k != "scale" or v != 1.0 for k, v in extra.items()):
                 raise InputError(f"attention kwargs {sorted(extra)} cannot change compiled code",
                                  "swap a LoRA in with load_into(pipe, artifact, lora=FILE) instead")
-        from .capture import spread_tuples
+        from aotpack.builder.capture import spread_tuples
 
         kwargs = spread_tuples({"hidden_states": hidden_states, **kwargs})
         self.check_inputs(kwargs)  # None-valued extras (controlnet samples, ...) are allowed and dropped
@@ -353,12 +354,12 @@ def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = 
     Order matters: manifest → platform check → sha256 of every file → memory estimate → load code →
     check weights against the compiled constants → load constants (zero-copy) → ready.
     """
-    from .platform import describe
+    from aotpack.artifact.platform import describe
 
     t0 = time.perf_counter()
     folder = Path(path)
     if not folder.exists() and _looks_like_repo_id(str(path)):
-        from .hub import resolve_for_load
+        from aotpack.hub import resolve_for_load
 
         folder = resolve_for_load(str(path), revision=revision, trust=trust, token=token, quant=quant)
     data = mf.read(folder)
@@ -387,7 +388,7 @@ def _load_compiled(folder: Path, model: str, weights_file: str, device: str) -> 
     """Load one compiled module and its weights; the weights are checked against its constants first."""
     from safetensors.torch import load_file
 
-    from .compile import open_package
+    from aotpack.builder.compile import open_package
 
     compiled = open_package(folder / model)
     _check_constants(compiled, folder / weights_file)
@@ -402,7 +403,7 @@ def assemble(pipe, module, *, remake: bool = False):
 
     ``remake``: the pipeline was loaded without its VAE; it is made again from its components, so that what
     its constructor derives from the VAE's config (scale factors, processors) is right."""
-    from .schemes import quantize_named
+    from aotpack.builder.schemes import quantize_named
 
     data = module.manifest
     options = data.get("options") or {}

@@ -11,12 +11,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from aotpack.paths import cache_dir
+
 _CHARS = "abcdefghijklmnopqrstuvwxyz"
-
-
-def cache_dir() -> Path:
-    """Where aotpack keeps things it can rebuild (``AOTPACK_CACHE``, default ~/.cache/aotpack)."""
-    return Path(os.environ.get("AOTPACK_CACHE") or Path.home() / ".cache" / "aotpack")
 
 
 def _tiny_flux(seed: int = 0, **transformer_overrides):
@@ -100,7 +97,7 @@ BUILDERS = {"tiny-flux": _tiny_flux, "flux-blocks": _flux_blocks, "tiny-cogvideo
 
 def ensure_builtin(name: str) -> Path:
     """The saved folder of builtin pipeline ``name``, built on first use (atomically) and reused after."""
-    from .errors import RecipeError
+    from aotpack.errors import RecipeError
 
     if name not in BUILDERS:
         raise RecipeError(f"unknown builtin model '{name}'", f"builtins: {', '.join(BUILDERS)}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .errors import HubError, RecipeError, first_line
-from .recipe import Recipe
+from aotpack.errors import HubError, RecipeError, first_line
+from aotpack.builder.recipe import Recipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +35,7 @@ def resolve_source(recipe: Recipe, model: str | None = None, device: str = "cpu"
                               "check the path")
         return Source(model, None, "hub", model)
     if recipe.builtin:
-        from .tiny import ensure_builtin
+        from aotpack.builder.tiny import ensure_builtin
 
         return Source(recipe.checkpoint, recipe.revision, "builtin", str(ensure_builtin(recipe.builtin)))
     if recipe.checkpoint_needs and recipe.checkpoint_needs != device:
@@ -51,7 +51,7 @@ def source_of(data: dict) -> Source:
     """Where the rest of the pipeline comes from, as the manifest recorded it."""
     model = data["model"]
     if model["source"] == "builtin":
-        from .tiny import ensure_builtin
+        from aotpack.builder.tiny import ensure_builtin
 
         name = model["checkpoint"].split(":", 1)[1]
         return Source(model["checkpoint"], model["revision"], "builtin", str(ensure_builtin(name)))
