@@ -7,7 +7,11 @@ BIN    := $(VENV)/bin
 # Exact pins for a reproducible environment; torch==2.13.0 is the CPU wheel (an unpinned torch pulls CUDA).
 PINS := torch==2.13.0 torchao==0.18.0 diffusers==0.42.1 transformers==5.24.0 accelerate==1.15.0 \
         safetensors==0.8.0 click==8.5.1 huggingface_hub==2.4.0 pillow==13.0.0 psutil==7.2.2 \
-        pytest==9.2.0 hypothesis==6.170.17 peft==0.21.2 imageio==2.38.1 imageio-ffmpeg==0.8.1 matplotlib==3.11.2
+        pytest==9.2.0 hypothesis==6.170.17 peft==0.21.2 imageio==2.38.1 imageio-ffmpeg==0.8.1 matplotlib==3.11.2 \
+        model-signing==1.1.1 pyOpenSSL==26.4.0 cryptography==50.0.2 sigstore==4.5.1 sigstore-models==0.0.6 \
+        sigstore-rekor-types==0.0.18 in-toto-attestation==0.9.3 blake3==1.0.11 rfc3161-client==1.0.9 rfc8785==0.1.4 \
+        tuf==7.0.1 securesystemslib==1.6.0 protobuf==7.36.2 id==1.6.1 PyJWT==2.15.1 platformdirs==4.14.8 \
+        dnspython==2.9.2 email-validator==2.4.0 asn1crypto==1.5.1 cffi==2.1.1 pycparser==3.12
 
 .PHONY: install demo test test-fast bench clean
 
