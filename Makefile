@@ -13,7 +13,7 @@ PINS := torch==2.13.0 torchao==0.18.0 diffusers==0.42.1 transformers==5.24.0 acc
         tuf==7.0.1 securesystemslib==1.6.0 protobuf==7.36.2 id==1.6.1 PyJWT==2.15.1 platformdirs==4.14.8 \
         dnspython==2.9.2 email-validator==2.4.0 asn1crypto==1.5.1 cffi==2.1.1 pycparser==3.12
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean gpu-check gpu-wheels
 
 install: $(BIN)/.installed
 
@@ -42,3 +42,17 @@ test-fast: install
 
 clean:
 	rm -rf artifacts/*/ artifacts/.*partial* .pytest_cache
+
+# The GPU check (scripts/gpu_check.py) for a lent H100/H200: no venv and no network there, so no `install`
+# prerequisite; the system python3 runs aotpack from this working tree. OUT=DIR picks the results folder.
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS) "$(or $(OUT),artifacts/gpu-check)"
+
+# The wheels the GPU machines lack, for linux x86_64 CPython 3.12 (abi3 / pure Python) whatever this machine
+# is; they travel with the working tree in .whl/ (`carry: [".whl"]`).
+GPU_WHEELS := diffusers==0.42.1 torchao==0.18.0
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d .whl \
+	  --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform any $(GPU_WHEELS)

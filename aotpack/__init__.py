@@ -2,47 +2,42 @@
 drop the artifact back into a diffusers pipeline.
 
     import aotpack
-    aotpack.load_into(pipe, "artifacts/tiny-flux-int8wo-cpu-x86_64-avx512")
+    path = aotpack.build("tiny-flux", "int8wo")
+    aotpack.load_into(pipe, path)
+
+Importing aotpack is light (no torch): each function below is imported from its side of the package the
+first time it is used.
 """
 
-from aotpack._version import __version__  # noqa: E402
+from __future__ import annotations
 
-from .errors import AotpackError  # noqa: E402  (light: no torch import)
+import importlib
+from typing import Any
 
+from aotpack._version import __version__
+from aotpack.errors import AotpackError
 
-def build(*args, **kwargs):
-    """Build an artifact; see :func:`aotpack.builder.build`."""
-    from aotpack.builder.pipeline import build as _build
-
-    return _build(*args, **kwargs)
-
-
-def load(*args, **kwargs):
-    """Load an artifact as a drop-in module; see :func:`aotpack.runtime.load`."""
-    from aotpack.serve.module import load as _load
-
-    return _load(*args, **kwargs)
-
-
-def load_into(*args, **kwargs):
-    """Swap a pipeline's component for an artifact; see :func:`aotpack.runtime.load_into`."""
-    from aotpack.serve.module import load_into as _load_into
-
-    return _load_into(*args, **kwargs)
+# public function -> the module that defines it
+_API = {
+    "build": "aotpack.builder.pipeline",     # recipe -> artifact folder
+    "inspect": "aotpack.artifact.summary",   # the validated manifest
+    "sign": "aotpack.signing",               # sign an artifact folder
+    "load": "aotpack.serve.load",            # artifact -> drop-in module
+    "load_into": "aotpack.serve.load",       # ... put into a pipeline
+    "run": "aotpack.serve.run",              # artifact -> image or video
+    "push": "aotpack.hub",                   # artifact -> Hub repo
+    "pull": "aotpack.hub",                   # Hub repo -> artifact folder
+}
 
 
-def run(*args, **kwargs):
-    """Generate an image with an artifact; see :func:`aotpack.run.run`."""
-    from aotpack.serve.run import run as _run
-
-    return _run(*args, **kwargs)
-
-
-def inspect(*args, **kwargs):
-    """Read an artifact's validated manifest; see :func:`aotpack.info.inspect`."""
-    from aotpack.artifact.summary import inspect as _inspect
-
-    return _inspect(*args, **kwargs)
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'aotpack' has no attribute {name!r}")
 
 
-__all__ = ["AotpackError", "build", "inspect", "load", "load_into", "run", "__version__"]
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+__all__ = ["AotpackError", "__version__", *_API]

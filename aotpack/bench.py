@@ -165,13 +165,13 @@ def load_worker(args: dict) -> dict:
     import torch._inductor.package  # noqa: F401
 
     from aotpack.artifact import manifest as mf
-    from aotpack.serve.module import load
+    from aotpack.serve.load import load
 
     folder = Path(args["artifact"])
-    data = mf.read(folder)
+    manifest = mf.read(folder)
     evict(folder)
     t = time.perf_counter()
-    for name in data["files"]:
+    for name in manifest.files:
         with open(folder / name, "rb") as fh:
             while fh.read(16 << 20):
                 pass
@@ -184,33 +184,26 @@ def load_worker(args: dict) -> dict:
     module = load(folder)  # a later boot: the hashes of unchanged files are remembered
     load_s = time.perf_counter() - t
     rss_load = psutil.Process().memory_info().rss - rss0
-    x = _example_inputs(data, torch)
+    x = _example_inputs(manifest.component.inputs, torch)
     with torch.no_grad():
         module(**x)
     rss_forward = psutil.Process().memory_info().rss - rss0
-    weights = data["files"]["weights.safetensors"]["size"]
-    return {"read_s": read_s, "load_s": load_s, "weights_bytes": weights,
-            "artifact_bytes": sum(e["size"] for e in data["files"].values()),
+    return {"read_s": read_s, "load_s": load_s, "weights_bytes": manifest.weights_bytes(),
+            "artifact_bytes": sum(e.size for e in manifest.files.values()),
             "rss_added_by_load": rss_load, "rss_after_forward": rss_forward}
 
 
-def _example_inputs(data: dict, torch: Any) -> dict:
+def _example_inputs(spec: Any, torch: Any) -> dict:
     """Inputs at the smallest batch and a mid-range size of every dynamic dim (relations respected)."""
-    ranges = data["inputs"]["dynamic"]
-    sizes = {name: (rng[2] if len(rng) > 2 else 1) * max(1, (rng[0] + rng[1]) // 2 // (rng[2] if len(rng) > 2 else 1))
-             for name, rng in ranges.items()}
-    sizes["batch"] = 1
-    for rel in data["inputs"].get("relations") or []:
-        n = 1
-        for d in rel["product"]:
-            n *= sizes[d]
-        sizes[rel["dim"]] = n // rel["divisor"]
-    x = {}
-    for spec in data["inputs"]["tensors"]:
-        shape = [sizes[d] if isinstance(d, str) else d for d in spec["shape"]]
-        x[spec["name"]] = torch.randn(shape).to(getattr(torch, spec["dtype"])) * 0.1
     from aotpack.builder.capture import unflatten_inputs
 
+    def mid(name: str, rng: tuple[int, ...]) -> int:
+        step = rng[2] if len(rng) > 2 else 1
+        return 1 if name == "batch" else step * max(1, (rng[0] + rng[1]) // 2 // step)
+
+    sizes = spec.sizes(mid)
+    x = {t.name: torch.randn([sizes[d] if isinstance(d, str) else d for d in t.shape]).to(getattr(torch, t.dtype)) * 0.1
+         for t in spec.tensors}
     return unflatten_inputs(x)
 
 
@@ -257,7 +250,7 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
               variants: tuple[str, ...] = VARIANTS, variant: str | None = None, max_autotune: bool = False,
               artifacts_dir: Path = Path("artifacts")) -> Path:
     """Build (or reuse) the artifacts, run every variant for every scheme, write results; returns ``out``."""
-    from aotpack.builder.pipeline import default_out
+    from aotpack.builder.spec import default_out
     from aotpack.artifact.platform import default_device, describe, tag
     from aotpack.builder.recipe import get_recipe
 
@@ -313,7 +306,7 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
 def _weights_bytes(path: Path) -> int:
     from aotpack.artifact import manifest as mf
 
-    return mf.read(path)["files"]["weights.safetensors"]["size"]
+    return mf.read(path).weights_bytes()
 
 
 COLUMNS = ["ckpt_id", "batch_size", "fuse", "compile", "compile_vae", "quantization", "sparsify", "model_memory",

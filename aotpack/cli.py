@@ -178,8 +178,10 @@ def schemes() -> None:
 @click.option("--reuse", type=click.Path(), default=None,
               help="Take the compiled code of this artifact instead of compiling, when the graph is the same "
                    "(e.g. other weights or a LoRA).")
+@click.option("--sign-key", type=click.Path(), default=None,
+              help="Sign the artifact with this EC private key (PEM) as it is built (see 'aotpack sign').")
 def build(recipe, quant, plan, error_budget, out, model, variant, dtype, overwrite, lora, lora_scale, fuse_qkv,
-          quantize_text_encoder, quantize_vae, compile_vae, max_autotune, reuse) -> None:
+          quantize_text_encoder, quantize_vae, compile_vae, max_autotune, reuse, sign_key) -> None:
     """Quantize, export and compile RECIPE into an artifact folder; prints its path.
 
     \b
@@ -193,6 +195,7 @@ def build(recipe, quant, plan, error_budget, out, model, variant, dtype, overwri
       aotpack build tiny-flux --lora my-style.safetensors --lora-scale 0.8 --fuse-qkv
       aotpack build flux-blocks --quant auto --error-budget 0.02
       aotpack build flux-blocks --plan artifacts/flux-blocks-auto-cpu-x86_64-avx512/plan.json --out again
+      aotpack build tiny-flux --sign-key builder.pem
     """
     from aotpack.builder.pipeline import build as build_artifact
 
@@ -200,7 +203,7 @@ def build(recipe, quant, plan, error_budget, out, model, variant, dtype, overwri
                           lora=lora, lora_scale=lora_scale, fuse_qkv=fuse_qkv,
                           quantize_text_encoder=quantize_text_encoder, quantize_vae=quantize_vae,
                           compile_vae=compile_vae, plan=plan, error_budget=error_budget, reuse=reuse,
-                          max_autotune=max_autotune)
+                          max_autotune=max_autotune, sign_key=sign_key)
     click.echo(str(path))
 
 
@@ -217,8 +220,31 @@ def inspect(artifact, as_json) -> None:
     """
     from aotpack.artifact.summary import inspect as read_manifest, summarize
 
-    data = read_manifest(artifact)
-    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else summarize(data))
+    manifest = read_manifest(artifact)
+    click.echo(json.dumps(manifest.to_json(), indent=2, sort_keys=True) if as_json
+               else summarize(manifest, Path(artifact)))
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--key", "key", type=click.Path(), required=True, help="EC private key (PEM) of the builder.")
+def sign(artifact, key) -> None:
+    """Sign an artifact folder (OpenSSF model-signing, elliptic key, offline); prints the key's fingerprint.
+
+    Writes ARTIFACT/signature.sig over every file of the folder. Serving boxes that pass --trusted-key (or set
+    AOTPACK_TRUSTED_KEYS) load only artifacts signed by one of their keys.
+
+    \b
+    Examples:
+      openssl ecparam -genkey -name prime256v1 -noout -out builder.pem
+      openssl ec -in builder.pem -pubout -out builder.pub
+      aotpack sign artifacts/tiny-flux-int8wo-cpu-x86_64-avx512 --key builder.pem
+      aotpack run artifacts/tiny-flux-int8wo-cpu-x86_64-avx512 --prompt "a cat" --trusted-key builder.pub
+    """
+    from aotpack import signing
+
+    info = signing.sign(artifact, key_path=key)
+    click.echo(info.fingerprint)
 
 
 @cli.command()
@@ -230,16 +256,18 @@ def inspect(artifact, as_json) -> None:
 @click.option("--frames", type=int, default=None, help="Video artifacts: frames to generate (default: the recipe's).")
 @click.option("--height", type=int, default=None, help="Pixels (default: the recipe's).")
 @click.option("--width", type=int, default=None, help="Pixels (default: the recipe's).")
-@click.option("--steps", type=int, default=None, help="Denoising steps (default: the recipe's).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=int, default=None, help="Denoising steps (default: the recipe's; at most its max_steps).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (0 .. 2^63-1).")
 @click.option("--guidance-scale", type=float, default=None)
 @click.option("--revision", default=None, help="For a Hub repo id: the tag or commit to load.")
 @click.option("--trust", is_flag=True, help="For a Hub repo id: accept a branch.")
 @click.option("--lora", type=click.Path(), default=None, help="Swap this LoRA .safetensors in (no recompile).")
 @click.option("--lora-scale", type=float, default=1.0, show_default=True)
 @click.option("--cuda-graphs", is_flag=True, help="Replay the compiled module as CUDA graphs (CUDA artifacts).")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(),
+              help="Require a signature by this public key (PEM; repeatable; default: AOTPACK_TRUSTED_KEYS).")
 def run(artifact, prompt, out, frames, height, width, steps, seed, guidance_scale, revision, trust, lora, lora_scale,
-        cuda_graphs) -> None:
+        cuda_graphs, trusted_keys) -> None:
     """Generate an image (or a video) with an artifact dropped into its diffusers pipeline; prints the file
     written.
 
@@ -258,6 +286,8 @@ def run(artifact, prompt, out, frames, height, width, steps, seed, guidance_scal
         extra.update(lora=lora, lora_scale=lora_scale)
     if cuda_graphs:
         extra["cuda_graphs"] = True
+    if trusted_keys:
+        extra["trusted_keys"] = list(trusted_keys)
     path = run_artifact(artifact, prompt=prompt, out=out, height=height, width=width, steps=steps, seed=seed,
                         guidance_scale=guidance_scale, frames=frames, **extra)
     click.echo(str(path))

@@ -9,7 +9,14 @@ from __future__ import annotations
 def first_line(e: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its class name if empty): long library errors stay one line."""
     text = str(e).strip()
-    return text.splitlines()[0][:limit] if text else type(e).__name__
+    return one_line(text.splitlines()[0], limit) if text else type(e).__name__
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` made safe to print as part of one line: control characters (newlines, escapes that move the
+    cursor or fake a line) are shown escaped, and it is cut at ``limit`` characters."""
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+    return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
 class AotpackError(Exception):
@@ -62,3 +69,11 @@ class ResourceError(AotpackError):
 
 class HubError(AotpackError):
     """A Hub operation failed: auth, missing repo or revision, network."""
+
+
+class SignatureError(AotpackError):
+    """A signature is missing, unreadable, not from a trusted key, or does not cover the artifact's files."""
+
+
+class ConfigError(AotpackError):
+    """An environment variable or setting aotpack reads has a value it cannot use."""

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence, Union
 
-from .errors import AotpackError, first_line
-from .artifact.manifest import MANIFEST
+from aotpack.artifact.manifest import MANIFEST
+from aotpack.errors import SignatureError, first_line
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
@@ -42,10 +42,6 @@ _KEYGEN_HINT = ("make a key pair with: openssl ecparam -genkey -name prime256v1 
                 "openssl ec -in key.pem -pubout -out key.pub")
 
 KeyLike = Union[str, os.PathLike, bytes, "EllipticCurvePublicKey"]
-
-
-class SignatureError(AotpackError):
-    """A signature is missing, unreadable, not from a trusted key, or does not cover the artifact's files."""
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,13 @@ REPO = Path(__file__).resolve().parent.parent
 def _isolated_env(tmp_path_factory):
     """The aotpack cache (tiny pipelines) lives in a session temp dir; nothing touches ~/.cache or the Hub."""
     cache = tmp_path_factory.mktemp("aotpack-cache")
-    old = {k: os.environ.get(k) for k in ("AOTPACK_CACHE", "HF_HUB_OFFLINE", "AOTPACK_DEBUG", "HF_HOME")}
+    keys = ("AOTPACK_CACHE", "AOTPACK_STATE", "HF_HUB_OFFLINE", "AOTPACK_DEBUG", "HF_HOME", "AOTPACK_TRUSTED_KEYS",
+            "AOTPACK_VERIFY", "AOTPACK_MEMORY_RESERVE")
+    old = {k: os.environ.get(k) for k in keys}
+    for k in ("AOTPACK_TRUSTED_KEYS", "AOTPACK_VERIFY", "AOTPACK_MEMORY_RESERVE"):
+        os.environ.pop(k, None)
     os.environ["AOTPACK_CACHE"] = str(cache)
+    os.environ["AOTPACK_STATE"] = str(tmp_path_factory.mktemp("aotpack-state"))
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf-home"))
     os.environ.pop("AOTPACK_DEBUG", None)
@@ -28,6 +33,16 @@ def _isolated_env(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+BUILDS = {"artifacts", "module", "hub", "signed"}  # fixtures that build (or hold) AOTInductor artifacts
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that builds an artifact is slow, whether or not it says so: ``make test-fast`` compiles nothing."""
+    for item in items:
+        if BUILDS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 class ArtifactFactory:

@@ -34,10 +34,10 @@ def main() -> None:
     from aotpack.builder.source import source_of
     from aotpack.builder.schemes import get_scheme, quantize, torchao_config
 
-    data = aotpack.inspect(args.artifact)
-    recipe = get_recipe(data["recipe"]["name"], data["recipe"]["variant"])
-    options = data.get("options") or {}
-    pipe = load_pipeline(recipe, source_of(data), dtype=data["dtype"])
+    manifest = aotpack.inspect(args.artifact)
+    recipe = get_recipe(manifest.recipe.name, manifest.recipe.variant)
+    options = manifest.options
+    pipe = load_pipeline(recipe, source_of(manifest.model), dtype=manifest.dtype)
 
     def call():
         # not the capture's size: the artifact serves other sizes (and frames) than it was exported with
@@ -56,15 +56,15 @@ def main() -> None:
 
     with torch.no_grad():
         eager_fp = call()
-        if options.get("quantize_text_encoder"):
-            quantize_all(options["quantize_text_encoder"],
+        if options.quantize_text_encoder:
+            quantize_all(options.quantize_text_encoder,
                          [getattr(pipe, n) for n in pipe.components if n.startswith("text_encoder")])
         if args.lora:
             eager_base = call()
             pipe.load_lora_weights(args.lora)
             pipe.fuse_lora(lora_scale=args.lora_scale)
             pipe.unload_lora_weights()
-        if options.get("fuse_qkv"):
+        if options.fuse_qkv:
             pipe.transformer.fuse_qkv_projections()
         quantize_all(args.scheme, [pipe.transformer])
         eager_q = call()
@@ -75,7 +75,7 @@ def main() -> None:
         pipe = aotpack.load_into(pipe, args.artifact, **swap)
         rss2 = psutil.Process().memory_info().rss
         assert type(pipe.transformer).__name__ == "AotModule"
-        if options.get("compile_vae"):
+        if options.compile_vae:
             assert type(pipe.vae).__name__ == "AotVaeDecoder"
         aot = call()
     print(json.dumps({

@@ -31,15 +31,22 @@ def test_error_midway_leaves_nothing(tmp_path):
     assert not final.exists() and no_partials(tmp_path)
 
 
+def _manifest() -> bytes:
+    from test_manifest import sample
+    import json
+
+    return json.dumps(sample()).encode()
+
+
 def test_interrupt_midway_keeps_the_old_artifact(tmp_path):
     final = tmp_path / "a"
     final.mkdir()
-    _write(final, {"manifest.json": b"old"})
+    _write(final, {"manifest.json": _manifest()})
     with pytest.raises(KeyboardInterrupt):
         with artifact.atomic_folder(final, overwrite=True) as tmp:
             _write(tmp, {"manifest.json": b"new"})
             raise KeyboardInterrupt
-    assert (final / "manifest.json").read_bytes() == b"old"
+    assert (final / "manifest.json").read_bytes() == _manifest()
     assert no_partials(tmp_path)
 
 
@@ -64,11 +71,21 @@ def test_overwrite_never_deletes_a_non_artifact(tmp_path):
 def test_overwrite_replaces_an_artifact(tmp_path):
     final = tmp_path / "a"
     final.mkdir()
-    _write(final, {"manifest.json": b"old", "stale": b"1"})
+    _write(final, {"manifest.json": _manifest(), "stale": b"1"})
     with artifact.atomic_folder(final, overwrite=True) as tmp:
         _write(tmp, {"manifest.json": b"new"})
     assert sorted(os.listdir(final)) == ["manifest.json"]
     assert (final / "manifest.json").read_bytes() == b"new" and no_partials(tmp_path)
+
+
+def test_t05_overwrite_refuses_a_folder_whose_manifest_is_not_aotpack(tmp_path):
+    final = tmp_path / "extension"
+    final.mkdir()
+    _write(final, {"manifest.json": b'{"manifest_version": 3, "name": "my browser extension"}', "bg.js": b"x"})
+    with pytest.raises(OutputExistsError, match="not an aotpack artifact"):
+        with artifact.atomic_folder(final, overwrite=True):
+            pass
+    assert sorted(os.listdir(final)) == ["bg.js", "manifest.json"]
 
 
 def test_stale_partials_of_dead_builds_are_swept(tmp_path):
@@ -79,8 +96,19 @@ def test_stale_partials_of_dead_builds_are_swept(tmp_path):
     assert not stale.exists()
 
 
+def _zip(entries: dict) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
 def _files(tmp_path):
-    _write(tmp_path, {"model.pt2": b"code", "weights.safetensors": b"weights"})
+    _write(tmp_path, {"model.pt2": _zip({"model/code.so": b"code"}), "weights.safetensors": b"weights"})
     return artifact.file_entries(tmp_path)
 
 
@@ -98,7 +126,7 @@ def test_verify_catches_a_flipped_byte(tmp_path):
 def test_verify_catches_truncation(tmp_path):
     files = _files(tmp_path)
     (tmp_path / "model.pt2").write_bytes(b"co")
-    with pytest.raises(IntegrityError, match="model.pt2 is 2 bytes, the manifest says 4"):
+    with pytest.raises(IntegrityError, match=r"model.pt2 is 2 bytes, the manifest says \d+ \(truncated or replaced\)"):
         artifact.verify_files(tmp_path, files)
 
 
@@ -106,4 +134,73 @@ def test_verify_catches_a_missing_file(tmp_path):
     files = _files(tmp_path)
     (tmp_path / "model.pt2").unlink()
     with pytest.raises(IntegrityError, match="model.pt2 is missing"):
+        artifact.verify_files(tmp_path, files)
+
+
+@pytest.mark.parametrize("entries,expect", [
+    ({"../../evil.so": b"x"}, "outside its folder"),
+    ({"/etc/evil.so": b"x"}, "outside its folder"),
+    ({"model/big.bin": b"\0" * (64 << 20)}, "zip bomb"),
+])
+def test_t12_package_entries_are_checked_before_torch_sees_them(tmp_path, entries, expect):
+    import zipfile
+
+    data = _zip({})
+    if "big" in next(iter(entries)):
+        import io
+
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            z.writestr("model/big.bin", entries["model/big.bin"])
+        data = buf.getvalue()
+        assert len(data) < (1 << 20)  # a small archive that unpacks to 64 MiB
+    else:
+        import io
+
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            for name, blob in entries.items():
+                z.writestr(zipfile.ZipInfo(name), blob)
+        data = buf.getvalue()
+    _write(tmp_path, {"model.pt2": data})
+    files = artifact.file_entries(tmp_path)
+    with pytest.raises(IntegrityError, match=expect):
+        artifact.verify_files(tmp_path, files)
+
+
+def test_t03_verified_files_read_the_bytes_that_were_hashed_not_the_path_again(tmp_path):
+    """Open once, hash through the open file, hand out that file: a swap after the check is never read."""
+    _write(tmp_path, {"weights.safetensors": b"good weights", "model.pt2": _zip({"model/a.so": b"good"})})
+    files = artifact.file_entries(tmp_path)
+    with artifact.VerifiedFiles(tmp_path, files) as vf:
+        data_path, code_path = vf.data("weights.safetensors"), vf.code("model.pt2")
+        (tmp_path / "swap").write_bytes(b"evil weights")
+        os.replace(tmp_path / "swap", tmp_path / "weights.safetensors")
+        (tmp_path / "model.pt2").write_bytes(_zip({"model/a.so": b"evil"}))
+        assert open(data_path, "rb").read() == b"good weights"
+        assert b"good" in code_path.read_bytes() and b"evil" not in code_path.read_bytes()
+        assert oct(code_path.parent.stat().st_mode & 0o777) == "0o700"
+    assert not code_path.exists()  # the private copy goes with the handle
+
+
+def test_t06_remembered_hashes_are_sealed_and_an_invalid_verify_mode_is_an_error(tmp_path, monkeypatch):
+    from aotpack.errors import ConfigError
+
+    files = _files(tmp_path)
+    artifact.verify_files(tmp_path, files)  # hashes and remembers
+    st = os.stat(tmp_path / "weights.safetensors")
+    assert artifact.verified_before(tmp_path / "weights.safetensors", st, files["weights.safetensors"].sha256)
+    # a record planted by someone who can write the cache (right path, stamp and sha256, no valid seal) is ignored
+    record = artifact._record(tmp_path / "model.pt2")
+    (tmp_path / "model.pt2").write_bytes(_zip({"model/code.so": b"evil"}))
+    st = os.stat(tmp_path / "model.pt2")
+    import json
+
+    record.write_text(json.dumps({"kind": "verified", "payload": {"path": str((tmp_path / "model.pt2").absolute()),
+                                  "stamp": artifact._stamp(st), "sha256": files["model.pt2"].sha256}, "mac": "0" * 64}))
+    assert not artifact.verified_before(tmp_path / "model.pt2", st, files["model.pt2"].sha256)
+    with pytest.raises(IntegrityError):
+        artifact.verify_files(tmp_path, files)
+    monkeypatch.setenv("AOTPACK_VERIFY", "sometimes")
+    with pytest.raises(ConfigError, match="AOTPACK_VERIFY=sometimes is not a verify mode"):
         artifact.verify_files(tmp_path, files)

@@ -35,23 +35,30 @@ def test_artifact_matches_eager_in_a_fresh_process(artifacts, scheme):
 @pytest.mark.parametrize("scheme", ["none", "int8wo", "int8dq"])
 def test_manifest_records_the_build(artifacts, scheme):
     path = artifacts(scheme)
-    data = mf.read(path)
-    assert data["scheme"]["name"] == scheme
-    assert (data["scheme"]["torchao_config"] is None) == (scheme == "none")
-    assert set(data["files"]) == {MODEL, WEIGHTS}
-    for name, entry in data["files"].items():
-        assert sha256_file(path / name) == entry["sha256"]
-    assert {"load", "capture", "quantize", "export", "compile"} <= set(data["build"]["stages"])
-    names = [t["name"] for t in data["inputs"]["tensors"]]
+    m = mf.read(path)
+    assert m.scheme.name == scheme
+    assert (m.scheme.torchao_config is None) == (scheme == "none")
+    assert set(m.files) == {MODEL, WEIGHTS}
+    for name, entry in m.files.items():
+        assert sha256_file(path / name) == entry.sha256
+    assert {"load", "capture", "quantize", "export", "compile", "verify"} <= set(m.build.stages)
+    names = m.component.inputs.names
     assert {"hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
             "guidance"} == set(names)
-    assert data["build"]["max_abs_error"] < TOLERANCE[scheme]
+    assert m.max_abs_error < TOLERANCE[scheme] and m.max_abs_error <= m.component.tolerance
+    # the quantization error is measured against the full-precision eager model and recorded
+    q = m.build.quant_error
+    assert q is not None and q.forward_ref_max > 0 and q.latents_ref_max > 0
+    if scheme == "none":
+        assert q.forward_max_abs <= TOLERANCE["none"]
+    else:
+        assert q.forward_max_abs > m.component.max_abs_error
     assert no_partials(path.parent)
 
 
 def test_int8_weights_are_smaller(artifacts):
-    fp = mf.read(artifacts("none"))["files"][WEIGHTS]["size"]
-    q = mf.read(artifacts("int8wo"))["files"][WEIGHTS]["size"]
+    fp = mf.read(artifacts("none")).files[WEIGHTS].size
+    q = mf.read(artifacts("int8wo")).files[WEIGHTS].size
     assert q < 0.5 * fp, (q, fp)
 
 
@@ -91,5 +98,6 @@ def test_inspect_summary_and_json(artifacts):
     res = run_cli("inspect", str(path))
     assert res.returncode == 0, res.stderr
     assert "scheme      int8wo (Int8WeightOnlyConfig)" in res.stdout
+    assert "accuracy    quantized vs full precision" in res.stdout and "signature   not signed" in res.stdout
     res = run_cli("inspect", str(path), "--json")
     assert json.loads(res.stdout)["scheme"]["name"] == "int8wo"

@@ -1,40 +1,91 @@
+"""The typed manifest: JSON round trip, every problem gathered, schema 1 still read, platform checks."""
+
 import copy
 import json
 
 import pytest
 
 from aotpack.artifact import manifest as mf
-from aotpack.errors import IncompatibleArtifactError, ManifestError
+from aotpack.artifact.manifest import InputSpec, Manifest, Relation, TensorSpec
 from aotpack.artifact.platform import describe
+from aotpack.artifact.schema import encode
+from aotpack.errors import IncompatibleArtifactError, InputError, ManifestError
+
+SHA = "a" * 64
 
 
 def sample() -> dict:
+    spec = {"tensors": [{"name": "hidden_states", "shape": ["batch", "image_seq", 16], "dtype": "float32"},
+                        {"name": "txt_ids", "shape": [32, 3], "dtype": "float32"}],
+            "dynamic": {"batch": [1, 4], "image_seq": [4, 256]}, "relations": []}
     return {
         "schema_version": mf.SCHEMA_VERSION,
-        "aotpack_version": "0.1.0",
+        "aotpack_version": "0.2.0",
+        "recipe": {"name": "tiny-flux", "variant": None, "family": "flux", "pipeline": "FluxPipeline",
+                   "component": "transformer"},
+        "model": {"checkpoint": "builtin:tiny-flux", "revision": "seed-0", "source": "builtin",
+                  "config": {"in_channels": 16}, "commit": None, "files": {}},
+        "scheme": {"name": "int8wo", "torchao_config": {"_type": "Int8WeightOnlyConfig"}},
+        "dtype": "float32",
+        "request": {"batch": [1, 4], "height": [32, 256], "width": [32, 256], "multiple": 16,
+                    "max_sequence_length": 32, "max_steps": 50, "output": "image", "frames": None,
+                    "temporal_compression": 1},
+        "platform": encode(describe("cpu")),
+        "files": {"model.pt2": {"size": 10, "sha256": SHA}, "weights.safetensors": {"size": 20, "sha256": SHA}},
+        "modules": [{"name": "transformer", "kind": "component", "code": "model.pt2",
+                     "weights": "weights.safetensors", "root": "component", "instances": ["transformer"],
+                     "inputs": spec, "scheme": "int8wo", "max_abs_error": 1e-6, "tolerance": 1e-3,
+                     "compile_key": None, "compiled": "compiled", "config": None}],
+        "build": {"date": "2026-11-24T00:00:00+00:00", "stages": {"compile": 1.0}, "peak_rss_bytes": 1,
+                  "quant_error": None},
+        "options": {"fuse_qkv": False, "quantize_text_encoder": None, "quantize_vae": None, "compile_vae": False,
+                    "max_autotune": False, "regional": False},
+        "lora": None,
+        "plan": None,
+    }
+
+
+def v1_sample() -> dict:
+    """A schema-1 manifest as aotpack 0.1 wrote it."""
+    return {
+        "schema_version": 1, "aotpack_version": "0.1.0",
         "recipe": {"name": "tiny-flux", "variant": None, "family": "flux", "pipeline": "FluxPipeline",
                    "component": "transformer"},
         "model": {"checkpoint": "builtin:tiny-flux", "revision": "seed-0", "source": "builtin",
                   "config": {"in_channels": 16}},
         "scheme": {"name": "int8wo", "torchao_config": {"_type": "Int8WeightOnlyConfig"}},
         "dtype": "float32",
-        "inputs": {
-            "tensors": [{"name": "hidden_states", "shape": ["batch", "image_seq", 16], "dtype": "float32"},
-                        {"name": "txt_ids", "shape": [32, 3], "dtype": "float32"}],
-            "dynamic": {"batch": [1, 4], "image_seq": [4, 256]},
-            "image": {"height": [32, 256], "width": [32, 256], "multiple": 16},
-            "max_sequence_length": 32,
-        },
-        "platform": dict(describe("cpu")),
-        "files": {"model.pt2": {"size": 3, "sha256": "a" * 64}, "weights.safetensors": {"size": 4, "sha256": "b" * 64}},
+        "inputs": {"tensors": [{"name": "hidden_states", "shape": ["batch", "image_seq", 16], "dtype": "float32"}],
+                   "dynamic": {"batch": [1, 4], "image_seq": [4, 256]},
+                   "image": {"height": [32, 256], "width": [32, 256], "multiple": 16}, "max_sequence_length": 32},
+        "platform": encode(describe("cpu")),
+        "files": {"model.pt2": {"size": 10, "sha256": SHA}, "weights.safetensors": {"size": 20, "sha256": SHA},
+                  "vae_decoder.pt2": {"size": 1, "sha256": SHA}, "vae_decoder.safetensors": {"size": 1, "sha256": SHA}},
         "build": {"date": "2026-11-24T00:00:00+00:00", "stages": {"compile": 1.0}, "peak_rss_bytes": 1,
-                  "max_abs_error": 0.0, "quant_abs_error": 0.0},
+                  "max_abs_error": 0.0, "quant_abs_error": None, "compile_key": "k" * 64, "compiled": "compiled"},
+        "options": {"fuse_qkv": True, "quantize_text_encoder": None, "quantize_vae": None, "compile_vae": True},
+        "lora": None,
+        "modules": {"vae_decoder": {"component": "vae", "model": "vae_decoder.pt2",
+                                    "weights": "vae_decoder.safetensors", "scheme": "none", "config": {},
+                                    "inputs": {"tensors": [{"name": "z", "shape": ["batch", 4, 8, 8],
+                                                            "dtype": "float32"}], "dynamic": {"batch": [1, 4]}},
+                                    "max_abs_error": 0.0}},
+        "plan": None,
     }
 
 
 def test_round_trip():
-    data = sample()
-    assert mf.parse(mf.dumps(data)) == data
+    m = mf.validate(sample())
+    assert isinstance(m, Manifest) and mf.parse(m.dumps()) == m
+    assert json.loads(m.dumps()) == sample()
+
+
+def test_schema_1_is_still_read():
+    m = mf.validate(v1_sample())
+    assert m.schema_version == 1 and m.options.fuse_qkv and m.options.compile_vae
+    assert [x.name for x in m.modules] == ["transformer", "vae_decoder"]
+    assert m.module("vae_decoder").weights == "vae_decoder.safetensors" and m.component.compile_key == "k" * 64
+    assert m.request.max_sequence_length == 32 and m.component.key("transformer", "component.a") == "component.a"
 
 
 def test_not_json():
@@ -64,7 +115,14 @@ def test_wrong_types():
     data["files"]["model.pt2"]["sha256"] = "xyz"
     with pytest.raises(ManifestError) as e:
         mf.validate(data)
-    assert "build.peak_rss_bytes" in e.value.cause and "files['model.pt2']" in e.value.cause
+    assert "build.peak_rss_bytes" in e.value.cause
+
+
+def test_bad_sha_is_refused():
+    data = sample()
+    data["files"]["model.pt2"]["sha256"] = "xyz"
+    with pytest.raises(ManifestError, match=r"files\['model.pt2'\] must be"):
+        mf.validate(data)
 
 
 def test_newer_schema_asks_for_an_upgrade():
@@ -91,8 +149,49 @@ def test_file_names_cannot_escape(name):
         mf.validate(data)
 
 
+def test_t11_field_errors_are_manifest_errors_before_anything_runs():
+    data = sample()
+    data["dtype"] = 7
+    data["modules"][0]["code"] = "other.pt2"
+    data["modules"][0]["inputs"]["tensors"][0]["shape"] = ["batch", "nonsense", 16]
+    with pytest.raises(ManifestError) as e:
+        mf.validate(data)
+    assert "field 'dtype' must be str" in e.value.cause
+    data = sample()
+    data["modules"][0]["code"] = "other.pt2"
+    data["modules"][0]["inputs"]["tensors"][0]["shape"] = ["batch", "nonsense", 16]
+    with pytest.raises(ManifestError) as e:
+        mf.validate(data)
+    assert "'other.pt2', which files does not list" in e.value.cause and "dynamic dims" in e.value.cause
+
+
+def test_t11_deep_nesting_and_huge_manifests_are_manifest_errors():
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(ManifestError, match="nested too deeply|not valid JSON"):
+        mf.parse(deep)
+    with pytest.raises(ManifestError, match="more than any aotpack manifest"):
+        mf.parse(b" " * (mf.MAX_MANIFEST_BYTES + 1))
+    data = sample()
+    data["model"]["config"] = {"a": json.loads("[" * 500 + "]" * 500)}
+    assert mf.validate(data)  # free-form config may nest; the parser's own limit guards it
+
+
+def test_t11_non_finite_numbers_are_refused():
+    text = json.dumps(sample()).replace('"max_abs_error": 1e-06', '"max_abs_error": NaN')
+    with pytest.raises(ManifestError, match="max_abs_error"):
+        mf.parse(text)
+
+
+def test_t13_field_names_with_control_characters_stay_on_one_line():
+    data = sample()
+    data["recipe"]["evil\nError: fake line\x1b[2K"] = 1
+    with pytest.raises(ManifestError) as e:
+        mf.validate(data)
+    assert "\n" not in e.value.cause and "\x1b" not in e.value.cause
+
+
 def test_same_platform_is_compatible():
-    mf.check_compatible(sample(), describe("cpu"))
+    mf.check_compatible(mf.validate(sample()), describe("cpu"))
 
 
 @pytest.mark.parametrize(
@@ -108,32 +207,71 @@ def test_platform_mismatch_is_refused(field, value, expect):
     data = sample()
     data["platform"][field] = value
     with pytest.raises(IncompatibleArtifactError) as e:
-        mf.check_compatible(data, describe("cpu"))
+        mf.check_compatible(mf.validate(data), describe("cpu"))
     assert expect in e.value.cause and "rebuild" in e.value.hint
 
 
 def test_cpu_isa_is_checked_against_the_cpu_flags_without_probing():
-    from aotpack.artifact.platform import describe as here_now
+    from dataclasses import replace
 
-    here = dict(here_now("cpu", probe_isa=False)) | {"arch": "x86_64"}
+    here = replace(describe("cpu", probe_isa=False), arch="x86_64")
     data = sample()
     data["platform"].update(arch="x86_64", isa="amx_tile")
     with pytest.raises(IncompatibleArtifactError) as e:
-        mf.check_compatible(data, here | {"cpu_flags": ["avx2", "fma", "f16c", "avx512f"]})
+        mf.check_compatible(mf.validate(data), replace(here, cpu_flags=("avx2", "fma", "f16c", "avx512f")))
     assert ("built for CPU ISA amx_tile, this CPU lacks amx_bf16, amx_int8, amx_tile, avx512_vnni, avx512bw"
             in e.value.cause)
     data["platform"]["isa"] = "avx2"
-    mf.check_compatible(data, here | {"cpu_flags": ["avx2", "fma", "f16c"]})
+    mf.check_compatible(mf.validate(data), replace(here, cpu_flags=("avx2", "fma", "f16c")))
 
 
 def test_gpu_capability_mismatch():
-    built = copy.deepcopy(sample()["platform"]) | {"device": "cuda", "cuda_capability": "9.0", "isa": None}
-    here = dict(built) | {"cuda_capability": "8.0"}
-    data = sample() | {"platform": built}
+    data = sample()
+    data["platform"].update(device="cuda", cuda_capability="9.0", isa=None)
+    here = mf.validate(copy.deepcopy(data)).platform
+    from dataclasses import replace
+
     with pytest.raises(IncompatibleArtifactError, match="sm9.0, this GPU is sm8.0"):
-        mf.check_compatible(data, here)
+        mf.check_compatible(mf.validate(data), replace(here, cuda_capability="8.0"))
 
 
 def test_dumps_is_stable_json():
-    text = mf.dumps(sample())
+    text = mf.validate(sample()).dumps()
     assert json.loads(text)["schema_version"] == mf.SCHEMA_VERSION
+
+
+# ---- InputSpec: the one description of a compiled module's inputs ----------------------------------------------
+
+def _spec():
+    return InputSpec(tensors=(TensorSpec("x", ("batch", "rows", 3), "float32"), TensorSpec("ids", ("rows",), "int64"),
+                              TensorSpec("rot", ("seq",), "float32")),
+                     dynamic={"batch": (1, 4), "rows": (2, 12, 2), "seq": (2, 40)},
+                     relations=(Relation("seq", ("batch", "rows"), "sum"),))
+
+
+def test_input_spec_axes_and_sizes():
+    spec = _spec()
+    assert spec.axes() == {"batch": {"x": 0}, "rows": {"x": 1, "ids": 0}, "seq": {"rot": 0}}
+    assert spec.sizes(lambda name, rng: rng[0]) == {"batch": 1, "rows": 2, "seq": 3}
+
+
+def test_input_spec_check_names_the_first_problem():
+    import torch
+
+    spec = _spec()
+    good = {"x": torch.zeros(2, 4, 3), "ids": torch.zeros(4, dtype=torch.int64), "rot": torch.zeros(6)}
+    spec.check(good, "cpu")
+    cases = [
+        ({**good, "x": torch.zeros(5, 4, 3)}, "outside the artifact's range [1, 4]"),
+        ({**good, "x": torch.zeros(2, 5, 3)}, "not a multiple of 2"),
+        ({**good, "ids": torch.zeros(6, dtype=torch.int64)}, "another input has 4"),
+        ({**good, "rot": torch.zeros(7)}, "seq is 7 but batch + rows is 6"),
+        ({**good, "ids": torch.zeros(4)}, "dtype float32, the artifact expects int64"),
+        ({k: v for k, v in good.items() if k != "rot"}, "missing input(s): rot"),
+        ({**good, "other": torch.zeros(1)}, "unexpected input(s): other"),
+        ({**good, "x": torch.zeros(2, 4, 4)}, "dim 2 is 4, the artifact was exported with 3"),
+    ]
+    for inputs, expect in cases:
+        with pytest.raises(InputError) as e:
+            spec.check(inputs, "cpu")
+        assert expect in e.value.cause, (expect, e.value.cause)

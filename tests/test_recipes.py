@@ -1,5 +1,6 @@
 import pytest
 
+from aotpack.artifact.manifest import Relation
 from aotpack.errors import RecipeError
 from aotpack.builder.recipe import get_recipe, list_recipes, parse_recipe, recipes_dir
 
@@ -62,8 +63,7 @@ def test_video_recipes_and_their_dims():
     assert tiny.dim_range("latent_frames") == [2, 5]
     assert tiny.dim_range("latent_height") == [4, 16, 2]  # latent rows, in steps of the patch size
     assert tiny.dim_range("video_seq") == [2 * 2 * 2, 5 * 8 * 8]
-    assert tiny.relations() == [{"dim": "video_seq", "product": ["latent_frames", "latent_height", "latent_width"],
-                                 "divisor": 4}]
+    assert tiny.relations()[0] == Relation("video_seq", ("latent_frames", "latent_height", "latent_width"), "product", 4)
     kwargs = tiny.pipeline_kwargs(height=64, width=64, steps=2, guidance_scale=6.0, batch=1, frames=9)
     assert kwargs["num_videos_per_prompt"] == 1 and kwargs["num_frames"] == 9
     two_b = get_recipe("cogvideox")
@@ -83,3 +83,24 @@ def test_video_dims_need_a_video_recipe():
         parse_recipe(data, source="broken.toml")
     assert "inputs.latent_frames needs output = 'video'" in e.value.cause
     assert "inputs.colour: unknown dim" in e.value.cause
+
+
+def test_t10_hub_checkpoints_are_pinned_by_commit():
+    import re
+    import tomllib
+
+    for name in list_recipes():
+        for variant in (None, *get_recipe(name).variants):
+            r = get_recipe(name, variant)
+            if not r.builtin:
+                assert re.fullmatch(r"[0-9a-f]{40}", r.revision), (name, variant, r.revision)
+    data = tomllib.loads((recipes_dir() / "flux.toml").read_text())
+    data["revision"] = "main"
+    with pytest.raises(RecipeError, match="revision must be a 40-hex commit"):
+        parse_recipe(data, source="flux.toml")
+
+
+def test_t09_every_recipe_bounds_the_steps_a_request_may_ask():
+    for name in list_recipes():
+        r = get_recipe(name)
+        assert 0 < r.run["steps"] <= r.run["max_steps"] == r.request().max_steps

@@ -10,6 +10,7 @@ import torch
 
 import aotpack
 from aotpack.artifact import manifest as mf
+from aotpack.artifact.manifest import Options
 from aotpack.errors import InputError
 
 from conftest import REPO, run_cli
@@ -28,10 +29,10 @@ def fresh_check(*args: str) -> dict:
 
 def test_tiny_cogvideox_matches_eager_at_other_frames_and_size(artifacts):
     path = artifacts("int8wo", recipe="tiny-cogvideox")
-    data = mf.read(path)
-    assert data["recipe"]["pipeline"] == "CogVideoXPipeline"
-    assert set(data["inputs"]["dynamic"]) == {"batch", "latent_frames", "latent_height", "latent_width", "video_seq"}
-    assert data["inputs"]["relations"][0]["dim"] == "video_seq"
+    m = mf.read(path)
+    assert m.recipe.pipeline == "CogVideoXPipeline"
+    assert set(m.component.inputs.dynamic) == {"batch", "latent_frames", "latent_height", "latent_width", "video_seq"}
+    assert m.component.inputs.relations[0].dim == "video_seq"
     # exported at 9 frames 64x64; checked at 13 frames 96x64
     result = fresh_check(path, "int8wo")
     assert result["shape"][1] == 4  # (13 - 1) / 4 + 1 latent frames
@@ -128,15 +129,17 @@ OPTIONS = dict(fuse_qkv=True, quantize_text_encoder="int8wo", compile_vae=True, 
 
 def test_build_options_match_eager_diffusers(artifacts, lora_file):
     path = artifacts("int8wo", lora=str(lora_file), **OPTIONS)
-    data = mf.read(path)
-    assert data["options"] == {"fuse_qkv": True, "quantize_text_encoder": "int8wo", "quantize_vae": None,
-                               "compile_vae": True}
-    assert data["lora"]["file"] == "style.safetensors" and data["lora"]["scale"] == 0.8
-    assert {"vae_decoder.pt2", "vae_decoder.safetensors"} <= set(data["files"])
+    m = mf.read(path)
+    assert m.options == Options(fuse_qkv=True, quantize_text_encoder="int8wo", compile_vae=True)
+    assert m.lora.file == "style.safetensors" and m.lora.scale == 0.8
+    # one weights file shared by both compiled modules, keyed by the pipeline's own names
+    assert set(m.files) == {"model.pt2", "vae_decoder.pt2", "weights.safetensors"}
+    assert [x.kind for x in m.modules] == ["component", "vae_decoder"]
     from safetensors import safe_open
 
     with safe_open(str(path / "weights.safetensors"), framework="pt") as f:
         keys = list(f.keys())
+    assert any(k.startswith("vae.decoder.") for k in keys) and any(k.startswith("transformer.") for k in keys)
     assert any(".attn.to_qkv." in k for k in keys) and not any(".attn.to_q." in k for k in keys)
     # decoded images: fused LoRA + fused projections + int8 text encoders + compiled VAE, against eager
     result = fresh_check(path, "int8wo", "--lora", lora_file, "--lora-scale", 0.8, "--decode")
@@ -172,20 +175,26 @@ def test_run_with_a_compiled_vae_never_reads_the_vae_weights(artifacts, lora_fil
 
 def test_quant_auto_records_a_plan_and_a_rebuild_from_it_is_identical(artifacts, tmp_path):
     path = artifacts("auto", error_budget=0.05)
-    data = mf.read(path)
-    assert data["scheme"]["name"] == "auto" and "plan.json" in data["files"]
+    m = mf.read(path)
+    assert m.scheme.name == "auto" and "plan.json" in m.files
     plan = json.loads((path / "plan.json").read_text())
-    layers = data["plan"]["layers"]
+    layers = m.plan.layers
     assert layers and set(layers) == set(plan["layers"])
     assert all(v["scheme"] in ("none", "int8wo", "int8dq", "fp8wo") for v in plan["layers"].values())
     assert all(v["error"] <= 0.05 for v in plan["layers"].values())
-    assert sum(data["plan"]["counts"].values()) == len(layers)
+    assert sum(m.plan.counts.values()) == len(layers)
+    # the plan is also torchao's own FqnToConfig: applied with quantize_ alone, it gives the same layers
+    from torchao.core.config import config_from_dict
+    from torchao.quantization import FqnToConfig
+
+    fqn = config_from_dict(plan["torchao"])
+    assert isinstance(fqn, FqnToConfig) and set(fqn.fqn_to_config) == set(layers)
     # the budget decides: nothing may exceed it, and with budget 0 every layer stays unquantized
     assert plan["timings"] and all("none" in t for t in plan["timings"].values())
     again = aotpack.build("tiny-flux", plan=str(path / "plan.json"), out=tmp_path / "again")
     redo = mf.read(again)
-    assert redo["plan"]["layers"] == layers
-    assert redo["files"]["weights.safetensors"]["sha256"] == data["files"]["weights.safetensors"]["sha256"]
+    assert redo.plan.layers == layers
+    assert redo.files["weights.safetensors"].sha256 == m.files["weights.safetensors"].sha256
     result = fresh_check(again, "none")  # against unquantized eager: within the budget's reach
     assert result["vs_eager_unquantized"] < 0.1 * max(1.0, result["scale"]), result
 
@@ -195,9 +204,9 @@ def test_a_rebuild_with_other_weights_reuses_the_compiled_code(artifacts, lora_f
     base = artifacts("int8wo")
     out = aotpack.build("tiny-flux", "int8wo", lora=str(lora_file), lora_scale=0.8, reuse=base,
                         out=tmp_path / "styled")
-    data = mf.read(out)
-    assert data["build"]["compiled"] == f"reused from {base}"
-    assert data["build"]["compile_key"] == mf.read(base)["build"]["compile_key"]
-    assert data["build"]["stages"]["compile"] < 1.0
+    m = mf.read(out)
+    assert m.component.compiled == f"reused from {base}"
+    assert m.component.compile_key == mf.read(base).component.compile_key
+    assert m.build.stages["compile"] < 1.0
     result = fresh_check(out, "int8wo", "--lora", lora_file, "--lora-scale", 0.8)
     assert result["vs_eager_same_scheme"] <= 1e-3, result

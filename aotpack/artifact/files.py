@@ -1,30 +1,46 @@
-"""The artifact folder: layout, atomic writes and file hashes.
+"""The artifact folder: layout, atomic writes, file hashes, and opening only the bytes that were verified.
 
-    model.pt2            AOTInductor package: compiled code only, no weights
-    weights.safetensors  the (quantized) weights as plain tensors, keyed by the compiled constants' names
+    model.pt2            AOTInductor package: compiled code only, no weights (one .pt2 per compiled module)
+    weights.safetensors  the (quantized) weights of every module, as plain tensors
     manifest.json        what it is, what it needs, and the size and sha256 of every other file
+    signature.sig        optional: an OpenSSF model-signing signature over all of the above
+
+A loader never hashes a path and then opens the path again: ``VerifiedFiles`` opens the folder once, opens
+each file once relative to it, hashes through that open file, and hands out a private copy (code) or the
+open file itself (weights, via /proc/self/fd) — the bytes that were hashed, whatever happens to the folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
+import stat
+import struct
 import tempfile
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from aotpack.errors import IntegrityError, OutputExistsError
-from aotpack.artifact.manifest import MANIFEST, is_safe_name
+from aotpack.artifact.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, is_safe_name, parse
+from aotpack.errors import ConfigError, IntegrityError, ManifestError, OutputExistsError, one_line
+from aotpack.paths import cache_dir, seal, unseal, write_atomic
 
 MODEL = "model.pt2"
 WEIGHTS = "weights.safetensors"
-REQUIRED_FILES = (MODEL, WEIGHTS)
+SIGNATURE = "signature.sig"      # written by aotpack.signing; not listed in the manifest it signs
 # safetensors header dtype codes -> torch dtype names
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
+             "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
+_MAX_HEADER = 100 << 20
+VERIFY_ENV = "AOTPACK_VERIFY"
+VERIFY_MODES = ("", "remembered", "full")
 
 
 def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
@@ -35,84 +51,277 @@ def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def file_entries(folder: Path) -> dict[str, dict]:
-    """Size and sha256 of every file in ``folder`` except the manifest, for the manifest."""
-    return {
-        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != MANIFEST
-    }
+def file_entries(folder: Path) -> dict[str, FileEntry]:
+    """Size and sha256 of every file in ``folder`` except the manifest and the signature, for the manifest."""
+    return {p.name: FileEntry(size=p.stat().st_size, sha256=sha256_file(p))
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (MANIFEST, SIGNATURE)}
 
 
-def verify_files(folder: Path, files: dict[str, dict], names: tuple[str, ...] = REQUIRED_FILES) -> None:
-    """Check that every manifest file is present with the recorded size and sha256, before anything loads."""
-    for name in names:
-        if name not in files:
-            raise IntegrityError(f"manifest lists no {name}", "rebuild the artifact")
-    for name, entry in files.items():
-        if not is_safe_name(name):
-            raise IntegrityError(f"manifest names an unsafe file {name!r}", "do not load this artifact")
-        path = folder / name
-        if not path.is_file():
-            raise IntegrityError(f"{name} is missing from {folder}", "download or build the artifact again")
-        size = path.stat().st_size
-        if size != entry["size"]:
-            raise IntegrityError(
-                f"{name} is {size} bytes, the manifest says {entry['size']} (truncated or replaced)",
-                "download or build the artifact again",
-            )
-        if verified_before(path, entry["sha256"]):
-            continue
-        if sha256_file(path) != entry["sha256"]:
-            raise IntegrityError(f"{name} does not match its sha256 in the manifest (corrupted or tampered)",
-                                 "download or build the artifact again; do not load it")
-        remember_verified(path, entry["sha256"])
+# ---- safetensors headers --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str          # torch dtype name
+    shape: tuple[int, ...]
+    offset: int         # from the start of the file
+    nbytes: int
 
 
-# A file hashed once is not hashed again while its identity is unchanged: device, inode, size, mtime and
-# ctime (which no user-space call can set back, and which any write, rename into place or utime changes).
-# The record lives in AOTPACK_CACHE/verified/, one small JSON file per path. AOTPACK_VERIFY=full ignores it.
+def read_safetensors_header(fd: int, size: int, name: str, error: type = IntegrityError) -> dict[str, TensorEntry]:
+    """The tensors a .safetensors file declares, checked before anything maps it: a header length inside the
+    file, known dtypes, offsets inside the data and not overlapping, and sizes that match the shapes."""
+    head = os.pread(fd, 8, 0)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+    if not 0 < n <= min(size - 8, _MAX_HEADER):
+        raise error(f"{name} is not a safetensors file", "download or save it again")
+    try:
+        header = json.loads(os.pread(fd, n, 8))
+    except (ValueError, RecursionError):
+        raise error(f"{name} has a broken safetensors header", "download or save it again") from None
+    if not isinstance(header, dict):
+        raise error(f"{name} has a broken safetensors header", "download or save it again")
+    header.pop("__metadata__", None)
+    data = size - 8 - n
+    out: dict[str, TensorEntry] = {}
+    spans = []
+    for key, e in header.items():
+        ok = isinstance(e, dict) and e.get("dtype") in SAFETENSORS_DTYPES and isinstance(e.get("shape"), list) \
+            and all(type(d) is int and d >= 0 for d in e["shape"]) and isinstance(e.get("data_offsets"), list) \
+            and len(e["data_offsets"]) == 2 and all(type(v) is int for v in e["data_offsets"])
+        if ok:
+            lo, hi = e["data_offsets"]
+            dtype = SAFETENSORS_DTYPES[e["dtype"]]
+            count = 1
+            for d in e["shape"]:
+                count *= d
+            ok = 0 <= lo <= hi <= data and hi - lo == count * _ITEMSIZE[dtype]
+        if not ok:
+            raise error(f"{name}: tensor {one_line(str(key), 80)} is out of bounds, of an unknown dtype or of the "
+                        "wrong size", "download or save it again")
+        out[key] = TensorEntry(dtype, tuple(e["shape"]), 8 + n + lo, hi - lo)
+        spans.append((lo, hi, key))
+    spans.sort()
+    for (lo1, hi1, k1), (lo2, hi2, k2) in zip(spans, spans[1:]):
+        if lo2 < hi1:
+            raise error(f"{name}: tensors {one_line(str(k1), 60)} and {one_line(str(k2), 60)} overlap",
+                        "download or save it again")
+    return out
 
-def _stamp(path: Path) -> list[int]:
-    st = path.stat()
+
+# ---- remembered hashes ----------------------------------------------------------------------------------------
+# A file hashed once is not hashed again while its identity is unchanged: device, inode, size, mtime and ctime
+# (any write through write(2), rename into place or utime changes the ctime, which user space cannot set back).
+# A write through a shared memory map changes neither until the kernel syncs it: AOTPACK_VERIFY=full hashes every
+# load. The records live in AOTPACK_CACHE/verified/, sealed (aotpack.paths): a planted or edited record is ignored,
+# and a genuine one only ever says "skip the hash of the file with exactly this identity and this sha256".
+
+def verify_mode() -> str:
+    """``AOTPACK_VERIFY``: unset/'' or 'remembered' (default), or 'full'. Anything else is an error."""
+    mode = os.environ.get(VERIFY_ENV, "")
+    if mode not in VERIFY_MODES:
+        raise ConfigError(f"{VERIFY_ENV}={one_line(mode, 40)!s} is not a verify mode",
+                          f"set {VERIFY_ENV}=full (hash every load) or unset it")
+    return mode or "remembered"
+
+
+def _stamp(st: os.stat_result) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def _record(path: Path) -> Path:
-    from aotpack.paths import cache_dir
-
-    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+    key = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:32]
     return cache_dir() / "verified" / f"{key}.json"
 
 
-def verified_before(path: Path, sha256: str) -> bool:
-    import json
-
-    if os.environ.get("AOTPACK_VERIFY") == "full":
+def verified_before(path: Path, st: os.stat_result, sha256: str) -> bool:
+    """True when this very file (same identity) was hashed to ``sha256`` before, by a sealed record."""
+    if verify_mode() == "full":
         return False
     try:
-        data = json.loads(_record(path).read_text())
-        return data == {"path": str(path.resolve()), "stamp": _stamp(path), "sha256": sha256}
-    except (OSError, ValueError):
+        with open(_record(path), "rb") as f:
+            text = f.read(4096)
+    except OSError:
         return False
+    return unseal("verified", text) == {"path": str(path.absolute()), "stamp": _stamp(st), "sha256": sha256}
 
 
-def remember_verified(path: Path, sha256: str) -> None:
-    import json
-
-    rec = _record(path)
+def remember_verified(path: Path, st: os.stat_result, sha256: str) -> None:
     try:
-        rec.parent.mkdir(parents=True, exist_ok=True)
-        tmp = rec.with_name(f".{rec.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"path": str(path.resolve()), "stamp": _stamp(path), "sha256": sha256}))
-        os.replace(tmp, rec)
+        write_atomic(_record(path), seal("verified", {"path": str(path.absolute()), "stamp": _stamp(st),
+                                                      "sha256": sha256}))
     except OSError:  # a read-only cache only costs the hash next time
         pass
 
 
-def _is_artifact(path: Path) -> bool:
-    return (path / MANIFEST).is_file()
+def remember_folder(folder: Path, files: dict[str, FileEntry]) -> None:
+    """Record files a build just hashed itself, so that the first load need not hash them again."""
+    for name, entry in files.items():
+        with contextlib.suppress(OSError):
+            remember_verified(folder / name, os.stat(folder / name), entry.sha256)
 
+
+# ---- opening only verified bytes ---------------------------------------------------------------------------------
+
+def _mismatch(name: str) -> IntegrityError:
+    return IntegrityError(f"{name} does not match its sha256 in the manifest (corrupted or tampered)",
+                          "download or build the artifact again; do not load it")
+
+
+class VerifiedFiles:
+    """The files of one artifact, each opened once (relative to the folder opened once) and checked against
+    the manifest before anything uses them. ``code(name)`` is a private copy of a .pt2 (hashed as it was
+    copied, in a 0700 folder only this process writes); ``data(name)`` is a path to the verified open file
+    itself (/proc/self/fd/N), so that a file swapped in the folder afterwards is never read."""
+
+    def __init__(self, folder: Path, files: dict[str, FileEntry]) -> None:
+        verify_mode()  # a bad AOTPACK_VERIFY is an error before anything is read
+        self.folder, self.files = Path(folder), files
+        self._fds: dict[str, int] = {}
+        self._private: Path | None = None
+        self._dir = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+
+    def __enter__(self) -> "VerifiedFiles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+        with contextlib.suppress(OSError):
+            os.close(self._dir)
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+            self._private = None
+
+    def _open(self, name: str) -> tuple[int, os.stat_result]:
+        entry = self.files.get(name)
+        if entry is None or not is_safe_name(name):
+            raise IntegrityError(f"manifest lists no {name}", "rebuild the artifact")
+        try:
+            fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+                         | os.O_NONBLOCK, dir_fd=self._dir)
+        except FileNotFoundError:
+            raise IntegrityError(f"{name} is missing from {one_line(str(self.folder))}",
+                                 "download or build the artifact again") from None
+        except OSError as e:
+            raise IntegrityError(f"cannot open {name}: {e.strerror}", "download or build the artifact again") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise IntegrityError(f"{name} is not a regular file", "do not load this artifact")
+        if st.st_size != entry.size:
+            os.close(fd)
+            raise IntegrityError(f"{name} is {st.st_size} bytes, the manifest says {entry.size} (truncated or replaced)",
+                                 "download or build the artifact again")
+        return fd, st
+
+    def _hash_fd(self, fd: int, name: str, sink=None) -> None:
+        """Hash the open file from its start (copying to ``sink`` as it goes) and compare with the manifest;
+        the file's identity must not change while it is read."""
+        before = os.fstat(fd)
+        h, offset = hashlib.sha256(), 0
+        while True:
+            block = os.pread(fd, 8 << 20, offset)
+            if not block:
+                break
+            h.update(block)
+            if sink is not None:
+                sink.write(block)
+            offset += len(block)
+        if _stamp(os.fstat(fd)) != _stamp(before) or offset != self.files[name].size:
+            raise IntegrityError(f"{name} changed while it was being verified", "load again once it is complete")
+        if h.hexdigest() != self.files[name].sha256:
+            raise _mismatch(name)
+
+    def check_all(self) -> None:
+        """Open and verify every file of the manifest now (the code files are copied as they are hashed)."""
+        for name in self.files:
+            if name.endswith(".pt2"):
+                self.code(name)
+            else:
+                self.data(name)
+
+    def data(self, name: str) -> str:
+        """A path that reads exactly the verified bytes of ``name`` (for safetensors and JSON files)."""
+        if name not in self._fds:
+            fd, st = self._open(name)
+            try:
+                path = self.folder / name
+                if not verified_before(path, st, self.files[name].sha256):
+                    self._hash_fd(fd, name)
+                    remember_verified(path, st, self.files[name].sha256)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fds[name] = fd
+        return fd_path(self._fds[name])
+
+    def read(self, name: str) -> bytes:
+        """The verified bytes of a small file (plan.json)."""
+        self.data(name)
+        fd, size = self._fds[name], self.files[name].size
+        return os.pread(fd, size, 0)
+
+    def fd(self, name: str) -> int:
+        self.data(name)
+        return self._fds[name]
+
+    def code(self, name: str) -> Path:
+        """A private copy of the .pt2 ``name``, hashed as it was copied and checked as a zip."""
+        if self._private is None:
+            self._private = Path(tempfile.mkdtemp(prefix="aotpack-code-"))  # mode 0700
+        target = self._private / name
+        if target.exists():
+            return target
+        fd, st = self._open(name)
+        try:
+            with open(target, "xb") as sink:
+                self._hash_fd(fd, name, sink)
+        finally:
+            os.close(fd)
+        check_package(target, name)
+        return target
+
+
+def fd_path(fd: int) -> str:
+    """A path that opens the very file ``fd`` refers to (not whatever its name points at now)."""
+    return f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else f"/dev/fd/{fd}"
+
+
+def check_package(path: Path, name: str) -> None:
+    """A .pt2 is a zip the loader extracts: no absolute or '..' entry names, no links, and a total size that is
+    not far beyond the archive's own (AOTInductor stores its files uncompressed; a zip bomb is refused)."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            total = 0
+            for info in z.infolist():
+                parts = info.filename.replace("\\", "/").split("/")
+                if info.filename.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+                    raise IntegrityError(f"{name} holds an entry named {one_line(info.filename, 80)!r} outside "
+                                         "its folder", "do not load this artifact")
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise IntegrityError(f"{name} holds a link ({one_line(info.filename, 80)})",
+                                         "do not load this artifact")
+                total += info.file_size
+    except zipfile.BadZipFile:
+        raise IntegrityError(f"{name} is not an AOTInductor package (not a zip)", "do not load this artifact") from None
+    if total > 2 * size + (16 << 20):
+        raise IntegrityError(f"{name} would unpack to {total >> 20} MiB from {size >> 20} MiB (a zip bomb?)",
+                             "do not load this artifact")
+
+
+def verify_files(folder: Path, files: dict[str, FileEntry]) -> None:
+    """Check every listed file's size and sha256 (for push, --reuse and tests that need no handles)."""
+    with VerifiedFiles(folder, files) as vf:
+        vf.check_all()
+
+
+# ---- writing ----------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def atomic_folder(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
@@ -154,18 +363,28 @@ def _publishable(folder: Path) -> None:
 
 
 def check_output(final: Path, *, overwrite: bool) -> None:
-    """Refuse an existing output folder unless --overwrite, and never replace a non-artifact folder."""
+    """Refuse an existing output folder unless --overwrite, and never replace a folder that is not an aotpack
+    artifact (one whose manifest.json validates as an aotpack manifest) or an empty folder."""
     if not final.exists():
         return
     if not final.is_dir():
         raise OutputExistsError(f"{final} exists and is not a folder", "choose another --out")
     if not overwrite:
-        raise OutputExistsError(f"output folder {final} already exists", "pass --overwrite to replace it, or choose another --out")
-    if any(final.iterdir()) and not _is_artifact(final):
-        raise OutputExistsError(
-            f"{final} exists and is not an aotpack artifact; refusing to delete it",
-            "choose another --out",
-        )
+        raise OutputExistsError(f"output folder {final} already exists",
+                                "pass --overwrite to replace it, or choose another --out")
+    if any(final.iterdir()) and not is_artifact(final):
+        raise OutputExistsError(f"{final} exists and is not an aotpack artifact; refusing to delete it",
+                                "choose another --out")
+
+
+def is_artifact(folder: Path) -> bool:
+    """True when ``folder`` holds a manifest.json that validates as an aotpack manifest."""
+    try:
+        with open(folder / MANIFEST, "rb") as f:
+            parse(f.read(MAX_MANIFEST_BYTES + 1))
+        return True
+    except (OSError, ManifestError):
+        return False
 
 
 def _sweep_partials(final: Path) -> None:

@@ -1,54 +1,32 @@
-"""manifest.json: the contract between build and load. Versioned schema, written once, checked on load."""
+"""manifest.json: the typed contract between build and load. Versioned, written once, checked on load.
+
+Every value that crosses from the build to a serving box is a frozen dataclass here; the JSON schema and its
+validation are derived from them (``schema.decode``), so the structure is described once. An artifact is a
+list of compiled modules (the transformer, the VAE decoder, one per block class in a regional build) that
+share one weights file. Schema 1 manifests (aotpack 0.1) are read through ``_from_v1``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
-from aotpack.errors import IncompatibleArtifactError, ManifestError
+from aotpack.artifact.platform import Platform, mismatches
+from aotpack.artifact.schema import decode, encode
+from aotpack.errors import IncompatibleArtifactError, InputError, ManifestError, one_line
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 16 << 20   # a real manifest is a few KB; a bigger one is not ours
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 # A file name inside an artifact: one plain path component, no traversal, no hidden files.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-
-_OPT_STR = (str, type(None))
-
-
-class Optional_:
-    """A field that may be absent (added after schema 1 shipped; absent in older artifacts)."""
-
-    def __init__(self, spec: Any) -> None:
-        self.spec = spec
-
-
-SCHEMA: dict[str, Any] = {
-    "schema_version": int,
-    "aotpack_version": str,
-    "recipe": {"name": str, "variant": _OPT_STR, "family": str, "pipeline": str, "component": str},
-    "model": {"checkpoint": str, "revision": _OPT_STR, "source": str, "config": dict},
-    "scheme": {"name": str, "torchao_config": (dict, type(None))},
-    "dtype": str,
-    "inputs": {"tensors": list, "dynamic": dict, "image": dict, "max_sequence_length": int,
-               "relations": Optional_(list)},
-    "platform": {
-        "device": str, "arch": str, "isa": _OPT_STR, "cpu_flags": list, "cuda_capability": _OPT_STR,
-        "gpu_name": _OPT_STR, "torch": str, "torchao": str, "diffusers": str, "python": str,
-    },
-    "files": dict,
-    "build": {"date": str, "stages": dict, "peak_rss_bytes": int, "max_abs_error": (float, int),
-              "quant_abs_error": (float, int, type(None)),
-              "compile_key": Optional_(str), "compiled": Optional_(str)},
-    # build options (fused projections, quantized side components, ...), a LoRA fused at build time,
-    # extra compiled modules (the VAE decoder) and the per-layer quantization plan
-    "options": Optional_(dict),
-    "lora": Optional_((dict, type(None))),
-    "modules": Optional_(dict),
-    "plan": Optional_((dict, type(None))),
-}
+_HINT = "rebuild the artifact, or download it again"
 
 
 def is_safe_name(name: Any) -> bool:
@@ -56,134 +34,528 @@ def is_safe_name(name: Any) -> bool:
     return isinstance(name, str) and bool(_SAFE_NAME.match(name)) and ".." not in name
 
 
-def _check(value: Any, spec: Any, where: str, problems: list[str]) -> None:
-    if isinstance(spec, dict):
-        if not isinstance(value, dict):
-            problems.append(f"{where or 'manifest'} must be an object")
-            return
-        # repr() keeps every name on one line, whatever characters a hostile manifest puts in it
-        for key in sorted(k for k in set(spec) - set(value) if not isinstance(spec[k], Optional_)):
-            problems.append(f"missing field {(where + '.' if where else '') + key!r}")
-        for key in sorted(set(value) - set(spec), key=str):
-            problems.append(f"unknown field {(where + '.' if where else '') + str(key)!r}")
-        for key in spec.keys() & value.keys():
-            _check(value[key], spec[key], f"{where + '.' if where else ''}{key}", problems)
-        return
-    if isinstance(spec, Optional_):
-        _check(value, spec.spec, where, problems)
-        return
-    types = spec if isinstance(spec, tuple) else (spec,)
-    # bool is an int subclass; a schema int never means a bool.
-    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        names = "/".join("null" if t is type(None) else t.__name__ for t in types)
-        problems.append(f"field {where!r} must be {names}, got {type(value).__name__}")
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str
 
 
-def validate(data: Any) -> dict:
-    """Check ``data`` against the schema; every problem is gathered into one ManifestError."""
-    if not isinstance(data, dict):
-        raise ManifestError("manifest.json must hold a JSON object", "rebuild the artifact")
-    version = data.get("schema_version")
-    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
-        raise ManifestError(
-            f"manifest schema {version} comes from a newer aotpack ({data.get('aotpack_version', '?')}); "
-            f"this aotpack reads schema {SCHEMA_VERSION}",
-            "upgrade aotpack: pip install -U aotpack",
-        )
-    if version != SCHEMA_VERSION and isinstance(version, int) and not isinstance(version, bool):
-        raise ManifestError(f"manifest schema {version} is not supported (this aotpack reads {SCHEMA_VERSION})",
-                            "rebuild the artifact with this aotpack")
-    problems: list[str] = []
-    _check(data, SCHEMA, "", problems)
-    files = data.get("files")
-    if isinstance(files, dict):
-        for name, entry in files.items():
-            if not is_safe_name(name):
-                problems.append(f"file name {name!r} is not a plain file name")
-            if not (isinstance(entry, dict) and set(entry) == {"size", "sha256"}
-                    and isinstance(entry["size"], int) and not isinstance(entry["size"], bool)
-                    and entry["size"] >= 0 and isinstance(entry["sha256"], str) and _SHA.match(entry["sha256"])):
-                problems.append(f"files[{name!r}] must be {{size: int >= 0, sha256: 64 hex digits}}")
-    inputs = data.get("inputs")
-    if isinstance(inputs, dict) and isinstance(inputs.get("tensors"), list):
-        problems.extend(_check_tensor_specs(inputs["tensors"], inputs.get("dynamic")))
-        dims = inputs.get("dynamic") if isinstance(inputs.get("dynamic"), dict) else {}
-        for i, rel in enumerate(inputs.get("relations") or []):
-            if not (isinstance(rel, dict) and set(rel) == {"dim", "product", "divisor"} and rel["dim"] in dims
-                    and isinstance(rel["product"], list) and rel["product"]
-                    and all(isinstance(d, str) and d in dims for d in rel["product"])
-                    and type(rel["divisor"]) is int and rel["divisor"] >= 1):
-                problems.append(f"inputs.relations[{i}] must be {{dim, product: [dims], divisor: int >= 1}}")
-    plat = data.get("platform")
-    if isinstance(plat, dict) and isinstance(plat.get("cpu_flags"), list) and \
-            not all(isinstance(f, str) for f in plat["cpu_flags"]):
-        problems.append("platform.cpu_flags must be a list of strings")
-    modules = data.get("modules")
-    if isinstance(modules, dict):
-        for name, m in modules.items():
-            if not (isinstance(m, dict) and isinstance(m.get("inputs"), dict) and isinstance(m.get("config"), dict)
-                    and isinstance(m["inputs"].get("tensors"), list) and isinstance(m["inputs"].get("dynamic"), dict)
-                    and all(isinstance(m.get(k), str) and m[k] in (files or {}) for k in ("model", "weights"))):
-                problems.append(f"modules[{name!r}] must name its model and weights files and its inputs")
-            else:
-                problems.extend(_check_tensor_specs(m["inputs"]["tensors"], m["inputs"]["dynamic"]))
-    if problems:
-        raise ManifestError("manifest.json is invalid: " + "; ".join(problems[:8])
-                            + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""),
-                            "rebuild the artifact, or download it again")
-    return data
+# ---- the input signature of a compiled module -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input of a compiled module: its shape (ints, or the names of dynamic dims) and dtype."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
 
 
-def _check_tensor_specs(specs: list, dynamic: Any) -> list[str]:
+@dataclass(frozen=True)
+class Relation:
+    """A tie between dims that export cannot express and the loader checks itself:
+    ``dim == product(of) / divisor`` (``op="product"``) or ``dim == sum(of)`` (``op="sum"``)."""
+
+    dim: str
+    of: tuple[str, ...]
+    op: str = "product"
+    divisor: int = 1
+
+    def expected(self, sizes: Mapping[str, int]) -> int:
+        if self.op == "sum":
+            return sum(sizes[d] for d in self.of)
+        n = 1
+        for d in self.of:
+            n *= sizes[d]
+        return n // self.divisor
+
+    def describe(self) -> str:
+        if self.op == "sum":
+            return " + ".join(self.of)
+        return " x ".join(self.of) + (f" / {self.divisor}" if self.divisor != 1 else "")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a compiled module accepts: its tensors in call order, the dynamic dims' [min, max(, multiple)]
+    and the relations between dims. Export, capture, the call-time check, the bench and run all use it."""
+
+    tensors: tuple[TensorSpec, ...]
+    dynamic: dict[str, tuple[int, ...]]
+    relations: tuple[Relation, ...] = ()
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tensors]
+
+    def axes(self) -> dict[str, dict[str, int]]:
+        """{dim: {input: axis}}: where each dynamic dim appears."""
+        out: dict[str, dict[str, int]] = {}
+        for t in self.tensors:
+            for axis, d in enumerate(t.shape):
+                if isinstance(d, str):
+                    out.setdefault(d, {})[t.name] = axis
+        return out
+
+    def problems(self) -> list[str]:
+        out = []
+        for name, rng in self.dynamic.items():
+            if not (len(rng) in (2, 3) and 0 <= rng[0] <= rng[1] and (len(rng) == 2 or rng[2] >= 1)):
+                out.append(f"inputs.dynamic.{name!r} must be [min, max] or [min, max, multiple]")
+        for t in self.tensors:
+            if not all((isinstance(d, int) and d >= 0) or d in self.dynamic for d in t.shape):
+                out.append(f"input {t.name!r} must have a shape of ints >= 0 or dynamic dims")
+        for r in self.relations:
+            if r.dim not in self.dynamic or not r.of or not all(d in self.dynamic for d in r.of) \
+                    or r.op not in ("product", "sum") or r.divisor < 1:
+                out.append(f"relation of {r.dim!r} must name dynamic dims, op product or sum, divisor >= 1")
+        return out
+
+    def check(self, inputs: Mapping[str, Any], device: Any, hint: Callable[[str], str] | None = None) -> None:
+        """Raise InputError unless every input matches the exported names, dtypes, devices and ranges.
+
+        AOTInductor does not check shapes itself: a wrong size would read out of bounds.
+        """
+        import torch
+
+        hint = hint or (lambda dim: "rebuild with a wider range")
+        names = self.names
+        missing = [n for n in names if inputs.get(n) is None]
+        if missing:
+            raise InputError(f"missing input(s): {', '.join(missing)}", "pass every input the artifact was exported with")
+        extra = sorted(str(k) for k, v in inputs.items() if k not in names and v is not None)
+        if extra:
+            raise InputError(f"unexpected input(s): {', '.join(extra)}", "this artifact was exported without them")
+        bound: dict[str, int] = {}
+        for spec in self.tensors:
+            name, t = spec.name, inputs[spec.name]
+            if not isinstance(t, torch.Tensor):
+                raise InputError(f"{name} must be a tensor, got {type(t).__name__}", "pass a torch.Tensor")
+            dtype = str(t.dtype).removeprefix("torch.")
+            if dtype != spec.dtype:
+                raise InputError(f"{name} has dtype {dtype}, the artifact expects {spec.dtype}",
+                                 f"cast it, or build with --dtype {dtype}")
+            if t.device.type != torch.device(device).type:
+                raise InputError(f"{name} is on {t.device.type}, the artifact runs on {torch.device(device).type}",
+                                 f"move the inputs (and the pipeline) to {torch.device(device).type}")
+            want = spec.shape
+            if t.dim() != len(want):
+                raise InputError(f"{name} has {t.dim()} dims {list(t.shape)}, the artifact expects {len(want)} "
+                                 f"({list(want)})", "check the pipeline and the artifact match")
+            for axis, (size, w) in enumerate(zip(t.shape, want)):
+                if isinstance(w, int):
+                    if size != w:
+                        raise InputError(f"{name} dim {axis} is {size}, the artifact was exported with {w}",
+                                         "use the recipe's settings (e.g. max_sequence_length) or rebuild")
+                    continue
+                lo, hi, *step = self.dynamic[w]
+                if not lo <= size <= hi:
+                    raise InputError(f"{name} dim {axis} ({w}) is {size}, outside the artifact's range [{lo}, {hi}]",
+                                     hint(w))
+                if step and size % step[0]:
+                    raise InputError(f"{name} dim {axis} ({w}) is {size}, not a multiple of {step[0]}", hint(w))
+                if bound.setdefault(w, size) != size:
+                    raise InputError(f"{name} dim {axis} ({w}) is {size} but another input has {bound[w]}",
+                                     "inputs disagree on one dynamic size")
+        for rel in self.relations:
+            if rel.dim in bound and all(d in bound for d in rel.of):
+                want_size = rel.expected(bound)
+                if bound[rel.dim] != want_size:
+                    raise InputError(f"{rel.dim} is {bound[rel.dim]} but {rel.describe()} is {want_size}",
+                                     "inputs disagree (e.g. rotary embeddings made for another size)")
+
+    def sizes(self, choose: Callable[[str, tuple[int, ...]], int]) -> dict[str, int]:
+        """One size per dynamic dim (``choose(dim, range)``), with the relations applied."""
+        sizes = {name: choose(name, rng) for name, rng in self.dynamic.items()}
+        for rel in self.relations:
+            sizes[rel.dim] = rel.expected(sizes)
+        return sizes
+
+
+# ---- what the artifact is ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RecipeRef:
+    name: str
+    variant: str | None
+    family: str
+    pipeline: str
+    component: str
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.name}-{self.variant}" if self.variant else self.name
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The checkpoint read: ``revision`` as asked, ``commit`` as resolved on the Hub, and for local and builtin
+    folders the sha256 of the component's high-precision files (a LoRA swap re-reads and checks them)."""
+
+    checkpoint: str
+    revision: str | None
+    source: str             # "builtin", "local" or "hub"
+    config: dict
+    commit: str | None = None
+    files: dict[str, FileEntry] = field(default_factory=dict)   # the component folder's files
+
+
+@dataclass(frozen=True)
+class SchemeRef:
+    name: str
+    torchao_config: dict | None
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a serving request may ask of the artifact's pipeline (checked before any native call)."""
+
+    batch: tuple[int, int]
+    height: tuple[int, int]
+    width: tuple[int, int]
+    multiple: int
+    max_sequence_length: int
+    max_steps: int
+    output: str = "image"                       # "image" or "video"
+    frames: tuple[int, int] | None = None
+    temporal_compression: int = 1
+
+
+@dataclass(frozen=True)
+class CompiledModule:
+    """One compiled program of the artifact and where its constants live in the weights file.
+
+    The constant ``f`` of instance ``i`` is the weights entry ``key(instances[i], f)``: the constant's name
+    with the wrapper's ``root`` replaced by the instance's path in the pipeline (``transformer``,
+    ``vae``, ``transformer.transformer_blocks.3``). A whole-graph component has one instance.
+    """
+
+    name: str
+    kind: str                       # "component", "vae_decoder" or "block"
+    code: str                       # the .pt2 file
+    weights: str                    # the safetensors file holding its constants
+    root: str                       # first part of every constant name ("" keeps names as they are)
+    instances: tuple[str, ...]
+    inputs: InputSpec
+    scheme: str
+    max_abs_error: float
+    tolerance: float
+    compile_key: str | None = None
+    compiled: str | None = None     # "compiled", "compile cache" or "reused from DIR"
+    config: dict | None = None      # the module's diffusers config, where it is not the component's
+
+    def key(self, instance: str, constant: str) -> str:
+        if not self.root:
+            return constant
+        rest = constant[len(self.root) + 1:] if constant.startswith(self.root + ".") else constant
+        return f"{instance}.{rest}" if instance else rest
+
+
+@dataclass(frozen=True)
+class QuantError:
+    """The quantized compiled model against the full-precision eager model: on the captured inputs (one
+    forward) and on the final latents of one whole pipeline call."""
+
+    forward_max_abs: float
+    forward_ref_max: float
+    latents_max_abs: float | None = None
+    latents_ref_max: float | None = None
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    date: str
+    stages: dict[str, float]
+    peak_rss_bytes: int
+    quant_error: QuantError | None = None
+
+
+@dataclass(frozen=True)
+class Options:
+    fuse_qkv: bool = False
+    quantize_text_encoder: str | None = None
+    quantize_vae: str | None = None
+    compile_vae: bool = False
+    max_autotune: bool = False
+    regional: bool = False
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    file: str
+    sha256: str
+    scale: float
+    modules: int
+
+
+@dataclass(frozen=True)
+class PlanRef:
+    file: str
+    budget: float | None
+    counts: dict[str, int]
+    layers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: int
+    aotpack_version: str
+    recipe: RecipeRef
+    model: ModelRef
+    scheme: SchemeRef
+    dtype: str
+    request: Request
+    platform: Platform
+    files: dict[str, FileEntry]
+    modules: tuple[CompiledModule, ...]
+    build: BuildInfo
+    options: Options = Options()
+    lora: LoraRef | None = None
+    plan: PlanRef | None = None
+
+    @property
+    def component(self) -> CompiledModule:
+        """The module that stands in for the pipeline's component (whole graph), or the first block."""
+        return next((m for m in self.modules if m.kind == "component"), self.modules[0])
+
+    def module(self, kind: str) -> CompiledModule | None:
+        return next((m for m in self.modules if m.kind == kind), None)
+
+    @property
+    def max_abs_error(self) -> float:
+        return max(m.max_abs_error for m in self.modules)
+
+    @property
+    def is_video(self) -> bool:
+        return self.request.output == "video"
+
+    def weights_bytes(self) -> int:
+        return sum(self.files[name].size for name in {m.weights for m in self.modules})
+
+    def to_json(self) -> dict:
+        return encode(self)
+
+    def dumps(self) -> str:
+        text = json.dumps(self.to_json(), indent=2) + "\n"
+        validate(json.loads(text))  # what is written is what a loader accepts
+        return text
+
+    def replace(self, **changes: Any) -> "Manifest":
+        return dataclasses.replace(self, **changes)
+
+
+# ---- reading -----------------------------------------------------------------------------------------------
+
+def _semantic_problems(m: Manifest) -> list[str]:
     problems = []
-    dims = dynamic if isinstance(dynamic, dict) else {}
-    for name, rng in dims.items():
-        if not (isinstance(rng, list) and len(rng) in (2, 3) and all(type(v) is int for v in rng)
-                and 0 <= rng[0] <= rng[1] and (len(rng) == 2 or rng[2] >= 1)):
-            problems.append(f"inputs.dynamic.{name!r} must be [min, max] or [min, max, multiple]")
-    for i, spec in enumerate(specs):
-        ok = (isinstance(spec, dict) and set(spec) == {"name", "shape", "dtype"} and isinstance(spec["name"], str)
-              and isinstance(spec["dtype"], str) and isinstance(spec["shape"], list)
-              and all((type(d) is int and d >= 0) or (isinstance(d, str) and d in dims) for d in spec["shape"]))
-        if not ok:
-            problems.append(f"inputs.tensors[{i}] must be {{name, shape: [int or dynamic dim], dtype}}")
+    for name, entry in m.files.items():
+        if not is_safe_name(name):
+            problems.append(f"file name {name!r} is not a plain file name")
+        if entry is None or entry.size is None or entry.size < 0 or not _SHA.match(entry.sha256 or ""):
+            problems.append(f"files[{name!r}] must be {{size: int >= 0, sha256: 64 hex digits}}")
+    if not m.modules:
+        problems.append("modules must list at least one compiled module")
+    for i, mod in enumerate(m.modules):
+        if mod is None or mod.inputs is None:
+            continue
+        for f in (mod.code, mod.weights):
+            if f not in m.files:
+                problems.append(f"modules[{i}] names {f!r}, which files does not list")
+        if mod.kind not in ("component", "vae_decoder", "block") or not mod.instances:
+            problems.append(f"modules[{i}] must be a component, vae_decoder or block with instances")
+        problems.extend(f"modules[{i}]: {p}" for p in mod.inputs.problems())
+    if m.request is not None and m.request.output not in ("image", "video"):
+        problems.append("request.output must be 'image' or 'video'")
     return problems
 
 
-def parse(text: str | bytes) -> dict:
+def validate(data: Any) -> Manifest:
+    """Check parsed JSON against the schema; every problem is gathered into one ManifestError."""
+    if not isinstance(data, dict):
+        raise ManifestError("manifest.json must hold a JSON object", "rebuild the artifact")
+    version = data.get("schema_version")
+    if isinstance(version, int) and not isinstance(version, bool):
+        if version > SCHEMA_VERSION:
+            raise ManifestError(
+                f"manifest schema {version} comes from a newer aotpack "
+                f"({one_line(str(data.get('aotpack_version', '?')), 40)}); this aotpack reads schema "
+                f"{SCHEMA_VERSION} and older", "upgrade aotpack: pip install -U aotpack")
+        if version == 1:
+            return _from_v1(data)
+        if version != SCHEMA_VERSION:
+            raise ManifestError(f"manifest schema {version} is not supported (this aotpack reads 1 and "
+                                f"{SCHEMA_VERSION})", "rebuild the artifact with this aotpack")
+    problems: list[str] = []
+    manifest = decode(Manifest, data, "", problems)
+    if manifest is not None and not problems:
+        problems.extend(_semantic_problems(manifest))
+    _raise(problems)
+    return manifest
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        raise ManifestError("manifest.json is invalid: " + one_line("; ".join(problems[:8]), 900)
+                            + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""), _HINT)
+
+
+def parse(text: str | bytes) -> Manifest:
     """Parse and validate manifest JSON text."""
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest.json is {len(text)} bytes, more than any aotpack manifest", _HINT)
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise ManifestError("manifest.json is nested too deeply to be an aotpack manifest", _HINT) from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise ManifestError(f"manifest.json is not valid JSON ({e})", "rebuild the artifact, or download it again") from None
-    return validate(data)
+        raise ManifestError(f"manifest.json is not valid JSON ({one_line(str(e), 120)})", _HINT) from None
+    try:
+        return validate(data)
+    except RecursionError:
+        raise ManifestError("manifest.json is nested too deeply to be an aotpack manifest", _HINT) from None
 
 
-def read(folder: str | Path) -> dict:
-    """Read and validate ``folder/manifest.json``."""
+def read_bytes(folder: str | Path) -> bytes:
+    """The bytes of ``folder/manifest.json`` (bounded), with one-line errors for what is not an artifact."""
     folder = Path(folder)
     if not folder.exists():
-        raise ManifestError(f"no artifact at {folder}", "build one with 'aotpack build', or check the path")
+        raise ManifestError(f"no artifact at {one_line(str(folder))}", "build one with 'aotpack build', or check the path")
     if not folder.is_dir():
-        raise ManifestError(f"{folder} is not a folder", "pass the artifact folder (the one holding manifest.json)")
+        raise ManifestError(f"{one_line(str(folder))} is not a folder",
+                            "pass the artifact folder (the one holding manifest.json)")
     path = folder / MANIFEST
     if not path.is_file():
-        raise ManifestError(f"{folder} has no {MANIFEST}: not an aotpack artifact", "pass the artifact folder")
-    return parse(path.read_bytes())
+        raise ManifestError(f"{one_line(str(folder))} has no {MANIFEST}: not an aotpack artifact",
+                            "pass the artifact folder")
+    with open(path, "rb") as f:
+        return f.read(MAX_MANIFEST_BYTES + 1)
 
 
-def dumps(data: dict) -> str:
-    validate(data)
-    return json.dumps(data, indent=2) + "\n"
+def read(folder: str | Path) -> Manifest:
+    """Read and validate ``folder/manifest.json``."""
+    return parse(read_bytes(folder))
 
 
-def check_compatible(data: dict, here: dict) -> None:
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_compatible(manifest: Manifest, here: Platform) -> None:
     """Raise IncompatibleArtifactError when the artifact was built for another platform."""
-    from aotpack.artifact.platform import mismatches
-
-    problems = mismatches(data["platform"], here)
+    problems = mismatches(manifest.platform, here)
     if problems:
         raise IncompatibleArtifactError(
-            "artifact does not fit this machine: " + "; ".join(problems),
+            "artifact does not fit this machine: " + one_line("; ".join(problems)),
             "rebuild it here with 'aotpack build', or pull a build for this platform",
         )
+
+
+# ---- schema 1 (aotpack 0.1) ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _V1Image:
+    height: tuple[int, int]
+    width: tuple[int, int]
+    multiple: int
+    frames: tuple[int, int] | None = None
+    output: str = "image"
+
+
+@dataclass(frozen=True)
+class _V1Relation:
+    dim: str
+    product: tuple[str, ...]
+    divisor: int
+
+
+@dataclass(frozen=True)
+class _V1Inputs:
+    tensors: tuple[TensorSpec, ...]
+    dynamic: dict[str, tuple[int, ...]]
+    image: _V1Image
+    max_sequence_length: int
+    relations: tuple[_V1Relation, ...] = ()
+
+
+@dataclass(frozen=True)
+class _V1ModuleInputs:
+    tensors: tuple[TensorSpec, ...]
+    dynamic: dict[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class _V1Module:
+    component: str
+    model: str
+    weights: str
+    scheme: str
+    config: dict
+    inputs: _V1ModuleInputs
+    max_abs_error: float
+
+
+@dataclass(frozen=True)
+class _V1Build:
+    date: str
+    stages: dict[str, float]
+    peak_rss_bytes: int
+    max_abs_error: float
+    quant_abs_error: float | None
+    compile_key: str | None = None
+    compiled: str | None = None
+
+
+@dataclass(frozen=True)
+class _V1:
+    schema_version: int
+    aotpack_version: str
+    recipe: RecipeRef
+    model: ModelRef
+    scheme: SchemeRef
+    dtype: str
+    inputs: _V1Inputs
+    platform: Platform
+    files: dict[str, FileEntry]
+    build: _V1Build
+    options: dict | None = None
+    lora: LoraRef | None = None
+    modules: dict[str, _V1Module] | None = None
+    plan: PlanRef | None = None
+
+
+def _v1_spec(tensors, dynamic, relations=()) -> InputSpec:
+    return InputSpec(tensors=tuple(tensors), dynamic=dict(dynamic),
+                     relations=tuple(Relation(r.dim, r.product, "product", r.divisor) for r in relations))
+
+
+def _from_v1(data: dict) -> Manifest:
+    """A schema-1 manifest as today's Manifest: model.pt2 + weights.safetensors keyed by the compiled names,
+    and (with --compile-vae) vae_decoder.pt2 + its own weights file."""
+    problems: list[str] = []
+    old = decode(_V1, data, "", problems)
+    _raise(problems)
+    opts = {k: v for k, v in (old.options or {}).items() if k in {f.name for f in dataclasses.fields(Options)}}
+    image = old.inputs.image
+    main = CompiledModule(
+        name=old.recipe.component, kind="component", code="model.pt2", weights="weights.safetensors", root="",
+        instances=(old.recipe.component,), inputs=_v1_spec(old.inputs.tensors, old.inputs.dynamic, old.inputs.relations),
+        scheme=old.scheme.name, max_abs_error=old.build.max_abs_error, tolerance=float("inf"),
+        compile_key=old.build.compile_key, compiled=old.build.compiled)
+    modules = [main]
+    for name, m in (old.modules or {}).items():
+        modules.append(CompiledModule(
+            name=name, kind="vae_decoder", code=m.model, weights=m.weights, root="", instances=(m.component,),
+            inputs=_v1_spec(m.inputs.tensors, m.inputs.dynamic), scheme=m.scheme, max_abs_error=m.max_abs_error,
+            tolerance=float("inf"), config=m.config))
+    batch = tuple(old.inputs.dynamic.get("batch", (1, 1))[:2])
+    manifest = Manifest(
+        schema_version=1, aotpack_version=old.aotpack_version, recipe=old.recipe, model=old.model, scheme=old.scheme,
+        dtype=old.dtype,
+        request=Request(batch=batch, height=image.height, width=image.width, multiple=image.multiple,
+                        max_sequence_length=old.inputs.max_sequence_length, max_steps=1000, output=image.output,
+                        frames=image.frames, temporal_compression=4 if image.output == "video" else 1),
+        platform=old.platform, files=old.files, modules=tuple(modules),
+        build=BuildInfo(date=old.build.date, stages=old.build.stages, peak_rss_bytes=old.build.peak_rss_bytes),
+        options=Options(**opts), lora=old.lora, plan=old.plan)
+    _raise(_semantic_problems(manifest))
+    return manifest

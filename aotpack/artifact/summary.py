@@ -1,58 +1,89 @@
-"""``inspect``: read an artifact's manifest (validated) and summarise it for people."""
+"""``inspect``: an artifact's validated manifest, and a summary of it for people (no code is loaded).
+
+Every string that comes from the manifest is printed with control characters escaped: a manifest cannot
+print fake lines.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from aotpack.artifact import manifest as mf
+from aotpack.artifact.manifest import Manifest
+from aotpack.artifact.platform import tag
+from aotpack.errors import one_line
 
 
-def inspect(path: str | os.PathLike) -> dict:
+def inspect(path: str | os.PathLike) -> Manifest:
     """The validated manifest of the artifact at ``path``."""
     return mf.read(path)
+
+
+def signature_line(folder: Path) -> str:
+    """'signed, claims key <fingerprint>' / 'not signed' (the claim is checked only when keys are required)."""
+    from aotpack import signing
+
+    try:
+        data = signing.read_signature(folder)
+    except signing.SignatureError as e:
+        return f"unreadable signature ({e.cause})"
+    if data is None:
+        return "not signed"
+    hint = signing.signer_hint(data)
+    return (f"signed; claims key {hint[:16]}... (verified only with --trusted-key)" if hint
+            else "signed, by an unnamed key (not an aotpack signature)")
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def summarize(data: dict) -> str:
+def summarize(m: Manifest, folder: Path | None = None) -> str:
     """A human summary of a manifest, one fact per line."""
-    r, p, b = data["recipe"], data["platform"], data["build"]
-    from aotpack.artifact.platform import tag
-
+    s = one_line
+    r, p, req = m.recipe, m.platform, m.request
     lines = [
-        f"recipe      {r['name']}" + (f" ({r['variant']})" if r["variant"] else "") + f" -> {r['pipeline']}.{r['component']}",
-        f"checkpoint  {data['model']['checkpoint']}" + (f" @ {data['model']['revision']}" if data["model"]["revision"] else ""),
-        f"scheme      {data['scheme']['name']}"
-        + (f" ({data['scheme']['torchao_config']['_type']})" if data["scheme"]["torchao_config"] else ""),
-        f"dtype       {data['dtype']}",
-        f"platform    {tag(p)}: torch {p['torch']}, torchao {p['torchao']}, diffusers {p['diffusers']}, python {p['python']}",
+        f"recipe      {s(r.name)}" + (f" ({s(r.variant)})" if r.variant else "") + f" -> {s(r.pipeline)}.{s(r.component)}",
+        f"checkpoint  {s(m.model.checkpoint)}" + (f" @ {s(m.model.revision)}" if m.model.revision else "")
+        + (f" (commit {s(m.model.commit)})" if m.model.commit else ""),
+        f"scheme      {s(m.scheme.name)}"
+        + (f" ({s(str(m.scheme.torchao_config.get('_type')))})" if m.scheme.torchao_config else ""),
+        f"dtype       {s(m.dtype)}",
+        f"platform    {s(tag(p))}: torch {s(p.torch)}, torchao {s(p.torchao)}, diffusers {s(p.diffusers)}, "
+        f"python {s(p.python)}",
     ]
-    dyn = ", ".join(f"{k} {v[0]}..{v[1]}" for k, v in data["inputs"]["dynamic"].items())
-    img = data["inputs"]["image"]
-    frames = f", frames {img['frames'][0]}..{img['frames'][1]}" if img.get("frames") else ""
-    lines.append(f"inputs      {dyn}; height {img['height'][0]}..{img['height'][1]}, width {img['width'][0]}..{img['width'][1]}"
-                 f" (multiples of {img['multiple']}){frames}; text tokens {data['inputs']['max_sequence_length']}")
-    for name, entry in sorted(data["files"].items()):
-        lines.append(f"file        {name:<22} {_mb(entry['size']):>12}  sha256 {entry['sha256'][:16]}...")
-    total = sum(e["size"] for e in data["files"].values())
-    lines.append(f"total       {_mb(total)}")
-    stages = ", ".join(f"{k} {v:.1f} s" for k, v in b["stages"].items())
-    lines.append(f"built       {b['date']} with aotpack {data['aotpack_version']}: {stages}")
-    quant = b["quant_abs_error"]
-    lines.append(f"accuracy    compiled vs eager max |diff| {b['max_abs_error']:.2e}"
-                 + (f"; quantized vs unquantized {quant:.2e}" if quant is not None else ""))
-    opts = {k: v for k, v in (data.get("options") or {}).items() if v}
+    frames = f", frames {req.frames[0]}..{req.frames[1]}" if req.frames else ""
+    lines.append(f"request     batch {req.batch[0]}..{req.batch[1]}; height {req.height[0]}..{req.height[1]}, width "
+                 f"{req.width[0]}..{req.width[1]} (multiples of {req.multiple}){frames}; text tokens "
+                 f"{req.max_sequence_length}; steps <= {req.max_steps}")
+    for mod in m.modules:
+        dyn = ", ".join(f"{s(k)} {v[0]}..{v[1]}" for k, v in mod.inputs.dynamic.items())
+        used = (f"{len(mod.instances)} instances: {s(', '.join(mod.instances[:3]))}"
+                + (", ..." if len(mod.instances) > 3 else "")) if len(mod.instances) > 1 else s(mod.instances[0])
+        lines.append(f"module      {s(mod.name)} ({s(mod.kind)}): {s(mod.code)} + {s(mod.weights)} for {used}; "
+                     f"{dyn}; compiled vs eager max |diff| {mod.max_abs_error:.2e} (tolerance {mod.tolerance:.1e}), "
+                     f"{s(mod.compiled or 'compiled')}")
+    for name, entry in sorted(m.files.items()):
+        lines.append(f"file        {s(name):<24} {_mb(entry.size):>12}  sha256 {s(entry.sha256[:16])}...")
+    lines.append(f"total       {_mb(sum(e.size for e in m.files.values()))}")
+    stages = ", ".join(f"{s(k)} {v:.1f} s" for k, v in m.build.stages.items())
+    lines.append(f"built       {s(m.build.date)} with aotpack {s(m.aotpack_version)}: {stages}")
+    q = m.build.quant_error
+    if q is not None:
+        latents = (f"; final latents max |diff| {q.latents_max_abs:.2e} (of {q.latents_ref_max:.2f})"
+                   if q.latents_max_abs is not None else "")
+        lines.append(f"accuracy    quantized vs full precision: one forward max |diff| {q.forward_max_abs:.2e} "
+                     f"(of {q.forward_ref_max:.2f}){latents}")
+    opts = {k: v for k, v in vars(m.options).items() if v}
     if opts:
-        lines.append("options     " + ", ".join(k if v is True else f"{k}={v}" for k, v in opts.items()))
-    if data.get("lora"):
-        lines.append(f"lora        {data['lora']['file']} at scale {data['lora']['scale']} "
-                     f"({data['lora']['modules']} modules, sha256 {data['lora']['sha256'][:16]}...)")
-    if data.get("plan"):
-        plan = data["plan"]
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(plan["counts"].items()))
-        lines.append(f"plan        {plan['file']}: {counts} layers (error budget {plan['budget']})")
-    for name, mod in (data.get("modules") or {}).items():
-        lines.append(f"module      {name}: {mod['model']} + {mod['weights']}")
+        lines.append("options     " + ", ".join(k if v is True else f"{k}={s(str(v))}" for k, v in opts.items()))
+    if m.lora:
+        lines.append(f"lora        {s(m.lora.file)} at scale {m.lora.scale} ({m.lora.modules} modules, "
+                     f"sha256 {s(m.lora.sha256[:16])}...)")
+    if m.plan:
+        counts = ", ".join(f"{s(k)} {v}" for k, v in sorted(m.plan.counts.items()))
+        lines.append(f"plan        {s(m.plan.file)}: {counts} layers (error budget {m.plan.budget})")
+    if folder is not None:
+        lines.append(f"signature   {signature_line(Path(folder))}")
     return "\n".join(lines)

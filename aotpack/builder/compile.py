@@ -1,21 +1,47 @@
-"""AOTInductor: compile an ExportedProgram into a .pt2 that holds code only (weights stay outside)."""
+"""AOTInductor: compile an ExportedProgram into a .pt2 that holds code only (weights stay outside).
+
+Compiled code depends on the graph, the shapes, the compiler settings and the platform, not on the weights'
+values: equal compile keys, interchangeable .pt2 files. A build takes the .pt2 of an earlier compile with its
+key instead of compiling, from ``--reuse DIR`` or ``AOTPACK_CACHE/compiled/`` — native code, so each source is
+hash-checked as it is copied into the build's private folder, and only that copy is ever opened.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aotpack.errors import BuildError, first_line
+import torch
 
-CONSTANTS_KEY = "aotpack.constants"
+from aotpack import _torch_compat as compat
+from aotpack.artifact.files import VerifiedFiles
+from aotpack.artifact.manifest import FileEntry
+from aotpack.artifact.platform import Platform, tag
+from aotpack.errors import BuildError, IntegrityError, first_line
+from aotpack.paths import cache_dir, seal, unseal, write_atomic
+
+log = logging.getLogger("aotpack")
+CONSTANTS_KEY = "aotpack.constants"   # .pt2 metadata: {constant: [dtype, shape]}, checked before weights load
 
 
-def compile_package(ep: Any, path: Path, *, metadata: dict[str, str], max_autotune: bool = False) -> Path:
-    """Compile ``ep`` to ``path``; the weights are not packaged (they go to weights.safetensors)."""
-    import torch
+@dataclass(frozen=True)
+class Reusable:
+    """A compiled .pt2 another artifact holds, with the size and sha256 its manifest recorded when the build
+    started; it is hashed again as it is copied (a swap in between is caught)."""
 
+    folder: Path
+    code: str
+    entry: FileEntry
+
+
+def compiler_settings(metadata: dict[str, str], *, max_autotune: bool = False) -> dict[str, Any]:
+    """The inductor configs of an aotpack compile: weights outside the .so, aotpack's metadata inside."""
     configs: dict[str, Any] = {
         # Weights outside the .so: loaded once from safetensors and never held twice.
         "aot_inductor.package_constants_in_so": False,
@@ -23,25 +49,22 @@ def compile_package(ep: Any, path: Path, *, metadata: dict[str, str], max_autotu
     }
     if max_autotune:
         configs["max_autotune"] = True
+    return configs
+
+
+def compile_package(ep: Any, path: Path, configs: dict[str, Any]) -> Path:
+    """Compile ``ep`` to ``path`` with ``configs``."""
     try:
-        out = torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs)
+        return compat.aoti_compile_and_package(ep, path, configs)
     except Exception as e:
-        first = first_line(e)
-        raise BuildError(f"AOTInductor compile failed: {type(e).__name__}: {first[:300]}",
+        raise BuildError(f"AOTInductor compile failed: {type(e).__name__}: {first_line(e)}",
                          "set AOTPACK_DEBUG=1 for the full trace") from e
-    return Path(out)
 
 
-def compile_key(ep: Any, configs: dict[str, Any]) -> str:
+def compile_key(ep: Any, configs: dict[str, Any], platform: Platform) -> str:
     """What the compiled code depends on: the exported graph and its signature, the dynamic ranges, the
-    constants' names, dtypes and shapes (not their values: they stay outside the code), the compiler's
-    settings, torch and the CPU/GPU it targets. Equal keys, interchangeable .pt2 files."""
-    import hashlib
-
-    import torch
-
-    from aotpack.artifact.platform import describe, tag
-
+    constants' names, dtypes and shapes (not their values), the compiler settings exactly as passed, torch,
+    and the platform the build targets."""
     parts = [
         ep.graph_module.code,
         str(ep.graph_signature),
@@ -49,59 +72,86 @@ def compile_key(ep: Any, configs: dict[str, Any]) -> str:
         constants_signature({**ep.state_dict, **ep.constants}),
         json.dumps(configs, sort_keys=True, default=str),
         torch.__version__,
-        tag(describe()),
+        tag(platform),
     ]
     return hashlib.sha256("\n\0".join(parts).encode()).hexdigest()
 
 
-def compile_cached(ep: Any, path: Path, *, metadata: dict[str, str], max_autotune: bool = False,
-                   reuse: dict[str, Path] | None = None) -> tuple[str, str]:
-    """``compile_package`` unless an identical compile exists; returns (key, where it came from).
+def _cache_paths(key: str) -> tuple[Path, Path]:
+    folder = cache_dir() / "compiled"
+    return folder / f"{key}.pt2", folder / f"{key}.json"
 
-    Looks in ``reuse`` ({key: .pt2} of verified artifacts, e.g. a pulled build) and then in
-    ``AOTPACK_CACHE/compiled/``; a fresh compile is stored there. Rebuilding with other weights of the same
-    architecture (a LoRA, a fine-tune) then costs no compile: weights are not part of the code.
-    """
-    import shutil
 
-    from aotpack.paths import cache_dir
-
-    configs = {"package_constants_in_so": False, "metadata": metadata, "max_autotune": max_autotune}
-    key = compile_key(ep, configs)
-    cached = cache_dir() / "compiled" / f"{key}.pt2"
-    given = (reuse or {}).get(key)
-    for source, label in ((given, f"reused from {given.parent if given else ''}"), (cached, "compile cache")):
-        if source is not None and source.is_file():
-            shutil.copyfile(source, path)
-            return key, label
-    compile_package(ep, path, metadata=metadata, max_autotune=max_autotune)
+def _from_cache(key: str, path: Path) -> bool:
+    """Copy the cache entry of ``key`` to ``path`` if its sealed record vouches for its bytes; an entry without a
+    valid record, or whose bytes differ from it, is removed (it was planted or damaged)."""
+    code, record = _cache_paths(key)
+    if not code.is_file():
+        return False
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, cached)
+        entry = unseal("compiled", record.read_bytes()) if record.is_file() else None
+    except OSError:
+        entry = None
+    if not (isinstance(entry, dict) and entry.get("key") == key and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("sha256"), str)):
+        log.warning("compile cache: %s has no valid record; removed", code.name)
+        _drop(code, record)
+        return False
+    try:
+        _copy_verified(code.parent, code.name, FileEntry(size=entry["size"], sha256=entry["sha256"]), path)
+    except IntegrityError:
+        log.warning("compile cache: %s does not match its record; removed", code.name)
+        path.unlink(missing_ok=True)
+        _drop(code, record)
+        return False
+    return True
+
+
+def _drop(*paths: Path) -> None:
+    for p in paths:
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _copy_verified(folder: Path, name: str, entry: FileEntry, dest: Path) -> None:
+    """Copy ``folder/name`` to ``dest``, hashing the bytes as they are copied; IntegrityError if they differ."""
+    with VerifiedFiles(folder, {name: entry}) as vf:
+        shutil.move(vf.code(name), dest)
+
+
+def _to_cache(key: str, path: Path) -> None:
+    code, record = _cache_paths(key)
+    try:
+        data = path.read_bytes()
+        write_atomic(record, seal("compiled", {"key": key, "size": len(data),
+                                               "sha256": hashlib.sha256(data).hexdigest()}))
+        code.parent.mkdir(parents=True, exist_ok=True)
+        tmp = code.with_name(f".{code.name}.{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, code)
     except OSError:  # a full or read-only cache only costs the next compile
         pass
+
+
+def compile_cached(ep: Any, path: Path, *, configs: dict[str, Any], platform: Platform,
+                   reuse: dict[str, Reusable] | None = None) -> tuple[str, str]:
+    """``compile_package`` unless an identical compile exists; returns (key, where the code came from)."""
+    key = compile_key(ep, configs, platform)
+    given = (reuse or {}).get(key)
+    if given is not None:
+        try:
+            _copy_verified(given.folder, given.code, given.entry, path)
+        except IntegrityError as e:
+            raise BuildError(f"--reuse {given.folder}: {e.cause}",
+                             "the folder changed since the build started; build again without --reuse") from None
+        return key, f"reused from {given.folder}"
+    if _from_cache(key, path):
+        return key, "compile cache"
+    compile_package(ep, path, configs)
+    _to_cache(key, path)
     return key, "compiled"
-
-
-def open_package(path: str | Path) -> Any:
-    """Open a .pt2's compiled model (no constants yet: they come from weights.safetensors).
-
-    Like ``torch._inductor.aoti_load_package``, minus its device-information check, which only logs a warning
-    and to get there has inductor compile and run CPU-ISA test programs: 1 s on a warm compiler cache and
-    6 s on a cold one, the dominant cost of a cold start. aotpack checks the platform from the manifest
-    (CPU flags, GPU capability, versions) before it opens the package.
-    """
-    import torch
-
-    try:
-        from torch.export.pt2_archive._package import AOTICompiledModel
-
-        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
-    except (ImportError, AttributeError):  # another torch: the public loader
-        return torch._inductor.aoti_load_package(str(path))
-    return AOTICompiledModel(loader)
 
 
 def constants_signature(tensors: dict[str, Any]) -> str:

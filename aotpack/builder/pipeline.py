@@ -1,4 +1,10 @@
-"""``build``: recipe -> load -> capture -> quantize -> export -> compile -> artifact folder."""
+"""``build``: recipe -> load -> quantize -> capture -> export -> compile -> save -> verify -> artifact folder.
+
+Each stage is a small function that takes and returns typed values; ``run_build`` strings them together
+inside ``atomic_folder`` (the destination is the complete artifact or what was there before). Every module an
+artifact compiles (the transformer, the VAE decoder) goes through the same ``compile_target`` and
+``verify_targets``: one compile path.
+"""
 
 from __future__ import annotations
 
@@ -6,313 +12,322 @@ import datetime as _dt
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
+from safetensors.torch import save_file
+
+from aotpack._torch_compat import unwrap_tensor_subclass
 from aotpack._version import __version__
-from aotpack.artifact import files as artifact
-from aotpack.artifact import manifest as mf
-from aotpack.errors import BuildError, RecipeError
-from aotpack.artifact.platform import describe, default_device, tag
-from aotpack.builder.recipe import DTYPES, get_recipe
-from aotpack.builder.schemes import check_scheme, config_to_json, quantize_named, torchao_config
+from aotpack.artifact.files import MODEL, WEIGHTS, atomic_folder, file_entries, remember_folder
+from aotpack.artifact.manifest import (SCHEMA_VERSION, BuildInfo, CompiledModule, InputSpec, LoraRef, Manifest,
+                                       ModelRef, PlanRef, QuantError, RecipeRef, SchemeRef, MANIFEST)
+from aotpack.builder.capture import capture_inputs
+from aotpack.builder.compile import (CONSTANTS_KEY, compile_cached, compiler_settings, constant_values,
+                                     constants_signature)
+from aotpack.builder.export import COMPONENT_ROOT, ComponentWrapper, DecoderWrapper, component_spec, decoder_inputs, export
+from aotpack.builder.plan import PLAN_FILE, Planner, check_plan_covers, linear_quantizer, summary
+from aotpack.builder.schemes import compile_tolerance, config_to_json, get_scheme, quantize_named, torchao_config
+from aotpack.builder.source import component_files, component_folder, hub_commit, load_pipeline, torch_dtype
+from aotpack.builder.spec import BuildSpec, default_out, resolve
+from aotpack.builder.weights import CheckpointReader, Lora, materialize, read_lora, skeleton
+from aotpack.errors import BuildError
 from aotpack.stages import peak_rss_bytes, stage
 
 log = logging.getLogger("aotpack")
+VAE_MODEL = "vae_decoder.pt2"
+__all__ = ["build", "run_build", "default_out"]
 
 
-def default_out(recipe_name: str, quant: str, platform_tag: str, artifacts_dir: str | os.PathLike = "artifacts") -> Path:
-    return Path(artifacts_dir) / f"{recipe_name}-{quant}-{platform_tag}"
-
-
-def build(
-    recipe: str,
-    quant: str | None = None,
-    *,
-    out: str | os.PathLike | None = None,
-    model: str | None = None,
-    dtype: str | None = None,
-    variant: str | None = None,
-    overwrite: bool = False,
-    artifacts_dir: str | os.PathLike = "artifacts",
-    device: str | None = None,
-    lora: str | None = None,
-    lora_scale: float = 1.0,
-    fuse_qkv: bool = False,
-    quantize_text_encoder: str | None = None,
-    quantize_vae: str | None = None,
-    compile_vae: bool = False,
-    plan: str | None = None,
-    error_budget: float | None = None,
-    reuse: str | os.PathLike | None = None,
-    max_autotune: bool = False,
-) -> Path:
+def build(recipe: str, quant: str | None = None, **kwargs: Any) -> Path:
     """Build an artifact folder and return its path. Every check that needs no model runs first.
 
-    ``lora``: a LoRA .safetensors fused (at ``lora_scale``) into the weights before quantizing.
-    ``fuse_qkv``: fuse each attention's q/k/v projections into one linear before quantizing.
+    Keyword arguments (all optional): ``out`` (the artifact folder; default artifacts/<recipe>-<scheme>-
+    <platform>), ``model`` (a local diffusers folder or Hub id instead of the recipe's checkpoint), ``dtype``,
+    ``variant``, ``overwrite``, ``artifacts_dir``, ``device``;
+    ``lora`` / ``lora_scale``: a LoRA .safetensors fused into the weights before quantizing;
+    ``fuse_qkv``: fuse each attention's q/k/v projections into one linear before quantizing;
     ``quantize_text_encoder`` / ``quantize_vae``: schemes applied to those components when the artifact is
-    loaded into its pipeline (they stay eager) - or, for the VAE with ``compile_vae``, compiled in.
-    ``compile_vae``: the VAE decoder becomes a second compiled module in the artifact.
+    loaded into its pipeline (they stay eager) - or, for the VAE with ``compile_vae``, compiled in;
+    ``compile_vae``: the VAE decoder becomes a second compiled module of the artifact;
     ``quant="auto"``: a per-layer plan (fastest scheme within ``error_budget``), stored as plan.json;
-    ``plan``: rebuild from a saved plan.json without timing again (implies ``quant="auto"``).
-    ``reuse``: an artifact whose compiled code may be taken instead of compiling, if its compile key (graph,
-    shapes, settings, platform) equals this build's - e.g. the same model with other weights or a LoRA.
+    ``plan``: rebuild from a saved plan.json without timing again (implies ``quant="auto"``);
+    ``reuse``: an artifact whose compiled code is taken instead of compiling when the compile keys match;
+    ``max_autotune``: let inductor benchmark kernel choices; ``sign_key``: sign the artifact (EC PEM key).
     """
-    r = get_recipe(recipe, variant)
-    if plan is not None:
-        if quant not in (None, "auto"):
-            raise RecipeError(f"--plan and --quant {quant} contradict each other", "leave --quant out with --plan")
-        quant = "auto"
-    quant = quant or r.default_quant
-    device = device or default_device()
-    here = describe(device)
-    cap = tuple(int(x) for x in here["cuda_capability"].split(".")) if here["cuda_capability"] else None
-    plan_data = None
-    if quant == "auto":
-        from aotpack.builder.plan import read_plan
-
-        scheme = None
-        plan_data = read_plan(plan, device, cap) if plan is not None else None
-        if error_budget is not None and not 0 <= error_budget < 1:
-            raise RecipeError(f"--error-budget {error_budget} must be in [0, 1)", "e.g. --error-budget 0.05")
-    else:
-        scheme = check_scheme(quant, device, cap)
-    dtype = dtype or r.dtype
-    if dtype not in DTYPES:
-        raise RecipeError(f"unknown dtype '{dtype}'", f"choose one of: {', '.join(DTYPES)}")
-    from aotpack.builder.source import resolve_source
-
-    for what, side in (("--quantize-text-encoder", quantize_text_encoder), ("--quantize-vae", quantize_vae)):
-        if side is not None:
-            try:
-                check_scheme(side, device, cap)
-            except Exception as e:
-                raise type(e)(f"{what}: {e.cause}", e.hint) from None
-    if lora is not None:
-        if not Path(lora).is_file():
-            raise RecipeError(f"LoRA file {lora} does not exist", "pass the path of a .safetensors LoRA")
-        if not Path(lora).name.endswith(".safetensors"):
-            raise RecipeError(f"LoRA file {Path(lora).name} is not .safetensors",
-                              "aotpack never loads pickled weights; convert the LoRA to safetensors")
-    if compile_vae and r.is_video:
-        raise RecipeError(f"--compile-vae is not available for {r.full_name}: the video VAE decodes frames in a "
-                          "Python loop that export fixes to one frame count",
-                          "leave --compile-vae out (the VAE then runs eager)")
-    options = {"fuse_qkv": bool(fuse_qkv), "quantize_text_encoder": quantize_text_encoder,
-               "quantize_vae": quantize_vae, "compile_vae": bool(compile_vae)}
-    if max_autotune:  # recorded only when set: older manifests compare equal
-        options["max_autotune"] = True
-    reuse_map = _reusable(reuse) if reuse is not None else None
-    source = resolve_source(r, model, device)
-    final = Path(out) if out else default_out(r.full_name, quant, tag(here), artifacts_dir)
-    artifact.check_output(final.absolute(), overwrite=overwrite)
-
+    spec = resolve(recipe, quant, **kwargs)
     try:
-        return _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lora, lora_scale,
-                      plan_data, error_budget, reuse_map)
+        return run_build(spec)
     except OSError as e:  # disk full, permissions, ...: the partial folder is already gone
         where = f" ({e.filename})" if e.filename else ""
         raise BuildError(f"could not write the artifact: {e.strerror or e}{where}",
                          "free disk space or choose another --out, then build again") from None
 
 
-def _build(r, quant, scheme, dtype, source, here, final, overwrite, options, lora_path, lora_scale, plan_data,
-           error_budget, reuse) -> Path:
-    import torch
+# ---- stages ---------------------------------------------------------------------------------------------------
 
-    from aotpack.builder.source import load_pipeline, torch_dtype
-    from aotpack.builder.weights import CheckpointReader, component_folder, materialize, read_lora, skeleton
+@dataclass
+class Quantized:
+    """The component streamed from its checkpoint and quantized, and what the manifest records of it."""
 
-    timings: dict[str, float] = {}
-    config_obj = torchao_config(scheme) if scheme is not None else None
+    model: torch.nn.Module
+    config: dict
+    plan: dict | None
+    lora: Lora | None
+    commit: str | None
+    files: dict[str, str]
+
+
+@dataclass
+class Target:
+    """One module to compile: the wrapper export sees, its captured example and InputSpec, and where its
+    constants go in the weights file."""
+
+    name: str
+    kind: str
+    code: str
+    root: str
+    instances: tuple[str, ...]
+    wrapper: torch.nn.Module
+    example: dict[str, torch.Tensor]
+    spec: InputSpec
+    schemes: set[str]
+    reference: torch.Tensor
+    config: dict | None = None
+
+
+@dataclass
+class Compiled:
+    target: Target
+    module: CompiledModule
+    constants: dict[str, torch.Tensor]      # weights-file key -> tensor
+
+
+def quantize_component(spec: BuildSpec, pipe: Any, out: Path) -> Quantized:
+    """Make the component on meta and fill it weight by weight from its checkpoint, each linear quantized as
+    soon as it is read (``--quant auto``: a scheme chosen per layer, the plan written to ``out``)."""
+    r = spec.recipe
+    folder = component_folder(spec.source, r.component)
+    if not (folder / "config.json").is_file():
+        raise BuildError(f"{folder} has no config.json", f"check that the checkpoint is a {r.pipeline} folder")
+    config = json.loads((folder / "config.json").read_text())
+    model = skeleton(config, fuse_qkv=spec.options.fuse_qkv)
+    lora = read_lora(str(spec.lora.path), type(pipe), r.component, scale=spec.lora.scale) if spec.lora else None
     planner = None
-    if quant != "auto" or plan_data is not None:
-        from aotpack.builder.plan import linear_quantizer
+    if spec.quant == "auto" and spec.plan is None:
+        planner = Planner(spec.device, _tokens(r), torch_dtype(spec.dtype), budget=spec.error_budget,
+                          cap=spec.platform.capability)
 
-        quantize_unit = linear_quantizer(quant, plan_data)
-    else:
-        from aotpack.builder.plan import DEFAULT_BUDGET, Planner
-
-        cap = tuple(int(x) for x in here["cuda_capability"].split(".")) if here["cuda_capability"] else None
-        planner = Planner(here["device"], _tokens(r), torch_dtype(dtype), budget=error_budget or DEFAULT_BUDGET,
-                          cap=cap)
-
-        def quantize_unit(name, linear):
+        def quantize_unit(name: str, linear: Any) -> None:
             quantize_named(linear, planner.choose(name, linear))
-    with artifact.atomic_folder(final, overwrite=overwrite) as tmp, torch.no_grad():
+    else:
+        quantize_unit = linear_quantizer(spec.quant, spec.plan)
+    reader = CheckpointReader(folder)
+    try:
+        materialize(model, reader, dtype=torch_dtype(spec.dtype), device=spec.device, quantize_unit=quantize_unit,
+                    lora=lora)
+    finally:
+        reader.close()
+    plan = None
+    if spec.quant == "auto":
+        plan = spec.plan if spec.plan is not None else planner.plan()
+        check_plan_covers(plan, {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        (out / PLAN_FILE).write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n")
+    source = spec.source
+    return Quantized(model=model, config=json.loads(json.dumps(dict(model.config), default=list)), plan=plan,
+                     lora=lora, commit=hub_commit(folder) if source.kind == "hub" else None,
+                     files={} if source.kind == "hub" else component_files(folder))
+
+
+def _schemes(spec: BuildSpec, plan: dict | None) -> set[str]:
+    return {e["scheme"] for e in plan["layers"].values()} | {"none"} if plan else {spec.quant}
+
+
+def component_target(spec: BuildSpec, q: Quantized, example: dict[str, torch.Tensor]) -> Target:
+    """The whole component as one module; its eager (quantized) output on the captured inputs is the reference."""
+    wrapper = ComponentWrapper(q.model).eval()
+    reference = wrapper(example)
+    if spec.quant != "none":  # torchao subclasses -> plain tensors for export
+        unwrap_tensor_subclass(wrapper)
+    component = spec.recipe.component
+    return Target(name=component, kind="component", code=MODEL, root=COMPONENT_ROOT, instances=(component,),
+                  wrapper=wrapper, example=example, spec=component_spec(example, spec.recipe),
+                  schemes=_schemes(spec, q.plan), reference=reference)
+
+
+def vae_target(spec: BuildSpec, vae: Any) -> Target:
+    """The VAE's decoder (quantized with ``--quantize-vae``) as a second module."""
+    wrapper = DecoderWrapper(vae).eval()
+    dtype = next(vae.parameters()).dtype
+    example, input_spec = decoder_inputs(vae, spec.recipe, dtype, spec.device)
+    scheme = spec.options.quantize_vae or "none"
+    quantized = quantize_named(vae, scheme)
+    reference = wrapper(example)
+    if quantized:
+        unwrap_tensor_subclass(wrapper)
+    return Target(name="vae_decoder", kind="vae_decoder", code=VAE_MODEL, root="vae", instances=("vae",),
+                  wrapper=wrapper, example=example, spec=input_spec, schemes={scheme}, reference=reference,
+                  config=json.loads(json.dumps(dict(vae.config), default=list)))
+
+
+def compile_target(spec: BuildSpec, t: Target, out: Path, timings: dict[str, float], *, index: int = 1,
+                   total: int = 1) -> Compiled:
+    """export -> compile (or take matching code from --reuse / the compile cache) -> the constants' values."""
+    with stage("export", timings, label=f"export {t.name} ({index} of {total})"):
+        ep = export(t.wrapper, t.example, t.spec)
+    metadata = {"aotpack.version": __version__, "aotpack.module": t.name,
+                CONSTANTS_KEY: constants_signature({**ep.state_dict, **ep.constants})}
+    configs = compiler_settings(metadata, max_autotune=spec.options.max_autotune)
+    with stage("compile", timings, label=f"compile {t.name} ({index} of {total})"):
+        key, how = compile_cached(ep, out / t.code, configs=configs, platform=spec.platform, reuse=spec.reuse)
+    log.info("%s: %s", t.code, how)
+    from aotpack.serve.load import constant_names
+
+    module = CompiledModule(name=t.name, kind=t.kind, code=t.code, weights=WEIGHTS, root=t.root,
+                            instances=t.instances, inputs=t.spec, scheme=",".join(sorted(t.schemes)),
+                            max_abs_error=0.0, tolerance=0.0, compile_key=key, compiled=how, config=t.config)
+    fqns = constant_names(out / t.code)
+    values = constant_values(ep, fqns)
+    return Compiled(t, module, {module.key(t.instances[0], f): v for f, v in values.items()})
+
+
+def verify_targets(spec: BuildSpec, out: Path, parts: list[Compiled]) -> tuple[list[CompiledModule], list[Any]]:
+    """Run each compiled module from the files just written (the serving path) on its captured inputs and hold
+    it to its tolerance against eager; returns the modules with their measured error, and their outputs."""
+    from safetensors.torch import load_file
+
+    from aotpack.serve.load import open_compiled
+
+    weights = load_file(str(out / WEIGHTS), device=spec.device)
+    modules, outputs = [], []
+    for c in parts:
+        compiled = open_compiled(out / c.module.code, c.module, weights, c.module.instances[0])
+        got = compiled(c.target.example)
+        got = got[0] if isinstance(got, (list, tuple)) else got
+        error = float((got.float() - c.target.reference.float()).abs().max())
+        scale = max(1.0, float(c.target.reference.float().abs().max()))
+        tolerance = compile_tolerance(c.target.schemes, spec.dtype) * scale
+        log.info("%s: compiled vs eager max |diff| %.2e (tolerance %.1e)", c.module.name, error, tolerance)
+        if not error <= tolerance:
+            raise BuildError(f"compiled {c.module.name} differs from eager by {error:.3g} (tolerance {tolerance:.3g})",
+                             "the compiled code is wrong for this model; set AOTPACK_DEBUG=1 and report it")
+        modules.append(_with_error(c.module, error, tolerance))
+        outputs.append(got)
+    return modules, outputs
+
+
+def _with_error(m: CompiledModule, error: float, tolerance: float) -> CompiledModule:
+    from dataclasses import replace
+
+    return replace(m, max_abs_error=error, tolerance=tolerance)
+
+
+def measure_quant_error(spec: BuildSpec, pipe: Any, q: Quantized, example: dict, compiled_out: torch.Tensor,
+                        out: Path) -> QuantError:
+    """The quantized compiled model against the full-precision eager model: on the captured inputs, and on
+    the final latents of one pipeline call at the capture settings."""
+    from aotpack.serve.load import load
+
+    r = spec.recipe
+    full = skeleton(q.config, fuse_qkv=spec.options.fuse_qkv)
+    reader = CheckpointReader(component_folder(spec.source, r.component))
+    try:
+        materialize(full, reader, dtype=torch_dtype(spec.dtype), device=spec.device, lora=q.lora)
+    finally:
+        reader.close()
+    reference = ComponentWrapper(full).eval()(example)
+    forward = float((compiled_out.float() - reference.float()).abs().max())
+
+    def latents() -> torch.Tensor:
+        cap = r.capture
+        per_prompt = max(1, cap.get("batch", 2) // r.call.get("batch_divisor", 1))
+        kwargs = r.pipeline_kwargs(height=cap["height"], width=cap["width"], steps=cap["steps"],
+                                   guidance_scale=cap.get("guidance_scale", 3.5), batch=per_prompt,
+                                   frames=cap.get("frames"))
+        result = pipe(prompt=cap.get("prompt", "a photo"), **kwargs, output_type="latent",
+                      generator=torch.Generator("cpu").manual_seed(0))
+        return (result.frames if r.is_video else result.images).float()
+
+    setattr(pipe, r.component, full)
+    eager = latents()
+    del full
+    setattr(pipe, r.component, load(out, trusted_keys=[]))
+    aot = latents()
+    return QuantError(forward_max_abs=forward, forward_ref_max=float(reference.float().abs().max()),
+                      latents_max_abs=float((aot - eager).abs().max()), latents_ref_max=float(eager.abs().max()))
+
+
+def make_manifest(spec: BuildSpec, q: Quantized, modules: list[CompiledModule], out: Path,
+                  timings: dict[str, float], quant_error: QuantError | None = None) -> Manifest:
+    r, source = spec.recipe, spec.source
+    scheme = get_scheme(spec.quant) if spec.quant != "auto" else None
+    return Manifest(
+        schema_version=SCHEMA_VERSION, aotpack_version=__version__,
+        recipe=RecipeRef(r.name, r.variant, r.family, r.pipeline, r.component),
+        model=ModelRef(checkpoint=source.checkpoint, revision=source.revision, source=source.kind, config=q.config,
+                       commit=q.commit, files=q.files),
+        scheme=SchemeRef(spec.quant, config_to_json(torchao_config(scheme)) if scheme else None),
+        dtype=spec.dtype, request=r.request(), platform=spec.platform, files=file_entries(out),
+        modules=tuple(modules),
+        build=BuildInfo(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), stages=dict(timings),
+                        peak_rss_bytes=peak_rss_bytes(), quant_error=quant_error),
+        options=spec.options,
+        lora=LoraRef(**q.lora.describe()) if q.lora is not None else None,
+        plan=PlanRef(**summary(q.plan)) if q.plan is not None else None,
+    )
+
+
+def run_build(spec: BuildSpec) -> Path:
+    """Run every stage of ``spec`` and publish the artifact folder; returns its path."""
+    r = spec.recipe
+    timings: dict[str, float] = {}
+    with atomic_folder(spec.out, overwrite=spec.overwrite) as tmp, torch.no_grad():
         with stage("load", timings):  # everything but the component, which is streamed below
-            pipe = load_pipeline(r, source, dtype=dtype, with_component=False)
-            pipe.to(here["device"])
-        lora = None
-        with stage("quantize", timings):  # read, fuse and quantize the component block by block
-            folder = component_folder(source.location, r.component, kind=source.kind, revision=source.revision)
-            if not (folder / "config.json").is_file():
-                raise BuildError(f"{folder} has no config.json", f"check that the checkpoint is a {r.pipeline} folder")
-            component = skeleton(json.loads((folder / "config.json").read_text()), fuse_qkv=options["fuse_qkv"])
-            if lora_path is not None:
-                lora = read_lora(lora_path, type(pipe), r.component, scale=lora_scale)
-            materialize(component, CheckpointReader(folder), dtype=torch_dtype(dtype), device=here["device"],
-                        quantize_unit=quantize_unit, lora=lora)
-            if quant == "auto":
-                from aotpack.builder.plan import PLAN_FILE, check_plan_covers
-
-                linears = {n for n, m in component.named_modules() if isinstance(m, torch.nn.Linear)}
-                plan_data = plan_data if plan_data is not None else planner.plan()
-                check_plan_covers(plan_data, linears)
-                (tmp / PLAN_FILE).write_text(json.dumps(plan_data, indent=1, sort_keys=True) + "\n")
-            setattr(pipe, r.component, component)
+            pipe = load_pipeline(r, spec.source, dtype=spec.dtype, with_component=False)
+            pipe.to(spec.device)
+        with stage("quantize", timings):
+            q = quantize_component(spec, pipe, tmp)
+        setattr(pipe, r.component, q.model)
         with stage("capture", timings):
-            from aotpack.builder.capture import capture_inputs
-
             example, _ = capture_inputs(pipe, r)
-        config = json.loads(json.dumps(dict(component.config), default=list))
-        vae = pipe.vae if options["compile_vae"] else None
-        del pipe  # only the component (and the VAE with --compile-vae) is needed from here on
-        from aotpack.builder.export import dynamic_ranges, export_component, tensor_specs, wrap
-
-        wrapper = wrap(component)
         with stage("reference", timings):
-            quantized_ref = wrapper(example)
-            if quantize_unit is not None:  # torchao subclasses -> plain tensors for export
-                from torchao.utils import unwrap_tensor_subclass
-
-                unwrap_tensor_subclass(wrapper)
-        with stage("export", timings):
-            ep = export_component(wrapper, example, r)
-        from aotpack.builder.compile import compile_cached, constant_values, constants_signature, open_package
-
-        metadata = {
-            "aotpack.version": __version__,
-            "aotpack.recipe": r.full_name,
-            "aotpack.scheme": quant,
-            "aotpack.constants": constants_signature({**ep.state_dict, **ep.constants}),
-        }
-        with stage("compile", timings):
-            key, compiled_how = compile_cached(ep, tmp / artifact.MODEL, metadata=metadata, reuse=reuse,
-                                               max_autotune=options.get("max_autotune", False))
-        log.info("model.pt2: %s", compiled_how)
+            targets = [component_target(spec, q, example)]
+            if spec.options.compile_vae:
+                targets.append(vae_target(spec, pipe.vae))
+        parts = [compile_target(spec, t, tmp, timings, index=i, total=len(targets)) for i, t in enumerate(targets, 1)]
         with stage("save weights", timings):
-            from safetensors.torch import save_file
-
-            compiled = open_package(tmp / artifact.MODEL)
-            constants = constant_values(ep, compiled.get_constant_fqns())
-            save_file(constants, str(tmp / artifact.WEIGHTS))
+            save_file({k: v for c in parts for k, v in c.constants.items()}, str(tmp / WEIGHTS))
         with stage("verify", timings):
-            compiled.load_constants(constants, check_full_update=True, user_managed=True)
-            got = compiled(example)
-            got = got[0] if isinstance(got, (list, tuple)) else got
-            max_abs_error = float((got - quantized_ref).abs().max())
-        log.info("compiled vs eager max |diff| %.2e", max_abs_error)
-        modules = {}
-        if vae is not None:
-            del compiled, constants
-            modules["vae_decoder"] = _compile_vae(vae, r, options["quantize_vae"], here, tmp, timings,
-                                                  options.get("max_autotune", False))
-        data = {
-            "schema_version": mf.SCHEMA_VERSION,
-            "aotpack_version": __version__,
-            "recipe": {"name": r.name, "variant": r.variant, "family": r.family, "pipeline": r.pipeline,
-                       "component": r.component},
-            "model": {"checkpoint": source.checkpoint, "revision": source.revision, "source": source.kind,
-                      "config": config},
-            "scheme": {"name": quant, "torchao_config": config_to_json(config_obj)},
-            "dtype": dtype,
-            "inputs": {
-                "tensors": tensor_specs(example, r),
-                "dynamic": dynamic_ranges(r),
-                "image": {"height": list(r.height), "width": list(r.width), "multiple": r.multiple,
-                          **({"frames": list(r.frames), "output": "video"} if r.is_video else {})},
-                "relations": r.relations(),
-                "max_sequence_length": r.max_sequence_length,
-            },
-            "platform": dict(here),
-            "files": artifact.file_entries(tmp),
-            "build": {
-                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "stages": timings,
-                "peak_rss_bytes": peak_rss_bytes(),
-                "max_abs_error": max_abs_error,
-                # the unquantized component is never whole in memory, so its output is not known here
-                "quant_abs_error": None,
-                "compile_key": key,
-                "compiled": compiled_how,
-            },
-            "options": options,
-            "lora": lora.describe() if lora is not None else None,
-            "modules": modules,
-            "plan": _plan_summary(plan_data) if plan_data is not None else None,
-        }
-        (tmp / mf.MANIFEST).write_text(mf.dumps(data))
-    for name, entry in data["files"].items():  # hashed just now by this build: the first load need not
-        artifact.remember_verified(final / name, entry["sha256"])
-    log.info("artifact written to %s", final)
-    return final
+            modules, outputs = verify_targets(spec, tmp, parts)
+        del parts, targets
+        q.model = None  # the quantized eager model is no longer needed
+        setattr(pipe, r.component, None)
+        manifest = make_manifest(spec, q, modules, tmp, timings)
+        (tmp / MANIFEST).write_text(manifest.dumps())
+        remember_folder(tmp, manifest.files)
+        with stage("quant error", timings):
+            quant_error = measure_quant_error(spec, pipe, q, example, outputs[0], tmp)
+        log.info("quantized vs full precision: max |diff| %.2e on one forward, %.2e on the final latents",
+                 quant_error.forward_max_abs, quant_error.latents_max_abs)
+        manifest = manifest.replace(build=BuildInfo(date=manifest.build.date, stages=dict(timings),
+                                                    peak_rss_bytes=peak_rss_bytes(), quant_error=quant_error))
+        (tmp / MANIFEST).write_text(manifest.dumps())
+        if spec.sign_key is not None:
+            from aotpack import signing
+
+            with stage("sign", timings):
+                signing.sign(tmp, key_path=spec.sign_key)
+    remember_folder(spec.out.absolute(), manifest.files)  # hashed just now by this build: the first load need not
+    log.info("artifact written to %s", spec.out)
+    return spec.out
 
 
-VAE_MODEL, VAE_WEIGHTS = "vae_decoder.pt2", "vae_decoder.safetensors"
-
-
-def _reusable(folder: str | os.PathLike) -> dict[str, Path]:
-    """{compile key: model.pt2} of a verified artifact (every file's sha256 checked: it is native code)."""
-    folder = Path(folder)
-    data = mf.read(folder)
-    artifact.verify_files(folder, data["files"])
-    key = data["build"].get("compile_key")
-    if not key:
-        raise RecipeError(f"{folder} records no compile key (built by an older aotpack)",
-                          "build without --reuse")
-    return {key: folder / artifact.MODEL}
-
-
-def _plan_summary(plan_data: dict) -> dict:
-    from aotpack.builder.plan import summary
-
-    return summary(plan_data)
-
-
-def _tokens(r) -> int:
+def _tokens(r: Any) -> int:
     """Rows of the activations a linear sees in the recipe's capture call (image or video tokens + text)."""
     cap, m = r.capture, r.multiple
     tokens = (cap["height"] // m) * (cap["width"] // m)
     if r.is_video:
         tokens *= r.latent_frames(cap["frames"])
     return tokens + r.max_sequence_length
-
-
-def _compile_vae(vae, r, quant, here, tmp: Path, timings: dict, max_autotune: bool = False) -> dict:
-    """Export and compile the VAE's decoder (optionally quantized) next to the component; its manifest entry."""
-    import torch
-    from safetensors.torch import save_file
-
-    from aotpack.builder.compile import compile_cached, constant_values, constants_signature, open_package
-    from aotpack.builder.export import decoder_inputs, export_dynamic, tensor_specs, wrap_decoder
-
-    dtype = next(vae.parameters()).dtype
-    with stage("vae decoder", timings):
-        wrapper = wrap_decoder(vae)
-        example, ranges, table = decoder_inputs(vae, r, dtype, here["device"])
-        if quant and quantize_named(vae, check_scheme(quant, here["device"]).name):
-            from torchao.utils import unwrap_tensor_subclass
-
-            reference = wrapper(example)
-            unwrap_tensor_subclass(wrapper)
-        else:
-            reference = wrapper(example)
-        ep = export_dynamic(wrapper, example, ranges, table)
-        compile_cached(ep, tmp / VAE_MODEL, metadata={
-            "aotpack.version": __version__, "aotpack.module": "vae_decoder",
-            "aotpack.constants": constants_signature({**ep.state_dict, **ep.constants})}, max_autotune=max_autotune)
-        compiled = open_package(tmp / VAE_MODEL)
-        constants = constant_values(ep, compiled.get_constant_fqns())
-        save_file(constants, str(tmp / VAE_WEIGHTS))
-        compiled.load_constants(constants, check_full_update=True, user_managed=True)
-        got = compiled(example)
-        got = got[0] if isinstance(got, (list, tuple)) else got
-        error = float((got - reference).abs().max())
-    log.info("vae decoder: compiled vs eager max |diff| %.2e", error)
-    return {
-        "component": "vae", "model": VAE_MODEL, "weights": VAE_WEIGHTS, "scheme": quant or "none",
-        "config": json.loads(json.dumps(dict(vae.config), default=list)),
-        "inputs": {"tensors": tensor_specs(example, None, table), "dynamic": ranges},
-        "max_abs_error": error,
-    }

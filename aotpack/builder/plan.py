@@ -6,6 +6,11 @@ weights (relative max error against the high-precision layer, on a fixed random 
 fastest scheme whose error is within the budget (``none`` always is). ``--plan FILE`` rebuilds from a saved
 plan without timing again.
 
+plan.json keeps the choices twice over: ``layers`` (scheme name, error and timings per layer, for people and
+for aotpack) and ``torchao``: the same choices as torchao's own ``FqnToConfig``, serialized with
+``config_to_dict``, so that ``quantize_(transformer, config_from_dict(plan["torchao"]))`` applies the plan
+to an eager model with torchao alone.
+
 Timings are of eager torchao kernels, a proxy for the compiled ones (the compiled program is what runs);
 they are recorded in the plan so the choice can be checked.
 """
@@ -17,11 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aotpack.errors import InputError, SchemeError
+from aotpack.errors import InputError, SchemeError, first_line
 from aotpack.builder.schemes import SCHEMES, Scheme, get_scheme, quantize_named, torchao_config, why_not
 
 PLAN_FILE = "plan.json"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 # Schemes auto chooses from, when this device runs them (dynamic fp8 and int4 need GPUs; sparsify needs
 # pruned weights, never chosen automatically).
 CANDIDATES = ("none", "int8wo", "int8dq", "fp8wo", "int4wo", "fp8dqrow")
@@ -103,7 +109,17 @@ class Planner:
 
     def plan(self) -> dict:
         return {"version": PLAN_VERSION, "device": self.device, "tokens": self.tokens, "budget": self.budget,
-                "timings": self.timings, "layers": self.layers}
+                "timings": self.timings, "layers": self.layers, "torchao": fqn_to_config(self.layers)}
+
+
+def fqn_to_config(layers: dict[str, dict]) -> dict:
+    """The plan as torchao's ``FqnToConfig`` (each layer's config; ``None`` leaves a layer as it is), in the
+    JSON form of ``torchao.core.config.config_to_dict``."""
+    from torchao.core.config import config_to_dict
+    from torchao.quantization import FqnToConfig
+
+    return config_to_dict(FqnToConfig({name: torchao_config(get_scheme(entry["scheme"]))
+                                       for name, entry in sorted(layers.items())}))
 
 
 def read_plan(path: str | Path, device: str, cap: tuple[int, int] | None = None) -> dict:
@@ -111,25 +127,31 @@ def read_plan(path: str | Path, device: str, cap: tuple[int, int] | None = None)
     p = Path(path)
     if not p.is_file():
         raise InputError(f"plan file {path} does not exist", "pass the plan.json of an earlier --quant auto build")
+    return parse_plan(p.read_bytes(), p.name, device, cap)
+
+
+def parse_plan(text: bytes, name: str, device: str, cap: tuple[int, int] | None = None) -> dict:
+    """Check plan JSON: every layer has a scheme, each known and runnable here."""
     try:
-        data = json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"plan file {p.name} is not valid JSON ({e})", "pass a plan.json written by aotpack") from None
-    layers = data.get("layers") if isinstance(data, dict) else None
-    if data.get("version") != PLAN_VERSION if isinstance(data, dict) else True:
-        raise InputError(f"plan file {p.name} is not an aotpack plan (version {PLAN_VERSION})",
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise InputError(f"plan file {name} is not valid JSON ({first_line(e, 120)})",
+                         "pass a plan.json written by aotpack") from None
+    if not isinstance(data, dict) or data.get("version") not in _READABLE_VERSIONS:
+        raise InputError(f"plan file {name} is not an aotpack plan (version {PLAN_VERSION})",
                          "pass a plan.json written by aotpack")
+    layers = data.get("layers")
     if not isinstance(layers, dict) or not all(isinstance(v, dict) and isinstance(v.get("scheme"), str)
                                                for v in layers.values()):
-        raise InputError(f"plan file {p.name} has no valid 'layers' table", "pass a plan.json written by aotpack")
-    for name in sorted({v["scheme"] for v in layers.values()}):
+        raise InputError(f"plan file {name} has no valid 'layers' table", "pass a plan.json written by aotpack")
+    for scheme_name in sorted({v["scheme"] for v in layers.values()}):
         try:
-            scheme = get_scheme(name)
+            scheme = get_scheme(scheme_name)
         except SchemeError as e:
-            raise InputError(f"plan file {p.name}: {e.cause}", e.hint) from None
+            raise InputError(f"plan file {name}: {e.cause}", e.hint) from None
         reason = why_not(scheme, device, cap)
         if reason:
-            raise InputError(f"plan file {p.name} uses {name}, which cannot run here: {reason}",
+            raise InputError(f"plan file {name} uses {scheme_name}, which cannot run here: {reason}",
                              "make the plan on this kind of machine (--quant auto)")
     return data
 

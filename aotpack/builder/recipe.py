@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from aotpack.artifact.manifest import Relation, Request
 from aotpack.errors import RecipeError
 
 DTYPES = ("float32", "bfloat16", "float16")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _TOP_KEYS = {
     "name", "family", "description", "pipeline", "component", "checkpoint", "revision", "checkpoint_needs",
-    "dtype", "default_quant", "shapes", "capture", "run", "inputs", "variants", "call", "output",
+    "dtype", "default_quant", "shapes", "capture", "run", "inputs", "variants", "call", "output", "blocks",
+    "block_inputs",
 }
 # The dynamic dims a recipe may name in [inputs], and how their ranges follow from [shapes]:
 #   batch          the component's batch (shapes.batch)
@@ -22,7 +26,10 @@ _TOP_KEYS = {
 #   latent_height  latent rows, height / vae_scale, a multiple of multiple / vae_scale (patch) (video)
 #   latent_width   latent columns, as latent_height
 #   video_seq      video tokens, latent_frames * (height / multiple) * (width / multiple)      (video)
-DIMS = ("batch", "image_seq", "latent_frames", "latent_height", "latent_width", "video_seq")
+#   text_seq       text tokens, 1 .. shapes.max_sequence_length                               (Flux)
+#   rotary_seq     rows of a rotary table over text and image tokens: text_seq + image_seq    (Flux blocks)
+DIMS = ("batch", "image_seq", "latent_frames", "latent_height", "latent_width", "video_seq", "text_seq",
+        "rotary_seq")
 _VIDEO_DIMS = {"latent_frames", "latent_height", "latent_width", "video_seq"}
 _VARIANT_KEYS = {"checkpoint", "revision", "description", "max_sequence_length", "run_steps", "guidance_scale",
                  "inputs", "dtype", "shapes"}
@@ -57,6 +64,8 @@ class Recipe:
     vae_scale: int = 8
     call: dict[str, Any] = dataclasses.field(default_factory=dict)
     output: str = "image"                          # "image" or "video"
+    blocks: tuple[str, ...] = ()                   # block classes to compile regionally (default: _repeated_blocks)
+    block_inputs: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # dims of the blocks' inputs
 
     @property
     def is_video(self) -> bool:
@@ -96,6 +105,11 @@ class Recipe:
         if name == "video_seq":
             lo, hi = self.image_seq_range()
             return [lf[0] * lo, lf[1] * hi]
+        if name == "text_seq":
+            return [1, self.max_sequence_length]
+        if name == "rotary_seq":
+            lo, hi = self.image_seq_range()
+            return [1 + lo, self.max_sequence_length + hi]
         raise KeyError(name)
 
     def pipeline_kwargs(self, *, height: int, width: int, steps: int, guidance_scale: float, batch: int = 1,
@@ -112,13 +126,18 @@ class Recipe:
             kwargs[self.call.get("frames", "num_frames")] = frames or self.run["frames"]
         return kwargs
 
-    def relations(self) -> list[dict[str, Any]]:
-        """Equalities between dims that export cannot express and the loader must check itself."""
-        if "video_seq" in self.dynamic:
-            patch = self.multiple // self.vae_scale
-            return [{"dim": "video_seq", "product": ["latent_frames", "latent_height", "latent_width"],
-                     "divisor": patch * patch}]
-        return []
+    def relations(self) -> list[Relation]:
+        """Equalities between dims that export cannot express and the loader must check itself (a module's
+        InputSpec keeps those whose dims it uses)."""
+        patch = self.multiple // self.vae_scale
+        return [Relation("video_seq", ("latent_frames", "latent_height", "latent_width"), "product", patch * patch),
+                Relation("rotary_seq", ("text_seq", "image_seq"), "sum")]
+
+    def request(self) -> Request:
+        """The bounds of a serving request, as the manifest records them."""
+        return Request(batch=self.batch, height=self.height, width=self.width, multiple=self.multiple,
+                       max_sequence_length=self.max_sequence_length, max_steps=self.run["max_steps"],
+                       output=self.output, frames=self.frames, temporal_compression=self.temporal_compression)
 
 
 def recipes_dir() -> Path:
@@ -131,7 +150,7 @@ def recipes_dir() -> Path:
             return path
     except (ModuleNotFoundError, TypeError):
         pass
-    return Path(__file__).resolve().parent.parent / "recipes"
+    return Path(__file__).resolve().parents[2] / "recipes"  # a plain checkout: the repo's recipes/
 
 
 @lru_cache(maxsize=None)
@@ -209,6 +228,9 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
         for key in ("height", "width", "steps"):
             if not isinstance(table.get(key), int):
                 problems.append(f"{section}.{key} must be an integer")
+    if not (isinstance(run.get("max_steps"), int) and isinstance(run.get("steps"), int)
+            and 0 < run["steps"] <= run["max_steps"]):
+        problems.append("run.max_steps must be an integer >= run.steps (the most steps a request may ask)")
     if isinstance(capture.get("batch"), int) and not batch[0] <= capture["batch"] <= batch[1]:
         problems.append("capture.batch must lie inside shapes.batch")
     for section, table in (("capture", capture), ("run", run)):
@@ -241,18 +263,14 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
     variants = data.get("variants") if isinstance(data.get("variants"), dict) else {}
     if variant is not None and isinstance(variants.get(variant), dict) and isinstance(variants[variant].get("inputs"), dict):
         inputs = variants[variant]["inputs"]  # a variant may export other dims (e.g. fixed-size positional embeddings)
-    dynamic: dict[str, dict[str, int]] = {}
     if "batch" not in inputs:
         problems.append("inputs.batch must map input names to dim indices")
-    for dim_name, table in inputs.items():
-        if dim_name not in DIMS:
-            problems.append(f"inputs.{dim_name}: unknown dim (known: {', '.join(DIMS)})")
-        elif dim_name in _VIDEO_DIMS and output != "video":
-            problems.append(f"inputs.{dim_name} needs output = 'video'")
-        elif not isinstance(table, dict) or not all(isinstance(v, int) for v in table.values()):
-            problems.append(f"inputs.{dim_name} must map input names to dim indices")
-        else:
-            dynamic[dim_name] = dict(table)
+    dynamic = _dims_table(inputs, "inputs", output, problems)
+    blocks = data.get("blocks", [])
+    if not isinstance(blocks, list) or not all(isinstance(b, str) and b for b in blocks):
+        problems.append("blocks must be a list of block class names")
+        blocks = []
+    block_inputs = _dims_table(data.get("block_inputs") or {}, "block_inputs", output, problems)
     fields = dict(data)
     if variant is not None:
         if variant not in variants:
@@ -273,6 +291,8 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
                 run["steps"] = over["run_steps"]
             if "guidance_scale" in over:
                 run["guidance_scale"] = capture["guidance_scale"] = over["guidance_scale"]
+    if not str(fields.get("checkpoint", "")).startswith("builtin:") and not _COMMIT.match(str(fields.get("revision"))):
+        problems.append(f"revision must be a 40-hex commit of {fields.get('checkpoint')} (a branch or tag can move)")
     if problems:
         raise RecipeError(f"recipe {source} is invalid: " + "; ".join(problems), "fix the recipe file")
     return Recipe(
@@ -282,5 +302,23 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
         batch=batch, height=height, width=width, multiple=multiple, max_sequence_length=max_seq,
         capture=capture, run=run, dynamic=dynamic, checkpoint_needs=fields.get("checkpoint_needs"),
         variant=variant, variants=tuple(sorted(variants)), frames=frames, temporal_compression=temporal,
-        vae_scale=vae_scale, call=dict(call), output=output,
+        vae_scale=vae_scale, call=dict(call), output=output, blocks=tuple(blocks), block_inputs=block_inputs,
     )
+
+
+def _dims_table(inputs: Any, section: str, output: str, problems: list[str]) -> dict[str, dict[str, int]]:
+    """{dim: {input name: axis}} of an [inputs]-like table; problems are appended."""
+    if not isinstance(inputs, dict):
+        problems.append(f"[{section}] must be a table")
+        return {}
+    out: dict[str, dict[str, int]] = {}
+    for dim_name, table in inputs.items():
+        if dim_name not in DIMS:
+            problems.append(f"{section}.{dim_name}: unknown dim (known: {', '.join(DIMS)})")
+        elif dim_name in _VIDEO_DIMS and output != "video":
+            problems.append(f"{section}.{dim_name} needs output = 'video'")
+        elif not isinstance(table, dict) or not all(isinstance(v, int) for v in table.values()):
+            problems.append(f"{section}.{dim_name} must map input names to dim indices")
+        else:
+            out[dim_name] = dict(table)
+    return out

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
-from aotpack.errors import HubError, RecipeError, first_line
+from aotpack.artifact.files import sha256_file
+from aotpack.artifact.manifest import FileEntry, ModelRef
 from aotpack.builder.recipe import Recipe
+from aotpack.builder.tiny import ensure_builtin
+from aotpack.errors import HubError, RecipeError, first_line
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +41,6 @@ def resolve_source(recipe: Recipe, model: str | None = None, device: str = "cpu"
                               "check the path")
         return Source(model, None, "hub", model)
     if recipe.builtin:
-        from aotpack.builder.tiny import ensure_builtin
-
         return Source(recipe.checkpoint, recipe.revision, "builtin", str(ensure_builtin(recipe.builtin)))
     if recipe.checkpoint_needs and recipe.checkpoint_needs != device:
         raise RecipeError(
@@ -47,15 +51,41 @@ def resolve_source(recipe: Recipe, model: str | None = None, device: str = "cpu"
     return Source(recipe.checkpoint, recipe.revision, "hub", recipe.checkpoint)
 
 
-def source_of(data: dict) -> Source:
-    """Where the rest of the pipeline comes from, as the manifest recorded it."""
-    model = data["model"]
-    if model["source"] == "builtin":
-        from aotpack.builder.tiny import ensure_builtin
+def source_of(model: ModelRef) -> Source:
+    """Where the rest of the pipeline comes from, as the manifest recorded it: a Hub checkpoint at the commit
+    the build read (not the branch or tag it was asked for)."""
+    if model.source == "builtin":
+        name = model.checkpoint.split(":", 1)[1]
+        return Source(model.checkpoint, model.revision, "builtin", str(ensure_builtin(name)))
+    revision = model.commit or model.revision
+    return Source(model.checkpoint, revision, model.source, model.checkpoint)
 
-        name = model["checkpoint"].split(":", 1)[1]
-        return Source(model["checkpoint"], model["revision"], "builtin", str(ensure_builtin(name)))
-    return Source(model["checkpoint"], model["revision"], model["source"], model["checkpoint"])
+
+def component_folder(source: Source, component: str) -> Path:
+    """The local folder of a pipeline's component (a Hub checkpoint is fetched, that component only)."""
+    if source.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        try:
+            root = snapshot_download(source.location, revision=source.revision, allow_patterns=[f"{component}/*"])
+        except Exception as e:  # network, auth, missing repo: one line
+            raise HubError(f"could not fetch {source.location}/{component}: {first_line(e)}",
+                           "check the network and 'hf auth login'") from None
+        return Path(root) / component
+    return Path(source.location) / component
+
+
+def hub_commit(folder: Path) -> str | None:
+    """The commit of a Hub snapshot folder (.../snapshots/<commit>/<component>)."""
+    name = folder.parent.name
+    return name if _COMMIT.match(name) else None
+
+
+def component_files(folder: Path) -> dict[str, FileEntry]:
+    """Size and sha256 of the component folder's weights, as the manifest records them for a local or builtin
+    checkpoint: a LoRA swap re-reads these files, and checks them first."""
+    return {p.name: FileEntry(size=p.stat().st_size, sha256=sha256_file(p))
+            for p in sorted(folder.glob("*.safetensors")) if p.is_file()}
 
 
 def torch_dtype(name: str):

@@ -1,38 +1,45 @@
-"""``run``: load the pipeline without its component, drop the artifact in, and write an image."""
+"""``run``: load the pipeline without its component, drop the artifact in, and write an image or a video.
+
+A request is checked against the artifact's bounds (the manifest's ``request``) before anything is loaded:
+sizes, frames, steps, batch, seed, guidance and the prompt each get their own one-line error.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aotpack.artifact import manifest as mf
+from aotpack.artifact.manifest import Manifest
+from aotpack.builder.recipe import Recipe, get_recipe
+from aotpack.builder.source import load_pipeline, source_of
 from aotpack.errors import AotpackError, InputError
-from aotpack.builder.source import load_pipeline, source_of  # source_of: re-exported for callers of aotpack.run
-from aotpack.builder.recipe import get_recipe
+from aotpack.serve.load import assemble, load, resolve_location
 
 log = logging.getLogger("aotpack")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".gif")
+MAX_PROMPT_CHARS = 10_000
 
 
-def pipeline_for(artifact: str | os.PathLike, *, lora: str | None = None, lora_scale: float = 1.0, **load_kwargs):
+def pipeline_for(artifact: str | os.PathLike, *, lora: str | None = None, lora_scale: float = 1.0,
+                 **load_kwargs: Any) -> tuple[Any, Recipe]:
     """A ready pipeline whose component is the artifact; the original component's weights are never read
     (nor the VAE's when the artifact carries a compiled VAE decoder)."""
-    from aotpack.serve.module import assemble, load
-
     module = load(artifact, **load_kwargs)
     if lora is not None:
         module.swap_lora(lora, lora_scale)
-    data = module.manifest
-    recipe = get_recipe(data["recipe"]["name"], data["recipe"]["variant"])
+    manifest = module.manifest
+    recipe = get_recipe(manifest.recipe.name, manifest.recipe.variant)
     skip = ("vae",) if module.vae_decoder is not None else ()
-    pipe = load_pipeline(recipe, source_of(data), dtype=data["dtype"], with_component=False, skip=skip)
-    pipe.to(data["platform"]["device"])
+    pipe = load_pipeline(recipe, source_of(manifest.model), dtype=manifest.dtype, with_component=False, skip=skip)
+    pipe.to(manifest.platform.device)
     return assemble(pipe, module, remake=True), recipe
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
 def mp4_writer_available() -> bool:
@@ -47,81 +54,120 @@ def mp4_writer_available() -> bool:
         return False
 
 
-def default_out(data: dict) -> str:
-    if data["inputs"]["image"].get("output") == "video":
+def default_out(manifest: Manifest) -> str:
+    if manifest.is_video:
         return "out.mp4" if mp4_writer_available() else "out.gif"
     return "out.png"
 
 
-def run(
-    artifact: str | os.PathLike,
-    *,
-    prompt: str,
-    out: str | os.PathLike | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    steps: int | None = None,
-    seed: int = 0,
-    guidance_scale: float | None = None,
-    batch: int = 1,
-    frames: int | None = None,
-    **load_kwargs,
-) -> Path:
-    """Generate an image (PNG/JPEG/WebP) or, for video recipes, a video (MP4, or an animated GIF) with the
-    artifact; returns the path written."""
-    import torch
+@dataclass(frozen=True)
+class Call:
+    """One checked request: what the pipeline is called with."""
 
-    t0 = time.perf_counter()
-    if Path(artifact).is_dir():  # a local folder: check the request before loading anything
-        data = mf.read(artifact)
-    else:  # a Hub repo id: its manifest comes with the download
-        pipe, recipe = pipeline_for(artifact, **load_kwargs)
-        data = getattr(pipe, recipe.component).manifest
-    video = data["inputs"]["image"].get("output") == "video"
-    out = Path(out or default_out(data))
+    prompt: str
+    height: int
+    width: int
+    steps: int
+    seed: int
+    guidance_scale: float
+    batch: int
+    frames: int | None
+
+
+def check_request(manifest: Manifest, recipe: Recipe, *, prompt: str, height: int | None = None,
+                  width: int | None = None, steps: int | None = None, seed: int = 0,
+                  guidance_scale: float | None = None, batch: int = 1, frames: int | None = None) -> Call:
+    """The request with the recipe's defaults filled in, or InputError naming the first value out of bounds.
+    ``None`` means "the recipe's default"; 0 is a value, and an error where it is not allowed."""
+    req = manifest.request
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("--prompt is empty", "pass a text prompt")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("--prompt is not valid UTF-8 text", "pass the prompt as UTF-8") from None
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InputError(f"--prompt has {len(prompt)} characters, more than {MAX_PROMPT_CHARS}",
+                         "shorten the prompt (the text encoder reads at most "
+                         f"{req.max_sequence_length} tokens)")
+    height = recipe.run["height"] if height is None else height
+    width = recipe.run["width"] if width is None else width
+    for name, value, (lo, hi) in (("height", height, req.height), ("width", width, req.width)):
+        if not (lo <= value <= hi and value % req.multiple == 0):
+            raise InputError(f"--{name} {value} is outside what the artifact accepts: {lo}..{hi}, "
+                             f"a multiple of {req.multiple}", f"pass a {name} in {lo}..{hi}")
+    steps = recipe.run["steps"] if steps is None else steps
+    if not 1 <= steps <= req.max_steps:
+        raise InputError(f"--steps {steps} is outside 1..{req.max_steps}",
+                         f"pass --steps between 1 and {req.max_steps} (the recipe's maximum)")
+    if not 0 <= seed < 2**63:
+        raise InputError(f"--seed {seed} is not in 0..2^63-1", "pass a non-negative seed")
+    guidance = recipe.run.get("guidance_scale", 3.5) if guidance_scale is None else float(guidance_scale)
+    if not math.isfinite(guidance) or guidance < 0:
+        raise InputError(f"--guidance-scale {guidance} is not a finite number >= 0", "e.g. --guidance-scale 3.5")
+    divisor = recipe.call.get("batch_divisor", 1)
+    if not 1 <= batch * divisor <= req.batch[1]:
+        raise InputError(f"--batch {batch} is outside 1..{req.batch[1] // divisor}",
+                         "use a smaller batch, or rebuild with a wider recipe")
+    if manifest.is_video:
+        frames = recipe.run["frames"] if frames is None else frames
+        lo, hi = req.frames
+        step = req.temporal_compression
+        if not (lo <= frames <= hi and (frames - 1) % step == 0):
+            raise InputError(f"--frames {frames} is outside what the artifact accepts: {lo}..{hi}, "
+                             f"of the form {step}k+1", f"pass --frames in {lo}..{hi}, e.g. {lo}")
+    elif frames is not None:
+        raise InputError("--frames is for video artifacts; this one makes images", "leave --frames out")
+    return Call(prompt, height, width, steps, seed, guidance, batch, frames)
+
+
+def _check_out(manifest: Manifest, out: Path) -> None:
     suffix = out.suffix.lower()
-    if video and suffix not in VIDEO_SUFFIXES:
+    if manifest.is_video and suffix not in VIDEO_SUFFIXES:
         raise InputError(f"this artifact makes videos; cannot write one to {out}", "name the output .mp4 or .gif")
-    if not video and suffix not in IMAGE_SUFFIXES:
+    if not manifest.is_video and suffix not in IMAGE_SUFFIXES:
         raise InputError(f"cannot tell the image format of {out}", "name the output .png")
     if suffix == ".mp4" and not mp4_writer_available():
         raise InputError("no mp4 writer is installed (imageio + imageio-ffmpeg)",
                          "pip install 'aotpack[video]', or name the output .gif")
-    if frames is not None and not video:
-        raise InputError("--frames is for video artifacts; this one makes images", "leave --frames out")
-    image = data["inputs"]["image"]
-    recipe = get_recipe(data["recipe"]["name"], data["recipe"]["variant"])
-    height = height or recipe.run["height"]
-    width = width or recipe.run["width"]
-    for name, value in (("height", height), ("width", width)):
-        lo, hi = image[name]
-        if not (lo <= value <= hi and value % image["multiple"] == 0):
-            raise InputError(f"--{name} {value} is outside what the artifact accepts: {lo}..{hi}, "
-                             f"a multiple of {image['multiple']}", f"pass a {name} in {lo}..{hi}")
-    if video:
-        frames = frames or recipe.run["frames"]
-        lo, hi = image["frames"]
-        step = recipe.temporal_compression
-        if not (lo <= frames <= hi and (frames - 1) % step == 0):
-            raise InputError(f"--frames {frames} is outside what the artifact accepts: {lo}..{hi}, "
-                             f"of the form {step}k+1", f"pass --frames in {lo}..{hi}, e.g. {lo}")
-    if Path(artifact).is_dir():
-        pipe, recipe = pipeline_for(artifact, **load_kwargs)
+
+
+def run(artifact: str | os.PathLike, *, prompt: str, out: str | os.PathLike | None = None, height: int | None = None,
+        width: int | None = None, steps: int | None = None, seed: int = 0, guidance_scale: float | None = None,
+        batch: int = 1, frames: int | None = None, **load_kwargs: Any) -> Path:
+    """Generate an image (PNG/JPEG/WebP) or, for video recipes, a video (MP4, or an animated GIF) with the
+    artifact; returns the path written. Every request value is checked before anything is loaded."""
+    import torch
+
+    t0 = time.perf_counter()
+    hub = {k: load_kwargs[k] for k in ("revision", "trust", "token", "quant", "refresh_pins") if k in load_kwargs}
+    folder = resolve_location(artifact, **hub)  # a repo id: the build that fits, pulled and verified
+    manifest = mf.read(folder)
+    recipe = get_recipe(manifest.recipe.name, manifest.recipe.variant)
+    call = check_request(manifest, recipe, prompt=prompt, height=height, width=width, steps=steps, seed=seed,
+                         guidance_scale=guidance_scale, batch=batch, frames=frames)
+    out = Path(out or default_out(manifest))
+    _check_out(manifest, out)
+    pipe, recipe = pipeline_for(folder, **{k: v for k, v in load_kwargs.items() if k not in hub})
     log.info("pipeline ready in %.2f s", time.perf_counter() - t0)
     t1 = time.perf_counter()
-    kwargs = recipe.pipeline_kwargs(
-        height=height, width=width, steps=steps or recipe.run["steps"],
-        guidance_scale=recipe.run.get("guidance_scale", 3.5) if guidance_scale is None else guidance_scale,
-        batch=batch, frames=frames)
-    kwargs["max_sequence_length"] = data["inputs"]["max_sequence_length"]
-    result = pipe(prompt=prompt, **kwargs, generator=torch.Generator("cpu").manual_seed(seed))
-    log.info("%s generated in %.2f s (%.2f s from start)", "video" if video else "image",
+    kwargs = recipe.pipeline_kwargs(height=call.height, width=call.width, steps=call.steps,
+                                    guidance_scale=call.guidance_scale, batch=call.batch, frames=call.frames)
+    kwargs["max_sequence_length"] = manifest.request.max_sequence_length
+    result = pipe(prompt=call.prompt, **kwargs, generator=torch.Generator("cpu").manual_seed(call.seed))
+    log.info("%s generated in %.2f s (%.2f s from start)", "video" if manifest.is_video else "image",
              time.perf_counter() - t1, time.perf_counter() - t0)
+    _write(result, manifest, out, recipe.run.get("fps", 8))
+    return out
+
+
+def _write(result: Any, manifest: Manifest, out: Path, fps: int) -> None:
+    """Write through a temporary file renamed into place (never a half-written output)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial{out.suffix}")
     try:
-        if video:
-            write_video(result.frames[0], tmp, fps=recipe.run.get("fps", 8))
+        if manifest.is_video:
+            write_video(result.frames[0], tmp, fps=fps)
         else:
             result.images[0].save(tmp, format=(out.suffix.lstrip(".").upper().replace("JPG", "JPEG")))
         os.replace(tmp, out)
@@ -129,7 +175,6 @@ def run(
         raise AotpackError(f"could not write {out}: {e.strerror}", "check the folder and free space") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return out
 
 
 def write_video(frames: list, path: Path, *, fps: int = 8) -> None:

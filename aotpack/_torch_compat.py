@@ -1,0 +1,99 @@
+"""Every private torch / torchao surface aotpack touches, fenced in one file.
+
+Each function here has a test in tests/test_torch_compat.py that compares it with the public path (or checks
+the private contract it relies on), so that a torch upgrade which changes one of them fails a test rather than
+a user. Nothing else in aotpack imports ``torch._*`` or writes a module's ``_parameters``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("aotpack")
+
+# gcc's names for the few x86 features whose /proc/cpuinfo flag is spelled differently
+_CPUINFO_ALIASES = {"avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16"}
+
+
+# ---- AOTInductor ------------------------------------------------------------------------------------------------
+
+def aoti_compile_and_package(ep: Any, path: Path, configs: dict[str, Any]) -> Path:
+    """``torch._inductor.aoti_compile_and_package``: the documented entry point, under a private namespace."""
+    import torch._inductor
+
+    return Path(torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs))
+
+
+def open_package(path: str | Path) -> Any:
+    """Open a .pt2's compiled model (no constants yet: they come from the weights file).
+
+    Like ``torch._inductor.aoti_load_package``, minus its device-information check, which only logs a warning
+    and to get there has inductor compile and run CPU-ISA test programs: 1 s on a warm compiler cache and
+    6 s on a cold one, the dominant cost of a cold start. aotpack checks the platform from the manifest
+    before it opens the package. If the private loader is gone or its signature changed, the public loader
+    is used and a warning says so (the load is then slower, never wrong).
+    """
+    try:
+        import torch
+        from torch.export.pt2_archive._package import AOTICompiledModel
+
+        # (package path, model name, run single threaded, number of runners, device index)
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        return AOTICompiledModel(loader)
+    except (ImportError, AttributeError, TypeError) as e:
+        log.warning("torch's AOTInductor package loader changed (%s: %s); using the public loader",
+                    type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "")
+    import torch._inductor
+
+    return torch._inductor.aoti_load_package(str(path))
+
+
+# ---- CPU ISAs ---------------------------------------------------------------------------------------------------
+
+def _isa_name(isa: Any) -> str:
+    # inductor's str() of an ISA lists the base and its extensions ('avx512 avx512_vnni'); the last word
+    # names the class uniquely and makes a plain folder name.
+    return str(isa).split()[-1]
+
+
+def pick_isa() -> str:
+    """The vector ISA inductor generates code for on this CPU ('avx512_vnni', 'avx2', ..., 'none').
+    Runs inductor's probe, which compiles test programs: seconds on a cold compiler cache (builds only)."""
+    from torch._inductor import cpu_vec_isa
+
+    isa = cpu_vec_isa.pick_vec_isa()
+    return _isa_name(isa) if isa else "none"
+
+
+def supported_isas() -> list[str]:
+    """The ISAs inductor finds usable here (runs its probe)."""
+    from torch._inductor import cpu_vec_isa
+
+    return [_isa_name(i) for i in cpu_vec_isa.valid_vec_isa_list()] + ["none"]
+
+
+def isa_cpu_flags() -> dict[str, set[str]]:
+    """{ISA name: the /proc/cpuinfo flags its code needs}, for inductor's x86 ISAs, derived from the compiler
+    flags inductor builds each with (``-mavx512f -mavx512vnni ...``). No probe: a load checks these flags."""
+    from torch._inductor import cpu_vec_isa
+
+    out = {}
+    for isa in cpu_vec_isa.supported_vec_isa_list:
+        flags = str(getattr(isa, "_arch_flags", "") or "").split()
+        need = {_CPUINFO_ALIASES.get(f[2:].replace("-", "_"), f[2:].replace("-", "_"))
+                for f in flags if f.startswith("-m")}
+        if need and all(f.startswith(("avx", "amx", "fma", "f16c")) for f in need):
+            out[_isa_name(isa)] = need
+    return out
+
+
+# ---- torchao --------------------------------------------------------------------------------------------------------
+
+def unwrap_tensor_subclass(module: Any) -> Any:
+    """torchao tensor subclasses -> plain tensors plus parametrizations, so that export sees plain tensors and
+    the state dict holds exactly the compiled constants (``torchao.utils.unwrap_tensor_subclass``)."""
+    from torchao.utils import unwrap_tensor_subclass as unwrap
+
+    return unwrap(module)

@@ -1,0 +1,160 @@
+"""``BuildSpec``: everything a build needs, resolved once from the CLI/API arguments and the recipe.
+
+Every check that needs no model runs here, before anything heavy: an unknown recipe, scheme, dtype or
+variant, a scheme this machine cannot run, a LoRA or plan file that cannot be used, an output folder that
+must not be replaced, a signing key that cannot sign, a cache that cannot be written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from aotpack.artifact import manifest as mf
+from aotpack.artifact.files import check_output, verify_files
+from aotpack.artifact.manifest import Options
+from aotpack.artifact.platform import Platform, default_device, describe, tag
+from aotpack.builder.compile import Reusable
+from aotpack.builder.plan import DEFAULT_BUDGET, read_plan
+from aotpack.builder.recipe import DTYPES, Recipe, get_recipe
+from aotpack.builder.schemes import check_scheme
+from aotpack.builder.source import Source, resolve_source
+from aotpack.errors import RecipeError, SignatureError
+from aotpack.paths import check_cache_writable
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraRequest:
+    path: Path
+    scale: float
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildSpec:
+    recipe: Recipe
+    quant: str                      # a scheme name, or "auto"
+    plan: dict | None               # a checked --plan file (implies quant "auto")
+    error_budget: float
+    dtype: str
+    platform: Platform              # the machine the build runs on and compiles for
+    source: Source
+    out: Path
+    overwrite: bool
+    options: Options
+    lora: LoraRequest | None = None
+    reuse: dict[str, Reusable] = dataclasses.field(default_factory=dict)
+    sign_key: Path | None = None
+
+    @property
+    def device(self) -> str:
+        return self.platform.device
+
+
+def default_out(recipe_name: str, quant: str, platform_tag: str, artifacts_dir: str | os.PathLike = "artifacts",
+                regional: bool = False) -> Path:
+    return Path(artifacts_dir) / (f"{recipe_name}-{quant}-{platform_tag}" + ("-regional" if regional else ""))
+
+
+def resolve(
+    recipe: str,
+    quant: str | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    model: str | None = None,
+    dtype: str | None = None,
+    variant: str | None = None,
+    overwrite: bool = False,
+    artifacts_dir: str | os.PathLike = "artifacts",
+    device: str | None = None,
+    lora: str | os.PathLike | None = None,
+    lora_scale: float = 1.0,
+    fuse_qkv: bool = False,
+    quantize_text_encoder: str | None = None,
+    quantize_vae: str | None = None,
+    compile_vae: bool = False,
+    plan: str | os.PathLike | None = None,
+    error_budget: float | None = None,
+    reuse: str | os.PathLike | None = None,
+    max_autotune: bool = False,
+    regional: bool = False,
+    sign_key: str | os.PathLike | None = None,
+) -> BuildSpec:
+    """Resolve and check a build request; see :func:`aotpack.builder.pipeline.build` for the arguments."""
+    r = get_recipe(recipe, variant)
+    if plan is not None:
+        if quant not in (None, "auto"):
+            raise RecipeError(f"--plan and --quant {quant} contradict each other", "leave --quant out with --plan")
+        quant = "auto"
+    quant = quant or r.default_quant
+    here = describe(device or default_device())
+    plan_data = None
+    if quant == "auto":
+        plan_data = read_plan(plan, here.device, here.capability) if plan is not None else None
+        if error_budget is not None and not 0 <= error_budget < 1:
+            raise RecipeError(f"--error-budget {error_budget} must be in [0, 1)", "e.g. --error-budget 0.05")
+    else:
+        check_scheme(quant, here.device, here.capability)
+    dtype = dtype or r.dtype
+    if dtype not in DTYPES:
+        raise RecipeError(f"unknown dtype '{dtype}'", f"choose one of: {', '.join(DTYPES)}")
+    for what, side in (("--quantize-text-encoder", quantize_text_encoder), ("--quantize-vae", quantize_vae)):
+        if side is not None:
+            try:
+                check_scheme(side, here.device, here.capability)
+            except Exception as e:
+                raise type(e)(f"{what}: {e.cause}", e.hint) from None
+    lora_request = _check_lora(lora, lora_scale) if lora is not None else None
+    if compile_vae and r.is_video:
+        raise RecipeError(f"--compile-vae is not available for {r.full_name}: the video VAE decodes frames in a "
+                          "Python loop that export fixes to one frame count",
+                          "leave --compile-vae out (the VAE then runs eager)")
+    options = Options(fuse_qkv=bool(fuse_qkv), quantize_text_encoder=quantize_text_encoder,
+                      quantize_vae=quantize_vae, compile_vae=bool(compile_vae), max_autotune=bool(max_autotune),
+                      regional=bool(regional))
+    key = _check_sign_key(Path(sign_key)) if sign_key is not None else None
+    reusable = reusable_code(Path(reuse)) if reuse is not None else {}
+    check_cache_writable()
+    source = resolve_source(r, model, here.device)
+    final = Path(out) if out else default_out(r.full_name, quant, tag(here), artifacts_dir, regional)
+    check_output(final.absolute(), overwrite=overwrite)
+    return BuildSpec(recipe=r, quant=quant, plan=plan_data, error_budget=DEFAULT_BUDGET if error_budget is None
+                     else error_budget, dtype=dtype, platform=here, source=source, out=final, overwrite=overwrite,
+                     options=options, lora=lora_request, reuse=reusable, sign_key=key)
+
+
+def _check_lora(path: str | os.PathLike, scale: float) -> LoraRequest:
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"LoRA file {path} does not exist", "pass the path of a .safetensors LoRA")
+    if not p.name.endswith(".safetensors"):
+        raise RecipeError(f"LoRA file {p.name} is not .safetensors",
+                          "aotpack never loads pickled weights; convert the LoRA to safetensors")
+    return LoraRequest(p, float(scale))
+
+
+def _check_sign_key(path: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), None)
+    except OSError as e:
+        raise SignatureError(f"cannot read signing key {path}: {e.strerror}", "pass the PEM private key") from None
+    except (ValueError, TypeError):
+        raise SignatureError(f"{path} is not an unencrypted PEM private key", "pass the PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise SignatureError(f"{path} is not an elliptic-curve private key",
+                             "make one with: openssl ecparam -genkey -name prime256v1 -noout -out key.pem")
+    return path
+
+
+def reusable_code(folder: Path) -> dict[str, Reusable]:
+    """{compile key: .pt2} of the artifact ``folder`` (every file checked now; each .pt2 is hashed again as it
+    is copied, against the manifest read now, so a swap in between is caught)."""
+    manifest = mf.read(folder)
+    verify_files(folder, manifest.files)
+    found = {m.compile_key: Reusable(folder, m.code, manifest.files[m.code]) for m in manifest.modules if m.compile_key}
+    if not found:
+        raise RecipeError(f"{folder} records no compile key (built by an older aotpack)", "build without --reuse")
+    return found

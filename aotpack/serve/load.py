@@ -1,0 +1,253 @@
+"""Load an artifact: from a folder (or a Hub repo id) to compiled modules with their weights, ready to call.
+
+Order matters, and nothing native runs before the last step that can be checked first:
+manifest (read once) -> signature (when keys are required) -> platform -> every file opened once and hashed
+(code copied to a private folder as it is hashed; weights kept open) -> memory -> open the code -> the
+weights' names, dtypes and shapes against the compiled constants -> load the weights (zero-copy) -> ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from aotpack import _torch_compat as compat
+from aotpack.artifact import manifest as mf
+from aotpack.artifact.files import VerifiedFiles
+from aotpack.artifact.manifest import CompiledModule, Manifest
+from aotpack.artifact.platform import describe
+from aotpack.builder.compile import CONSTANTS_KEY
+from aotpack.errors import ConfigError, InputError, IntegrityError, ManifestError, ResourceError, one_line
+from aotpack.serve.module import AotModule, AotVaeDecoder, CudaGraphs
+
+log = logging.getLogger("aotpack")
+MEMORY_RESERVE_ENV = "AOTPACK_MEMORY_RESERVE"
+
+
+def resolve_location(path: str | os.PathLike, **hub_kwargs: Any) -> Path:
+    """The artifact folder ``path`` names: a local folder, or the build of a Hub repo id that fits this machine.
+
+    A path that exists, starts with '.', '/' or '~', or whose first part exists here, is a path and is never
+    looked up on the Hub; only an 'owner/name' that is none of these is a repo id."""
+    text = str(path)
+    folder = Path(text).expanduser()
+    if folder.exists():
+        return folder
+    first = text.split("/", 1)[0]
+    is_path = text.startswith((".", "/", "~")) or os.path.isabs(text) or text.count("/") != 1 \
+        or (first and Path(first).exists())
+    if is_path:
+        raise ManifestError(f"no artifact at {one_line(text)}",
+                            "no such folder here (a path is never looked up on the Hub); check the path")
+    from aotpack.errors import HubError
+    from aotpack.hub import resolve_for_load
+
+    try:
+        return resolve_for_load(text, **hub_kwargs)
+    except HubError as e:
+        raise HubError(f"{one_line(text)} is no folder here, and as a Hub repo: {e.cause}", e.hint) from None
+
+
+def trusted_keys_from_env() -> list:
+    from aotpack import signing
+
+    return signing.load_trusted_keys(signing.trusted_key_paths())
+
+
+def check_signature(folder: Path, manifest_bytes: bytes, manifest: Manifest, trusted_keys: Sequence) -> str:
+    """Require a signature from one of ``trusted_keys`` over exactly these manifest bytes and the files they
+    list; returns the signing key's fingerprint."""
+    from aotpack import signing
+
+    data = signing.read_signature(folder)
+    if data is None:
+        raise signing.SignatureError(f"{one_line(str(folder))} is not signed, and trusted keys are required",
+                                     "sign it with 'aotpack sign DIR --key KEY.pem', or load it without "
+                                     "--trusted-key / AOTPACK_TRUSTED_KEYS")
+    signed = signing.verify(data, trusted_keys=list(trusted_keys))
+    signing.check_covers(signed, manifest_sha256=mf.sha256(manifest_bytes),
+                         files={name: e.sha256 for name, e in manifest.files.items()})
+    return signed.fingerprint
+
+
+def memory_reserve() -> int:
+    """``AOTPACK_MEMORY_RESERVE``: bytes to keep free when loading (default 256 MiB)."""
+    text = os.environ.get(MEMORY_RESERVE_ENV, "")
+    if not text:
+        return 256 << 20
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(f"{MEMORY_RESERVE_ENV}={one_line(text, 40)} is not a number of bytes",
+                          f"set {MEMORY_RESERVE_ENV} to an integer >= 0 (e.g. 268435456), or unset it")
+    return value
+
+
+def check_memory(nbytes: int) -> None:
+    import psutil
+
+    available = psutil.virtual_memory().available
+    if nbytes + memory_reserve() > available:
+        raise ResourceError(
+            f"the weights need {nbytes / 2**30:.2f} GiB but only {available / 2**30:.2f} GiB of memory is available",
+            "free memory, or use a smaller quantization scheme")
+
+
+def constant_names(code: Path) -> list[str]:
+    """The constants a compiled package expects (opens it: call only on code that was verified or just built)."""
+    return list(compat.open_package(code).get_constant_fqns())
+
+
+def _check_constants(compiled: Any, module: CompiledModule, weights: dict[str, torch.Tensor], instance: str) -> None:
+    """The weights must be exactly the compiled constants, by name, dtype and shape, before they are loaded.
+    Fails closed: a package without aotpack's constants signature is refused."""
+    import json
+
+    hint = "the weights file belongs to another build; rebuild or download the artifact again"
+    raw = compiled.get_metadata().get(CONSTANTS_KEY)
+    try:
+        signature = json.loads(raw) if raw else None
+    except ValueError:
+        signature = None
+    if not isinstance(signature, dict):
+        raise IntegrityError(f"{module.code} carries no constants signature (not built by aotpack)",
+                             "do not load this artifact; rebuild it with aotpack")
+    expected = list(compiled.get_constant_fqns())
+    names = {f: module.key(instance, f) for f in expected}
+    missing = sorted(k for k in names.values() if k not in weights)
+    unsigned = sorted(f for f in expected if f not in signature)
+    if missing or unsigned:
+        raise IntegrityError(f"weights do not match the compiled constants: missing {missing[:3]}"
+                             + (f", unsigned {unsigned[:3]}" if unsigned else ""), hint)
+    for fqn, key in names.items():
+        t, want = weights[key], signature[fqn]
+        got = [str(t.dtype).removeprefix("torch."), list(t.shape)]
+        if got != list(want):
+            raise IntegrityError(f"weight {key} is {got[0]} {got[1]}, the compiled code expects {want[0]} {want[1]}",
+                                 hint)
+
+
+def instance_constants(compiled: Any, module: CompiledModule, weights: dict[str, torch.Tensor],
+                       instance: str) -> dict[str, torch.Tensor]:
+    """{constant name: tensor} of one instance of ``module``, checked against the compiled constants first."""
+    _check_constants(compiled, module, weights, instance)
+    return {f: weights[module.key(instance, f)] for f in compiled.get_constant_fqns()}
+
+
+def open_compiled(code: Path, module: CompiledModule, weights: dict[str, torch.Tensor], instance: str) -> Any:
+    """Open one compiled module and load ``instance``'s weights into it (checked first; zero-copy)."""
+    compiled = compat.open_package(code)
+    # user_managed: the compiled code reads these tensors in place, no second copy.
+    compiled.load_constants(instance_constants(compiled, module, weights, instance), check_full_update=True,
+                            user_managed=True)
+    return compiled
+
+
+def _check_weights_cover(manifest: Manifest, weights: dict[str, dict[str, torch.Tensor]],
+                         compiled: dict[str, Any]) -> None:
+    """Every tensor of a weights file belongs to some module instance (nothing unexpected rides along)."""
+    for file, tensors in weights.items():
+        used = {m.key(inst, f) for m in manifest.modules if m.weights == file
+                for inst in m.instances for f in compiled[m.name].get_constant_fqns()}
+        extra = sorted(set(tensors) - used)
+        if extra:
+            raise IntegrityError(f"weights do not match the compiled constants: unexpected {extra[:3]}",
+                                 "the weights file belongs to another build; rebuild or download it again")
+
+
+def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = False, token: str | None = None,
+         quant: str | None = None, cuda_graphs: bool = False, trusted_keys: Sequence | None = None,
+         refresh_pins: bool = False) -> AotModule:
+    """Load an artifact folder, or the build of a Hub repo ("owner/name") that fits this machine.
+
+    ``trusted_keys``: public keys (paths, PEM bytes or key objects) one of which must have signed the artifact
+    (default: the ``AOTPACK_TRUSTED_KEYS`` variable; ``[]`` requires none). ``cuda_graphs``: replay the compiled
+    module as CUDA graphs (CUDA artifacts only). A repo id needs a pinned ``revision`` (tag or commit) or
+    ``trust=True``: the .pt2 is native code.
+    """
+    t0 = time.perf_counter()
+    keys = trusted_keys_from_env() if trusted_keys is None else list(trusted_keys)
+    hub = {"revision": revision, "trust": trust, "token": token, "quant": quant, "refresh_pins": refresh_pins}
+    folder = resolve_location(path, **{k: v for k, v in hub.items() if v})
+    data = mf.read_bytes(folder)
+    manifest = mf.parse(data)
+    signer = check_signature(folder, data, manifest, keys) if keys else None
+    if cuda_graphs and manifest.platform.device != "cuda":
+        raise InputError(f"cuda_graphs needs a CUDA artifact; this one runs on {manifest.platform.device}",
+                         "leave cuda_graphs out, or build the artifact on a GPU machine")
+    device = manifest.platform.device
+    mf.check_compatible(manifest, describe(device if device == "cpu" else None, probe_isa=False))
+    from safetensors.torch import load_file
+
+    with VerifiedFiles(folder, manifest.files) as files:
+        files.check_all()
+        check_memory(manifest.weights_bytes())
+        weights = {name: load_file(files.data(name), device=device) for name in {m.weights for m in manifest.modules}}
+        opened = {m.name: compat.open_package(files.code(m.code)) for m in manifest.modules}
+        _check_weights_cover(manifest, weights, opened)
+        constants = {}
+        for m in manifest.modules:
+            constants[m.name] = instance_constants(opened[m.name], m, weights[m.weights], m.instances[0])
+            opened[m.name].load_constants(constants[m.name], check_full_update=True, user_managed=True)
+        plan = files.read(manifest.plan.file) if manifest.plan is not None and manifest.plan.file in manifest.files \
+            else None
+    main = manifest.component
+    module = AotModule(opened[main.name], constants[main.name], manifest, folder, plan=plan, signer=signer)
+    if cuda_graphs:
+        module.use_cuda_graphs(CudaGraphs(module._compiled))
+    vae = manifest.module("vae_decoder")
+    if vae is not None:
+        module.vae_decoder = AotVaeDecoder(opened[vae.name], constants[vae.name], vae, manifest)
+    log.info("loaded %s in %.2f s", folder, time.perf_counter() - t0)
+    return module
+
+
+def assemble(pipe: Any, module: AotModule, *, remake: bool = False) -> Any:
+    """Put the artifact's modules into ``pipe`` and apply its load-time options; returns the pipeline.
+
+    ``remake``: the pipeline was loaded without its VAE; it is made again from its components, so that what
+    its constructor derives from the VAE's config (scale factors, processors) is right."""
+    from aotpack.builder.schemes import quantize_named
+
+    manifest = module.manifest
+    options = manifest.options
+    component = manifest.recipe.component
+    sides = (("quantize_text_encoder", options.quantize_text_encoder,
+              [n for n in pipe.components if n.startswith("text_encoder")]),
+             ("quantize_vae", options.quantize_vae, [] if module.vae_decoder is not None else ["vae"]))
+    for _, scheme, targets in sides:
+        if scheme:
+            for target in targets:
+                if getattr(pipe, target, None) is not None:
+                    quantize_named(getattr(pipe, target), scheme)
+    if module.vae_decoder is not None and remake:
+        fresh = type(pipe)(**{**pipe.components, component: module, "vae": module.vae_decoder})
+        fresh.set_progress_bar_config(disable=True)
+        return fresh
+    setattr(pipe, component, module)
+    if module.vae_decoder is not None:
+        pipe.vae = module.vae_decoder
+    return pipe
+
+
+def load_into(pipe: Any, path: str | os.PathLike, *, lora: str | os.PathLike | None = None, lora_scale: float = 1.0,
+              **kwargs: Any) -> Any:
+    """Replace the pipeline's component (e.g. ``pipe.transformer``) with the artifact; returns the pipeline.
+
+    ``lora``: a LoRA .safetensors swapped into the compiled module's weights at ``lora_scale`` (no recompile).
+    """
+    module = load(path, **kwargs)
+    if lora is not None:
+        module.swap_lora(lora, lora_scale)
+    component = module.manifest.recipe.component
+    if not hasattr(pipe, component):
+        raise InputError(f"{type(pipe).__name__} has no component '{component}'",
+                         f"this artifact is for a {module.manifest.recipe.pipeline}")
+    return assemble(pipe, module)

@@ -1,0 +1,80 @@
+"""Each private torch/torchao surface of aotpack/_torch_compat.py against the public path or the contract aotpack
+relies on: a torch upgrade that changes one of them fails here, not in a user's serving process."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from aotpack import _torch_compat as compat
+from aotpack.artifact import manifest as mf
+from aotpack.artifact.files import MODEL, WEIGHTS
+
+
+def test_isa_table_is_derived_from_inductor_and_names_the_cpuinfo_flags():
+    table = compat.isa_cpu_flags()
+    assert table["avx2"] == {"avx2", "fma", "f16c"}
+    assert {"avx512f", "avx512dq", "avx512vl", "avx512bw"} <= table["avx512"]
+    assert table["avx512_vnni"] == table["avx512"] | {"avx512_vnni"}
+    assert {"amx_tile", "amx_bf16", "amx_int8", "avx512_vnni"} <= table["amx_tile"]
+
+
+def test_the_probed_isa_is_one_inductor_supports():
+    assert compat.pick_isa() in compat.supported_isas()
+
+
+def test_unwrap_tensor_subclass_leaves_plain_tensors():
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    quantize_(model, Int8WeightOnlyConfig())
+    assert type(model[0].weight.data) is not torch.Tensor
+    compat.unwrap_tensor_subclass(model)
+    assert all(type(v) is torch.Tensor for v in model.state_dict().values())
+
+
+def test_open_package_matches_the_public_loader(artifacts):
+    """The private loader (no ISA probe) and torch._inductor.aoti_load_package run the same code the same way."""
+    from safetensors.torch import load_file
+
+    path = artifacts("int8wo")
+    manifest = mf.read(path)
+    module = manifest.component
+    weights = load_file(str(path / WEIGHTS))
+    constants = {f: weights[module.key(module.instances[0], f)]
+                 for f in compat.open_package(path / MODEL).get_constant_fqns()}
+    g = torch.Generator().manual_seed(0)
+    sizes = module.inputs.sizes(lambda name, rng: rng[0] if name == "batch" else rng[1] // 2)
+    x = {t.name: torch.randn([sizes[d] if isinstance(d, str) else d for d in t.shape], generator=g)
+         for t in module.inputs.tensors}
+    outs = []
+    for opener in (compat.open_package, lambda p: torch._inductor.aoti_load_package(str(p))):
+        compiled = opener(path / MODEL)
+        assert sorted(compiled.get_constant_fqns()) == sorted(constants)
+        assert compiled.get_metadata()["aotpack.module"] == "transformer"
+        compiled.load_constants(constants, check_full_update=True, user_managed=True)
+        out = compiled(x)
+        outs.append(out[0] if isinstance(out, (list, tuple)) else out)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_open_package_falls_back_loudly_when_the_private_loader_changes(artifacts, monkeypatch, caplog):
+    real = torch._C._aoti.AOTIModelPackageLoader
+    calls = []
+
+    class Changed:  # the first call (aotpack's private path) fails as a changed signature would
+        load_metadata_from_package = staticmethod(real.load_metadata_from_package)
+
+        def __new__(cls, *args, **kwargs):
+            calls.append(args)
+            if len(calls) == 1:
+                raise TypeError("__init__(): incompatible constructor arguments")
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch._C._aoti, "AOTIModelPackageLoader", Changed)
+    with caplog.at_level(logging.WARNING, logger="aotpack"):
+        compiled = compat.open_package(artifacts("int8wo") / MODEL)
+    assert compiled.get_constant_fqns() and len(calls) >= 2
+    assert "using the public loader" in caplog.text
