@@ -26,28 +26,29 @@ def aoti_compile_and_package(ep: Any, path: Path, configs: dict[str, Any]) -> Pa
     return Path(torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs))
 
 
-def open_package(path: str | Path) -> Any:
+def open_package(path: str | Path, *, single_threaded: bool = False) -> Any:
     """Open a .pt2's compiled model (no constants yet: they come from the weights file).
 
     Like ``torch._inductor.aoti_load_package``, minus its device-information check, which only logs a warning
     and to get there has inductor compile and run CPU-ISA test programs: 1 s on a warm compiler cache and
     6 s on a cold one, the dominant cost of a cold start. aotpack checks the platform from the manifest
     before it opens the package. If the private loader is gone or its signature changed, the public loader
-    is used and a warning says so (the load is then slower, never wrong).
+    is used and a warning says so (the load is then slower, never wrong). ``single_threaded``: the runner
+    for CUDA graph capture (the default one queries a CUDA event on every call, which capture forbids).
     """
     try:
         import torch
         from torch.export.pt2_archive._package import AOTICompiledModel
 
         # (package path, model name, run single threaded, number of runners, device index)
-        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", single_threaded, 1, -1)
         return AOTICompiledModel(loader)
     except (ImportError, AttributeError, TypeError) as e:
         log.warning("torch's AOTInductor package loader changed (%s: %s); using the public loader",
                     type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "")
     import torch._inductor
 
-    return torch._inductor.aoti_load_package(str(path))
+    return torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded)
 
 
 # ---- CPU ISAs ---------------------------------------------------------------------------------------------------

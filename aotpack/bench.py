@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("eager", "compile", "compile+cache", "aotpack")
+GPU_VARIANTS = VARIANTS + ("aotpack+graphs",)   # CUDA graphs replay of the artifact (GPU only)
 
 
 # ---- page cache -------------------------------------------------------------------------------------------
@@ -71,10 +72,10 @@ def worker(args: dict) -> dict:
     cuda = args["device"] == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rss_start = _rss()
-    if variant == "aotpack":
+    if variant.startswith("aotpack"):
         from aotpack.serve.run import pipeline_for
 
-        pipe, _ = pipeline_for(args["artifact"])
+        pipe, _ = pipeline_for(args["artifact"], **({"cuda_graphs": True} if variant == "aotpack+graphs" else {}))
         transformer = getattr(pipe, recipe.component)
     else:
         source = resolve_source(recipe, args.get("model"), args["device"])
@@ -184,7 +185,7 @@ def load_worker(args: dict) -> dict:
     module = load(folder)  # a later boot: the hashes of unchanged files are remembered
     load_s = time.perf_counter() - t
     rss_load = psutil.Process().memory_info().rss - rss0
-    x = _example_inputs(manifest.component.inputs, torch)
+    x = _example_inputs(manifest.component.inputs, torch, manifest.platform.device)
     with torch.no_grad():
         module(**x)
     rss_forward = psutil.Process().memory_info().rss - rss0
@@ -193,7 +194,7 @@ def load_worker(args: dict) -> dict:
             "rss_added_by_load": rss_load, "rss_after_forward": rss_forward}
 
 
-def _example_inputs(spec: Any, torch: Any) -> dict:
+def _example_inputs(spec: Any, torch: Any, device: str = "cpu") -> dict:
     """Inputs at the smallest batch and a mid-range size of every dynamic dim (relations respected)."""
     from aotpack.builder.capture import unflatten_inputs
 
@@ -202,8 +203,8 @@ def _example_inputs(spec: Any, torch: Any) -> dict:
         return 1 if name == "batch" else step * max(1, (rng[0] + rng[1]) // 2 // step)
 
     sizes = spec.sizes(mid)
-    x = {t.name: torch.randn([sizes[d] if isinstance(d, str) else d for d in t.shape]).to(getattr(torch, t.dtype)) * 0.1
-         for t in spec.tensors}
+    x = {t.name: (torch.randn([sizes[d] if isinstance(d, str) else d for d in t.shape]) * 0.1)
+         .to(device=device, dtype=getattr(torch, t.dtype)) for t in spec.tensors}
     return unflatten_inputs(x)
 
 
@@ -242,12 +243,13 @@ def machine() -> dict:
     import psutil
 
     return {"platform": tag(here), "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "gpu": here.get("gpu_name"),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "gpu": here.gpu_name,
             "torch": torch.__version__, "python": _platform.python_version(), "os": _platform.platform()}
 
 
 def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | None = None, images: int = 2,
               variants: tuple[str, ...] = VARIANTS, variant: str | None = None, max_autotune: bool = False,
+              dtype: str | None = None,
               artifacts_dir: Path = Path("artifacts")) -> Path:
     """Build (or reuse) the artifacts, run every variant for every scheme, write results; returns ``out``."""
     from aotpack.builder.spec import default_out
@@ -263,7 +265,7 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
 
     source = resolve_source(recipe, None, device)
     checkpoint_dir = Path(source.location) if source.kind != "hub" else None
-    common = {"recipe": recipe.name, "recipe_variant": variant, "device": device, "dtype": recipe.dtype,
+    common = {"recipe": recipe.name, "recipe_variant": variant, "device": device, "dtype": dtype or recipe.dtype,
               "height": recipe.capture["height"], "width": recipe.capture["width"],
               "steps": steps or recipe.run["steps"], "images": images, "batch": 1, "max_autotune": max_autotune}
     for quant in quants:
@@ -271,7 +273,8 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
         if not (path / "manifest.json").is_file():  # built in its own process: its peak memory is its own
             t = time.perf_counter()
             cmd = [sys.executable, "-m", "aotpack.cli", "-q", "build", recipe.name, "--quant", quant,
-                   "--out", str(path), "--overwrite"] + (["--variant", variant] if variant else [])
+                   "--out", str(path), "--overwrite"] + (["--variant", variant] if variant else []) \
+                + (["--dtype", dtype] if dtype else [])
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 from aotpack.errors import AotpackError
@@ -393,8 +396,9 @@ def _plot(path: Path, records: list[dict], title: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, key, label in zip(axes, ("cold_start", "time", "inference_memory"),
                               ("cold start, s", "seconds per image", "peak memory, GiB")):
-        width = 0.8 / len(VARIANTS)
-        for i, v in enumerate(VARIANTS):
+        shown = [v for v in GPU_VARIANTS if any(r["variant"] == v for r in records)]
+        width = 0.8 / len(shown)
+        for i, v in enumerate(shown):
             ys = [next((r[key] for r in records if r["variant"] == v and r["quantization"] == q), 0) for q in quants]
             ax.bar([j + i * width for j in range(len(quants))], ys, width, label=v)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(quants))], quants)

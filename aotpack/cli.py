@@ -180,8 +180,11 @@ def schemes() -> None:
                    "(e.g. other weights or a LoRA).")
 @click.option("--sign-key", type=click.Path(), default=None,
               help="Sign the artifact with this EC private key (PEM) as it is built (see 'aotpack sign').")
+@click.option("--regional/--whole-graph", default=None,
+              help="Compile each repeated block class once (build time flat in depth; the loaded model keeps its "
+                   "blocks) or the whole transformer as one graph. Default: the recipe's.")
 def build(recipe, quant, plan, error_budget, out, model, variant, dtype, overwrite, lora, lora_scale, fuse_qkv,
-          quantize_text_encoder, quantize_vae, compile_vae, max_autotune, reuse, sign_key) -> None:
+          quantize_text_encoder, quantize_vae, compile_vae, max_autotune, reuse, sign_key, regional) -> None:
     """Quantize, export and compile RECIPE into an artifact folder; prints its path.
 
     \b
@@ -196,6 +199,7 @@ def build(recipe, quant, plan, error_budget, out, model, variant, dtype, overwri
       aotpack build flux-blocks --quant auto --error-budget 0.02
       aotpack build flux-blocks --plan artifacts/flux-blocks-auto-cpu-x86_64-avx512/plan.json --out again
       aotpack build tiny-flux --sign-key builder.pem
+      aotpack build flux-depth --regional                     # 19 + 38 blocks, two block compiles
     """
     from aotpack.builder.pipeline import build as build_artifact
 
@@ -203,7 +207,7 @@ def build(recipe, quant, plan, error_budget, out, model, variant, dtype, overwri
                           lora=lora, lora_scale=lora_scale, fuse_qkv=fuse_qkv,
                           quantize_text_encoder=quantize_text_encoder, quantize_vae=quantize_vae,
                           compile_vae=compile_vae, plan=plan, error_budget=error_budget, reuse=reuse,
-                          max_autotune=max_autotune, sign_key=sign_key)
+                          max_autotune=max_autotune, sign_key=sign_key, regional=regional)
     click.echo(str(path))
 
 

@@ -245,7 +245,8 @@ def good_inputs(module, batch=2, seq=16):
         ("f30_wrong_dtype", lambda m, x: x | {"hidden_states": x["hidden_states"].bfloat16()}, "dtype bfloat16"),
         ("f31_wrong_device", lambda m, x: x | {"timestep": torch.empty(2, device="meta")}, "is on meta"),
         ("f32_missing_input", lambda m, x: {k: v for k, v in x.items() if k != "guidance"}, "missing input(s): guidance"),
-        ("f33_text_length", lambda m, x: x | {"encoder_hidden_states": torch.randn(2, 40, 32)}, "exported with 32"),
+        ("f33_text_length", lambda m, x: x | {"encoder_hidden_states": torch.randn(2, 40, 32)},
+         "(text_seq) is 40, outside the artifact's range [1, 32]"),
         ("f34_sizes_disagree", lambda m, x: x | {"img_ids": torch.zeros(20, 3)}, "another input has 16"),
     ],
 )

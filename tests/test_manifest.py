@@ -35,7 +35,7 @@ def sample() -> dict:
         "modules": [{"name": "transformer", "kind": "component", "code": "model.pt2",
                      "weights": "weights.safetensors", "root": "component", "instances": ["transformer"],
                      "inputs": spec, "scheme": "int8wo", "max_abs_error": 1e-6, "tolerance": 1e-3,
-                     "compile_key": None, "compiled": "compiled", "config": None}],
+                     "compile_key": None, "compiled": "compiled", "config": None, "block_class": None}],
         "build": {"date": "2026-11-24T00:00:00+00:00", "stages": {"compile": 1.0}, "peak_rss_bytes": 1,
                   "quant_error": None},
         "options": {"fuse_qkv": False, "quantize_text_encoder": None, "quantize_vae": None, "compile_vae": False,

@@ -243,6 +243,7 @@ class CompiledModule:
     compile_key: str | None = None
     compiled: str | None = None     # "compiled", "compile cache" or "reused from DIR"
     config: dict | None = None      # the module's diffusers config, where it is not the component's
+    block_class: str | None = None  # a regional block: the diffusers class whose instances run this code
 
     def key(self, instance: str, constant: str) -> str:
         if not self.root:

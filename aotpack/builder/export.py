@@ -76,7 +76,11 @@ def decoder_inputs(vae: Any, recipe: Recipe, dtype: Any, device: str) -> tuple[d
 def export(wrapper: torch.nn.Module, example: dict[str, Any], spec: InputSpec):
     """torch.export ``wrapper(example)`` with one Dim per dynamic dim of ``spec``, shared across inputs."""
     dims: dict[str, Any] = {}
+    derived = {r.dim for r in spec.relations if r.op == "sum"}
     for name, (lo, hi, *step) in spec.dynamic.items():
+        if name in derived:  # a sum of other dims (the rotary table over text + image): export derives it
+            dims[name] = Dim.AUTO
+            continue
         if lo == hi:  # a fixed size: exported static (the loader still checks it)
             continue
         if step and step[0] > 1:  # a dim that steps by m (latent rows of patch m) is exported as m * Dim

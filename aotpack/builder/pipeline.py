@@ -12,7 +12,7 @@ import datetime as _dt
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,9 @@ from safetensors.torch import save_file
 from aotpack._torch_compat import unwrap_tensor_subclass
 from aotpack._version import __version__
 from aotpack.artifact.files import MODEL, WEIGHTS, atomic_folder, file_entries, remember_folder
-from aotpack.artifact.manifest import (SCHEMA_VERSION, BuildInfo, CompiledModule, InputSpec, LoraRef, Manifest,
+from aotpack.artifact.manifest import (SCHEMA_VERSION, BuildInfo, CompiledModule, FileEntry, InputSpec, LoraRef, Manifest,
                                        ModelRef, PlanRef, QuantError, RecipeRef, SchemeRef, MANIFEST)
+from aotpack.artifact.manifest import read as mf_read
 from aotpack.builder.capture import capture_inputs
 from aotpack.builder.compile import (CONSTANTS_KEY, compile_cached, compiler_settings, constant_values,
                                      constants_signature)
@@ -32,6 +33,8 @@ from aotpack.builder.plan import PLAN_FILE, Planner, check_plan_covers, linear_q
 from aotpack.builder.schemes import compile_tolerance, config_to_json, get_scheme, quantize_named, torchao_config
 from aotpack.builder.source import component_files, component_folder, hub_commit, load_pipeline, torch_dtype
 from aotpack.builder.spec import BuildSpec, default_out, resolve
+from aotpack.builder import regional
+from aotpack.builder.regional import Schemes
 from aotpack.builder.weights import CheckpointReader, Lora, materialize, read_lora, skeleton
 from aotpack.errors import BuildError
 from aotpack.stages import peak_rss_bytes, stage
@@ -77,7 +80,9 @@ class Quantized:
     plan: dict | None
     lora: Lora | None
     commit: str | None
-    files: dict[str, str]
+    files: dict[str, FileEntry]
+    schemes: Schemes                      # the scheme each quantized linear got
+    classes: list[str]                    # regional: the block classes compiled once each
 
 
 @dataclass
@@ -96,6 +101,10 @@ class Target:
     schemes: set[str]
     reference: torch.Tensor
     config: dict | None = None
+    block_class: str | None = None
+    # regional: each instance's module and its eager (quantized) output on the example
+    members: list[torch.nn.Module] | None = None
+    references: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -115,15 +124,28 @@ def quantize_component(spec: BuildSpec, pipe: Any, out: Path) -> Quantized:
     config = json.loads((folder / "config.json").read_text())
     model = skeleton(config, fuse_qkv=spec.options.fuse_qkv)
     lora = read_lora(str(spec.lora.path), type(pipe), r.component, scale=spec.lora.scale) if spec.lora else None
+    classes = regional.block_classes(model, r) if spec.options.regional else []
     planner = None
+    schemes = regional.Schemes()
     if spec.quant == "auto" and spec.plan is None:
         planner = Planner(spec.device, _tokens(r), torch_dtype(spec.dtype), budget=spec.error_budget,
                           cap=spec.platform.capability)
 
-        def quantize_unit(name: str, linear: Any) -> None:
+        def choose(name: str, linear: Any) -> None:
             quantize_named(linear, planner.choose(name, linear))
     else:
-        quantize_unit = linear_quantizer(spec.quant, spec.plan)
+        choose = linear_quantizer(spec.quant, spec.plan)
+    quantize_unit = None
+    if choose is not None:
+        def quantize_unit(name: str, linear: Any) -> None:
+            choose(name, linear)
+            if type(linear.weight.data) is not torch.Tensor:  # quantized (a scheme may leave a shape alone)
+                schemes.record(name, spec.quant if planner is None and spec.plan is None else
+                               (planner.layers[name]["scheme"] if planner else spec.plan["layers"][name]["scheme"]))
+
+        if classes:  # regional: the blocks only; the parts around them stay eager in the model dtype
+            quantize_unit = regional.only_in_blocks(quantize_unit, [p for paths in regional.instances(
+                model, classes).values() for p in paths])
     reader = CheckpointReader(folder)
     try:
         materialize(model, reader, dtype=torch_dtype(spec.dtype), device=spec.device, quantize_unit=quantize_unit,
@@ -138,7 +160,7 @@ def quantize_component(spec: BuildSpec, pipe: Any, out: Path) -> Quantized:
     source = spec.source
     return Quantized(model=model, config=json.loads(json.dumps(dict(model.config), default=list)), plan=plan,
                      lora=lora, commit=hub_commit(folder) if source.kind == "hub" else None,
-                     files={} if source.kind == "hub" else component_files(folder))
+                     files={} if source.kind == "hub" else component_files(folder), schemes=schemes, classes=classes)
 
 
 def _schemes(spec: BuildSpec, plan: dict | None) -> set[str]:
@@ -155,6 +177,34 @@ def component_target(spec: BuildSpec, q: Quantized, example: dict[str, torch.Ten
     return Target(name=component, kind="component", code=MODEL, root=COMPONENT_ROOT, instances=(component,),
                   wrapper=wrapper, example=example, spec=component_spec(example, spec.recipe),
                   schemes=_schemes(spec, q.plan), reference=reference)
+
+
+def block_targets(spec: BuildSpec, q: Quantized, example: dict[str, torch.Tensor]) -> tuple[list[Target], Any]:
+    """Regional: one module per block class (and quantization pattern), each with its instances; returns the
+    targets and the whole component's eager output on the captured inputs (the end-to-end reference)."""
+    component = spec.recipe.component
+    examples, reference = regional.capture_blocks(q.model, example, q.classes)
+    targets = []
+    for g in regional.group(regional.instances(q.model, q.classes), q.schemes):
+        members = [q.model.get_submodule(p) for p in g.instances]
+        refs = [regional.BlockWrapper(b).eval()(examples[g.block_class])[0] for b in members]
+        targets.append(Target(
+            name=g.name, kind="block", code=f"{g.name}.pt2", root=regional.BLOCK_ROOT,
+            instances=tuple(f"{component}.{p}" for p in g.instances), wrapper=regional.BlockWrapper(members[0]).eval(),
+            example=examples[g.block_class], spec=regional.block_spec(examples[g.block_class], spec.recipe),
+            schemes=set(s for _, s in q.schemes.pattern(g.instances[0])) or {"none"}, reference=refs[0],
+            block_class=g.block_class, members=members, references=refs))
+    if spec.quant != "none":  # every instance, after every reference was taken
+        unwrap_tensor_subclass(q.model)
+    return targets, reference
+
+
+def glue_weights(spec: BuildSpec, q: Quantized, targets: list[Target]) -> dict[str, torch.Tensor]:
+    """Regional: the component's weights outside its blocks, under the pipeline's names (they run eager)."""
+    component = spec.recipe.component
+    inside = tuple(i[len(component) + 1:] + "." for t in targets if t.kind == "block" for i in t.instances)
+    return {f"{component}.{k}": v.detach().contiguous() for k, v in q.model.state_dict().items()
+            if not k.startswith(inside)}
 
 
 def vae_target(spec: BuildSpec, vae: Any) -> Target:
@@ -189,8 +239,12 @@ def compile_target(spec: BuildSpec, t: Target, out: Path, timings: dict[str, flo
                             instances=t.instances, inputs=t.spec, scheme=",".join(sorted(t.schemes)),
                             max_abs_error=0.0, tolerance=0.0, compile_key=key, compiled=how, config=t.config)
     fqns = constant_names(out / t.code)
-    values = constant_values(ep, fqns)
-    return Compiled(t, module, {module.key(t.instances[0], f): v for f, v in values.items()})
+    if t.members is None:
+        values = {module.key(t.instances[0], f): v for f, v in constant_values(ep, fqns).items()}
+    else:  # every instance's own weights, under the same compiled names
+        values = {module.key(inst, f): v for inst, member in zip(t.instances, t.members)
+                  for f, v in regional.instance_state(member, fqns).items()}
+    return Compiled(t, replace(module, block_class=t.block_class), values)
 
 
 def verify_targets(spec: BuildSpec, out: Path, parts: list[Compiled]) -> tuple[list[CompiledModule], list[Any]]:
@@ -200,28 +254,58 @@ def verify_targets(spec: BuildSpec, out: Path, parts: list[Compiled]) -> tuple[l
 
     from aotpack.serve.load import open_compiled
 
+    from aotpack.serve.load import instance_constants
+
     weights = load_file(str(out / WEIGHTS), device=spec.device)
     modules, outputs = [], []
     for c in parts:
         compiled = open_compiled(out / c.module.code, c.module, weights, c.module.instances[0])
-        got = compiled(c.target.example)
-        got = got[0] if isinstance(got, (list, tuple)) else got
-        error = float((got.float() - c.target.reference.float()).abs().max())
-        scale = max(1.0, float(c.target.reference.float().abs().max()))
-        tolerance = compile_tolerance(c.target.schemes, spec.dtype) * scale
+        references = c.target.references or [c.target.reference]
+        error = tolerance = 0.0
+        for i, (instance, reference) in enumerate(zip(c.module.instances, references)):
+            if i:  # the other instances of a regional block: their own weights through the same code
+                compiled.load_constants(instance_constants(compiled, c.module, weights, instance),
+                                        check_full_update=True, user_managed=True)
+            got = compiled(c.target.example)
+            got = got[0] if isinstance(got, (list, tuple)) else got
+            error = max(error, check_close(c.module.name if len(references) == 1 else instance, got, reference,
+                                           c.target.schemes, spec.dtype))
+            tolerance = max(tolerance, _tolerance(reference, c.target.schemes, spec.dtype))
+            if not i:
+                outputs.append(got)
         log.info("%s: compiled vs eager max |diff| %.2e (tolerance %.1e)", c.module.name, error, tolerance)
-        if not error <= tolerance:
-            raise BuildError(f"compiled {c.module.name} differs from eager by {error:.3g} (tolerance {tolerance:.3g})",
-                             "the compiled code is wrong for this model; set AOTPACK_DEBUG=1 and report it")
         modules.append(_with_error(c.module, error, tolerance))
-        outputs.append(got)
     return modules, outputs
 
 
-def _with_error(m: CompiledModule, error: float, tolerance: float) -> CompiledModule:
-    from dataclasses import replace
+def _tolerance(reference: torch.Tensor, schemes: set[str], dtype: str) -> float:
+    return compile_tolerance(schemes, dtype) * max(1.0, float(reference.float().abs().max()))
 
+
+def check_close(what: str, got: torch.Tensor, reference: torch.Tensor, schemes: set[str], dtype: str) -> float:
+    """max |got - reference|, or a BuildError when it is beyond the tolerance of ``schemes`` in ``dtype``."""
+    error = float((got.float() - reference.float()).abs().max())
+    tolerance = _tolerance(reference, schemes, dtype)
+    if not error <= tolerance:
+        raise BuildError(f"compiled {what} differs from eager by {error:.3g} (tolerance {tolerance:.3g})",
+                         "the compiled code is wrong for this model; set AOTPACK_DEBUG=1 and report it")
+    return error
+
+
+def _with_error(m: CompiledModule, error: float, tolerance: float) -> CompiledModule:
     return replace(m, max_abs_error=error, tolerance=tolerance)
+
+
+def verify_regional(spec: BuildSpec, out: Path, example: dict[str, torch.Tensor], reference: torch.Tensor) -> Any:
+    """The loaded regional model (eager parts + compiled blocks handing each other their outputs) on the captured
+    inputs against the eager model: what the per-block checks cannot see (strides, the order of the blocks)."""
+    from aotpack.builder.capture import unflatten_inputs
+    from aotpack.serve.load import load
+
+    got = load(out, trusted_keys=[])(**unflatten_inputs(example), return_dict=False)[0]
+    schemes = {s for m in mf_read(out).modules for s in m.scheme.split(",")}
+    check_close(spec.recipe.component, got, reference, schemes, spec.dtype)
+    return got
 
 
 def measure_quant_error(spec: BuildSpec, pipe: Any, q: Quantized, example: dict, compiled_out: torch.Tensor,
@@ -293,12 +377,19 @@ def run_build(spec: BuildSpec) -> Path:
         with stage("capture", timings):
             example, _ = capture_inputs(pipe, r)
         with stage("reference", timings):
-            targets = [component_target(spec, q, example)]
+            if q.classes:
+                targets, whole_reference = block_targets(spec, q, example)
+            else:
+                targets, whole_reference = [component_target(spec, q, example)], None
             if spec.options.compile_vae:
                 targets.append(vae_target(spec, pipe.vae))
         parts = [compile_target(spec, t, tmp, timings, index=i, total=len(targets)) for i, t in enumerate(targets, 1)]
         with stage("save weights", timings):
-            save_file({k: v for c in parts for k, v in c.constants.items()}, str(tmp / WEIGHTS))
+            tensors = {k: v for c in parts for k, v in c.constants.items()}
+            if q.classes:
+                tensors.update(glue_weights(spec, q, targets))
+            save_file(tensors, str(tmp / WEIGHTS))
+            del tensors
         with stage("verify", timings):
             modules, outputs = verify_targets(spec, tmp, parts)
         del parts, targets
@@ -307,6 +398,9 @@ def run_build(spec: BuildSpec) -> Path:
         manifest = make_manifest(spec, q, modules, tmp, timings)
         (tmp / MANIFEST).write_text(manifest.dumps())
         remember_folder(tmp, manifest.files)
+        if whole_reference is not None:  # regional: the whole model, as it will be served, against eager
+            with stage("verify", timings):
+                outputs[0] = verify_regional(spec, tmp, example, whole_reference)
         with stage("quant error", timings):
             quant_error = measure_quant_error(spec, pipe, q, example, outputs[0], tmp)
         log.info("quantized vs full precision: max |diff| %.2e on one forward, %.2e on the final latents",

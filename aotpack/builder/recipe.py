@@ -17,7 +17,7 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _TOP_KEYS = {
     "name", "family", "description", "pipeline", "component", "checkpoint", "revision", "checkpoint_needs",
     "dtype", "default_quant", "shapes", "capture", "run", "inputs", "variants", "call", "output", "blocks",
-    "block_inputs",
+    "block_inputs", "regional",
 }
 # The dynamic dims a recipe may name in [inputs], and how their ranges follow from [shapes]:
 #   batch          the component's batch (shapes.batch)
@@ -65,6 +65,7 @@ class Recipe:
     call: dict[str, Any] = dataclasses.field(default_factory=dict)
     output: str = "image"                          # "image" or "video"
     blocks: tuple[str, ...] = ()                   # block classes to compile regionally (default: _repeated_blocks)
+    regional: bool = False                         # build regionally unless --whole-graph
     block_inputs: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # dims of the blocks' inputs
 
     @property
@@ -271,6 +272,8 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
         problems.append("blocks must be a list of block class names")
         blocks = []
     block_inputs = _dims_table(data.get("block_inputs") or {}, "block_inputs", output, problems)
+    if not isinstance(data.get("regional", False), bool):
+        problems.append("regional must be true or false")
     fields = dict(data)
     if variant is not None:
         if variant not in variants:
@@ -303,6 +306,7 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
         capture=capture, run=run, dynamic=dynamic, checkpoint_needs=fields.get("checkpoint_needs"),
         variant=variant, variants=tuple(sorted(variants)), frames=frames, temporal_compression=temporal,
         vae_scale=vae_scale, call=dict(call), output=output, blocks=tuple(blocks), block_inputs=block_inputs,
+        regional=data.get("regional") is True,
     )
 
 

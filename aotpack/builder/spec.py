@@ -77,7 +77,7 @@ def resolve(
     error_budget: float | None = None,
     reuse: str | os.PathLike | None = None,
     max_autotune: bool = False,
-    regional: bool = False,
+    regional: bool | None = None,
     sign_key: str | os.PathLike | None = None,
 ) -> BuildSpec:
     """Resolve and check a build request; see :func:`aotpack.builder.pipeline.build` for the arguments."""
@@ -109,6 +109,7 @@ def resolve(
         raise RecipeError(f"--compile-vae is not available for {r.full_name}: the video VAE decodes frames in a "
                           "Python loop that export fixes to one frame count",
                           "leave --compile-vae out (the VAE then runs eager)")
+    regional = r.regional if regional is None else regional
     options = Options(fuse_qkv=bool(fuse_qkv), quantize_text_encoder=quantize_text_encoder,
                       quantize_vae=quantize_vae, compile_vae=bool(compile_vae), max_autotune=bool(max_autotune),
                       regional=bool(regional))

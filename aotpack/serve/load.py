@@ -23,7 +23,7 @@ from aotpack.artifact.manifest import CompiledModule, Manifest
 from aotpack.artifact.platform import describe
 from aotpack.builder.compile import CONSTANTS_KEY
 from aotpack.errors import ConfigError, InputError, IntegrityError, ManifestError, ResourceError, one_line
-from aotpack.serve.module import AotModule, AotVaeDecoder, CudaGraphs
+from aotpack.serve.module import AotModule, AotVaeDecoder, CudaGraphs, attach, request_hint
 
 log = logging.getLogger("aotpack")
 MEMORY_RESERVE_ENV = "AOTPACK_MEMORY_RESERVE"
@@ -152,10 +152,15 @@ def open_compiled(code: Path, module: CompiledModule, weights: dict[str, torch.T
 
 def _check_weights_cover(manifest: Manifest, weights: dict[str, dict[str, torch.Tensor]],
                          compiled: dict[str, Any]) -> None:
-    """Every tensor of a weights file belongs to some module instance (nothing unexpected rides along)."""
+    """Every tensor of a weights file belongs to some module instance, or (regional) to the eager parts around
+    the blocks, which the model itself checks when it takes them: nothing unexpected rides along."""
+    from aotpack.serve.regional import glue_keys
+
     for file, tensors in weights.items():
         used = {m.key(inst, f) for m in manifest.modules if m.weights == file
                 for inst in m.instances for f in compiled[m.name].get_constant_fqns()}
+        if manifest.options.regional:
+            used |= glue_keys(manifest, tensors)
         extra = sorted(set(tensors) - used)
         if extra:
             raise IntegrityError(f"weights do not match the compiled constants: unexpected {extra[:3]}",
@@ -190,21 +195,33 @@ def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = 
         files.check_all()
         check_memory(manifest.weights_bytes())
         weights = {name: load_file(files.data(name), device=device) for name in {m.weights for m in manifest.modules}}
-        opened = {m.name: compat.open_package(files.code(m.code)) for m in manifest.modules}
+        opened = {m.name: compat.open_package(files.code(m.code), single_threaded=cuda_graphs)
+                  for m in manifest.modules}
         _check_weights_cover(manifest, weights, opened)
-        constants = {}
-        for m in manifest.modules:
-            constants[m.name] = instance_constants(opened[m.name], m, weights[m.weights], m.instances[0])
-            opened[m.name].load_constants(constants[m.name], check_full_update=True, user_managed=True)
         plan = files.read(manifest.plan.file) if manifest.plan is not None and manifest.plan.file in manifest.files \
             else None
-    main = manifest.component
-    module = AotModule(opened[main.name], constants[main.name], manifest, folder, plan=plan, signer=signer)
-    if cuda_graphs:
-        module.use_cuda_graphs(CudaGraphs(module._compiled))
+
+    def constants_of(m: CompiledModule, instance: str) -> dict[str, torch.Tensor]:
+        return instance_constants(opened[m.name], m, weights[m.weights], instance)
+
+    for m in manifest.modules:  # no compiled module is ever callable before it holds constants
+        opened[m.name].load_constants(constants_of(m, m.instances[0]), check_full_update=True, user_managed=True)
+    component = [m for m in manifest.modules if m.kind in ("component", "block")]
+    keys = {k: v for m in component for k, v in weights[m.weights].items()}  # what a LoRA swap starts from
+    hint = request_hint(manifest)
+    if manifest.options.regional:
+        from aotpack.serve.regional import build_model
+
+        module, codes = build_model(manifest, weights, opened, constants_of, device, hint, cuda_graphs=cuda_graphs)
+        attach(module, manifest, folder, keys=keys, plan=plan, signer=signer, codes=codes)
+    else:
+        main = manifest.component
+        module = AotModule(opened[main.name], main, keys, manifest, folder, plan=plan, signer=signer)
+        if cuda_graphs:
+            module.use_cuda_graphs(CudaGraphs(module._compiled))
     vae = manifest.module("vae_decoder")
     if vae is not None:
-        module.vae_decoder = AotVaeDecoder(opened[vae.name], constants[vae.name], vae, manifest)
+        module.vae_decoder = AotVaeDecoder(opened[vae.name], constants_of(vae, vae.instances[0]), vae, manifest)
     log.info("loaded %s in %.2f s", folder, time.perf_counter() - t0)
     return module
 

@@ -19,6 +19,7 @@ from aotpack.artifact.files import VerifiedFiles
 from aotpack.artifact.manifest import Manifest
 from aotpack.builder.export import COMPONENT_ROOT
 from aotpack.builder.plan import linear_quantizer
+from aotpack.builder.regional import only_in_blocks
 from aotpack.builder.source import component_folder, source_of, torch_dtype
 from aotpack.builder.weights import CheckpointReader, materialize, read_lora, skeleton, touched_modules
 from aotpack.errors import InputError, IntegrityError
@@ -51,7 +52,7 @@ def _read_touched(manifest: Manifest, model: Any, only: set[str], lora: Any, qua
 
 def lora_constants(manifest: Manifest, base: dict[str, torch.Tensor], path: str, scale: float,
                    plan: bytes | None, device: str) -> dict[str, torch.Tensor]:
-    """``base`` (constant name -> tensor) with every constant of the linears the LoRA touches replaced."""
+    """``base`` (weights-file name -> tensor) with every weight of the linears the LoRA touches replaced."""
     import diffusers
 
     if manifest.lora is not None:
@@ -60,8 +61,12 @@ def lora_constants(manifest: Manifest, base: dict[str, torch.Tensor], path: str,
     component = manifest.recipe.component
     lora = read_lora(path, getattr(diffusers, manifest.recipe.pipeline), component, scale=scale)
     model = skeleton(dict(manifest.model.config), fuse_qkv=manifest.options.fuse_qkv)
-    # as the build did: the artifact's scheme, or each layer's scheme from its --quant auto plan
+    # as the build did: the artifact's scheme, or each layer's scheme from its --quant auto plan; a regional
+    # build quantized only its blocks
     quantize_unit = linear_quantizer(manifest.scheme.name, json.loads(plan) if plan is not None else None)
+    if quantize_unit is not None and manifest.options.regional:
+        quantize_unit = only_in_blocks(quantize_unit, [i[len(component) + 1:] for m in manifest.modules
+                                                       if m.kind == "block" for i in m.instances])
     only = touched_modules(model, lora)
     with torch.no_grad():
         _read_touched(manifest, model, only, lora, quantize_unit, device)
@@ -73,7 +78,8 @@ def lora_constants(manifest: Manifest, base: dict[str, torch.Tensor], path: str,
             holder = torch.nn.Module()  # unwrap_tensor_subclass works on a module's children
             holder.add_module("leaf", leaf)
             unwrap_tensor_subclass(holder)
-        prefix = f"{COMPONENT_ROOT}.{module_name}."
+        # schema 1 named the weights by the compiled constants (component.*), schema 2 by the pipeline's names
+        prefix = f"{component if manifest.schema_version >= 2 else COMPONENT_ROOT}.{module_name}."
         fresh = {prefix + k: v for k, v in leaf.state_dict().items()}
         for name in [n for n in new if n.startswith(prefix)]:
             # every constant of the module gets its new value (unused ones were compiled away)

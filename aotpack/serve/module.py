@@ -14,8 +14,9 @@ import logging
 import os
 import threading
 import time
+import types
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, FrozenDict
@@ -83,7 +84,7 @@ class _Pinned:
         return self
 
 
-def _request_hint(manifest: Manifest):
+def request_hint(manifest: Manifest):
     req = manifest.request
 
     def hint(dim: str) -> str:
@@ -101,8 +102,41 @@ def _request_hint(manifest: Manifest):
     return hint
 
 
+def swap_lora(target: Any, lora: str | os.PathLike | None, scale: float, apply: Callable[[dict], None]) -> float:
+    """Compute the weights with ``lora`` fused at ``scale`` (``None``: the artifact's own) and hand them to
+    ``apply`` while no call is running; set ``target.lora``; returns the seconds it took."""
+    from aotpack.serve.lora import lora_constants
+
+    t0 = time.perf_counter()
+    keys = target._aotpack_keys
+    new = keys if lora is None else lora_constants(target.manifest, keys, str(lora), float(scale),
+                                                   target._aotpack_plan, str(target.manifest.platform.device))
+    with target._aotpack_lock.swap():
+        apply(new)
+    target.lora = None if lora is None else {"file": Path(lora).name, "scale": float(scale)}
+    seconds = time.perf_counter() - t0
+    log.info("LoRA %s in %.2f s", "removed" if lora is None else f"{Path(lora).name} swapped in", seconds)
+    return seconds
+
+
+def attach(model: Any, manifest: Manifest, path: Path, *, keys: dict[str, torch.Tensor], plan: bytes | None,
+           signer: str | None, codes: dict | None = None) -> Any:
+    """What every loaded artifact offers besides the model itself: ``manifest``, ``path``, ``signer``, ``lora``,
+    ``vae_decoder`` and ``swap_lora(FILE, scale)`` (a regional model gets them as instance attributes)."""
+    model.manifest, model.path, model.signer, model.lora = manifest, path, signer, None
+    model.vae_decoder = None
+    model._aotpack_keys, model._aotpack_plan = keys, plan
+    if codes is not None:
+        from aotpack.serve.regional import apply_weights
+
+        model.swap_lora = types.MethodType(
+            lambda self, lora, scale=1.0: swap_lora(self, lora, scale, lambda new: apply_weights(self, codes, new)),
+            model)
+    return model
+
+
 class AotModule(_Pinned, ModelMixin, ConfigMixin):
-    """A compiled component that behaves like the diffusers model it replaces.
+    """A whole-graph compiled component that behaves like the diffusers model it replaces.
 
     Keeps the pieces a pipeline reads: ``config``, ``dtype``, ``device``, ``cache_context`` and the forward
     keywords with ``return_dict``. Whole-graph code has no blocks, so diffusers' block-level caches
@@ -111,25 +145,23 @@ class AotModule(_Pinned, ModelMixin, ConfigMixin):
 
     config_name = "config.json"
 
-    def __init__(self, compiled: Any, weights: dict[str, torch.Tensor], manifest: Manifest, path: Path, *,
-                 plan: bytes | None = None, signer: str | None = None) -> None:
+    def __init__(self, compiled: Any, module: CompiledModule, keys: dict[str, torch.Tensor], manifest: Manifest,
+                 path: Path, *, plan: bytes | None = None, signer: str | None = None) -> None:
         super().__init__()
         self.register_to_config(**{k: v for k, v in manifest.model.config.items() if not k.startswith("_")})
-        self._compiled = compiled
-        self._weights = weights  # user_managed constants: this dict owns the memory the compiled code reads
-        self._base_weights = weights  # the artifact's own weights (file-backed), restored by swap_lora(None)
-        self._plan = plan
-        self._lock = SwapLock()
-        self.lora: dict | None = None
-        self.vae_decoder: AotVaeDecoder | None = None  # set by load() when the artifact carries one
+        self._compiled, self._module = compiled, module
+        self._aotpack_lock = SwapLock()
         self._graphs: CudaGraphs | None = None
-        self.manifest = manifest
-        self.path = path
-        self.signer = signer  # fingerprint of the key that signed it, when a signature was required
+        attach(self, manifest, path, keys=keys, plan=plan, signer=signer)
+        self._weights = self._constants(keys)  # user_managed: this dict owns what the compiled code reads
         self._dtype = getattr(torch, manifest.dtype)
         self._device = torch.device(manifest.platform.device)
-        self._spec = manifest.component.inputs
-        self._hint = _request_hint(manifest)
+        self._spec = module.inputs
+        self._hint = request_hint(manifest)
+
+    def _constants(self, keys: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        instance = self._module.instances[0]
+        return {f: keys[self._module.key(instance, f)] for f in self._compiled.get_constant_fqns()}
 
     def use_cuda_graphs(self, graphs: "CudaGraphs") -> None:
         self._graphs = graphs
@@ -137,20 +169,15 @@ class AotModule(_Pinned, ModelMixin, ConfigMixin):
     def swap_lora(self, lora: str | os.PathLike | None, scale: float = 1.0) -> float:
         """Swap in weights with the LoRA ``lora`` fused at ``scale`` - no recompile; ``None`` restores the
         artifact's own weights. Returns the seconds it took. Safe while other threads call the module."""
-        from aotpack.serve.lora import lora_constants
 
-        t0 = time.perf_counter()
-        new = self._base_weights if lora is None else lora_constants(
-            self.manifest, self._base_weights, str(lora), float(scale), self._plan, str(self._device))
-        with self._lock.swap():
-            self._compiled.load_constants(new, check_full_update=True, user_managed=True)
-            self._weights = new
+        def apply(new: dict[str, torch.Tensor]) -> None:
+            constants = self._constants(new)
+            self._compiled.load_constants(constants, check_full_update=True, user_managed=True)
+            self._weights = constants
             if self._graphs is not None:
                 self._graphs.clear()  # the captured graphs hold the old weights' addresses
-        self.lora = None if lora is None else {"file": Path(lora).name, "scale": float(scale)}
-        seconds = time.perf_counter() - t0
-        log.info("LoRA %s in %.2f s", "removed" if lora is None else f"{Path(lora).name} swapped in", seconds)
-        return seconds
+
+        return swap_lora(self, lora, scale, apply)
 
     @contextlib.contextmanager
     def cache_context(self, name: str):
@@ -177,7 +204,7 @@ class AotModule(_Pinned, ModelMixin, ConfigMixin):
         self.check_inputs(kwargs)  # None-valued extras (controlnet samples, ...) are allowed and dropped
         # AOTInductor code assumes the strides it was exported with (contiguous) and checks none
         inputs = {n: kwargs[n].contiguous() for n in self._spec.names}
-        with self._lock.call():
+        with self._aotpack_lock.call():
             out = (self._graphs or self._compiled)(inputs)
         if isinstance(out, (list, tuple)):
             out = out[0]
@@ -234,7 +261,7 @@ class AotVaeDecoder(_Pinned, torch.nn.Module):
         self.config = FrozenDict(module.config or {})
         self._dtype = getattr(torch, module.inputs.tensors[0].dtype)
         self._device = torch.device(manifest.platform.device)
-        self._hint = _request_hint(manifest)
+        self._hint = request_hint(manifest)
 
     def decode(self, z: torch.Tensor, return_dict: bool = True, **kwargs: Any):
         self._module.inputs.check({"z": z}, self._device, self._hint)
