@@ -1,11 +1,15 @@
 """``aotpack bench``: eager, torch.compile (cold), torch.compile + its portable cache, and the aotpack
-artifact, side by side; every variant in a fresh process, started with the page cache of the checkpoint and
-the artifact evicted (``posix_fadvise(DONTNEED)``) and an empty inductor cache.
+artifact (whole graph, and regional where the model has repeated blocks), side by side; every variant in a fresh
+process, started with the page cache of the checkpoint and the artifact evicted (``posix_fadvise(DONTNEED)``)
+and an empty inductor cache.
 
 Per variant: cold start (process start -> first transformer output, and -> first image), steady latency
 per transformer forward and per image, resident memory when ready and at its peak (``max_memory_allocated``
-on GPU), weights bytes. For the artifact also: ``aotpack.load`` against the time to read its bytes (the floor).
-Writes ``results.md`` (the seed's columns + these), ``results.csv`` and ``results.png`` (with matplotlib).
+on GPU), weights bytes; for the artifacts also their build (export, compile and all stages, from the manifest)
+and the bytes of their compiled code, and ``aotpack.load`` against the time to read their bytes (the floor).
+Writes ``results.md`` (the seed's columns + these), ``results.csv``, ``results.json`` and ``results.png`` (with
+matplotlib). ``build_only``: fresh builds only (each in its own process with an empty compile cache), written
+to ``builds.md/.csv/.json`` - the depth-scaling table.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 VARIANTS = ("eager", "compile", "compile+cache", "aotpack")
+REGIONAL = "aotpack-regional"                   # the regional artifact, run exactly as "aotpack"
 GPU_VARIANTS = VARIANTS + ("aotpack+graphs",)   # CUDA graphs replay of the artifact (GPU only)
+SHOWN = VARIANTS + (REGIONAL, "aotpack+graphs")  # the order of the plot's bars
 
 
 # ---- page cache -------------------------------------------------------------------------------------------
@@ -155,7 +161,10 @@ def worker(args: dict) -> dict:
 
 
 def load_worker(args: dict) -> dict:
-    """``aotpack.load`` of the artifact against reading its bytes; each from a cold page cache."""
+    """``aotpack.load`` of the artifact against reading its bytes; each from a cold page cache.
+
+    ``args['inputs_from']``: an artifact whose component's InputSpec makes the example inputs (a regional
+    artifact records its blocks' inputs, not the transformer's: the whole-graph artifact of the same build)."""
     import psutil
     import torch
 
@@ -185,7 +194,9 @@ def load_worker(args: dict) -> dict:
     module = load(folder)  # a later boot: the hashes of unchanged files are remembered
     load_s = time.perf_counter() - t
     rss_load = psutil.Process().memory_info().rss - rss0
-    x = _example_inputs(manifest.component.inputs, torch, manifest.platform.device)
+    spec = mf.read(Path(args["inputs_from"])).component.inputs if args.get("inputs_from") else \
+        manifest.component.inputs
+    x = _example_inputs(spec, torch, manifest.platform.device)
     with torch.no_grad():
         module(**x)
     rss_forward = psutil.Process().memory_info().rss - rss0
@@ -247,42 +258,145 @@ def machine() -> dict:
             "torch": torch.__version__, "python": _platform.python_version(), "os": _platform.platform()}
 
 
+def has_repeated_blocks(recipe, source) -> bool:
+    """True when a regional build of ``recipe`` has blocks to compile: the recipe names them, or the component's
+    diffusers class declares ``_repeated_blocks`` (read from the checkpoint's config, or the pipeline's
+    signature for a Hub checkpoint, so nothing is downloaded)."""
+    import inspect
+
+    import diffusers
+
+    if recipe.blocks:
+        return True
+    cls = None
+    config = Path(source.location) / recipe.component / "config.json" if source.kind != "hub" else None
+    if config is not None and config.is_file():
+        cls = getattr(diffusers, json.loads(config.read_text()).get("_class_name", ""), None)
+    if cls is None:
+        pipeline = getattr(diffusers, recipe.pipeline, None)
+        try:
+            cls = inspect.signature(pipeline.__init__).parameters[recipe.component].annotation
+        except (TypeError, ValueError, KeyError, AttributeError):
+            return False
+    return bool(getattr(cls, "_repeated_blocks", None))
+
+
+def build_artifact(recipe_name: str, quant: str, out: Path, *, regional: bool, variant: str | None = None,
+                   dtype: str | None = None) -> float:
+    """Build an artifact from scratch and return the seconds its process took.
+
+    In its own process (its peak memory is its own) with an empty compile cache (``AOTPACK_CACHE`` a temp
+    folder that shares only the builtin pipelines with the real cache, and an empty inductor cache), so that
+    its build time is a cold compile's."""
+    from aotpack.artifact import manifest as mf
+    from aotpack.artifact.files import remember_folder
+    from aotpack.errors import AotpackError
+    from aotpack.paths import cache_dir
+
+    cmd = [sys.executable, "-m", "aotpack.cli", "-q", "build", recipe_name, "--quant", quant, "--out", str(out),
+           "--overwrite", "--regional" if regional else "--whole-graph"] \
+        + (["--variant", variant] if variant else []) + (["--dtype", dtype] if dtype else [])
+    builtin = cache_dir() / "builtin"
+    builtin.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="aotpack-bench-build-") as tmp:
+        cache = Path(tmp) / "cache"
+        cache.mkdir()
+        (cache / "builtin").symlink_to(builtin.absolute(), target_is_directory=True)
+        env = {**os.environ, "AOTPACK_CACHE": str(cache), "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")}
+        t = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t
+    if done.returncode != 0:
+        lines = [ln for ln in done.stderr.splitlines() if ln.startswith("Error:")] or ["Error: build failed"]
+        what = f"{quant} {'regional' if regional else 'whole-graph'}"
+        raise AotpackError(f"bench could not build {what}: {lines[0][7:]}",
+                           f"run the build by itself: aotpack build {recipe_name} --quant {quant}"
+                           + (" --regional" if regional else " --whole-graph"))
+    # The build hashed its files as it wrote them, but remembered that in its own (temporary) cache: a later
+    # load here should not pay a hash the build already paid (bench loads are "later boots").
+    remember_folder(out.absolute(), mf.read(out).files)
+    return wall
+
+
+def build_record(path: Path, *, recipe_name: str, wall_s: float | None = None) -> dict:
+    """What the manifest of the artifact ``path`` says of its build: stage times (export, compile, the sum of
+    all stages), compiled code and weights bytes, peak RSS, where the code came from."""
+    from aotpack.artifact import manifest as mf
+
+    m = mf.read(path)
+    stages = m.build.stages
+    config = m.model.config
+    blocks = "+".join(str(config[k]) for k in ("num_layers", "num_single_layers") if isinstance(config.get(k), int))
+    return {
+        "recipe": recipe_name, "blocks": blocks, "quant": m.scheme.name, "dtype": m.dtype,
+        "mode": "regional" if m.options.regional else "whole", "modules": len(m.modules),
+        "export_s": stages.get("export"), "compile_s": stages.get("compile"),
+        "total_s": round(sum(stages.values()), 3), "wall_s": None if wall_s is None else round(wall_s, 3),
+        "pt2_bytes": sum(e.size for name, e in m.files.items() if name.endswith(".pt2")),
+        "weights_bytes": m.weights_bytes(), "peak_rss_bytes": m.build.peak_rss_bytes,
+        "code": ", ".join(sorted({mod.compiled or "compiled" for mod in m.modules})), "date": m.build.date,
+        "path": str(path),
+    }
+
+
 def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | None = None, images: int = 2,
-              variants: tuple[str, ...] = VARIANTS, variant: str | None = None, max_autotune: bool = False,
-              dtype: str | None = None,
+              variants: tuple[str, ...] | None = None, variant: str | None = None, max_autotune: bool = False,
+              dtype: str | None = None, regional: bool | None = None, build_only: bool = False,
               artifacts_dir: Path = Path("artifacts")) -> Path:
-    """Build (or reuse) the artifacts, run every variant for every scheme, write results; returns ``out``."""
+    """Build (or reuse) the artifacts, run every variant for every scheme, write results; returns ``out``.
+
+    ``variants``: default eager, compile, compile+cache, aotpack, plus aotpack-regional when ``regional``
+    (default: when the model has repeated blocks). Artifacts that are missing are built from scratch (see
+    ``build_artifact``); existing ones are reused and their manifests say how they were built.
+    ``build_only``: build every artifact afresh (whole graph, and regional when ``regional``), run nothing, and
+    write the build table to ``out/builds.md``, ``.csv`` and ``.json``; rows of other recipes, variants or
+    schemes already in ``out/builds.json`` (same platform) are kept, so that one folder gathers a table."""
     from aotpack.builder.spec import default_out
     from aotpack.artifact.platform import default_device, describe, tag
     from aotpack.builder.recipe import get_recipe
+    from aotpack.builder.source import resolve_source
 
     recipe = get_recipe(recipe_name, variant)
     device = default_device()
     here = describe(device)
     out.mkdir(parents=True, exist_ok=True)
-    rows, loads, builds = [], {}, {}
-    from aotpack.builder.source import resolve_source
-
-    source = resolve_source(recipe, None, device)
+    source = resolve_source(recipe, None, device)  # builtins are made here, once, outside any timed build
+    if regional is None:
+        regional = REGIONAL in variants if variants is not None else has_repeated_blocks(recipe, source)
+    if variants is None:
+        variants = VARIANTS + ((REGIONAL,) if regional else ())
+    wanted = {"aotpack": False} | ({REGIONAL: True} if REGIONAL in variants or (build_only and regional) else {})
+    if build_only:
+        records = []
+        for quant in quants:
+            for is_regional in wanted.values():
+                path = default_out(recipe.full_name, quant, tag(here), artifacts_dir, regional=is_regional)
+                print(f"  building {recipe.full_name} {quant} {'regional' if is_regional else 'whole graph'} ...",
+                      file=sys.stderr)
+                wall = build_artifact(recipe.name, quant, path, regional=is_regional, variant=variant, dtype=dtype)
+                records.append(build_record(path, recipe_name=recipe.full_name, wall_s=wall))
+                r = records[-1]
+                print(f"  {quant:<8} {r['mode']:<8} export {r['export_s']:.1f} s, compile {r['compile_s']:.1f} s, "
+                      f"total {r['total_s']:.1f} s, .pt2 {r['pt2_bytes'] / 2**20:.1f} MiB", file=sys.stderr)
+        write_builds(out, records, machine())
+        return out
+    rows, loads, builds, records = [], {}, {}, []
     checkpoint_dir = Path(source.location) if source.kind != "hub" else None
     common = {"recipe": recipe.name, "recipe_variant": variant, "device": device, "dtype": dtype or recipe.dtype,
               "height": recipe.capture["height"], "width": recipe.capture["width"],
               "steps": steps or recipe.run["steps"], "images": images, "batch": 1, "max_autotune": max_autotune}
     for quant in quants:
-        path = default_out(recipe.full_name, quant, tag(here), artifacts_dir)
-        if not (path / "manifest.json").is_file():  # built in its own process: its peak memory is its own
-            t = time.perf_counter()
-            cmd = [sys.executable, "-m", "aotpack.cli", "-q", "build", recipe.name, "--quant", quant,
-                   "--out", str(path), "--overwrite"] + (["--variant", variant] if variant else []) \
-                + (["--dtype", dtype] if dtype else [])
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                from aotpack.errors import AotpackError
-
-                lines = [ln for ln in done.stderr.splitlines() if ln.startswith("Error:")] or ["Error: build failed"]
-                raise AotpackError(f"bench could not build {quant}: {lines[0][7:]}", "run the build by itself")
-            builds[quant] = time.perf_counter() - t
-        cold = [p for p in (checkpoint_dir, path) if p is not None]
+        paths = {v: default_out(recipe.full_name, quant, tag(here), artifacts_dir, regional=r)
+                 for v, r in wanted.items()}
+        facts = {}
+        for v, path in paths.items():
+            label = _label(quant, v)
+            if not (path / "manifest.json").is_file():
+                builds[label] = build_artifact(recipe.name, quant, path, regional=wanted[v], variant=variant,
+                                               dtype=dtype)
+            records.append(build_record(path, recipe_name=recipe.full_name, wall_s=builds.get(label)))
+            facts[v] = {k: records[-1][k] for k in ("export_s", "compile_s", "total_s", "pt2_bytes")}
+        whole = paths["aotpack"]
         with tempfile.TemporaryDirectory(prefix="aotpack-bench-") as tmp:
             cache_file = Path(tmp) / "megacache.bin"
             for v in variants:
@@ -291,19 +405,30 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
                         raise RuntimeError("the compile variant did not save a portable cache")
                     _spawn("worker", {**common, "variant": "compile", "quant": quant, "save_cache": str(cache_file)},
                            env={"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(dir=tmp)})
+                path = paths.get(v, whole)  # eager and compile read the whole-graph artifact's plan (auto)
+                cold = [p for p in (checkpoint_dir, path) if p is not None]
                 env = {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(dir=tmp)}  # always an empty compiler cache
                 args = {**common, "variant": v, "quant": quant, "artifact": str(path),
                         "save_cache": str(cache_file) if v == "compile" else None, "cache_file": str(cache_file)}
                 r = _spawn("worker", args, env=env, evict_folders=tuple(cold))
-                r.update({"quant": quant, "weights_bytes": _weights_bytes(path)})
+                r.update({"quant": quant, "weights_bytes": _weights_bytes(path), **facts.get(v, {})})
                 rows.append(r)
-                print(f"  {quant:<8} {v:<14} cold start {r['cold_start_s']:6.1f} s, forward {r['forward_s']:.3f} s, "
+                print(f"  {quant:<8} {v:<16} cold start {r['cold_start_s']:6.1f} s, forward {r['forward_s']:.3f} s, "
                       f"image {r['image_s']:.2f} s", file=sys.stderr)
-        loads[quant] = _spawn("load", {"artifact": str(path)})  # a later boot (hashes remembered)
-        loads[quant]["first_load_s"] = _spawn("load", {"artifact": str(path), "full": True})["load_s"]
+        for v, path in paths.items():
+            label, inputs = _label(quant, v), {"inputs_from": str(whole)} if v != "aotpack" else {}
+            loads[label] = _spawn("load", {"artifact": str(path), "full": True, **inputs})  # a first boot (hashes)
+            first = loads[label]["load_s"]
+            loads[label] = _spawn("load", {"artifact": str(path), **inputs})  # a later boot (hashes remembered)
+            loads[label]["first_load_s"] = first
     info = machine()
-    write_results(out, recipe, rows, loads, builds, info, common)
+    write_results(out, recipe, rows, loads, builds, info, common, artifacts=records)
     return out
+
+
+def _label(quant: str, variant: str) -> str:
+    """The name of an artifact in the load and build tables: its scheme, and 'regional' for a regional one."""
+    return f"{quant} regional" if variant == REGIONAL else quant
 
 
 def _weights_bytes(path: Path) -> int:
@@ -313,7 +438,12 @@ def _weights_bytes(path: Path) -> int:
 
 
 COLUMNS = ["ckpt_id", "batch_size", "fuse", "compile", "compile_vae", "quantization", "sparsify", "model_memory",
-           "inference_memory", "time", "variant", "cold_start", "first_image", "forward", "weights", "threads"]
+           "inference_memory", "time", "variant", "cold_start", "first_image", "forward", "weights", "threads",
+           "build_export", "build_compile", "build_total", "pt2"]
+
+
+def _round(value: float | None, digits: int) -> float | str:
+    return "" if value is None else round(value, digits)
 
 
 def _records(recipe, rows: list[dict], common: dict) -> list[dict]:
@@ -327,6 +457,10 @@ def _records(recipe, rows: list[dict], common: dict) -> list[dict]:
             "time": round(r["image_s"], 3), "variant": r["variant"], "cold_start": round(r["cold_start_s"], 2),
             "first_image": round(r["first_image_s"], 2), "forward": round(r["forward_s"], 4),
             "weights": round(r["weights_bytes"] / 2**20, 1), "threads": r["threads"],
+            # the artifact's build (its manifest): eager and torch.compile rows have none
+            "build_export": _round(r.get("export_s"), 1), "build_compile": _round(r.get("compile_s"), 1),
+            "build_total": _round(r.get("total_s"), 1),
+            "pt2": _round(r["pt2_bytes"] / 2**20 if r.get("pt2_bytes") is not None else None, 2),
         })
     return out
 
@@ -335,52 +469,127 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a is not None and b else "n/a"
 
 
-def write_results(out: Path, recipe, rows: list[dict], loads: dict, builds: dict, info: dict, common: dict) -> None:
+def _machine_line(info: dict) -> str:
+    return (f"Machine: {info['cpu']}, {info['cores']} cores ({info['threads']} torch threads), "
+            f"{info['memory_gb']} GiB" + (f", GPU {info['gpu']}" if info["gpu"] else "") +
+            f"; platform {info['platform']}; torch {info['torch']}, python {info['python']}; {info['os']}.")
+
+
+BUILD_COLUMNS = ["recipe", "blocks", "quant", "dtype", "mode", "modules", "export_s", "compile_s", "total_s",
+                 "wall_s", "pt2_mib", "weights_mib", "peak_rss_gib", "code"]
+_BUILD_NOTE = ("Build time by stage from each artifact's manifest (`build.stages`): export and compile summed over "
+               "its compiled modules (one per block class in a regional build), total = every stage (load, "
+               "quantize, capture, reference, export, compile, save, verify, quant error); wall = the build "
+               "process from start to exit (empty when the artifact existed); .pt2 = the compiled code, all "
+               "modules; peak RSS of the build process. `code` says where the compiled code came from: "
+               "'compiled' is a cold compile.")
+
+
+def _build_rows(records: list[dict]) -> list[dict]:
+    def r(v: float | None, d: int = 1) -> float | str:
+        return "" if v is None else round(v, d)
+
+    return [{"recipe": b["recipe"], "blocks": b["blocks"], "quant": b["quant"], "dtype": b["dtype"], "mode": b["mode"],
+             "modules": b["modules"], "export_s": r(b["export_s"]), "compile_s": r(b["compile_s"]),
+             "total_s": r(b["total_s"]), "wall_s": r(b["wall_s"]), "pt2_mib": r(b["pt2_bytes"] / 2**20, 2),
+             "weights_mib": r(b["weights_bytes"] / 2**20), "peak_rss_gib": r(b["peak_rss_bytes"] / 2**30, 2),
+             "code": b["code"]} for b in records]
+
+
+def _build_table(records: list[dict]) -> list[str]:
+    lines = ["| " + " | ".join(BUILD_COLUMNS) + " |", "|" + "---|" * len(BUILD_COLUMNS)]
+    lines += ["| " + " | ".join(str(row[c]) for c in BUILD_COLUMNS) + " |" for row in _build_rows(records)]
+    pairs = {}
+    for b in records:
+        pairs.setdefault((b["recipe"], b["quant"], b["dtype"]), {})[b["mode"]] = b
+    ratios = [(key, p["regional"], p["whole"]) for key, p in pairs.items() if {"regional", "whole"} <= set(p)]
+    if ratios:
+        lines += ["", "| recipe | quant | compile regional / whole | total regional / whole | .pt2 regional / whole |",
+                  "|---|---|---|---|---|"]
+        for (recipe, quant, _), reg, whole in ratios:
+            lines.append(f"| {recipe} | {quant} | {_ratio(reg['compile_s'], whole['compile_s'])} | "
+                         f"{_ratio(reg['total_s'], whole['total_s'])} | {_ratio(reg['pt2_bytes'], whole['pt2_bytes'])} |")
+    return lines
+
+
+def write_builds(out: Path, records: list[dict], info: dict) -> None:
+    """builds.md, builds.csv and builds.json in ``out``: the build table. Rows already in builds.json for
+    other (recipe, scheme, dtype, mode) and the same platform are kept: several runs gather one table."""
+    key = lambda b: (b["recipe"], b["quant"], b["dtype"], b["mode"])  # noqa: E731
+    merged: dict[tuple, dict] = {}
+    try:
+        old = json.loads((out / "builds.json").read_text())
+        if old.get("machine", {}).get("platform") == info["platform"]:
+            merged = {key(b): b for b in old.get("builds", [])}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        pass
+    merged.update({key(b): b for b in records})
+    records = sorted(merged.values(), key=lambda b: (b["recipe"], b["quant"], b["dtype"], b["mode"] != "whole"))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=BUILD_COLUMNS)
+    w.writeheader()
+    w.writerows(_build_rows(records))
+    (out / "builds.csv").write_text(buf.getvalue())
+    lines = ["# aotpack builds", "", _machine_line(info), "", _BUILD_NOTE, ""] + _build_table(records)
+    (out / "builds.md").write_text("\n".join(lines) + "\n")
+    (out / "builds.json").write_text(json.dumps({"machine": info, "builds": records}, indent=2) + "\n")
+
+
+def write_results(out: Path, recipe, rows: list[dict], loads: dict, builds: dict, info: dict, common: dict, *,
+                  artifacts: list[dict] = ()) -> None:
+    """results.md/.csv/.json/.png. ``loads`` and ``builds`` (seconds of builds run here) are keyed by artifact
+    label (the scheme; 'SCHEME regional' for a regional one); ``artifacts``: their ``build_record``s."""
     records = _records(recipe, rows, common)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS)
     w.writeheader()
     w.writerows(records)
     (out / "results.csv").write_text(buf.getvalue())
-    lines = [f"# aotpack bench: {recipe.full_name}", "",
-             f"Machine: {info['cpu']}, {info['cores']} cores ({info['threads']} torch threads), "
-             f"{info['memory_gb']} GiB" + (f", GPU {info['gpu']}" if info["gpu"] else "") +
-             f"; platform {info['platform']}; torch {info['torch']}, python {info['python']}; {info['os']}.",
+    lines = [f"# aotpack bench: {recipe.full_name}", "", _machine_line(info),
              f"Workload: {recipe.pipeline} at {common['height']}x{common['width']}, {common['steps']} steps, "
              f"batch {common['batch']}, {recipe.dtype}; each variant in a fresh process with the checkpoint and "
              f"artifact evicted from the page cache and an empty inductor cache.", "",
              "memory in GiB (RSS on CPU: model_memory when ready to serve, inference_memory the peak; "
              "max_memory_allocated on GPU), time = seconds per image (steady), cold_start = process start to the "
              "first transformer output, first_image = process start to the first image, forward = seconds per "
-             "transformer forward (steady, median), weights in MiB.", "",
+             "transformer forward (steady, median), weights in MiB; for the artifacts (aotpack, aotpack-regional: "
+             "one compiled module per block class, every block instance runs it with its own weights) "
+             "build_export, build_compile and build_total (every stage) in seconds from the manifest, "
+             "pt2 = the compiled code in MiB.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for rec in records:
         lines.append("| " + " | ".join(str(rec[c]) for c in COLUMNS) + " |")
     lines += ["", "## Targets", "", "| scheme | cold start aotpack / compile+cache (<= 0.25) | forward aotpack / compile "
               "(<= 1.0) | RSS after load and one forward / weights (<= 1.15) | load / read floor (<= 2): "
-              "first, later |", "|---|---|---|---|---|"]
+              "first, later | forward regional / whole | cold start regional / whole |", "|---|---|---|---|---|---|---|"]
     by = {(r["quant"], r["variant"]): r for r in rows}
-    for quant, ld in loads.items():
+    for quant in dict.fromkeys(r["quant"] for r in rows):
         a, c, cc = by.get((quant, "aotpack")), by.get((quant, "compile")), by.get((quant, "compile+cache"))
+        reg, ld = by.get((quant, REGIONAL)), loads.get(quant)
+        rss = _ratio(ld["rss_after_forward"], ld["weights_bytes"]) if ld else "n/a"
+        load = f"{_ratio(ld['first_load_s'], ld['read_s'])}, {_ratio(ld['load_s'], ld['read_s'])}" if ld else "n/a"
         lines.append(
             f"| {quant} | {_ratio(a and a['cold_start_s'], cc and cc['cold_start_s'])} | "
-            f"{_ratio(a and a['forward_s'], c and c['forward_s'])} | "
-            f"{_ratio(ld['rss_after_forward'], ld['weights_bytes'])} | {_ratio(ld['first_load_s'], ld['read_s'])}, "
-            f"{_ratio(ld['load_s'], ld['read_s'])} |")
+            f"{_ratio(a and a['forward_s'], c and c['forward_s'])} | {rss} | {load} | "
+            f"{_ratio(reg and reg['forward_s'], a and a['forward_s'])} | "
+            f"{_ratio(reg and reg['cold_start_s'], a and a['cold_start_s'])} |")
     lines += ["", "## Artifact load", "", "Each figure in a fresh process with a cold page cache (torch, diffusers "
               "and safetensors imported: a serving process has them). A first load hashes every byte; later "
               "loads of the same files skip the hash (file identity remembered, see README) and map the "
               "weights lazily, so their bytes are read by the first forward.", "",
-              "| scheme | artifact MiB | read s (cold, floor) | first aotpack.load s | later aotpack.load s | "
+              "| artifact | artifact MiB | read s (cold, floor) | first aotpack.load s | later aotpack.load s | "
               "RSS added by load MiB | RSS after one forward MiB | build s |", "|---|---|---|---|---|---|---|---|"]
-    for quant, ld in loads.items():
-        built = f"{builds[quant]:.1f}" if quant in builds else "(existed)"
-        lines.append(f"| {quant} | {ld['artifact_bytes'] / 2**20:.1f} | {ld['read_s']:.2f} | "
+    for label, ld in loads.items():
+        built = f"{builds[label]:.1f}" if label in builds else "(existed)"
+        lines.append(f"| {label} | {ld['artifact_bytes'] / 2**20:.1f} | {ld['read_s']:.2f} | "
                      f"{ld['first_load_s']:.2f} | {ld['load_s']:.2f} | "
                      f"{ld['rss_added_by_load'] / 2**20:.0f} | {ld['rss_after_forward'] / 2**20:.0f} | {built} |")
+    if artifacts:
+        lines += ["", "## Builds", "", _BUILD_NOTE, ""] + _build_table(list(artifacts))
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({"machine": info, "workload": common, "rows": rows,
-                                                   "loads": loads, "builds": builds}, indent=2) + "\n")
+                                                   "loads": loads, "builds": builds,
+                                                   "artifacts": list(artifacts)}, indent=2) + "\n")
     _plot(out / "results.png", records, recipe.full_name)
 
 
@@ -396,7 +605,7 @@ def _plot(path: Path, records: list[dict], title: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     for ax, key, label in zip(axes, ("cold_start", "time", "inference_memory"),
                               ("cold start, s", "seconds per image", "peak memory, GiB")):
-        shown = [v for v in GPU_VARIANTS if any(r["variant"] == v for r in records)]
+        shown = [v for v in SHOWN if any(r["variant"] == v for r in records)]
         width = 0.8 / len(shown)
         for i, v in enumerate(shown):
             ys = [next((r[key] for r in records if r["variant"] == v and r["quantization"] == q), 0) for q in quants]

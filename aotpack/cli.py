@@ -183,8 +183,19 @@ def schemes() -> None:
 @click.option("--regional/--whole-graph", default=None,
               help="Compile each repeated block class once (build time flat in depth; the loaded model keeps its "
                    "blocks) or the whole transformer as one graph. Default: the recipe's.")
-def build(recipe, quant, plan, error_budget, out, model, variant, dtype, overwrite, lora, lora_scale, fuse_qkv,
-          quantize_text_encoder, quantize_vae, compile_vae, max_autotune, reuse, sign_key, regional) -> None:
+@click.option("--push", "push_to", metavar="OWNER/NAME", default=None,
+              help="Push the build into this Hub repo when it is done (as 'aotpack push'); prints its URL.")
+@click.option("--tag", "tag_name", default=None, help="With --push: tag the commit (a pin for serving boxes).")
+@click.option("--on", "on_flavor", metavar="FLAVOR", default=None,
+              help="Build on a Hugging Face Jobs machine of this flavor (l4x1, a100-large, h200, ...) instead of "
+                   "here, then push (needs --push); streams the job's log; Ctrl-C cancels the job.")
+@click.option("--install", metavar="SPEC", default=None,
+              help="With --on: what the job installs as aotpack (default: aotpack==this version), with the "
+                   "versions of its dependencies installed here.")
+@click.pass_context
+def build(ctx, recipe, quant, plan, error_budget, out, model, variant, dtype, overwrite, lora, lora_scale, fuse_qkv,
+          quantize_text_encoder, quantize_vae, compile_vae, max_autotune, reuse, sign_key, regional,
+          push_to, tag_name, on_flavor, install) -> None:
     """Quantize, export and compile RECIPE into an artifact folder; prints its path.
 
     \b
@@ -200,7 +211,22 @@ def build(recipe, quant, plan, error_budget, out, model, variant, dtype, overwri
       aotpack build flux-blocks --plan artifacts/flux-blocks-auto-cpu-x86_64-avx512/plan.json --out again
       aotpack build tiny-flux --sign-key builder.pem
       aotpack build flux-depth --regional                     # 19 + 38 blocks, two block compiles
+      aotpack build tiny-flux --quant int8wo --push me/tiny-flux-aot --tag v1
+      aotpack build flux --quant int8dq --on h200 --push me/flux-aot --tag v1   # on Hugging Face Jobs
     """
+    if tag_name and not push_to:
+        raise click.UsageError("--tag needs --push OWNER/NAME")
+    if install and not on_flavor:
+        raise click.UsageError("--install needs --on FLAVOR (it says what the job installs)")
+    if on_flavor:
+        if not push_to:
+            raise click.UsageError("--on needs --push OWNER/NAME: the job's build lands in that repo")
+        from aotpack.farm import options_from_context, remote_build
+
+        state = remote_build(recipe, quant or _default_quant(recipe, variant), flavor=on_flavor, repo_id=push_to,
+                             tag=tag_name, variant=variant, options=options_from_context(ctx), install=install)
+        click.echo(f"{state.cell.repo}: builds/{state.build} (commit {state.commit})")
+        return
     from aotpack.builder.pipeline import build as build_artifact
 
     path = build_artifact(recipe, quant, out=out, model=model, variant=variant, dtype=dtype, overwrite=overwrite,
@@ -209,6 +235,16 @@ def build(recipe, quant, plan, error_budget, out, model, variant, dtype, overwri
                           compile_vae=compile_vae, plan=plan, error_budget=error_budget, reuse=reuse,
                           max_autotune=max_autotune, sign_key=sign_key, regional=regional)
     click.echo(str(path))
+    if push_to:
+        from aotpack.hub import push as push_build
+
+        click.echo(push_build(path, push_to, tag_name=tag_name).url)
+
+
+def _default_quant(recipe: str, variant: str | None) -> str:
+    from aotpack.builder.recipe import get_recipe
+
+    return get_recipe(recipe, variant).default_quant
 
 
 @cli.command()
@@ -305,10 +341,10 @@ def run(artifact, prompt, out, frames, height, width, steps, seed, guidance_scal
 @click.option("--tag", "tag_name", default=None, help="Tag the resulting commit (a pin for serving boxes).")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the one saved by 'hf auth login').")
 def push(artifact, repo_id, private, revision, tag_name, token) -> None:
-    """Add (or replace) one build in a Hub repo, in one commit; prints the commit URL.
+    """Add (or replace) one build in a Hub repo, in one commit; prints the URL of the build at that commit.
 
-    The repo keeps several builds (scheme x platform) under builds/, an index and a model card.
-    Pushing a build the repo already holds uploads nothing.
+    The repo keeps several builds (scheme x options x platform) under builds/, an index and a model card.
+    Pushing a build the repo already holds uploads nothing; a signature.sig in the folder goes with it.
 
     \b
     Examples:
@@ -318,7 +354,7 @@ def push(artifact, repo_id, private, revision, tag_name, token) -> None:
     from aotpack.hub import push as push_build
 
     result = push_build(artifact, repo_id, private=private, revision=revision, tag_name=tag_name, token=token)
-    if result.commit:
+    if result.uploaded:
         click.echo(result.url)
     else:
         click.echo(f"{repo_id}: build {result.build} is already there; nothing uploaded")
@@ -328,22 +364,95 @@ def push(artifact, repo_id, private, revision, tag_name, token) -> None:
 @click.argument("repo_id")
 @click.option("--revision", default=None, help="Tag or commit to pull (a branch needs --trust).")
 @click.option("--quant", default=None, help="Only a build of this scheme.")
+@click.option("--build", "build_name", default=None, metavar="NAME",
+              help="This build of the repo (e.g. int8wo-qkv-cuda-sm90) instead of the best fit.")
 @click.option("--trust", is_flag=True, help="Accept a branch (a moving revision) for native code.")
+@click.option("--refresh-pins", is_flag=True,
+              help="Accept a tag that now points to another commit than at its first pull here, and pin that.")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the one saved by 'hf auth login').")
-def pull(repo_id, revision, quant, trust, token) -> None:
+def pull(repo_id, revision, quant, build_name, trust, refresh_pins, token) -> None:
     """Download the build of REPO_ID that fits this machine, verify it, print its folder.
 
-    Works offline from the Hub cache (HF_HUB_OFFLINE=1) once pulled.
+    A tag is pinned to its commit at its first pull here; if it is moved later, pulls refuse it until
+    --refresh-pins. Works offline from the Hub cache (HF_HUB_OFFLINE=1) once pulled.
 
     \b
     Examples:
       aotpack pull me/tiny-flux-aot --revision v1
       aotpack pull me/tiny-flux-aot --revision v1 --quant int8wo
+      aotpack pull me/tiny-flux-aot --revision v1 --build int8wo-qkv-cuda-sm90
+      aotpack pull me/tiny-flux-aot --revision v1 --refresh-pins   # you moved tag v1 on purpose
       aotpack pull me/tiny-flux-aot --trust            # latest main: only for repos you control
     """
     from aotpack.hub import pull as pull_build
 
-    click.echo(str(pull_build(repo_id, revision=revision, quant=quant, token=token, trust=trust)))
+    click.echo(str(pull_build(repo_id, revision=revision, quant=quant, build=build_name, token=token, trust=trust,
+                              refresh_pins=refresh_pins)))
+
+
+@cli.command()
+@click.argument("matrix", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Print the cells, the platform each flavor gives and its price; submit nothing.")
+@click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the one saved by 'hf auth login').")
+def farm(matrix, dry_run, token) -> None:
+    """Build a matrix (recipes x schemes x flavors) on Hugging Face Jobs: one job per cell, pushed into the Hub.
+
+    Shows a live table on stderr and prints a summary; a failed cell shows the tail of its log and the others
+    go on. Cells a flavor cannot build are refused before anything is submitted. Ctrl-C cancels the jobs.
+
+    \b
+    Examples:
+      aotpack farm farm.toml --dry-run
+      aotpack farm farm.toml
+    """
+    from aotpack.farm import check_farm, read_matrix, refused, run_farm
+
+    cells = read_matrix(matrix)
+    if dry_run:
+        planned = check_farm(cells, token=token)
+        for p in planned:
+            state = f"refused: {p.problem}" if p.problem else f"-> {p.cell.repo}:builds/{p.build}"
+            click.echo(f"{p.cell.label:<40} {p.cell.flavor:<14} {p.platform:<10} {p.price:<16} {state}")
+        error = refused(planned)
+        if error:
+            raise error
+        click.echo(f"{len(cells)} job(s) would be submitted, one per cell")
+        return
+    view = _FarmView()
+    states = run_farm(cells, token=token, on_change=view.show)
+    failed = [s for s in states if s.stage != "completed"]
+    for s in failed:
+        click.echo(f"--- {s.cell.label} on {s.cell.flavor} ({s.stage}: {s.message}); log tail:", err=True)
+        for line in s.tail:
+            click.echo(f"    {line}", err=True)
+    for s in states:
+        where = f"{s.cell.repo}:builds/{s.build}" if s.build else (s.message or "")
+        click.echo(f"{s.stage:<10} {s.cell.label:<40} {s.cell.flavor:<14} {s.elapsed:6.0f} s  {where}")
+    click.echo(f"{len(states) - len(failed)} of {len(states)} builds completed")
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+class _FarmView:
+    """The live table on stderr: redrawn in place on a terminal, one line per change otherwise."""
+
+    def __init__(self) -> None:
+        self.drawn = 0
+        self.last: dict[int, str] = {}
+
+    def show(self, states) -> None:
+        rows = [f"{s.stage:<10} {s.elapsed:6.0f} s  {s.cell.label} on {s.cell.flavor}" for s in states]
+        if sys.stderr.isatty():
+            if self.drawn:
+                sys.stderr.write(f"\x1b[{self.drawn}F\x1b[J")
+            sys.stderr.write("\n".join(rows) + "\n")
+            sys.stderr.flush()
+            self.drawn = len(rows)
+            return
+        for i, (s, row) in enumerate(zip(states, rows)):
+            if self.last.get(i) != s.stage:
+                self.last[i] = s.stage
+                click.echo(row, err=True)
 
 
 @cli.command()

@@ -1,108 +1,170 @@
 """``push`` / ``pull``: artifacts travel through the Hugging Face Hub.
 
-One repo holds many builds (scheme x platform), each under ``builds/<scheme>-<platform>/``, with an index
+One repo holds many builds (scheme x options x platform), each under ``builds/<name>/``, with an index
 (``aotpack-index.json``) and a model card at the root. ``pull`` downloads only the build that fits this
-machine and verifies every file's sha256 before anything is loaded. A .pt2 is native code: pulling needs a
-pinned revision (commit or tag) or an explicit ``trust``.
+machine (into ``AOTPACK_CACHE/hub/``, one folder per commit) and verifies every file's sha256 before anything
+is loaded. A .pt2 is native code: pulling needs a pinned revision (commit or tag) or an explicit ``trust``; a
+tag is pinned to the commit it had at this machine's first pull of it.
+
+Everything that talks to the Hub is huggingface_hub's: ``HfApi``, ``snapshot_download`` (which retries
+server errors and resumes dropped downloads itself), ``http_backoff`` for the one read the client does not
+retry (refs), its errors, and ``constants`` for the cache and offline mode.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
+import random
 import re
+import secrets
+import stat
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from aotpack.artifact import files as artifact
 from aotpack.artifact import manifest as mf
-from aotpack.errors import AotpackError, HubError, IncompatibleArtifactError, IntegrityError, first_line
 from aotpack.artifact.platform import describe, mismatches, tag
+from aotpack.errors import (AotpackError, HubError, IncompatibleArtifactError, IntegrityError, ManifestError,
+                            ResourceError, first_line)
 
 log = logging.getLogger("aotpack")
 
 INDEX = "aotpack-index.json"
 INDEX_SCHEMA = 1
+SIGNATURE = "signature.sig"   # aotpack.signing writes it after the manifest: not one of the manifest's files
+PINS = "hub-pins.json"
+PINS_SCHEMA = 1
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_RETRIES = 3
+_RETRIES = 3                  # reads the client does not retry itself: http_backoff, 0.5 s, 1 s, 2 s
+_PUSH_ATTEMPTS = 8            # a push races other pushes into the same branch (build farms): see _commit_build
+_MAX_PINS_BYTES = 1 << 20
+# Short names of build options in build names; an option not listed here is named by its key.
+_OPTION_NAMES = {"fuse_qkv": "qkv", "compile_vae": "cvae", "quantize_text_encoder": "qte", "quantize_vae": "qvae",
+                 "max_autotune": "tuned", "regional": "regional"}
+
+
+def _constants():
+    from huggingface_hub import constants
+
+    return constants
 
 
 def endpoint() -> str:
-    """The Hub to talk to: ``HF_ENDPOINT`` read at call time (huggingface_hub reads it once, at import)."""
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    """The Hub to talk to, as HF_ENDPOINT says *now*. huggingface_hub reads HF_ENDPOINT once, at import, into
+    ``constants.ENDPOINT`` and the download-URL template made from it, and takes an explicit ``endpoint=`` for a
+    Hub chosen later: so every call here passes this. Unset, it is huggingface_hub's default (staging included)."""
+    return (os.environ.get("HF_ENDPOINT") or _constants().ENDPOINT).rstrip("/")
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+def _json(value: Any) -> Any:
+    """The JSON form of a manifest or a platform, which is what the index stores and this module reads: a dict
+    already, or a typed value's ``to_json()`` / fields."""
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
-def build_name(data: dict) -> str:
-    """Folder of a build inside the repo: '<scheme>-<platform>', e.g. 'int8wo-cpu-x86_64-avx2'."""
-    return f"{data['scheme']['name']}-{tag(data['platform'])}"
+def _files(manifest: Any) -> Any:
+    """The manifest's files, in the form ``verify_files`` takes."""
+    return manifest["files"] if isinstance(manifest, dict) else manifest.files
+
+
+def _shown(text: str, limit: int = 80) -> str:
+    """A user- or server-supplied name inside a one-line message: quoted, control characters escaped."""
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def build_name(data: Any) -> str:
+    """Folder of a build inside the repo: '<scheme>[-<options>]-<platform>' (see ``name_of``)."""
+    data = _json(data)
+    return name_of(data["scheme"]["name"], data.get("options") or {}, bool(data.get("lora")), tag(data["platform"]))
+
+
+def name_of(scheme: str, options: dict, lora: bool, platform_tag: str) -> str:
+    """'int8wo-cpu-x86_64-avx2' for a default build; 'int8wo-qkv-cuda-sm90' with --fuse-qkv,
+    'none-qte_int8wo-cpu-x86_64-avx2' with --quantize-text-encoder int8wo: builds that differ only in their
+    options are different builds, and one repo keeps them side by side instead of replacing one by the other."""
+    parts = [scheme]
+    for key, value in sorted(options.items()):
+        short = _OPTION_NAMES.get(key, key.replace("_", ""))
+        if value is True:
+            parts.append(short)
+        elif isinstance(value, str) and value:
+            parts.append(f"{short}_{value}")
+    if lora:
+        parts.append("lora")
+    return "-".join(parts + [platform_tag])
 
 
 @contextlib.contextmanager
 def _hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
-    """Map huggingface_hub and network errors to one HubError line. Tokens never appear in messages."""
-    import httpx2
+    """Map what huggingface_hub raises to one HubError line. Tokens never appear in messages."""
     from huggingface_hub import errors as hfe
+    from huggingface_hub.utils import httpx  # huggingface_hub's own export of its HTTP client's errors
 
+    where = endpoint()
     try:
         yield
     except AotpackError:
         raise
     except hfe.RevisionNotFoundError:
-        raise HubError(f"revision '{revision}' does not exist in {repo_id}",
+        raise HubError(f"revision {_shown(revision or 'main')} does not exist in {repo_id}",
                        "check --revision (a branch, tag or commit of that repo)") from None
     except (hfe.GatedRepoError, hfe.RepositoryNotFoundError):
         raise HubError(f"repo {repo_id} was not found, or it is private and this token cannot see it",
                        "check the repo id; log in with 'hf auth login', set HF_TOKEN or pass --token") from None
-    except hfe.EntryNotFoundError as e:
-        raise HubError(f"{repo_id} has no such file ({first_line(e, 200)})", "was this repo written by 'aotpack push'?") from None
     except hfe.OfflineModeIsEnabled:
         raise HubError(f"{repo_id} is not in the local cache and HF_HUB_OFFLINE=1",
                        "pull it once with network access, or unset HF_HUB_OFFLINE") from None
-    except hfe.LocalEntryNotFoundError:
-        raise HubError(f"could not reach the Hub at {endpoint()} and {repo_id} is not in the local cache",
+    except hfe.LocalEntryNotFoundError:  # before EntryNotFoundError, its base class
+        if _constants().is_offline_mode():
+            raise HubError(f"{repo_id} is not in the local cache and HF_HUB_OFFLINE=1",
+                           "pull it once with network access, or unset HF_HUB_OFFLINE") from None
+        raise HubError(f"could not reach the Hub at {where} and {repo_id} is not in the local cache",
                        "check the network and HF_ENDPOINT") from None
+    except hfe.EntryNotFoundError as e:
+        raise HubError(f"{repo_id} has no such file ({first_line(e, 200)})", "was this repo written by 'aotpack push'?") from None
+    except hfe.HFValidationError:
+        raise HubError(f"{_shown(repo_id)} is not a Hub repo id", "use owner/name, e.g. me/tiny-flux-aot") from None
     except hfe.HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
         if status == 401:
-            raise HubError(f"the Hub at {endpoint()} refused the token (401 Unauthorized)",
+            raise HubError(f"the Hub at {where} refused the token (401 Unauthorized)",
                            "log in with 'hf auth login', set HF_TOKEN or pass a valid --token") from None
         if status == 403:
             raise HubError(f"the token may not write to {repo_id} (403 Forbidden)",
                            "use a token with write access to that namespace") from None
         raise HubError(f"the Hub answered {status}: {first_line(e, 200)}", "try again later") from None
-    except (httpx2.TransportError, ConnectionError) as e:
-        raise HubError(f"could not reach the Hub at {endpoint()}: {type(e).__name__}",
+    except httpx.TransportError as e:
+        raise HubError(f"could not reach the Hub at {where}: {type(e).__name__}",
                        "check the network and HF_ENDPOINT; try again") from None
+    except OSError as e:  # the disk: full, permissions
+        if e.errno == errno.ENOSPC:
+            raise ResourceError(f"no space left on the disk while downloading from {repo_id}",
+                                "free disk space, or point AOTPACK_CACHE and HF_HOME at a bigger disk; then pull "
+                                "again") from None
+        raise HubError(f"could not write a download: {e.strerror or type(e).__name__}"
+                       + (f" ({_shown(str(e.filename), 120)})" if e.filename else ""),
+                       "check AOTPACK_CACHE and HF_HOME") from None
 
 
-def _retrying(fn: Callable[[], Any], what: str) -> Any:
-    """Call ``fn``, retrying server errors (5xx) and dropped connections with backoff."""
-    import httpx2
-    from huggingface_hub import errors as hfe
+def _check_names(repo_id: str, revision: str | None) -> None:
+    """Refuse a malformed repo id or revision before it reaches a URL, a file name or a message."""
+    from huggingface_hub.utils import validate_repo_id
 
-    for attempt in range(1, _RETRIES + 1):
-        try:
-            return fn()
-        except hfe.HfHubHTTPError as e:
-            status = e.response.status_code if e.response is not None else None
-            if status is None or status < 500 or attempt == _RETRIES:
-                raise
-            reason = f"server error {status}"
-        except (httpx2.TransportError, ConnectionError) as e:
-            if attempt == _RETRIES:
-                raise
-            reason = type(e).__name__
-        log.warning("%s: %s, retrying (%d/%d)", what, reason, attempt, _RETRIES - 1)
-        time.sleep(0.5 * attempt)
+    with _hub_errors(repo_id, revision):
+        validate_repo_id(repo_id)
+    if revision is not None and (not revision or not revision.isprintable() or len(revision) > 255
+                                 or revision.strip() != revision):
+        raise HubError(f"revision {_shown(revision)} is not a tag, branch or commit name",
+                       "pass a tag (e.g. v1) or a 40-character commit hash as --revision")
 
 
 def _api(token: str | None):
@@ -111,13 +173,31 @@ def _api(token: str | None):
     return HfApi(endpoint=endpoint(), token=token)
 
 
-def _read_index(api: Any, repo_id: str, revision: str) -> dict:
+def _refs(repo_id: str, token: str | None) -> tuple[dict[str, str], dict[str, str]]:
+    """The repo's tags and branches, {name: commit}. ``HfApi.list_repo_refs`` does not retry server errors;
+    huggingface_hub's ``http_backoff`` does, so this one read goes through it."""
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff
+
+    response = http_backoff("GET", f"{endpoint()}/api/models/{repo_id}/refs",
+                            headers=build_hf_headers(token=token), max_retries=_RETRIES, base_wait_time=0.5,
+                            max_wait_time=2)
+    hf_raise_for_status(response)
+    try:
+        data = response.json()
+        return ({t["name"]: t["targetCommit"] for t in data["tags"]},
+                {b["name"]: b["targetCommit"] for b in data["branches"]})
+    except (ValueError, KeyError, TypeError):
+        raise HubError(f"the Hub's list of refs of {repo_id} is not what huggingface_hub expects",
+                       "check HF_ENDPOINT") from None
+
+
+def _read_index(api: Any, repo_id: str, revision: str, local_dir: Path | None = None) -> dict:
     """The repo's index at ``revision`` (an empty one for a new repo)."""
     from huggingface_hub import errors as hfe
 
     try:
-        path = _retrying(lambda: api.hf_hub_download(repo_id, INDEX, revision=revision), "download index")
-    except hfe.EntryNotFoundError:
+        path = api.hf_hub_download(repo_id, INDEX, revision=revision, local_dir=local_dir)
+    except hfe.RemoteEntryNotFoundError:  # not its local twin: offline, a missing index is a missing repo
         return {"schema_version": INDEX_SCHEMA, "builds": {}}
     return _parse_index(Path(path).read_bytes(), repo_id)
 
@@ -129,25 +209,30 @@ def _parse_index(text: bytes, repo_id: str) -> dict:
         raise HubError(f"{repo_id}/{INDEX} is not valid JSON", "push a build again to rewrite it") from None
     if not isinstance(data, dict) or not isinstance(data.get("builds"), dict):
         raise HubError(f"{repo_id}/{INDEX} is not an aotpack index", "was this repo written by 'aotpack push'?")
-    if data.get("schema_version", 0) > INDEX_SCHEMA:
+    if not isinstance(data.get("schema_version", 0), int) or data.get("schema_version", 0) > INDEX_SCHEMA:
         raise HubError(f"{repo_id} was written by a newer aotpack", "upgrade aotpack: pip install -U aotpack")
     for name, entry in data["builds"].items():
         if not mf.is_safe_name(name) or not isinstance(entry, dict) or not isinstance(entry.get("platform"), dict):
-            raise HubError(f"{repo_id}/{INDEX} has an invalid build entry {name!r}", "do not use this repo")
+            raise HubError(f"{repo_id}/{INDEX} has an invalid build entry {_shown(str(name))}", "do not use this repo")
     return data
 
 
-def _index_entry(data: dict, manifest_sha: str) -> dict:
-    return {
+def _index_entry(data: Any, manifest_sha: str, signature_sha: str | None) -> dict:
+    data = _json(data)
+    entry = {
         "recipe": data["recipe"]["name"] + (f"-{data['recipe']['variant']}" if data["recipe"]["variant"] else ""),
         "checkpoint": data["model"]["checkpoint"],
         "scheme": data["scheme"]["name"],
+        "options": {k: v for k, v in sorted((data.get("options") or {}).items()) if v},
         "platform": data["platform"],
         "size": sum(e["size"] for e in data["files"].values()),
         "build_seconds": round(sum(data["build"]["stages"].values()), 1),
         "date": data["build"]["date"],
         "manifest_sha256": manifest_sha,
     }
+    if signature_sha:
+        entry["signature_sha256"] = signature_sha
+    return entry
 
 
 def model_card(repo_id: str, index: dict) -> str:
@@ -164,7 +249,7 @@ def model_card(repo_id: str, index: dict) -> str:
     )
     rows = "\n".join(
         f"| `{name}` | {b['scheme']} | {tag(b['platform'])} | {b['platform']['torch']} | "
-        f"{b['size'] / 1e6:.1f} MB | {b['build_seconds']:.0f} s |"
+        f"{b['size'] / 1e6:.1f} MB | {b['build_seconds']:.0f} s |{' yes |' if b.get('signature_sha256') else ' |'}"
         for name, b in sorted(builds.items())
     )
     one = sorted(builds)[0] if builds else "SCHEME-PLATFORM"
@@ -177,10 +262,11 @@ def model_card(repo_id: str, index: dict) -> str:
 Ahead-of-time compiled ([AOTInductor](https://pytorch.org/docs/stable/torch.compiler_aot_inductor.html)) and
 [torchao](https://github.com/pytorch/ao)-quantized transformer of {', '.join(f'`{c}`' for c in checkpoints)},
 packaged by **aotpack**. Each build is a folder under `builds/`: `model.pt2` (compiled code),
-`weights.safetensors` (quantized weights) and `manifest.json` (sha256 of every file, platform, input ranges).
+`weights.safetensors` (quantized weights) and `manifest.json` (sha256 of every file, platform, input ranges),
+and `signature.sig` when its builder signed it.
 
-| build | scheme | platform | torch | size | build time |
-|---|---|---|---|---|---|
+| build | scheme | platform | torch | size | build time | signed |
+|---|---|---|---|---|---|---|
 {rows}
 
 ```python
@@ -199,9 +285,10 @@ machine-specific build `{one}` only runs on the platform its name says; aotpack 
 class PushResult:
     repo_id: str
     build: str
-    commit: str | None     # None when the repo already held this exact build
-    url: str | None
+    commit: str            # the commit that holds this build (the branch head when it was already there)
+    url: str               # the build's folder at that commit
     tag: str | None
+    uploaded: bool         # False when the repo already held this exact build: no commit was made
 
 
 def push(
@@ -215,103 +302,248 @@ def push(
 ) -> PushResult:
     """Add or replace one build in ``repo_id`` in one commit; other builds stay as they are.
 
-    Pushing a build the repo already holds (same manifest bytes) makes no commit and uploads nothing.
+    The commit names its parent: when another push lands first (many farm jobs finishing at once), the index
+    is read again and the commit retried, so concurrent pushes into one repo all end up in its index and card.
+    Pushing a build the repo already holds (same manifest and signature bytes) makes no commit and uploads
+    nothing. A ``signature.sig`` in the folder travels with the build.
     """
-    from huggingface_hub import CommitOperationAdd
-
     folder = Path(folder)
-    data = mf.read(folder)
-    artifact.verify_files(folder, data["files"])  # never publish a damaged artifact
+    _check_names(repo_id, revision)
+    manifest = mf.read(folder)
+    artifact.verify_files(folder, _files(manifest))  # never publish a damaged artifact
+    data = _json(manifest)
     manifest_bytes = (folder / mf.MANIFEST).read_bytes()
-    manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
+    signature = (folder / SIGNATURE).read_bytes() if (folder / SIGNATURE).is_file() else None
+    entry = _index_entry(data, hashlib.sha256(manifest_bytes).hexdigest(),
+                         hashlib.sha256(signature).hexdigest() if signature is not None else None)
     name = build_name(data)
     if not mf.is_safe_name(name):
-        raise HubError(f"build name {name!r} is not a plain folder name", "rebuild the artifact with this aotpack")
+        raise HubError(f"build name {_shown(name)} is not a plain folder name", "rebuild the artifact with this aotpack")
+    files = {f"builds/{name}/{f}": folder / f for f in sorted(data["files"])}
+    files[f"builds/{name}/{mf.MANIFEST}"] = manifest_bytes
+    if signature is not None:
+        files[f"builds/{name}/{SIGNATURE}"] = signature
     api = _api(token)
     with _hub_errors(repo_id, revision):
-        _retrying(lambda: api.create_repo(repo_id, private=private, exist_ok=True), "create repo")
-        if revision != "main":
-            _retrying(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), "create branch")
-        index = _read_index(api, repo_id, revision)
-        others = {b["checkpoint"] for b in index["builds"].values()} - {data["model"]["checkpoint"]}
-        if others:
-            raise HubError(f"{repo_id} holds builds of {', '.join(sorted(others))}, not {data['model']['checkpoint']}",
-                           "push each model to its own repo")
-        commit = None
-        if index["builds"].get(name, {}).get("manifest_sha256") != manifest_sha:
-            index["builds"][name] = _index_entry(data, manifest_sha)
+        commit, uploaded = _commit_build(api, repo_id, revision, name, entry, files, token, private=private)
+        if tag_name:
+            add_tag(repo_id, tag_name, commit=commit, token=token)
+    return PushResult(repo_id, name, commit, f"{endpoint()}/{repo_id}/tree/{commit}/builds/{name}",
+                      tag_name, uploaded)
+
+
+def add_tag(repo_id: str, tag_name: str, *, commit: str | None = None, revision: str = "main",
+            token: str | None = None) -> str:
+    """Tag ``commit`` (default: the head of ``revision``) and return it. Tags are pins: one that exists at another
+    commit is never moved."""
+    api = _api(token)
+    with _hub_errors(repo_id, revision):
+        tags, branches = _refs(repo_id, token)
+        commit = commit or branches.get(revision)
+        if commit is None:
+            raise HubError(f"branch {_shown(revision)} does not exist in {repo_id}", "push a build first")
+        if tags.get(tag_name) not in (None, commit):
+            raise HubError(f"tag {_shown(tag_name)} already exists in {repo_id} at another commit",
+                           "tags are pins: choose a new tag name")
+        if tag_name not in tags:
+            api.create_tag(repo_id, tag=tag_name, revision=commit)
+    return commit
+
+
+def _commit_build(api: Any, repo_id: str, revision: str, name: str, entry: dict, files: dict[str, Any],
+                  token: str | None, *, private: bool) -> tuple[str, bool]:
+    """Commit one build onto the head of ``revision``; returns (commit holding it, whether a commit was made).
+
+    Read head, read its index, commit with ``parent_commit=head``: the Hub refuses the commit (409/412) when the
+    branch moved meanwhile, and then everything is read again. The same holds for a server error or a dropped
+    connection at any step: no step has an effect until the commit is accepted, so the attempt is repeated.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, RepoFile
+    from huggingface_hub import errors as hfe
+    from huggingface_hub.utils import httpx
+
+    for attempt in range(1, _PUSH_ATTEMPTS + 1):
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            head = _refs(repo_id, token)[1].get(revision)
+            if head is None:
+                raise HubError(f"branch {_shown(revision)} does not exist in {repo_id}", "push to main or create it")
+            index = _read_index(api, repo_id, head)
+            others = {b["checkpoint"] for b in index["builds"].values()} - {entry["checkpoint"]}
+            if others:
+                raise HubError(f"{repo_id} holds builds of {', '.join(sorted(others))}, not {entry['checkpoint']}",
+                               "push each model to its own repo")
+            old = index["builds"].get(name, {})
+            if (old.get("manifest_sha256"), old.get("signature_sha256")) == (entry["manifest_sha256"],
+                                                                             entry.get("signature_sha256")):
+                log.info("%s@%s already holds this exact build %s: nothing to upload", repo_id, revision, name)
+                return head, False
+            ops: list[Any] = []
+            if old:  # replacing: files of the old build that the new one lacks (a signature, a plan) go
+                stale = {f.path for f in api.list_repo_tree(repo_id, path_in_repo=f"builds/{name}", revision=head,
+                                                            recursive=True) if isinstance(f, RepoFile)} - set(files)
+                ops += [CommitOperationDelete(p) for p in sorted(stale)]
+            index["builds"][name] = entry
             index["schema_version"] = INDEX_SCHEMA
-            ops = [CommitOperationAdd(f"builds/{name}/{f}", str(folder / f)) for f in sorted(data["files"])]
-            ops.append(CommitOperationAdd(f"builds/{name}/{mf.MANIFEST}", manifest_bytes))
+            ops += [CommitOperationAdd(p, str(v) if isinstance(v, Path) else v) for p, v in files.items()]
             ops.append(CommitOperationAdd(INDEX, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()))
             ops.append(CommitOperationAdd("README.md", model_card(repo_id, index).encode()))
-            info = _retrying(lambda: api.create_commit(repo_id, ops, commit_message=f"aotpack: add build {name}",
-                                                       revision=revision), "commit")
-            commit = info.oid
-            log.info("pushed %s to %s@%s (commit %s)", name, repo_id, revision, commit[:12])
-        else:
-            log.info("%s@%s already holds this exact build %s: nothing to upload", repo_id, revision, name)
-        if tag_name:
-            target = commit or api.repo_info(repo_id, revision=revision).sha
-            refs = api.list_repo_refs(repo_id)
-            existing = {t.name: t.target_commit for t in refs.tags}
-            if existing.get(tag_name) not in (None, target):
-                raise HubError(f"tag '{tag_name}' already exists in {repo_id} at another commit",
-                               "tags are pins: choose a new tag name")
-            if tag_name not in existing:
-                _retrying(lambda: api.create_tag(repo_id, tag=tag_name, revision=target), "create tag")
-    url = f"{endpoint()}/{repo_id}/tree/{commit}" if commit else None
-    return PushResult(repo_id, name, commit, url, tag_name)
+            info = api.create_commit(repo_id, ops, commit_message=f"aotpack: add build {name}", revision=revision,
+                                     parent_commit=head)
+            log.info("pushed %s to %s@%s (commit %s)", name, repo_id, revision, info.oid[:12])
+            return info.oid, True
+        except hfe.HfHubHTTPError as e:
+            status = e.response.status_code if e.response is not None else None
+            if status not in (409, 412) and (status is None or status < 500) or attempt == _PUSH_ATTEMPTS:
+                raise
+            reason = "another push landed first" if status in (409, 412) else f"server error {status}"
+        except httpx.TransportError as e:
+            if attempt == _PUSH_ATTEMPTS:
+                raise
+            reason = type(e).__name__
+        log.info("push of %s: %s; reading the index again (%d/%d)", name, reason, attempt, _PUSH_ATTEMPTS - 1)
+        time.sleep(random.uniform(0.1, 0.5) * attempt)  # jitter: N racing jobs do not retry in lockstep
+    raise AssertionError("unreachable")
 
+
+# ---- pins: a tag is resolved to its commit once per machine, and stays there --------------------------------
 
 def _pins_file() -> Path:
     from aotpack.paths import cache_dir
 
-    return cache_dir() / "hub-pins.json"
+    return cache_dir() / PINS
 
 
-def _resolve_pin(api: Any, repo_id: str, revision: str | None, trust: bool) -> str:
-    """The commit to read. Branches move, so they need ``trust``; commits and tags are pins."""
+def _bad_pins(path: Path, why: str) -> HubError:
+    return HubError(f"{path} is not a valid aotpack pins file ({why})",
+                    f"check who else writes to {path.parent}, then delete the file: tags are pinned again at the "
+                    "next pull")
+
+
+def _read_pins() -> dict[str, str]:
+    """{'endpoint|repo|tag': commit}. The file is untrusted input: a regular file, bounded, of one known shape."""
+    path = _pins_file()
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise _bad_pins(path, e.strerror or type(e).__name__) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise _bad_pins(path, "not a regular file")
+        raw = f.read(_MAX_PINS_BYTES + 1)
+    if len(raw) > _MAX_PINS_BYTES:
+        raise _bad_pins(path, f"larger than {_MAX_PINS_BYTES >> 20} MiB")
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise _bad_pins(path, "not JSON") from None
+    if isinstance(data, dict) and set(data) == {"schema_version", "pins"} and data["schema_version"] == PINS_SCHEMA:
+        pins = data["pins"]
+    elif isinstance(data, dict) and all(isinstance(k, str) and k.count("|") >= 2 for k in data):
+        pins = data  # written by aotpack 0.1.0: the pins alone
+    else:
+        raise _bad_pins(path, "unknown layout")
+    if not isinstance(pins, dict):
+        raise _bad_pins(path, "'pins' is not an object")
+    for key, commit in pins.items():
+        if not (isinstance(key, str) and key.count("|") >= 2 and key.isprintable()
+                and isinstance(commit, str) and _COMMIT.match(commit)):
+            raise _bad_pins(path, f"entry {_shown(str(key))} is not 'endpoint|repo|tag' -> commit")
+    return pins
+
+
+def _write_pins(pins: dict[str, str]) -> None:
+    """Atomically: a unique temporary file beside it, synced, renamed over it."""
+    path = _pins_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{PINS}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "x") as f:
+            json.dump({"schema_version": PINS_SCHEMA, "pins": pins}, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def _pins_locked() -> Iterator[None]:
+    from huggingface_hub.utils import WeakFileLock
+
+    path = _pins_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with WeakFileLock(path.with_name(f".{PINS}.lock"), timeout=60):
+        yield
+
+
+def _resolve_pin(api: Any, repo_id: str, revision: str | None, *, trust: bool, refresh_pins: bool,
+                 token: str | None) -> str:
+    """The commit to read. Branches move, so they need ``trust``; commits are pins; a tag is pinned to the
+    commit it had when this machine first pulled it, and a tag moved since is refused unless ``refresh_pins``
+    (or ``trust``) re-pins it."""
     revision = revision or "main"
     if _COMMIT.match(revision):
         return revision
-    pins = {}
-    if _pins_file().is_file():
-        with contextlib.suppress(ValueError):
-            pins = json.loads(_pins_file().read_text())
     key = f"{endpoint()}|{repo_id}|{revision}"
-    if _offline():
+    if _constants().is_offline_mode():
+        pins = _read_pins()
         if key in pins:
             return pins[key]
         if trust:
             return revision
-        raise HubError(f"offline, and '{revision}' was never pulled as a tag of {repo_id}",
+        raise HubError(f"offline, and {_shown(revision)} was never pulled as a tag of {repo_id}",
                        "pass a commit hash as --revision, or --trust to use the cached branch")
-    refs = _retrying(lambda: api.list_repo_refs(repo_id), "list refs")
-    tags = {t.name: t.target_commit for t in refs.tags}
-    branches = {b.name: b.target_commit for b in refs.branches}
+    tags, branches = _refs(repo_id, token)
     if revision in tags:
-        pins[key] = tags[revision]
-        _pins_file().parent.mkdir(parents=True, exist_ok=True)
-        tmp = _pins_file().with_suffix(".tmp")
-        tmp.write_text(json.dumps(pins, indent=1))
-        os.replace(tmp, _pins_file())
-        return tags[revision]
+        now = tags[revision]
+        with _pins_locked():
+            pinned = _read_pins().get(key)
+            if pinned not in (None, now) and not (refresh_pins or trust):
+                raise HubError(f"tag {_shown(revision)} of {repo_id} moved: pinned to {pinned} at its first pull "
+                               f"here, now at {now}",
+                               f"if you moved it, pass --refresh-pins; else keep the old build with --revision {pinned}")
+            if pinned != now:
+                if pinned:
+                    log.warning("tag %s of %s re-pinned from %s to %s", revision, repo_id, pinned[:12], now[:12])
+                pins = _read_pins()
+                pins[key] = now
+                try:
+                    _write_pins(pins)
+                except OSError as e:  # the pull itself is fine; only the memory of this pin is lost
+                    log.warning("could not record the pin of tag %s (%s): a later move would go unnoticed",
+                                revision, e.strerror)
+        return now
     if revision in branches:
         if not trust:
             raise HubError(
-                f"'{revision}' is a branch of {repo_id}: it can change under you, and a .pt2 is native code",
+                f"{_shown(revision)} is a branch of {repo_id}: it can change under you, and a .pt2 is native code",
                 "pin a tag or commit with --revision, or pass --trust (trust=True) to accept the branch",
             )
         return branches[revision]
-    raise HubError(f"revision '{revision}' does not exist in {repo_id}",
+    raise HubError(f"revision {_shown(revision)} does not exist in {repo_id}",
                    f"tags: {', '.join(sorted(tags)) or 'none'}; branches: {', '.join(sorted(branches))}")
 
 
-def choose_build(index: dict, here: dict, quant: str | None = None) -> str:
-    """The build of ``index`` that runs here: exact platform first, then the smallest."""
+# ---- pull ---------------------------------------------------------------------------------------------------
+
+def choose_build(index: dict, here: dict, quant: str | None = None, build: str | None = None) -> str:
+    """The build of ``index`` that runs here: ``build`` if named, else exact platform first, then the smallest."""
+    if build is not None:
+        if build not in index["builds"]:
+            raise HubError(f"the repo has no build {_shown(build)}",
+                           f"it has: {', '.join(sorted(index['builds'])) or 'nothing'}")
+        candidates = {build: index["builds"][build]}
+    else:
+        candidates = index["builds"]
     fits = []
-    for name, entry in index["builds"].items():
+    for name, entry in candidates.items():
         if quant and entry.get("scheme") != quant:
             continue
         platform = entry["platform"]
@@ -324,11 +556,24 @@ def choose_build(index: dict, here: dict, quant: str | None = None) -> str:
     if fits:
         return sorted(fits)[0][2]
     have = ", ".join(sorted(f"{n} (torch {e['platform'].get('torch')})" for n, e in index["builds"].items())) or "nothing"
+    what = f" {build}" if build else (" for --quant " + quant if quant else "")
     raise IncompatibleArtifactError(
-        f"no build{' for --quant ' + quant if quant else ''} fits this machine ({tag(here)}, torch {here['torch']}); "
-        f"the repo has: {have}",
-        "build one here and push it: aotpack build ... && aotpack push ...",
+        f"no build{what} fits this machine ({tag(here)}, torch {_json(here)['torch']}); the repo has: {have}",
+        "build one here and push it: aotpack build ... --push REPO",
     )
+
+
+def pulled_dir(repo_id: str, commit: str) -> Path:
+    """Where ``pull`` puts the builds of one commit: ``AOTPACK_CACHE/hub/models--OWNER--NAME/COMMIT``.
+
+    huggingface_hub's ``local_dir`` download (real files, not the Hub cache's links to blobs: a loader opens
+    only regular files it hashed), one folder per commit, so a later pull never rewrites files a running
+    server reads; offline, it is read back without a request."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    from aotpack.paths import cache_dir
+
+    return cache_dir() / "hub" / repo_folder_name(repo_id=repo_id, repo_type="model") / commit
 
 
 def pull(
@@ -336,31 +581,44 @@ def pull(
     *,
     revision: str | None = None,
     quant: str | None = None,
+    build: str | None = None,
     token: str | None = None,
     trust: bool = False,
+    refresh_pins: bool = False,
 ) -> Path:
-    """Download the build of ``repo_id`` that fits this machine, verify it, and return its folder."""
+    """Download the build of ``repo_id`` that fits this machine (or the one named ``build``), verify it, and
+    return its folder. A tag that moved since this machine first pulled it is refused unless ``refresh_pins``."""
     from huggingface_hub import snapshot_download
 
+    _check_names(repo_id, revision)
     api = _api(token)
     here = describe(probe_isa=False)  # pulls sit on a serving box's boot path: no compiler probe
     with _hub_errors(repo_id, revision):
-        commit = _resolve_pin(api, repo_id, revision, trust)
-        index = _read_index(api, repo_id, commit)
-        name = choose_build(index, here, quant)
+        commit = _resolve_pin(api, repo_id, revision, trust=trust, refresh_pins=refresh_pins, token=token)
+        root = pulled_dir(repo_id, commit)
+        index = _read_index(api, repo_id, commit, local_dir=root)
+        name = choose_build(index, here, quant, build)
         log.info("pulling %s from %s@%s", name, repo_id, commit[:12])
-        root = _retrying(lambda: snapshot_download(
-            repo_id, revision=commit, allow_patterns=[f"builds/{name}/*"], endpoint=endpoint(), token=token,
-        ), "download build")
-    folder = Path(root) / "builds" / name
+        try:
+            snapshot_download(repo_id, revision=commit, allow_patterns=[f"builds/{name}/*"], token=token,
+                              endpoint=endpoint(), local_dir=root)
+        except BaseException:
+            # huggingface_hub removes its own partial file; the files of this build that did arrive go too, so
+            # that a failed pull (a full disk, an interrupt) leaves no half build behind.
+            _evict(root, name)
+            raise
+    folder = root / "builds" / name
+    entry = index["builds"][name]
     try:
         manifest_bytes = (folder / mf.MANIFEST).read_bytes()
-        if hashlib.sha256(manifest_bytes).hexdigest() != index["builds"][name].get("manifest_sha256"):
+        if hashlib.sha256(manifest_bytes).hexdigest() != entry.get("manifest_sha256"):
             raise IntegrityError(f"{name}/manifest.json does not match the repo index", "do not load this build")
-        data = mf.parse(manifest_bytes)
-        artifact.verify_files(folder, data["files"])
-    except (IntegrityError, mf.ManifestError, OSError) as e:
-        _evict(folder)  # so that the next pull downloads again instead of re-reading bad bytes
+        if entry.get("signature_sha256"):
+            if hashlib.sha256((folder / SIGNATURE).read_bytes()).hexdigest() != entry["signature_sha256"]:
+                raise IntegrityError(f"{name}/{SIGNATURE} does not match the repo index", "do not load this build")
+        artifact.verify_files(folder, _files(mf.parse(manifest_bytes)))
+    except (IntegrityError, ManifestError, OSError) as e:
+        _evict(root, name)  # so that the next pull downloads again instead of re-reading bad bytes
         if isinstance(e, OSError):
             raise IntegrityError(f"download of {name} is incomplete ({e.strerror})", "pull again") from None
         raise IntegrityError(f"downloaded {name} failed verification: {e.cause}",
@@ -368,16 +626,13 @@ def pull(
     return folder
 
 
-def _evict(folder: Path) -> None:
-    """Delete a build's snapshot links and their blobs from the Hub cache."""
-    if not folder.is_dir():
-        return
-    for link in folder.iterdir():
-        with contextlib.suppress(OSError):
-            target = link.resolve()
-            link.unlink()
-            if target != link and target.is_file():
-                target.unlink()
+def _evict(root: Path, name: str) -> None:
+    """Delete a pulled build's files (and huggingface_hub's notes on them), so the next pull downloads again."""
+    for folder in (root / "builds" / name, root / ".cache" / "huggingface" / "download" / "builds" / name):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
 
 def resolve_for_load(repo_id: str, *, revision: str | None = None, trust: bool = False,

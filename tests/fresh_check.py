@@ -66,7 +66,14 @@ def main() -> None:
             pipe.unload_lora_weights()
         if options.fuse_qkv:
             pipe.transformer.fuse_qkv_projections()
-        quantize_all(args.scheme, [pipe.transformer])
+        if options.regional:  # a regional build quantizes its blocks; the parts around them stay as they are
+            from aotpack.builder.regional import instances
+
+            classes = sorted({m.block_class for m in manifest.modules if m.kind == "block"})
+            quantize_all(args.scheme, [pipe.transformer.get_submodule(p)
+                                       for paths in instances(pipe.transformer, classes).values() for p in paths])
+        else:
+            quantize_all(args.scheme, [pipe.transformer])
         eager_q = call()
         if not args.lora:
             eager_base = eager_q
@@ -74,7 +81,8 @@ def main() -> None:
         swap = {"lora": args.lora, "lora_scale": args.lora_scale} if args.swap else {}
         pipe = aotpack.load_into(pipe, args.artifact, **swap)
         rss2 = psutil.Process().memory_info().rss
-        assert type(pipe.transformer).__name__ == "AotModule"
+        expected = manifest.model.config["_class_name"] if options.regional else "AotModule"
+        assert type(pipe.transformer).__name__ == expected, type(pipe.transformer)
         if options.compile_vae:
             assert type(pipe.vae).__name__ == "AotVaeDecoder"
         aot = call()

@@ -2,20 +2,36 @@
 
 Implements what the client uses for: create_repo, whoami, create_branch, create_tag, list_repo_refs,
 repo_info (model info by revision), list_repo_tree, preupload, the LFS batch API and basic LFS transfer,
-commits (NDJSON: header / file / lfsFile / deletedFile), and file resolve (HEAD and GET, with
-X-Repo-Commit, ETag, X-Linked-Etag and X-Linked-Size, Range). Private repos refuse a missing or wrong
-token. Fault injection: altered bytes on download, a connection dropped mid-upload or mid-download, and
-N server errors in a row. Binds 127.0.0.1 only.
+commits (NDJSON: header / file / lfsFile / deletedFile, with parentCommit checked: 412 when the branch
+moved), and file resolve (HEAD and GET, with X-Repo-Commit, ETag, X-Linked-Etag and X-Linked-Size, Range).
+Private repos refuse a missing or wrong token. Fault injection: altered bytes on download, a connection
+dropped mid-upload or mid-download, and N server errors in a row.
+
+Jobs, as huggingface_hub 2.x's ``HfApi`` calls them: ``run_job`` (POST /api/jobs/{namespace}),
+``inspect_job`` / ``wait_for_job`` (GET /api/jobs/{namespace}/{id}), ``list_jobs`` (GET /api/jobs/{namespace}),
+``fetch_job_logs`` (GET /api/jobs/{namespace}/{id}/logs: server-sent events, ``tail``, held open while the job
+runs), ``cancel_job`` (POST /api/jobs/{namespace}/{id}/cancel) and ``list_jobs_hardware`` (GET
+/api/jobs/hardware). Each job's command runs as a local subprocess (whatever its flavor and image) in its own
+folder, with ``HubState.job_env`` as the machine's environment, the job's ``environment`` and its ``secrets``
+as environment variables; secrets are never sent back. At most ``max_running_jobs`` run at once, the others
+wait in SCHEDULING. Binds 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import datetime
 import hashlib
 import json
+import os
 import re
+import signal
+import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -44,6 +60,56 @@ class Repo:
         return rev if rev in self.commits else None
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _gpu(name, pretty, model, vram, cost):
+    return {"name": name, "prettyName": pretty, "cpu": "8 vCPU", "ram": "32 GB", "ephemeralStorage": "200 GB",
+            "accelerator": {"type": "gpu", "model": model, "quantity": "1", "vram": vram, "manufacturer": "Nvidia"},
+            "unitCostMicroUSD": cost, "unitCostUSD": cost / 1e6, "unitLabel": "minute"}
+
+
+# What GET /api/jobs/hardware answers (the fields JobHardwareInfo reads; prices are made up for the tests).
+HARDWARE = [
+    {"name": "cpu-basic", "prettyName": "CPU Basic", "cpu": "2 vCPU", "ram": "16 GB", "ephemeralStorage": "50 GB",
+     "accelerator": None, "unitCostMicroUSD": 100, "unitCostUSD": 0.0001, "unitLabel": "minute"},
+    {"name": "cpu-upgrade", "prettyName": "CPU Upgrade", "cpu": "8 vCPU", "ram": "32 GB", "ephemeralStorage": "50 GB",
+     "accelerator": None, "unitCostMicroUSD": 500, "unitCostUSD": 0.0005, "unitLabel": "minute"},
+    _gpu("t4-small", "Nvidia T4 - small", "T4", "16 GB", 1000),
+    _gpu("a10g-small", "Nvidia A10G - small", "A10G", "24 GB", 2000),
+    _gpu("l4x1", "1x Nvidia L4", "L4", "24 GB", 2000),
+    _gpu("l40sx1", "1x Nvidia L40S", "L40S", "48 GB", 3000),
+    _gpu("a100-large", "Nvidia A100 - large", "A100", "80 GB", 5000),
+    _gpu("h200", "Nvidia H200", "H200", "141 GB", 8000),
+    _gpu("rtx-pro-6000", "Nvidia RTX PRO 6000", "RTX PRO 6000", "96 GB", 6000),
+]
+TERMINAL = ("COMPLETED", "CANCELED", "ERROR", "DELETED")
+
+
+class Job:
+    """One job: its spec as received (secrets kept apart), its stage, its log lines and its process."""
+
+    def __init__(self, job_id: str, owner: str, spec: dict, secrets: dict) -> None:
+        self.id, self.owner, self.spec, self.secrets = job_id, owner, spec, secrets
+        self.stage, self.message = "SCHEDULING", None
+        self.created, self.started, self.finished = _now(), None, None
+        self.lines: list[tuple[str, str]] = []      # (timestamp, line)
+        self.cond = threading.Condition()
+        self.proc: subprocess.Popen | None = None
+
+    def to_json(self, endpoint: str) -> dict:
+        spec = self.spec
+        return {"id": self.id, "createdAt": self.created, "startedAt": self.started, "finishedAt": self.finished,
+                "dockerImage": spec.get("dockerImage"), "spaceId": spec.get("spaceId"),
+                "command": spec.get("command"), "arguments": spec.get("arguments", []),
+                "environment": spec.get("environment", {}), "secrets": {k: None for k in self.secrets},
+                "flavor": spec.get("flavor"), "labels": spec.get("labels"),
+                "status": {"stage": self.stage, "message": self.message},
+                "owner": {"id": f"id-{self.owner}", "name": self.owner, "type": "user"},
+                "initiator": {"type": "user", "id": f"id-{self.owner}", "name": self.owner}}
+
+
 class HubState:
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -58,11 +124,77 @@ class HubState:
         self.drop_download_once: str | None = None  # path in repo: next GET sends half, then closes
         self.fail_next = 0                         # answer the next N requests with 503
 
+        # jobs
+        self.jobs: dict[str, "Job"] = {}
+        self.job_env: dict[str, str] = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        self.job_root = Path(tempfile.mkdtemp(prefix="hub-jobs-"))
+        self.max_running_jobs = 2
+        self.hardware: list[dict] = [dict(h) for h in HARDWARE]
+
     def reset_faults(self) -> None:
         self.corrupt.clear()
         self.drop_upload_once = False
         self.drop_download_once = None
         self.fail_next = 0
+
+
+def _start_due_jobs(state: "HubState") -> None:
+    """Start waiting jobs while fewer than ``max_running_jobs`` run (call with ``state.lock`` held)."""
+    running = sum(1 for j in state.jobs.values() if j.stage == "RUNNING")
+    for job in state.jobs.values():
+        if running >= state.max_running_jobs:
+            return
+        if job.stage == "SCHEDULING":
+            _run_job(state, job)
+            running += 1
+
+
+def _run_job(state: "HubState", job: Job) -> None:
+    workdir = state.job_root / job.id
+    workdir.mkdir(parents=True)
+    env = {**state.job_env, **{k: str(v) for k, v in (job.spec.get("environment") or {}).items()},
+           **{k: str(v) for k, v in job.secrets.items()}}
+    job.stage, job.started = "RUNNING", _now()
+    try:
+        job.proc = subprocess.Popen(list(job.spec["command"]) + list(job.spec.get("arguments") or []), cwd=workdir,
+                                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as e:
+        job.lines.append((_now(), f"could not start the command: {e}"))
+        _finish(state, job, "ERROR", str(e), locked=True)
+        return
+    timeout = job.spec.get("timeoutSeconds")
+    if timeout:
+        timer = threading.Timer(timeout, lambda: _kill(job) if job.stage == "RUNNING" else None)
+        timer.daemon = True
+        timer.start()
+    threading.Thread(target=_pump, args=(state, job), daemon=True).start()
+
+
+def _pump(state: "HubState", job: Job) -> None:
+    """Copy the job's output into its log, line by line; record how it ended."""
+    assert job.proc is not None and job.proc.stdout is not None
+    for raw in job.proc.stdout:
+        with job.cond:
+            job.lines.append((_now(), raw.decode(errors="replace").rstrip("\r\n")))
+            job.cond.notify_all()
+    rc = job.proc.wait()
+    _finish(state, job, "COMPLETED" if rc == 0 else "ERROR", None if rc == 0 else f"exit code {rc}")
+
+
+def _finish(state: "HubState", job: Job, stage: str, message: str | None, locked: bool = False) -> None:
+    with contextlib.nullcontext() if locked else state.lock:
+        if job.stage not in TERMINAL:
+            job.stage, job.message, job.finished = stage, message, _now()
+        _start_due_jobs(state)
+    with job.cond:
+        job.cond.notify_all()
+
+
+def _kill(job: Job) -> None:
+    if job.proc is not None and job.proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(job.proc.pid, signal.SIGKILL)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -397,10 +529,119 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(206, served[start:end + 1], headers)
         self._send(200, served, headers, head=head)
 
+    # ---- Jobs -------------------------------------------------------------------------------------------
+    def _namespace(self, namespace: str) -> str | None:
+        """The caller if it may use ``namespace``'s jobs; else sends the Hub's answer and returns None."""
+        user = self._user()
+        if not user:
+            self._error(401, "Invalid credentials in Authorization header")
+            return None
+        if namespace != user:
+            self._error(403, f"You don't have the rights to run jobs in {namespace}")
+            return None
+        return user
+
+    def _job(self, namespace: str, job_id: str) -> Job | None:
+        if self._namespace(namespace) is None:
+            return None
+        job = self.state.jobs.get(job_id)
+        if job is None or job.owner != namespace:
+            self._error(404, "Job not found", "JobNotFound")
+            return None
+        return job
+
+    def get_jobs_hardware(self, query) -> None:
+        self._json(200, self.state.hardware)
+
+    def post_job_create(self, namespace, query) -> None:
+        spec = json.loads(self._body() or b"{}")
+        user = self._namespace(namespace)
+        if user is None:
+            return
+        command = spec.get("command")
+        if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command):
+            return self._error(400, "command must be a non-empty list of strings")
+        if spec.get("flavor") not in {h["name"] for h in self.state.hardware}:
+            return self._error(400, f"Invalid flavor: {spec.get('flavor')}")
+        if not (spec.get("dockerImage") or spec.get("spaceId")):
+            return self._error(400, "dockerImage or spaceId is required")
+        secrets = spec.pop("secrets", None) or {}
+        job = Job(hashlib.sha1(f"{time.time_ns()}{len(self.state.jobs)}".encode()).hexdigest()[:24], user, spec,
+                  secrets)
+        with self.state.lock:
+            self.state.jobs[job.id] = job
+            _start_due_jobs(self.state)
+            body = job.to_json(self.server.url)
+        self._json(200, body)
+
+    def get_jobs_list(self, namespace, query) -> None:
+        if self._namespace(namespace) is None:
+            return
+        self._json(200, [j.to_json(self.server.url) for j in self.state.jobs.values() if j.owner == namespace])
+
+    def get_job(self, namespace, job_id, query) -> None:
+        job = self._job(namespace, job_id)
+        if job is not None:
+            self._json(200, job.to_json(self.server.url))
+
+    def post_job_cancel(self, namespace, job_id, query) -> None:
+        self._body()
+        job = self._job(namespace, job_id)
+        if job is None:
+            return
+        with self.state.lock:
+            if job.stage not in TERMINAL:
+                job.stage, job.message, job.finished = "CANCELED", "canceled by the user", _now()
+        _kill(job)
+        with job.cond:
+            job.cond.notify_all()
+        self._json(200, {})
+
+    def get_job_logs(self, namespace, job_id, query) -> None:
+        """Server-sent events, one ``data: {"timestamp", "data"}`` per line; the stream stays open (with
+        keep-alive comments) while the job runs and ends when it has ended."""
+        job = self._job(namespace, job_id)
+        if job is None:
+            return
+        tail = int(query.get("tail", ["0"])[0] or 0)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        with job.cond:
+            sent = max(0, len(job.lines) - tail) if tail else 0
+        try:
+            while True:
+                with job.cond:
+                    if sent >= len(job.lines) and job.stage not in TERMINAL:
+                        job.cond.wait(timeout=5)
+                    batch, ended = job.lines[sent:], job.stage in TERMINAL
+                if batch:
+                    sent += len(batch)
+                    self.wfile.write(b"".join(b"data: " + json.dumps({"timestamp": ts, "data": line}).encode()
+                                             + b"\n\n" for ts, line in batch))
+                elif not ended:
+                    self.wfile.write(b": keep-alive\n\n")
+                self.wfile.flush()
+                if ended and not batch:
+                    with job.cond:
+                        if sent >= len(job.lines):
+                            return
+        except (BrokenPipeError, ConnectionResetError):
+            return
+
 
 _R = r"([^/]+/[^/]+)"
 ROUTES = [
     (r"/api/whoami-v2", "get_whoami"),
+    (r"/api/jobs/hardware", "get_jobs_hardware"),
+    (r"/api/jobs/([^/]+)", "post_job_create"),
+    (r"/api/jobs/([^/]+)", "get_jobs_list"),
+    (r"/api/jobs/([^/]+)/([^/]+)", "get_job"),
+    (r"/api/jobs/([^/]+)/([^/]+)/logs", "get_job_logs"),
+    (r"/api/jobs/([^/]+)/([^/]+)/cancel", "post_job_cancel"),
     (r"/api/repos/create", "post_create"),
     (r"/api/validate-yaml", "post_validate_yaml"),
     (r"/api/agent-harnesses", "get_harnesses"),
@@ -432,6 +673,8 @@ class HubServer(ThreadingHTTPServer):
         return self
 
     def stop(self) -> None:
+        for job in list(self.state.jobs.values()):
+            _kill(job)
         self.shutdown()
         self.server_close()
 

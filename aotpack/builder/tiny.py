@@ -57,6 +57,18 @@ def _flux_blocks(seed: int = 0):
     return _tiny_flux(seed, num_attention_heads=24, attention_head_dim=128, axes_dims_rope=[16, 56, 56])
 
 
+def _flux_depth(seed: int = 0, double: int = 19, single: int = 38):
+    """FLUX.1's depth (19 double + 38 single blocks) at a narrow width (2 heads x 128 = hidden 256, FLUX.1's
+    rotary axes) inside the tiny pipeline: depth is what makes builds slow, and this measures it in minutes."""
+    return _tiny_flux(seed, num_layers=double, num_single_layers=single, num_attention_heads=2,
+                      attention_head_dim=128, axes_dims_rope=[16, 56, 56])
+
+
+def _flux_depth_1x1(seed: int = 0):
+    """flux-depth's width at 1 double + 1 single block: the other end of the depth-scaling measurement."""
+    return _flux_depth(seed, double=1, single=1)
+
+
 def _t5(d_model: int = 32):
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
@@ -92,7 +104,8 @@ def _tiny_cogvideox(seed: int = 0):
                              scheduler=CogVideoXDDIMScheduler())
 
 
-BUILDERS = {"tiny-flux": _tiny_flux, "flux-blocks": _flux_blocks, "tiny-cogvideox": _tiny_cogvideox}
+BUILDERS = {"tiny-flux": _tiny_flux, "flux-blocks": _flux_blocks, "flux-depth": _flux_depth,
+            "flux-depth-1x1": _flux_depth_1x1, "tiny-cogvideox": _tiny_cogvideox}
 
 
 def ensure_builtin(name: str) -> Path:
