@@ -298,13 +298,19 @@ class PlanRef:
 
 
 @dataclass(frozen=True)
-class Manifest:
+class _Identity:
+    """What a manifest of every schema starts with: which aotpack wrote it, and what it is a build of."""
+
     schema_version: int
     aotpack_version: str
     recipe: RecipeRef
     model: ModelRef
     scheme: SchemeRef
     dtype: str
+
+
+@dataclass(frozen=True)
+class Manifest(_Identity):
     request: Request
     platform: Platform
     files: dict[str, FileEntry]
@@ -507,13 +513,7 @@ class _V1Build:
 
 
 @dataclass(frozen=True)
-class _V1:
-    schema_version: int
-    aotpack_version: str
-    recipe: RecipeRef
-    model: ModelRef
-    scheme: SchemeRef
-    dtype: str
+class _V1(_Identity):
     inputs: _V1Inputs
     platform: Platform
     files: dict[str, FileEntry]

@@ -15,9 +15,6 @@ import typing
 from functools import lru_cache
 from typing import Any, Union
 
-_MISSING = object()
-
-
 @lru_cache(maxsize=None)
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -52,68 +49,79 @@ def decode(tp: Any, value: Any, where: str = "", problems: list[str] | None = No
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            problems.append(f"field {_name(where)} must be {_type_name(tp)}, got null")
-            return None
-        options = [a for a in args if a is not type(None)]
-        for option in options:  # the first that decodes without problems
-            trial: list[str] = []
-            out = decode(option, value, where, trial)
-            if not trial:
-                return out
-        if len(options) == 1:
-            return decode(options[0], value, where, problems)
-        problems.append(f"field {_name(where)} must be {_type_name(tp)}, got {type(value).__name__}")
-        return None
+        return _union(tp, value, where, problems)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            problems.append(f"{_name(where)} must be an object" if where else "manifest must be an object")
-            return None
-        hints = _hints(tp)
-        fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
-        kwargs = {}
-        for key in sorted(set(value) - set(fields), key=str):
-            problems.append(f"unknown field {(where + '.' if where else '') + str(key)!r}")
-        for name, f in fields.items():
-            sub = f"{where}.{name}" if where else name
-            if name not in value:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
-                    problems.append(f"missing field {sub!r}")
-                continue
-            kwargs[name] = decode(hints[name], value[name], sub, problems)
-        try:
-            return tp(**kwargs)
-        except (TypeError, ValueError):  # missing fields already reported
-            return None
+        return _dataclass(tp, value, where, problems)
     if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, list):
-            problems.append(f"field {_name(where)} must be a list, got {type(value).__name__}")
-            return ()
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(decode(args[0], v, f"{where}[{i}]", problems) for i, v in enumerate(value))
-        if len(value) != len(args):
-            problems.append(f"field {_name(where)} must have {len(args)} items")
-            return ()
-        return tuple(decode(a, v, f"{where}[{i}]", problems) for i, (a, v) in enumerate(zip(args, value)))
-    if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
+        return _tuple(tp, value, where, problems)
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             problems.append(f"field {_name(where)} must be an object, got {type(value).__name__}")
             return {}
+        if tp is dict:  # free-form JSON (a diffusers config, a torchao config)
+            return value
+        val_tp = typing.get_args(tp)[1]
         return {k: decode(val_tp, v, f"{where}[{k!r}]", problems) for k, v in value.items()}
-    if tp is dict:
-        if not isinstance(value, dict):
-            problems.append(f"field {_name(where)} must be an object, got {type(value).__name__}")
-            return {}
-        return value
-    if tp is float:
+    return _scalar(tp, value, where, problems)
+
+
+def _union(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
+    args = typing.get_args(tp)
+    if value is None:
+        if type(None) not in args:
+            problems.append(f"field {_name(where)} must be {_type_name(tp)}, got null")
+        return None
+    options = [a for a in args if a is not type(None)]
+    for option in options:  # the first that decodes without problems
+        trial: list[str] = []
+        out = decode(option, value, where, trial)
+        if not trial:
+            return out
+    if len(options) == 1:
+        return decode(options[0], value, where, problems)
+    problems.append(f"field {_name(where)} must be {_type_name(tp)}, got {type(value).__name__}")
+    return None
+
+
+def _dataclass(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
+    if not isinstance(value, dict):
+        problems.append(f"{_name(where)} must be an object" if where else "manifest must be an object")
+        return None
+    hints = _hints(tp)
+    fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
+    for key in sorted(set(value) - set(fields), key=str):
+        problems.append(f"unknown field {(where + '.' if where else '') + str(key)!r}")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{where}.{name}" if where else name
+        if name in value:
+            kwargs[name] = decode(hints[name], value[name], sub, problems)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+            problems.append(f"missing field {sub!r}")
+    try:
+        return tp(**kwargs)
+    except (TypeError, ValueError):  # missing fields already reported
+        return None
+
+
+def _tuple(tp: Any, value: Any, where: str, problems: list[str]) -> tuple:
+    args = typing.get_args(tp)
+    if not isinstance(value, list):
+        problems.append(f"field {_name(where)} must be a list, got {type(value).__name__}")
+        return ()
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(decode(args[0], v, f"{where}[{i}]", problems) for i, v in enumerate(value))
+    if len(value) != len(args):
+        problems.append(f"field {_name(where)} must have {len(args)} items")
+        return ()
+    return tuple(decode(a, v, f"{where}[{i}]", problems) for i, (a, v) in enumerate(zip(args, value)))
+
+
+def _scalar(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
+    if tp is float:  # JSON numbers; NaN and infinities are not numbers a manifest may hold
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     elif tp is int:
-        ok = type(value) is int
+        ok = type(value) is int  # bool is an int subclass; a schema int never means a bool
     else:
         ok = type(value) is tp
     if not ok:

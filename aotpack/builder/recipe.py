@@ -196,74 +196,26 @@ def _pair(value: Any, key: str, problems: list[str]) -> tuple[int, int]:
 def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = None) -> Recipe:
     """Validate a recipe dict; every problem is gathered into one RecipeError."""
     problems: list[str] = []
-    for key in sorted(set(data) - _TOP_KEYS):
-        problems.append(f"unknown key '{key}'")
-    for key in ("name", "family", "description", "pipeline", "component", "checkpoint", "dtype", "default_quant"):
-        if not isinstance(data.get(key), str) or not data.get(key):
-            problems.append(f"'{key}' must be a non-empty string")
-    if data.get("dtype") not in DTYPES:
-        problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {data.get('dtype')!r}")
+    _check_identity(data, problems)
+    variants = data.get("variants") if isinstance(data.get("variants"), dict) else {}
+    over = variants.get(variant) if variant is not None and isinstance(variants.get(variant), dict) else {}
     shapes = data.get("shapes") if isinstance(data.get("shapes"), dict) else {}
-    _vs = data.get("variants") if isinstance(data.get("variants"), dict) else {}
-    over_shapes = _vs.get(variant).get("shapes") if variant and isinstance(_vs.get(variant), dict) else None
-    if isinstance(over_shapes, dict):
-        shapes = {**shapes, **over_shapes}  # a variant may accept other sizes
-    if not shapes:
-        problems.append("missing [shapes]")
-    batch = _pair(shapes.get("batch"), "batch", problems)
-    height = _pair(shapes.get("height"), "height", problems)
-    width = _pair(shapes.get("width"), "width", problems)
-    multiple = shapes.get("multiple")
-    if not isinstance(multiple, int) or multiple <= 0:
-        problems.append("shapes.multiple must be a positive integer")
-        multiple = 1
-    for key, pair in (("height", height), ("width", width)):
-        if any(v % multiple for v in pair):
-            problems.append(f"shapes.{key} bounds must be multiples of {multiple}")
-    max_seq = shapes.get("max_sequence_length")
-    if not isinstance(max_seq, int) or max_seq <= 0:
-        problems.append("shapes.max_sequence_length must be a positive integer")
-    capture = data.get("capture") if isinstance(data.get("capture"), dict) else {}
-    run = data.get("run") if isinstance(data.get("run"), dict) else {}
-    for section, table in (("capture", capture), ("run", run)):
-        for key in ("height", "width", "steps"):
-            if not isinstance(table.get(key), int):
-                problems.append(f"{section}.{key} must be an integer")
-    if not (isinstance(run.get("max_steps"), int) and isinstance(run.get("steps"), int)
-            and 0 < run["steps"] <= run["max_steps"]):
-        problems.append("run.max_steps must be an integer >= run.steps (the most steps a request may ask)")
-    if isinstance(capture.get("batch"), int) and not batch[0] <= capture["batch"] <= batch[1]:
-        problems.append("capture.batch must lie inside shapes.batch")
-    for section, table in (("capture", capture), ("run", run)):
-        for key, rng in (("height", height), ("width", width)):
-            v = table.get(key)
-            if isinstance(v, int) and not (rng[0] <= v <= rng[1] and v % multiple == 0):
-                problems.append(f"{section}.{key}={v} must lie in shapes.{key} and be a multiple of {multiple}")
+    if isinstance(over.get("shapes"), dict):
+        shapes = {**shapes, **over["shapes"]}  # a variant may accept other sizes
     output = data.get("output", "image")
     if output not in ("image", "video"):
         problems.append(f"output must be 'image' or 'video', got {output!r}")
-    frames = None
-    temporal = shapes.get("temporal_compression", 1)
-    vae_scale = shapes.get("vae_scale", 8)
-    for key, v in (("temporal_compression", temporal), ("vae_scale", vae_scale)):
-        if not isinstance(v, int) or v <= 0:
-            problems.append(f"shapes.{key} must be a positive integer")
-    if output == "video":
-        frames = _pair(shapes.get("frames"), "frames", problems)
-        for section, table in (("capture", capture), ("run", run)):
-            v = table.get("frames")
-            if not isinstance(v, int) or not frames[0] <= v <= frames[1]:
-                problems.append(f"{section}.frames must be an integer in shapes.frames")
-        if isinstance(vae_scale, int) and vae_scale > 0 and multiple % vae_scale:
-            problems.append("shapes.multiple must be a multiple of shapes.vae_scale")
+    s = _parse_shapes(shapes, output, problems)
+    capture = data.get("capture") if isinstance(data.get("capture"), dict) else {}
+    run = data.get("run") if isinstance(data.get("run"), dict) else {}
+    _check_calls(capture, run, s, output, problems)
     call = data.get("call", {})
     if not isinstance(call, dict) or not all(isinstance(k, str) for k in call):
         problems.append("[call] must be a table")
         call = {}
     inputs = data.get("inputs") if isinstance(data.get("inputs"), dict) else {}
-    variants = data.get("variants") if isinstance(data.get("variants"), dict) else {}
-    if variant is not None and isinstance(variants.get(variant), dict) and isinstance(variants[variant].get("inputs"), dict):
-        inputs = variants[variant]["inputs"]  # a variant may export other dims (e.g. fixed-size positional embeddings)
+    if isinstance(over.get("inputs"), dict):
+        inputs = over["inputs"]  # a variant may export other dims (e.g. fixed-size positional embeddings)
     if "batch" not in inputs:
         problems.append("inputs.batch must map input names to dim indices")
     dynamic = _dims_table(inputs, "inputs", output, problems)
@@ -274,26 +226,9 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
     block_inputs = _dims_table(data.get("block_inputs") or {}, "block_inputs", output, problems)
     if not isinstance(data.get("regional", False), bool):
         problems.append("regional must be true or false")
-    fields = dict(data)
+    fields, capture, run = dict(data), dict(capture), dict(run)
     if variant is not None:
-        if variant not in variants:
-            known = ", ".join(sorted(variants)) or "none"
-            problems.append(f"unknown variant '{variant}' (this recipe has: {known})")
-        else:
-            over = variants[variant]
-            for key in sorted(set(over) - _VARIANT_KEYS):
-                problems.append(f"variants.{variant}: unknown key '{key}'")
-            for key in ("checkpoint", "revision", "description", "dtype"):
-                if key in over:
-                    fields[key] = over[key]
-            if "max_sequence_length" in over:
-                max_seq = over["max_sequence_length"]
-            run = dict(run)
-            capture = dict(capture)
-            if "run_steps" in over:
-                run["steps"] = over["run_steps"]
-            if "guidance_scale" in over:
-                run["guidance_scale"] = capture["guidance_scale"] = over["guidance_scale"]
+        _apply_variant(variant, variants, fields, s, capture, run, problems)
     if not str(fields.get("checkpoint", "")).startswith("builtin:") and not _COMMIT.match(str(fields.get("revision"))):
         problems.append(f"revision must be a 40-hex commit of {fields.get('checkpoint')} (a branch or tag can move)")
     if problems:
@@ -302,12 +237,89 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
         name=fields["name"], family=fields["family"], description=fields["description"],
         pipeline=fields["pipeline"], component=fields["component"], checkpoint=fields["checkpoint"],
         revision=fields.get("revision"), dtype=fields["dtype"], default_quant=fields["default_quant"],
-        batch=batch, height=height, width=width, multiple=multiple, max_sequence_length=max_seq,
-        capture=capture, run=run, dynamic=dynamic, checkpoint_needs=fields.get("checkpoint_needs"),
-        variant=variant, variants=tuple(sorted(variants)), frames=frames, temporal_compression=temporal,
-        vae_scale=vae_scale, call=dict(call), output=output, blocks=tuple(blocks), block_inputs=block_inputs,
+        batch=s["batch"], height=s["height"], width=s["width"], multiple=s["multiple"],
+        max_sequence_length=s["max_sequence_length"], capture=capture, run=run, dynamic=dynamic,
+        checkpoint_needs=fields.get("checkpoint_needs"), variant=variant, variants=tuple(sorted(variants)),
+        frames=s["frames"], temporal_compression=s["temporal_compression"], vae_scale=s["vae_scale"],
+        call=dict(call), output=output, blocks=tuple(blocks), block_inputs=block_inputs,
         regional=data.get("regional") is True,
     )
+
+
+def _check_identity(data: dict, problems: list[str]) -> None:
+    for key in sorted(set(data) - _TOP_KEYS):
+        problems.append(f"unknown key '{key}'")
+    for key in ("name", "family", "description", "pipeline", "component", "checkpoint", "dtype", "default_quant"):
+        if not isinstance(data.get(key), str) or not data.get(key):
+            problems.append(f"'{key}' must be a non-empty string")
+    if data.get("dtype") not in DTYPES:
+        problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {data.get('dtype')!r}")
+
+
+def _parse_shapes(shapes: dict, output: str, problems: list[str]) -> dict[str, Any]:
+    """[shapes]: the ranges every dim follows from."""
+    if not shapes:
+        problems.append("missing [shapes]")
+    s: dict[str, Any] = {key: _pair(shapes.get(key), key, problems) for key in ("batch", "height", "width")}
+    multiple = shapes.get("multiple")
+    if not isinstance(multiple, int) or multiple <= 0:
+        problems.append("shapes.multiple must be a positive integer")
+        multiple = 1
+    s["multiple"] = multiple
+    for key in ("height", "width"):
+        if any(v % multiple for v in s[key]):
+            problems.append(f"shapes.{key} bounds must be multiples of {multiple}")
+    s["max_sequence_length"] = shapes.get("max_sequence_length")
+    s["temporal_compression"] = shapes.get("temporal_compression", 1)
+    s["vae_scale"] = shapes.get("vae_scale", 8)
+    for key in ("max_sequence_length", "temporal_compression", "vae_scale"):
+        if not isinstance(s[key], int) or s[key] <= 0:
+            problems.append(f"shapes.{key} must be a positive integer")
+    s["frames"] = _pair(shapes.get("frames"), "frames", problems) if output == "video" else None
+    if output == "video" and isinstance(s["vae_scale"], int) and s["vae_scale"] > 0 and multiple % s["vae_scale"]:
+        problems.append("shapes.multiple must be a multiple of shapes.vae_scale")
+    return s
+
+
+def _check_calls(capture: dict, run: dict, s: dict[str, Any], output: str, problems: list[str]) -> None:
+    """[capture] and [run]: pipeline calls inside the ranges of [shapes]."""
+    for section, table in (("capture", capture), ("run", run)):
+        for key in ("height", "width", "steps"):
+            if not isinstance(table.get(key), int):
+                problems.append(f"{section}.{key} must be an integer")
+        for key in ("height", "width"):
+            v, (lo, hi) = table.get(key), s[key]
+            if isinstance(v, int) and not (lo <= v <= hi and v % s["multiple"] == 0):
+                problems.append(f"{section}.{key}={v} must lie in shapes.{key} and be a multiple of {s['multiple']}")
+        if output == "video":
+            v = table.get("frames")
+            if not isinstance(v, int) or not s["frames"][0] <= v <= s["frames"][1]:
+                problems.append(f"{section}.frames must be an integer in shapes.frames")
+    if not (isinstance(run.get("max_steps"), int) and isinstance(run.get("steps"), int)
+            and 0 < run["steps"] <= run["max_steps"]):
+        problems.append("run.max_steps must be an integer >= run.steps (the most steps a request may ask)")
+    if isinstance(capture.get("batch"), int) and not s["batch"][0] <= capture["batch"] <= s["batch"][1]:
+        problems.append("capture.batch must lie inside shapes.batch")
+
+
+def _apply_variant(variant: str, variants: dict, fields: dict, s: dict[str, Any], capture: dict, run: dict,
+                   problems: list[str]) -> None:
+    """A variant's overrides, in place (its shapes and inputs were taken already)."""
+    if variant not in variants:
+        problems.append(f"unknown variant '{variant}' (this recipe has: {', '.join(sorted(variants)) or 'none'})")
+        return
+    over = variants[variant]
+    for key in sorted(set(over) - _VARIANT_KEYS):
+        problems.append(f"variants.{variant}: unknown key '{key}'")
+    for key in ("checkpoint", "revision", "description", "dtype"):
+        if key in over:
+            fields[key] = over[key]
+    if "max_sequence_length" in over:
+        s["max_sequence_length"] = over["max_sequence_length"]
+    if "run_steps" in over:
+        run["steps"] = over["run_steps"]
+    if "guidance_scale" in over:
+        run["guidance_scale"] = capture["guidance_scale"] = over["guidance_scale"]
 
 
 def _dims_table(inputs: Any, section: str, output: str, problems: list[str]) -> dict[str, dict[str, int]]:

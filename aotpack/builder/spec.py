@@ -80,7 +80,10 @@ def resolve(
     regional: bool | None = None,
     sign_key: str | os.PathLike | None = None,
 ) -> BuildSpec:
-    """Resolve and check a build request; see :func:`aotpack.builder.pipeline.build` for the arguments."""
+    """Resolve and check a build request; see :func:`aotpack.builder.pipeline.build` for the arguments.
+
+    One function on purpose (~65 lines): the checks read top to bottom in the order they run, cheapest first,
+    each raising its own one-line error before any model is loaded."""
     r = get_recipe(recipe, variant)
     if plan is not None:
         if quant not in (None, "auto"):
