@@ -298,6 +298,8 @@ def sign(artifact, key) -> None:
 @click.option("--width", type=int, default=None, help="Pixels (default: the recipe's).")
 @click.option("--steps", type=int, default=None, help="Denoising steps (default: the recipe's; at most its max_steps).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (0 .. 2^63-1).")
+@click.option("--max-sequence-length", type=int, default=None,
+              help="Text tokens (default and maximum: the recipe's; fewer where the artifact's text length is dynamic).")
 @click.option("--guidance-scale", type=float, default=None)
 @click.option("--revision", default=None, help="For a Hub repo id: the tag or commit to load.")
 @click.option("--trust", is_flag=True, help="For a Hub repo id: accept a branch.")
@@ -306,8 +308,8 @@ def sign(artifact, key) -> None:
 @click.option("--cuda-graphs", is_flag=True, help="Replay the compiled module as CUDA graphs (CUDA artifacts).")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(),
               help="Require a signature by this public key (PEM; repeatable; default: AOTPACK_TRUSTED_KEYS).")
-def run(artifact, prompt, out, frames, height, width, steps, seed, guidance_scale, revision, trust, lora, lora_scale,
-        cuda_graphs, trusted_keys) -> None:
+def run(artifact, prompt, out, frames, height, width, steps, seed, max_sequence_length, guidance_scale, revision, trust,
+        lora, lora_scale, cuda_graphs, trusted_keys) -> None:
     """Generate an image (or a video) with an artifact dropped into its diffusers pipeline; prints the file
     written.
 
@@ -329,7 +331,7 @@ def run(artifact, prompt, out, frames, height, width, steps, seed, guidance_scal
     if trusted_keys:
         extra["trusted_keys"] = list(trusted_keys)
     path = run_artifact(artifact, prompt=prompt, out=out, height=height, width=width, steps=steps, seed=seed,
-                        guidance_scale=guidance_scale, frames=frames, **extra)
+                        guidance_scale=guidance_scale, frames=frames, max_sequence_length=max_sequence_length, **extra)
     click.echo(str(path))
 
 

@@ -236,6 +236,8 @@ def _request(**kwargs):
     ({"prompt": "a \udcff dog"}, "--prompt is not valid UTF-8"),
     ({"prompt": "  "}, "--prompt is empty"),
     ({"frames": 9}, "--frames is for video artifacts"),
+    ({"max_sequence_length": 33}, "--max-sequence-length 33 is not one the artifact accepts (32)"),
+    ({"max_sequence_length": 16}, "--max-sequence-length 16 is not one the artifact accepts (32)"),  # static text
 ])
 def test_t09_requests_are_bounded(kwargs, expect):
     with pytest.raises(InputError) as e:

@@ -72,11 +72,13 @@ class Call:
     guidance_scale: float
     batch: int
     frames: int | None
+    max_sequence_length: int
 
 
 def check_request(manifest: Manifest, recipe: Recipe, *, prompt: str, height: int | None = None,
                   width: int | None = None, steps: int | None = None, seed: int = 0,
-                  guidance_scale: float | None = None, batch: int = 1, frames: int | None = None) -> Call:
+                  guidance_scale: float | None = None, batch: int = 1, frames: int | None = None,
+                  max_sequence_length: int | None = None) -> Call:
     """The request with the recipe's defaults filled in, or InputError naming the first value out of bounds.
     ``None`` means "the recipe's default"; 0 is a value, and an error where it is not allowed."""
     req = manifest.request
@@ -118,7 +120,16 @@ def check_request(manifest: Manifest, recipe: Recipe, *, prompt: str, height: in
                              f"of the form {step}k+1", f"pass --frames in {lo}..{hi}, e.g. {lo}")
     elif frames is not None:
         raise InputError("--frames is for video artifacts; this one makes images", "leave --frames out")
-    return Call(prompt, height, width, steps, seed, guidance, batch, frames)
+    text = req.max_sequence_length if max_sequence_length is None else max_sequence_length
+    if not 1 <= text <= req.max_sequence_length or (text != req.max_sequence_length and not _dynamic_text(manifest)):
+        allowed = f"1..{req.max_sequence_length}" if _dynamic_text(manifest) else str(req.max_sequence_length)
+        raise InputError(f"--max-sequence-length {text} is not one the artifact accepts ({allowed})",
+                         f"pass --max-sequence-length in {allowed}")
+    return Call(prompt, height, width, steps, seed, guidance, batch, frames, text)
+
+
+def _dynamic_text(manifest: Manifest) -> bool:
+    return any("text_seq" in m.inputs.dynamic for m in manifest.modules)
 
 
 def _check_out(manifest: Manifest, out: Path) -> None:
@@ -134,7 +145,8 @@ def _check_out(manifest: Manifest, out: Path) -> None:
 
 def run(artifact: str | os.PathLike, *, prompt: str, out: str | os.PathLike | None = None, height: int | None = None,
         width: int | None = None, steps: int | None = None, seed: int = 0, guidance_scale: float | None = None,
-        batch: int = 1, frames: int | None = None, **load_kwargs: Any) -> Path:
+        batch: int = 1, frames: int | None = None, max_sequence_length: int | None = None,
+        **load_kwargs: Any) -> Path:
     """Generate an image (PNG/JPEG/WebP) or, for video recipes, a video (MP4, or an animated GIF) with the
     artifact; returns the path written. Every request value is checked before anything is loaded."""
     import torch
@@ -145,7 +157,8 @@ def run(artifact: str | os.PathLike, *, prompt: str, out: str | os.PathLike | No
     manifest = mf.read(folder)
     recipe = get_recipe(manifest.recipe.name, manifest.recipe.variant)
     call = check_request(manifest, recipe, prompt=prompt, height=height, width=width, steps=steps, seed=seed,
-                         guidance_scale=guidance_scale, batch=batch, frames=frames)
+                         guidance_scale=guidance_scale, batch=batch, frames=frames,
+                         max_sequence_length=max_sequence_length)
     out = Path(out or default_out(manifest))
     _check_out(manifest, out)
     pipe, recipe = pipeline_for(folder, **{k: v for k, v in load_kwargs.items() if k not in hub})
@@ -153,7 +166,7 @@ def run(artifact: str | os.PathLike, *, prompt: str, out: str | os.PathLike | No
     t1 = time.perf_counter()
     kwargs = recipe.pipeline_kwargs(height=call.height, width=call.width, steps=call.steps,
                                     guidance_scale=call.guidance_scale, batch=call.batch, frames=call.frames)
-    kwargs["max_sequence_length"] = manifest.request.max_sequence_length
+    kwargs["max_sequence_length"] = call.max_sequence_length
     result = pipe(prompt=call.prompt, **kwargs, generator=torch.Generator("cpu").manual_seed(call.seed))
     log.info("%s generated in %.2f s (%.2f s from start)", "video" if manifest.is_video else "image",
              time.perf_counter() - t1, time.perf_counter() - t0)
