@@ -27,6 +27,8 @@ _API = {
     "run": "aotpack.serve.run",              # artifact -> image or video
     "push": "aotpack.hub",                   # artifact -> Hub repo
     "pull": "aotpack.hub",                   # Hub repo -> artifact folder
+    "remote_build": "aotpack.farm",          # one build on a Hugging Face Job, pushed to a repo
+    "run_farm": "aotpack.farm",              # a build matrix, one Job per cell
 }
 
 

@@ -372,7 +372,9 @@ def push(artifact, repo_id, private, revision, tag_name, token) -> None:
 @click.option("--refresh-pins", is_flag=True,
               help="Accept a tag that now points to another commit than at its first pull here, and pin that.")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the one saved by 'hf auth login').")
-def pull(repo_id, revision, quant, build_name, trust, refresh_pins, token) -> None:
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(),
+              help="Require a signature by this public key (PEM; repeatable; default: AOTPACK_TRUSTED_KEYS).")
+def pull(repo_id, revision, quant, build_name, trust, refresh_pins, token, trusted_keys) -> None:
     """Download the build of REPO_ID that fits this machine, verify it, print its folder.
 
     A tag is pinned to its commit at its first pull here; if it is moved later, pulls refuse it until
@@ -385,16 +387,18 @@ def pull(repo_id, revision, quant, build_name, trust, refresh_pins, token) -> No
       aotpack pull me/tiny-flux-aot --revision v1 --build int8wo-qkv-cuda-sm90
       aotpack pull me/tiny-flux-aot --revision v1 --refresh-pins   # you moved tag v1 on purpose
       aotpack pull me/tiny-flux-aot --trust            # latest main: only for repos you control
+      aotpack pull me/tiny-flux-aot --revision v1 --trusted-key builder.pub   # only what that key signed
     """
     from aotpack.hub import pull as pull_build
 
     click.echo(str(pull_build(repo_id, revision=revision, quant=quant, build=build_name, token=token, trust=trust,
-                              refresh_pins=refresh_pins)))
+                              refresh_pins=refresh_pins, trusted_keys=list(trusted_keys) or None)))
 
 
 @cli.command()
 @click.argument("matrix", type=click.Path(dir_okay=False))
-@click.option("--dry-run", is_flag=True, help="Print the cells, the platform each flavor gives and its price; submit nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the cells, the platform each flavor gives and its price; submit nothing.")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the one saved by 'hf auth login').")
 def farm(matrix, dry_run, token) -> None:
     """Build a matrix (recipes x schemes x flavors) on Hugging Face Jobs: one job per cell, pushed into the Hub.

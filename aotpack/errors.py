@@ -75,5 +75,9 @@ class SignatureError(AotpackError):
     """A signature is missing, unreadable, not from a trusted key, or does not cover the artifact's files."""
 
 
+class FarmError(AotpackError):
+    """A build matrix or a cell that cannot be submitted as it is."""
+
+
 class ConfigError(AotpackError):
     """An environment variable or setting aotpack reads has a value it cannot use."""

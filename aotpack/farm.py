@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from aotpack._version import __version__
-from aotpack.errors import AotpackError, BuildError, HubError, first_line
+from aotpack.errors import AotpackError, BuildError, FarmError, HubError, first_line
 
 log = logging.getLogger("aotpack")
 
@@ -50,14 +50,11 @@ STAGES = {"SCHEDULING": "queued", "RUNNING": "running", "COMPLETED": "completed"
 DONE = ("completed", "error", "canceled")
 _RESULT = re.compile(r"/(?P<repo>[\w.-]+/[\w.-]+)/tree/(?P<commit>[0-9a-f]{40})/builds/(?P<build>[A-Za-z0-9_.-]+)\s*$")
 _MAX_PLAN_BYTES = 1 << 20
+_PLAN_HINT = "pass the plan.json of an earlier --quant auto build"
 # build options a job cannot be given: where the job writes, and what makes it a job or a push
 _NOT_OPTIONS = {"recipe", "quant", "variant", "out", "overwrite", "push_to", "tag_name", "on_flavor", "install"}
 # files on this machine that a job cannot read (and a private key that must never travel)
 _LOCAL_ONLY = {"lora": "a LoRA file", "reuse": "an artifact folder", "sign_key": "a private key"}
-
-
-class FarmError(AotpackError):
-    """A build matrix or a cell that cannot be submitted as it is."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +169,8 @@ def read_matrix(path: str | os.PathLike) -> list[Cell]:
             ok = isinstance(value, str) if key in ("recipe", "repo") else (
                 isinstance(value, list) and value and all(isinstance(v, str) for v in value))
             if not ok:
-                problems.append(f"{where}: '{key}' must be {'a string' if key in ('recipe', 'repo') else 'a list of strings'}")
+                kind = "a string" if key in ("recipe", "repo") else "a list of strings"
+                problems.append(f"{where}: '{key}' must be {kind}")
         options = entry.get("options", [])
         if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
             problems.append(f"{where}: 'options' must be a list of strings, e.g. [\"--fuse-qkv\"]")
@@ -256,9 +254,9 @@ def _check_local_files(params: dict) -> None:
         try:
             size = Path(plan).stat().st_size
         except OSError as e:
-            raise FarmError(f"--plan {plan}: {e.strerror}", "pass the plan.json of an earlier --quant auto build") from None
+            raise FarmError(f"--plan {plan}: {e.strerror}", _PLAN_HINT) from None
         if size > _MAX_PLAN_BYTES:
-            raise FarmError(f"--plan {plan} is larger than 1 MiB", "pass the plan.json of an earlier --quant auto build")
+            raise FarmError(f"--plan {plan} is larger than 1 MiB", _PLAN_HINT)
 
 
 def _hardware(api: Any) -> dict[str, Any]:
@@ -289,7 +287,8 @@ def plan_farm(cells: Sequence[Cell], *, hardware: dict[str, Any] | None = None) 
                 planned.price = f"${h.unit_cost_usd:.4f}/{h.unit_label}"
             recipe = get_recipe(cell.recipe, cell.variant)
             if cell.scheme != "auto":
-                reason = why_not(get_scheme(cell.scheme), device, tuple(int(x) for x in cap.split(".")) if cap else None)
+                numbers = tuple(int(x) for x in cap.split(".")) if cap else None
+                reason = why_not(get_scheme(cell.scheme), device, numbers)
                 if reason:
                     raise FarmError(f"{cell.flavor} ({gpu}) cannot build {cell.scheme}: {reason}",
                                     "drop the cell or choose a newer GPU")
@@ -491,7 +490,8 @@ def remote_build(
     _conclude(state, lines, _stage(info), info.status.message)
     if state.stage != "completed":
         last = state.tail[-1] if state.tail else "no output"
-        raise BuildError(f"job {job.id} on {flavor} ended {state.stage}: {state.message}; last line: {first_line(Exception(last), 200)}",
+        raise BuildError(f"job {job.id} on {flavor} ended {state.stage}: {state.message}; "
+                         f"last line: {first_line(Exception(last), 200)}",
                          f"its log: hf jobs logs {job.id}")
     return state
 
@@ -542,7 +542,8 @@ def run_farm(
                 job = _submit(api, namespace, state.cell, token, tag_in_job=False)
                 state.job_id, state.url, state.stage = job.id, job.url, _stage(job)
             except (hfe.HfHubHTTPError, httpx.TransportError) as e:
-                state.stage, state.message, state.finished = "error", f"not submitted: {first_line(e, 200)}", time.monotonic()
+                state.stage, state.finished = "error", time.monotonic()
+                state.message = f"not submitted: {first_line(e, 200)}"
             notify()
         while any(s.stage not in DONE for s in states):
             time.sleep(poll_interval)

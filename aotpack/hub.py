@@ -130,7 +130,8 @@ def _hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
         raise HubError(f"could not reach the Hub at {where} and {repo_id} is not in the local cache",
                        "check the network and HF_ENDPOINT") from None
     except hfe.EntryNotFoundError as e:
-        raise HubError(f"{repo_id} has no such file ({first_line(e, 200)})", "was this repo written by 'aotpack push'?") from None
+        raise HubError(f"{repo_id} has no such file ({first_line(e, 200)})",
+                       "was this repo written by 'aotpack push'?") from None
     except hfe.HFValidationError:
         raise HubError(f"{_shown(repo_id)} is not a Hub repo id", "use owner/name, e.g. me/tiny-flux-aot") from None
     except hfe.HfHubHTTPError as e:
@@ -318,7 +319,8 @@ def push(
                          hashlib.sha256(signature).hexdigest() if signature is not None else None)
     name = build_name(data)
     if not mf.is_safe_name(name):
-        raise HubError(f"build name {_shown(name)} is not a plain folder name", "rebuild the artifact with this aotpack")
+        raise HubError(f"build name {_shown(name)} is not a plain folder name",
+                       "rebuild the artifact with this aotpack")
     files = {f"builds/{name}/{f}": folder / f for f in sorted(data["files"])}
     files[f"builds/{name}/{mf.MANIFEST}"] = manifest_bytes
     if signature is not None:
@@ -438,14 +440,14 @@ def _read_pins() -> dict[str, str]:
         raw = f.read(_MAX_PINS_BYTES + 1)
     if len(raw) > _MAX_PINS_BYTES:
         raise _bad_pins(path, f"larger than {_MAX_PINS_BYTES >> 20} MiB")
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        raise _bad_pins(path, "not JSON") from None
+    from aotpack.paths import unseal
+
+    # sealed (aotpack.paths): someone who can write the cache cannot pin a tag to a commit of their choosing
+    data = unseal("pins", raw)
+    if data is None:
+        raise _bad_pins(path, "its seal does not match: not written by aotpack for this user")
     if isinstance(data, dict) and set(data) == {"schema_version", "pins"} and data["schema_version"] == PINS_SCHEMA:
         pins = data["pins"]
-    elif isinstance(data, dict) and all(isinstance(k, str) and k.count("|") >= 2 for k in data):
-        pins = data  # written by aotpack 0.1.0: the pins alone
     else:
         raise _bad_pins(path, "unknown layout")
     if not isinstance(pins, dict):
@@ -462,9 +464,11 @@ def _write_pins(pins: dict[str, str]) -> None:
     path = _pins_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{PINS}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    from aotpack.paths import seal
+
     try:
         with open(tmp, "x") as f:
-            json.dump({"schema_version": PINS_SCHEMA, "pins": pins}, f, indent=1, sort_keys=True)
+            f.write(seal("pins", {"schema_version": PINS_SCHEMA, "pins": pins}))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -508,7 +512,8 @@ def _resolve_pin(api: Any, repo_id: str, revision: str | None, *, trust: bool, r
             if pinned not in (None, now) and not (refresh_pins or trust):
                 raise HubError(f"tag {_shown(revision)} of {repo_id} moved: pinned to {pinned} at its first pull "
                                f"here, now at {now}",
-                               f"if you moved it, pass --refresh-pins; else keep the old build with --revision {pinned}")
+                               "if you moved it, pass --refresh-pins; else keep the old build with "
+                               f"--revision {pinned}")
             if pinned != now:
                 if pinned:
                     log.warning("tag %s of %s re-pinned from %s to %s", revision, repo_id, pinned[:12], now[:12])
@@ -555,7 +560,8 @@ def choose_build(index: dict, here: dict, quant: str | None = None, build: str |
         fits.append((tag(platform) != tag(here), entry.get("size", 0), name))
     if fits:
         return sorted(fits)[0][2]
-    have = ", ".join(sorted(f"{n} (torch {e['platform'].get('torch')})" for n, e in index["builds"].items())) or "nothing"
+    have = ", ".join(sorted(f"{n} (torch {e['platform'].get('torch')})"
+                            for n, e in index["builds"].items())) or "nothing"
     what = f" {build}" if build else (" for --quant " + quant if quant else "")
     raise IncompatibleArtifactError(
         f"no build{what} fits this machine ({tag(here)}, torch {_json(here)['torch']}); the repo has: {have}",
@@ -585,9 +591,11 @@ def pull(
     token: str | None = None,
     trust: bool = False,
     refresh_pins: bool = False,
+    trusted_keys: list | None = None,
 ) -> Path:
     """Download the build of ``repo_id`` that fits this machine (or the one named ``build``), verify it, and
-    return its folder. A tag that moved since this machine first pulled it is refused unless ``refresh_pins``."""
+    return its folder. A tag that moved since this machine first pulled it is refused unless ``refresh_pins``.
+    ``trusted_keys``: the build must be signed by one of these public keys (default: ``AOTPACK_TRUSTED_KEYS``)."""
     from huggingface_hub import snapshot_download
 
     _check_names(repo_id, revision)
@@ -623,6 +631,11 @@ def pull(
             raise IntegrityError(f"download of {name} is incomplete ({e.strerror})", "pull again") from None
         raise IntegrityError(f"downloaded {name} failed verification: {e.cause}",
                              "pull again; if it persists the repo's files were altered: do not load them") from None
+    from aotpack.serve.load import check_signature, trusted_keys_from_env
+
+    keys = trusted_keys_from_env() if trusted_keys is None else list(trusted_keys)
+    if keys:  # the same check a load makes: before the folder is handed to anyone
+        check_signature(folder, manifest_bytes, mf.parse(manifest_bytes), keys)
     return folder
 
 
@@ -636,6 +649,8 @@ def _evict(root: Path, name: str) -> None:
 
 
 def resolve_for_load(repo_id: str, *, revision: str | None = None, trust: bool = False,
-                     token: str | None = None, quant: str | None = None) -> Path:
-    """``load("owner/name", revision=...)``: pull the fitting build, then load it like a folder."""
-    return pull(repo_id, revision=revision, quant=quant, token=token, trust=trust)
+                     token: str | None = None, quant: str | None = None, refresh_pins: bool = False) -> Path:
+    """``load("owner/name", revision=...)``: pull the fitting build, then load it like a folder (the loader
+    checks the signature itself, with the keys it was given)."""
+    return pull(repo_id, revision=revision, quant=quant, token=token, trust=trust, refresh_pins=refresh_pins,
+                trusted_keys=[])

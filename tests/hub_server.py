@@ -373,7 +373,8 @@ class _Handler(BaseHTTPRequestHandler):
                 d = (prefix + "/" if prefix else "") + rest.split("/")[0]
                 if d not in dirs:
                     dirs.add(d)
-                    entries.append({"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d})
+                    entries.append({"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0,
+                                    "path": d})
                 continue
             entries.append(self._tree_entry(p, f))
         self._json(200, entries)

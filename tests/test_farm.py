@@ -23,7 +23,7 @@ from aotpack import hub as aothub
 from aotpack.artifact import manifest as mf
 
 from conftest import REPO, run_cli
-from test_hub import TOKEN, builds_in, env, files_at, head, hub, online  # noqa: F401  (fixtures)
+from test_hub import TOKEN, builds_in, env, head, hub, online  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
 
@@ -150,7 +150,8 @@ def test_dry_run_refuses_what_a_flavor_cannot_build(hub, jobs, env, online, tmp_
         cell,
         farm.Cell(recipe="tiny-flux", scheme="int8wo", flavor="l40sx1", repo_id="me/x"),        # sm89 again
         farm.Cell(recipe="tiny-cogvideox", scheme="int8wo", flavor="h200", repo_id="me/x"),     # another model
-        farm.Cell(recipe="tiny-flux", scheme="int8wo", flavor="h200", repo_id="me/y", options=("--lora", "a.safetensors")),
+        farm.Cell(recipe="tiny-flux", scheme="int8wo", flavor="h200", repo_id="me/y",
+                  options=("--lora", "a.safetensors")),
         farm.Cell(recipe="tiny-flux", scheme="int8wo", flavor="h200", repo_id="me/y", options=("--no-such",)),
         farm.Cell(recipe="tiny-flux", scheme="int8wo", flavor="h200", repo_id="me/y", options=("--out", "x")),
         farm.Cell(recipe="tiny-flux", scheme="int8wo", flavor="z80-tiny", repo_id="me/y"),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import aotpack
 from aotpack import hub as aothub
 from aotpack.artifact import manifest as mf
 from aotpack.artifact.files import WEIGHTS
@@ -284,16 +285,22 @@ def test_h11_a_moved_tag_is_refused_until_refreshed(hub, env, online, artifacts,
     assert aothub.pull("me/moved", revision="v1", trust=True).parts[-3] == first  # --trust accepts a move too
 
 
-def test_pins_file_is_untrusted_input(hub, online, artifacts, tmp_path, monkeypatch):
+def test_h14_pins_file_is_untrusted_input(hub, online, artifacts, tmp_path, monkeypatch):
+    from aotpack.paths import seal, unseal
+
     monkeypatch.setenv("AOTPACK_CACHE", str(tmp_path / "cache"))
     aothub.push(artifacts("int8wo"), "me/pins", tag_name="v1")
     assert aothub.pull("me/pins", revision="v1").is_dir()
     pins = aothub._pins_file()
-    data = json.loads(pins.read_text())
+    data = unseal("pins", pins.read_bytes())
     assert data["schema_version"] == 1 and list(data["pins"].values()) == [head(hub, "me/pins")]
     assert [p.name for p in pins.parent.iterdir() if p.name.endswith(".tmp")] == []  # written atomically
-    for bad in (b"not json", b"[1, 2]", json.dumps({"schema_version": 1, "pins": {"a|b|c": "0" * 39}}).encode(),
-                json.dumps({"schema_version": 1, "pins": {"x": "0" * 40}}).encode()):
+    # someone who can write the cache pins the tag to a commit of their choosing: without the seal, refused
+    forged = json.loads(pins.read_text())
+    forged["payload"]["pins"] = {k: "f" * 40 for k in forged["payload"]["pins"]}
+    for bad in (b"not json", b"[1, 2]", seal("pins", {"schema_version": 1, "pins": {"a|b|c": "0" * 39}}).encode(),
+                seal("pins", {"schema_version": 1, "pins": {"x": "0" * 40}}).encode(),
+                json.dumps(forged).encode(), json.dumps(data["pins"]).encode()):
         pins.write_bytes(bad)
         refused(HubError, lambda: aothub.pull("me/pins", revision="v1"), "is not a valid aotpack pins file")
     pins.unlink()
@@ -362,7 +369,8 @@ def test_token_never_leaks(hub, online, artifacts, monkeypatch, caplog, capsys):
     repo = hub.state.repos["me/leak"]
     out = capsys.readouterr()
     texts = [caplog.text, out.out, out.err]
-    texts += [f["data"].decode(errors="replace") for f in repo.commits[head(hub, "me/leak")]["files"].values() if f["data"]]
+    texts += [f["data"].decode(errors="replace") for f in repo.commits[head(hub, "me/leak")]["files"].values()
+              if f["data"]]
     assert all(TOKEN not in t for t in texts)
 
 
@@ -380,3 +388,27 @@ def test_video_build_and_lora_swap_through_the_hub(hub, online, artifacts, lora_
     b = aotpack.run("me/styled", revision="v1", **RUN, lora=lora_file, out=tmp_path / "h.png")
     c = aotpack.run("me/styled", revision="v1", **RUN, out=tmp_path / "plain.png")
     assert (image(a) == image(b)).all() and not (image(a) == image(c)).all()
+
+
+def test_a_signed_build_round_trips_and_keys_are_required_on_the_serving_box(hub, online, artifacts, tmp_path):
+    """Signed here, pushed, pulled there: the builder's key accepts it, another key and a missing signature
+    are refused before anything is loaded (pull and load alike)."""
+    from test_trust import _keys
+
+    from aotpack.errors import SignatureError
+
+    keys = _keys(tmp_path)
+    folder = tmp_path / "signed-real"
+    shutil.copytree(artifacts("int8wo"), folder)
+    aotpack.sign(folder, key_path=keys["builder"][0])
+    aothub.push(folder, "me/signed-real", tag_name="v1")
+    pulled = aothub.pull("me/signed-real", revision="v1", trusted_keys=[keys["builder"][1]])
+    assert aotpack.load("me/signed-real", revision="v1", trusted_keys=[keys["builder"][1]]).signer
+    refused(SignatureError, lambda: aothub.pull("me/signed-real", revision="v1", trusted_keys=[keys["stranger"][1]]),
+            "not signed by any trusted key")
+    refused(SignatureError, lambda: aotpack.load("me/signed-real", revision="v1", trusted_keys=[keys["stranger"][1]]),
+            "not signed by any trusted key")
+    aothub.push(artifacts("none"), "me/unsigned", tag_name="v1")
+    refused(SignatureError, lambda: aothub.pull("me/unsigned", revision="v1", trusted_keys=[keys["builder"][1]]),
+            "is not signed, and trusted keys are required")
+    assert pulled.is_dir()

@@ -370,10 +370,14 @@ def test_t15_threads_share_a_module_and_a_swap_never_mixes_weight_sets(artifacts
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
+    return _keys(tmp_path_factory.mktemp("keys"))
+
+
+def _keys(folder: Path) -> dict[str, tuple[Path, Path]]:
+    """Two EC key pairs (PEM): the builder's and a stranger's."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    folder = tmp_path_factory.mktemp("keys")
     out = {}
     for name in ("builder", "stranger"):
         key = ec.generate_private_key(ec.SECP256R1())
