@@ -547,27 +547,7 @@ def run_farm(
             notify()
         while any(s.stage not in DONE for s in states):
             time.sleep(poll_interval)
-            changed = False
-            for state in states:
-                if state.stage in DONE:
-                    continue
-                try:
-                    info = api.inspect_job(job_id=state.job_id, namespace=namespace)
-                    stage = _stage(info)
-                    if stage in DONE:
-                        lines = list(api.fetch_job_logs(job_id=state.job_id, namespace=namespace))
-                        _conclude(state, lines, stage, info.status.message)
-                        changed = True
-                    elif stage != state.stage:
-                        state.stage, changed = stage, True
-                except hfe.HfHubHTTPError as e:
-                    status = e.response.status_code if e.response is not None else None
-                    if status is not None and 400 <= status < 500 and status not in (408, 429):
-                        state.stage, state.finished = "error", time.monotonic()
-                        state.message, changed = f"could not follow the job: {first_line(e, 200)}", True
-                except httpx.TransportError as e:  # the next round asks again
-                    log.debug("could not inspect job %s: %s", state.job_id, first_line(e, 120))
-            if changed:
+            if any([_follow(api, namespace, s) for s in states if s.stage not in DONE]):
                 notify()
     except KeyboardInterrupt:
         _cancel(api, namespace, states)
@@ -576,6 +556,32 @@ def run_farm(
     _tag_repos(states, token)
     notify()
     return states
+
+
+def _follow(api: Any, namespace: str, state: CellState) -> bool:
+    """Ask how one running cell's job is doing; True when its stage changed."""
+    from huggingface_hub import errors as hfe
+    from huggingface_hub.utils import httpx
+
+    try:
+        info = api.inspect_job(job_id=state.job_id, namespace=namespace)
+        stage = _stage(info)
+        if stage in DONE:
+            _conclude(state, list(api.fetch_job_logs(job_id=state.job_id, namespace=namespace)), stage,
+                      info.status.message)
+            return True
+        if stage != state.stage:
+            state.stage = stage
+            return True
+    except hfe.HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status is not None and 400 <= status < 500 and status not in (408, 429):
+            state.stage, state.finished = "error", time.monotonic()
+            state.message = f"could not follow the job: {first_line(e, 200)}"
+            return True
+    except httpx.TransportError as e:  # the next round asks again
+        log.debug("could not inspect job %s: %s", state.job_id, first_line(e, 120))
+    return False
 
 
 def _tag_repos(states: list[CellState], token: str) -> None:
