@@ -468,19 +468,30 @@ class _FarmView:
 @click.option("--steps", type=int, default=None, help="Denoising steps per image (default: the recipe's run steps).")
 @click.option("--images", type=int, default=2, show_default=True, help="Images after the first, for steady latency.")
 @click.option("--out", type=click.Path(), default=None,
-              help="Results folder (default: artifacts/bench/<recipe>-<platform>).")
+              help="Results folder (default: artifacts/bench/<recipe>-<platform>; with --build-only "
+                   "artifacts/bench/<recipe>-builds-<platform>, shared by the recipe's variants).")
 @click.option("--max-autotune", is_flag=True, help="torch.compile with mode='max-autotune' (GPU).")
-def bench(recipe, quants, variant, steps, images, out, max_autotune) -> None:
-    """Compare eager, torch.compile (cold), torch.compile + its portable cache and the aotpack artifact.
+@click.option("--regional/--no-regional", default=None,
+              help="Also build and run the regional artifact (row aotpack-regional). Default: on when the model "
+                   "has repeated blocks.")
+@click.option("--build-only", is_flag=True,
+              help="Only build, each artifact afresh in its own process with an empty compile cache, and write the "
+                   "build table (builds.md/.csv/.json: stage times, .pt2 bytes, peak RSS); rows of other runs in "
+                   "the same folder are kept.")
+def bench(recipe, quants, variant, steps, images, out, max_autotune, regional, build_only) -> None:
+    """Compare eager, torch.compile (cold), torch.compile + its portable cache and the aotpack artifacts.
 
     Each variant runs in a fresh process with the checkpoint and artifact evicted from the page cache and an
     empty compiler cache. Writes results.md (table), results.csv, results.json and results.png; prints the
-    folder. Artifacts are built first when missing (into artifacts/).
+    folder. Artifacts are built first when missing (into artifacts/, from an empty compile cache).
 
     \b
     Examples:
       aotpack bench tiny-flux --quant int8wo
       aotpack bench flux-blocks --quant none --quant int8wo      # real width: what `make bench` runs
+      aotpack bench flux-blocks --quant int8wo --no-regional     # whole graph only
+      aotpack bench flux-depth --quant int8wo --build-only --variant shallow   # 1 + 1 blocks
+      aotpack bench flux-depth --quant int8wo --build-only       # 19 + 38 blocks, same table
     """
     from aotpack.bench import run_bench
     from aotpack.artifact.platform import describe, tag
@@ -488,9 +499,10 @@ def bench(recipe, quants, variant, steps, images, out, max_autotune) -> None:
 
     r = get_recipe(recipe, variant)
     quants = list(quants) or list(dict.fromkeys(["none", r.default_quant]))
-    folder = Path(out) if out else Path("artifacts") / "bench" / f"{r.full_name}-{tag(describe())}"
+    name = f"{r.name}-builds" if build_only else r.full_name
+    folder = Path(out) if out else Path("artifacts") / "bench" / f"{name}-{tag(describe())}"
     click.echo(str(run_bench(recipe, quants, out=folder, steps=steps, images=images, variant=variant,
-                             max_autotune=max_autotune)))
+                             max_autotune=max_autotune, regional=regional, build_only=build_only)))
 
 
 def main() -> None:

@@ -10,9 +10,50 @@ from aotpack.bench import BUILD_COLUMNS, COLUMNS, has_repeated_blocks, run_bench
 pytestmark = pytest.mark.slow
 
 
-def test_bench_writes_table_csv_json_and_plot(tmp_path):
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """``build_only`` on tiny-flux, whole and regional, into a folder that already holds a row of an earlier run
+    (another recipe, same platform); the bench test then reuses these two artifacts: two builds in all."""
+    from aotpack.bench import machine
+
+    root = tmp_path_factory.mktemp("bench")
+    out, arts = root / "builds", root / "arts"
+    out.mkdir()
+    earlier = {"recipe": "flux-depth-shallow", "blocks": "1+1", "quant": "int8wo", "dtype": "float32",
+               "mode": "whole", "modules": 1, "export_s": 7.8, "compile_s": 60.0, "total_s": 80.0, "wall_s": 90.0,
+               "pt2_bytes": 2 << 20, "weights_bytes": 16 << 20, "peak_rss_bytes": 1 << 30, "code": "compiled",
+               "date": "", "path": "x"}
+    (out / "builds.json").write_text(json.dumps({"machine": machine(), "builds": [earlier]}))
+    run_bench("tiny-flux", ["int8wo"], out=out, regional=True, build_only=True, artifacts_dir=arts)
+    return out, arts
+
+
+def test_build_only_writes_the_build_table_and_gathers_runs(built):
+    out, arts = built
+    assert not (out / "results.md").exists()  # nothing ran
+    rows = list(csv.DictReader((out / "builds.csv").open()))
+    assert list(rows[0]) == BUILD_COLUMNS
+    assert [(r["recipe"], r["mode"]) for r in rows] == [("flux-depth-shallow", "whole"), ("tiny-flux", "whole"),
+                                                         ("tiny-flux", "regional")]
+    whole, regional = rows[1:]
+    assert whole["blocks"] == regional["blocks"] == "1+1"
+    assert whole["modules"] == "1" and regional["modules"] == "2"  # one compiled module per block class
+    for r in (whole, regional):
+        assert r["code"] == "compiled"  # an empty compile cache: never the cache, never reused
+        assert 0 < float(r["export_s"]) and 0 < float(r["compile_s"]) < float(r["total_s"]) <= float(r["wall_s"])
+        assert float(r["pt2_mib"]) > 0 and float(r["peak_rss_gib"]) > 0
+    md = (out / "builds.md").read_text()
+    assert "| tiny-flux | 1+1 | int8wo |" in md and "compile regional / whole" in md and "Machine:" in md
+    from aotpack.artifact.platform import describe, tag
+
+    name = f"tiny-flux-int8wo-{tag(describe())}"
+    assert sorted(p.name for p in arts.iterdir()) == [name, f"{name}-regional"]
+
+
+def test_bench_writes_table_csv_json_and_plot(built, tmp_path):
+    _, arts = built
     out = run_bench("tiny-flux", ["int8wo"], out=tmp_path / "res", steps=2, images=1,
-                    variants=("eager", "aotpack", "aotpack-regional"), artifacts_dir=tmp_path / "arts")
+                    variants=("eager", "aotpack", "aotpack-regional"), artifacts_dir=arts)
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["variant"] for r in rows] == ["eager", "aotpack", "aotpack-regional"]
     assert list(rows[0]) == COLUMNS
@@ -22,52 +63,23 @@ def test_bench_writes_table_csv_json_and_plot(tmp_path):
         assert float(r["inference_memory"]) >= float(r["model_memory"]) > 0
     eager, whole, regional = rows
     assert eager["build_compile"] == eager["pt2"] == ""  # no artifact behind eager
-    for r in (whole, regional):  # built here, from an empty compile cache: a real compile took time
+    for r in (whole, regional):  # from each artifact's own manifest
         assert 0 < float(r["build_export"]) and 0 < float(r["build_compile"]) < float(r["build_total"])
         assert float(r["pt2"]) > 0
+    assert whole["pt2"] != regional["pt2"]
     md = (out / "results.md").read_text()
     assert "| ckpt_id | batch_size | fuse | compile | compile_vae | quantization | sparsify |" in md
     assert "Machine:" in md and "## Targets" in md and "## Artifact load" in md and "## Builds" in md
     assert "forward regional / whole | cold start regional / whole |" in md
     target = next(ln for ln in md.splitlines() if ln.startswith("| int8wo |") and "n/a" in ln)
     assert target.count("n/a") == 2  # no compile rows; the regional ratios are there
-    assert "| int8wo regional |" in md  # its own load row
+    assert "| int8wo regional |" in md and "(existed)" in md  # its own load row; the artifacts were reused
     data = json.loads((out / "results.json").read_text())
-    arts = {a["mode"]: a for a in data["artifacts"]}
-    assert set(arts) == {"whole", "regional"} and arts["regional"]["modules"] == 2  # one per block class
-    assert arts["regional"]["path"].endswith("-regional") and arts["whole"]["code"] == "compiled"
-    assert set(data["builds"]) == {"int8wo", "int8wo regional"}  # both built by the bench
-    assert set(data["loads"]) == {"int8wo", "int8wo regional"}
+    arts_json = {a["mode"]: a for a in data["artifacts"]}
+    assert set(arts_json) == {"whole", "regional"} and arts_json["regional"]["modules"] == 2
+    assert arts_json["regional"]["path"].endswith("-regional") and arts_json["whole"]["wall_s"] is None
+    assert data["builds"] == {} and set(data["loads"]) == {"int8wo", "int8wo regional"}
     assert (out / "results.png").stat().st_size > 1000
-
-
-def test_build_only_writes_the_build_table_and_gathers_runs(tmp_path):
-    out = tmp_path / "builds"
-    (out).mkdir()
-    # a row of an earlier run of another recipe (same platform) is kept
-    from aotpack.bench import machine
-
-    earlier = {"recipe": "flux-depth-shallow", "blocks": "1+1", "quant": "int8wo", "dtype": "float32",
-               "mode": "whole", "modules": 1, "export_s": 7.8, "compile_s": 60.0, "total_s": 80.0, "wall_s": 90.0,
-               "pt2_bytes": 2 << 20, "weights_bytes": 16 << 20, "peak_rss_bytes": 1 << 30, "code": "compiled",
-               "date": "", "path": "x"}
-    (out / "builds.json").write_text(json.dumps({"machine": machine(), "builds": [earlier]}))
-    run_bench("tiny-flux", ["int8wo"], out=out, regional=True, build_only=True, artifacts_dir=tmp_path / "arts")
-    assert not (out / "results.md").exists()  # nothing ran
-    rows = list(csv.DictReader((out / "builds.csv").open()))
-    assert list(rows[0]) == BUILD_COLUMNS
-    assert [(r["recipe"], r["mode"]) for r in rows] == [("flux-depth-shallow", "whole"), ("tiny-flux", "whole"),
-                                                         ("tiny-flux", "regional")]
-    whole, regional = rows[1:]
-    assert whole["blocks"] == regional["blocks"] == "1+1"
-    assert whole["modules"] == "1" and regional["modules"] == "2"
-    for r in (whole, regional):
-        assert r["code"] == "compiled"  # an empty compile cache: never the cache, never reused
-        assert 0 < float(r["compile_s"]) < float(r["total_s"]) <= float(r["wall_s"])
-        assert float(r["pt2_mib"]) > 0 and float(r["peak_rss_gib"]) > 0
-    md = (out / "builds.md").read_text()
-    assert "| tiny-flux | int8wo | " in md and "compile regional / whole" in md and "Machine:" in md
-    assert (tmp_path / "arts").is_dir() and len(list((tmp_path / "arts").iterdir())) == 2
 
 
 def test_regional_is_the_default_where_the_model_has_repeated_blocks():
