@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # Exact pins for a reproducible environment; torch==2.13.0 is the CPU wheel (an unpinned torch pulls CUDA).
 PINS := torch==2.13.0 torchao==0.18.0 diffusers==0.42.1 transformers==5.24.0 accelerate==1.15.0 \
         safetensors==0.8.0 click==8.5.1 huggingface_hub==2.4.0 pillow==13.0.0 psutil==7.2.2 \
-        pytest==9.2.0 hypothesis==6.170.17 peft==0.21.2 imageio==2.38.1 imageio-ffmpeg==0.8.1 matplotlib==3.11.2 \
+        pytest==9.2.0 pytest-xdist==3.8.0 execnet==2.1.2 hypothesis==6.170.17 peft==0.21.2 imageio==2.38.1 imageio-ffmpeg==0.8.1 matplotlib==3.11.2 \
         model-signing==1.1.1 pyOpenSSL==26.4.0 cryptography==50.0.2 sigstore==4.5.1 sigstore-models==0.0.6 \
         sigstore-rekor-types==0.0.18 in-toto-attestation==0.9.3 blake3==1.0.11 rfc3161-client==1.0.9 rfc8785==0.1.4 \
         tuf==7.0.1 securesystemslib==1.6.0 protobuf==7.36.2 id==1.6.1 PyJWT==2.15.1 platformdirs==4.14.8 \
@@ -29,8 +29,10 @@ demo: install
 	$(BIN)/aotpack inspect "$$dir" && \
 	$(BIN)/aotpack run "$$dir" --prompt "a dog surfing on the moon" --out artifacts/demo.png
 
+# Two test processes: the compiler is mostly single-threaded Python, so two keep both cores busy; they share
+# the tiny artifacts and the compile cache (tests/conftest.py).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # Real-width side-by-side bench (eager / torch.compile / compile + portable cache / aotpack): ~15 minutes
 # on 2 cores (builds included); results in artifacts/bench/flux-blocks-<platform>/ (.md, .csv, .json, .png).
@@ -38,7 +40,7 @@ bench: install
 	$(BIN)/aotpack bench flux-blocks --quant none --quant int8wo --quant auto
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 clean:
 	rm -rf artifacts/*/ artifacts/.*partial* .pytest_cache

@@ -282,12 +282,12 @@ def has_repeated_blocks(recipe, source) -> bool:
 
 
 def build_artifact(recipe_name: str, quant: str, out: Path, *, regional: bool, variant: str | None = None,
-                   dtype: str | None = None) -> float:
+                   dtype: str | None = None, cold: bool = True) -> float:
     """Build an artifact from scratch and return the seconds its process took.
 
     In its own process (its peak memory is its own) with an empty compile cache (``AOTPACK_CACHE`` a temp
     folder that shares only the builtin pipelines with the real cache, and an empty inductor cache), so that
-    its build time is a cold compile's."""
+    its build time is a cold compile's; ``cold=False`` keeps the real caches (the tests: no figure is kept)."""
     from aotpack.artifact import manifest as mf
     from aotpack.artifact.files import remember_folder
     from aotpack.errors import AotpackError
@@ -302,7 +302,8 @@ def build_artifact(recipe_name: str, quant: str, out: Path, *, regional: bool, v
         cache = Path(tmp) / "cache"
         cache.mkdir()
         (cache / "builtin").symlink_to(builtin.absolute(), target_is_directory=True)
-        env = {**os.environ, "AOTPACK_CACHE": str(cache), "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")}
+        env = {**os.environ, "AOTPACK_CACHE": str(cache), "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")} \
+            if cold else dict(os.environ)
         t = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t
@@ -342,7 +343,7 @@ def build_record(path: Path, *, recipe_name: str, wall_s: float | None = None) -
 def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | None = None, images: int = 2,
               variants: tuple[str, ...] | None = None, variant: str | None = None, max_autotune: bool = False,
               dtype: str | None = None, regional: bool | None = None, build_only: bool = False,
-              artifacts_dir: Path = Path("artifacts")) -> Path:
+              artifacts_dir: Path = Path("artifacts"), cold_builds: bool = True) -> Path:
     """Build (or reuse) the artifacts, run every variant for every scheme, write results; returns ``out``.
 
     ``variants``: default eager, compile, compile+cache, aotpack, plus aotpack-regional when ``regional``
@@ -373,7 +374,8 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
                 path = default_out(recipe.full_name, quant, tag(here), artifacts_dir, regional=is_regional)
                 print(f"  building {recipe.full_name} {quant} {'regional' if is_regional else 'whole graph'} ...",
                       file=sys.stderr)
-                wall = build_artifact(recipe.name, quant, path, regional=is_regional, variant=variant, dtype=dtype)
+                wall = build_artifact(recipe.name, quant, path, regional=is_regional, variant=variant, dtype=dtype,
+                                      cold=cold_builds)
                 records.append(build_record(path, recipe_name=recipe.full_name, wall_s=wall))
                 r = records[-1]
                 print(f"  {quant:<8} {r['mode']:<8} export {r['export_s']:.1f} s, compile {r['compile_s']:.1f} s, "
@@ -392,7 +394,7 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
         for v, path in paths.items():
             label = _label(quant, v)
             if not (path / "manifest.json").is_file():
-                builds[label] = build_artifact(recipe.name, quant, path, regional=wanted[v], variant=variant,
+                builds[label] = build_artifact(recipe.name, quant, path, regional=wanted[v], variant=variant, cold=cold_builds,
                                                dtype=dtype)
             records.append(build_record(path, recipe_name=recipe.full_name, wall_s=builds.get(label)))
             facts[v] = {k: records[-1][k] for k in ("export_s", "compile_s", "total_s", "pt2_bytes")}

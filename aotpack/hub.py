@@ -635,7 +635,9 @@ def pull(
 
     keys = trusted_keys_from_env() if trusted_keys is None else list(trusted_keys)
     if keys:  # the same check a load makes: before the folder is handed to anyone
-        check_signature(folder, manifest_bytes, mf.parse(manifest_bytes), keys)
+        from aotpack import signing
+
+        check_signature(signing.read_signature(folder), manifest_bytes, mf.parse(manifest_bytes), keys, folder)
     return folder
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import resource
+import signal
 import sys
 import threading
 import time
@@ -57,3 +58,30 @@ def stage(name: str, timings: dict[str, float], *, label: str | None = None,
     elapsed = time.perf_counter() - t0
     timings[name] = round(timings.get(name, 0.0) + elapsed, 3)
     log.info("%s took %.1f s, peak RSS %.2f GB", name_shown, elapsed, peak_rss_bytes() / 1e9)
+
+
+@contextlib.contextmanager
+def interrupts() -> Iterator[None]:
+    """Ctrl-C during the block is a KeyboardInterrupt even where the code it lands in turns it into another error
+    (measured: inside AOTInductor's compile it surfaced as an UnboundLocalError from a ``finally``)."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    seen = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        seen.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        if seen.is_set():
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)

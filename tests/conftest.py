@@ -1,7 +1,14 @@
-"""Shared fixtures: every path points at a temp dir; each tiny artifact is built once per session."""
+"""Shared fixtures: every path points at a temp dir; each tiny artifact is built once per session.
+
+The suite runs in two processes (``pytest -n 2``, as ``make test`` does: the compiler is mostly single-threaded
+Python). Both share one artifacts folder, one compile cache and one record key, and an artifact is built under a
+file lock by whichever process needs it first: every artifact is still built once.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -13,17 +20,29 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def shared_root(tmp_path_factory) -> Path:
+    """A folder every process of this test session shares (the base temp of the session, above the workers')."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    return root
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_env(tmp_path_factory):
-    """The aotpack cache (tiny pipelines) lives in a session temp dir; nothing touches ~/.cache or the Hub."""
-    cache = tmp_path_factory.mktemp("aotpack-cache")
+    """The aotpack cache (tiny pipelines, compiled code) lives in a session temp dir shared by the test processes;
+    nothing touches ~/.cache or the Hub."""
+    root = shared_root(tmp_path_factory)
+    cache, state = root / "aotpack-cache", root / "aotpack-state"
+    cache.mkdir(exist_ok=True)
+    state.mkdir(exist_ok=True)
     keys = ("AOTPACK_CACHE", "AOTPACK_STATE", "HF_HUB_OFFLINE", "AOTPACK_DEBUG", "HF_HOME", "AOTPACK_TRUSTED_KEYS",
             "AOTPACK_VERIFY", "AOTPACK_MEMORY_RESERVE")
     old = {k: os.environ.get(k) for k in keys}
     for k in ("AOTPACK_TRUSTED_KEYS", "AOTPACK_VERIFY", "AOTPACK_MEMORY_RESERVE"):
         os.environ.pop(k, None)
     os.environ["AOTPACK_CACHE"] = str(cache)
-    os.environ["AOTPACK_STATE"] = str(tmp_path_factory.mktemp("aotpack-state"))
+    os.environ["AOTPACK_STATE"] = str(state)
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf-home"))
     os.environ.pop("AOTPACK_DEBUG", None)
@@ -46,7 +65,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 class ArtifactFactory:
-    """Builds each (recipe, scheme, options) once per session; tests copy before they damage anything."""
+    """Builds each (recipe, scheme, options) once per session, whichever test process asks first (under a file
+    lock); tests copy before they damage anything."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -56,9 +76,15 @@ class ArtifactFactory:
         key = (recipe, scheme, tuple(sorted(options.items())))
         if key not in self._built:
             import aotpack
+            from aotpack.artifact.files import is_artifact
 
-            name = f"{recipe}-{scheme}" + "".join(f"-{k}" for k in sorted(options))
-            self._built[key] = aotpack.build(recipe, scheme, out=self.root / name, **options)
+            name = f"{recipe}-{scheme}-" + hashlib.sha256(repr(key).encode()).hexdigest()[:12]
+            out = self.root / name
+            with open(self.root / f".{name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # held while another process builds this one
+                if not is_artifact(out):
+                    aotpack.build(recipe, scheme, out=out, overwrite=True, **options)
+            self._built[key] = out
         return self._built[key]
 
     def copy(self, scheme: str, dest: Path, **kwargs) -> Path:
@@ -68,7 +94,35 @@ class ArtifactFactory:
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory) -> ArtifactFactory:
-    return ArtifactFactory(tmp_path_factory.mktemp("artifacts"))
+    root = shared_root(tmp_path_factory) / "artifacts"
+    root.mkdir(exist_ok=True)
+    return ArtifactFactory(root)
+
+
+# The expensive shared artifacts, split between the two processes of `make test` (pytest -n 2) so that they
+# compile side by side at the start instead of one process waiting on the other's lock later. Keys as the tests
+# ask for them ("lora" is filled in with the session's LoRA file).
+PREBUILD = {
+    "gw0": [("int8wo", {"lora": True, "fuse_qkv": True, "quantize_text_encoder": "int8wo", "compile_vae": True,
+                        "lora_scale": 0.8}),
+            ("auto", {"error_budget": 0.05}), ("int8wo", {"recipe": "tiny-cogvideox"}), ("none", {})],
+    "gw1": [("int8dq", {}), ("int8wo", {"regional": True}), ("int8wo", {}),
+            ("int8wo", {"recipe": "tiny-cogvideox", "regional": True})],
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prebuild(request):
+    """In a full run on two processes, each builds its share of the shared artifacts first."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    slow = [i for i in request.session.items if i.get_closest_marker("slow")]
+    if worker not in PREBUILD or len(slow) < 100 or "not slow" in (request.config.getoption("-m") or ""):
+        return
+    artifacts = request.getfixturevalue("artifacts")
+    for scheme, options in PREBUILD[worker]:
+        if options.get("lora"):
+            options = {**options, "lora": str(request.getfixturevalue("lora_file"))}
+        artifacts(scheme, **options)
 
 
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600):

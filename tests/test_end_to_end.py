@@ -94,10 +94,14 @@ def test_cli_build_then_run_writes_a_png(artifacts, tmp_path):
 
 
 def test_inspect_summary_and_json(artifacts):
+    from click.testing import CliRunner
+
+    from aotpack.cli import cli
+
     path = artifacts("int8wo")
-    res = run_cli("inspect", str(path))
-    assert res.returncode == 0, res.stderr
-    assert "scheme      int8wo (Int8WeightOnlyConfig)" in res.stdout
-    assert "accuracy    quantized vs full precision" in res.stdout and "signature   not signed" in res.stdout
-    res = run_cli("inspect", str(path), "--json")
-    assert json.loads(res.stdout)["scheme"]["name"] == "int8wo"
+    res = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "scheme      int8wo (Int8WeightOnlyConfig)" in res.output
+    assert "accuracy    quantized vs full precision" in res.output and "signature   not signed" in res.output
+    res = CliRunner().invoke(cli, ["inspect", str(path), "--json"])
+    assert json.loads(res.output)["scheme"]["name"] == "int8wo"

@@ -14,7 +14,7 @@ from aotpack.errors import AotpackError, InputError, ManifestError
 
 from test_manifest import sample
 
-SETTINGS = settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+SETTINGS = settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -65,9 +65,9 @@ def opened(monkeypatch):
     seen: list[str] = []
     real = _torch_compat.open_package
 
-    def spy(path):
+    def spy(path, **kwargs):
         seen.append(sha256_file(path))
-        return real(path)
+        return real(path, **kwargs)
 
     monkeypatch.setattr(_torch_compat, "open_package", spy)
     return seen
@@ -75,20 +75,30 @@ def opened(monkeypatch):
 
 # ---- severe: the attacks themselves ------------------------------------------------------------------------------
 
-def test_t01_a_planted_compile_cache_entry_is_removed_and_never_opened(artifacts, tmp_path, opened):
-    genuine = artifacts("none")
-    key = mf.read(genuine).component.compile_key
-    foreign = artifacts("int8wo") / MODEL  # real AOTInductor code, of another build
-    entry = cache_dir() / "compiled" / f"{key}.pt2"
+def test_t01_a_planted_compile_cache_entry_is_removed_and_never_opened(artifacts, tmp_path, opened, monkeypatch):
+    """A regional build of two block classes: one genuine cache entry, one planted (real AOTInductor code of
+    another build, with a record that names its bytes): the planted one is removed and compiled afresh."""
+    genuine = mf.read(artifacts("int8wo", regional=True))
+    by_class = {m.block_class: m for m in genuine.modules}
+    double, single = by_class["FluxTransformerBlock"], by_class["FluxSingleTransformerBlock"]
+    cache = tmp_path / "cache"  # this test's own compile cache (the builtin pipelines shared)
+    (cache / "compiled").mkdir(parents=True)
+    (cache / "builtin").symlink_to(cache_dir() / "builtin", target_is_directory=True)
+    for suffix in (".pt2", ".json"):  # the genuine entry of the double block, as the session compiled it
+        shutil.copy(cache_dir() / "compiled" / f"{double.compile_key}{suffix}", cache / "compiled")
+    foreign = artifacts("int8wo") / MODEL
+    entry = cache / "compiled" / f"{single.compile_key}.pt2"
     shutil.copy(foreign, entry)
-    # with a record that names the foreign bytes, as someone who can write the cache would forge it
     entry.with_suffix(".json").write_text(json.dumps({"kind": "compiled", "mac": "0" * 64, "payload": {
-        "key": key, "size": foreign.stat().st_size, "sha256": sha(foreign)}}))
-    out = aotpack.build("tiny-flux", "none", out=tmp_path / "a")
+        "key": single.compile_key, "size": foreign.stat().st_size, "sha256": sha(foreign)}}))
+    monkeypatch.setenv("AOTPACK_CACHE", str(cache))
+    before = len(opened)  # the shared artifacts above may have been built in this very test
+    out = aotpack.build("tiny-flux", "int8wo", regional=True, out=tmp_path / "a")
     m = mf.read(out)
-    assert m.component.compiled == "compiled"  # compiled afresh
-    assert sha(foreign) not in opened and m.files[MODEL].sha256 != sha(foreign)
-    assert entry.read_bytes() == (out / MODEL).read_bytes()  # the genuine code went back into the cache
+    assert {x.block_class: x.compiled for x in m.modules} == {"FluxTransformerBlock": "compile cache",
+                                                              "FluxSingleTransformerBlock": "compiled"}
+    assert sha(foreign) not in opened[before:] and m.files[single.code].sha256 != sha(foreign)
+    assert entry.read_bytes() == (out / single.code).read_bytes()  # the genuine code went back into the cache
 
 
 def test_t01_the_build_enforces_its_compiled_vs_eager_check(artifacts, tmp_path, monkeypatch):
@@ -113,6 +123,7 @@ def test_t02_reuse_folder_swapped_after_the_build_started_is_caught(artifacts, t
 
     donor = artifacts.copy("int8wo", tmp_path / "donor")
     foreign = artifacts("none") / MODEL
+    before = len(opened)
     real = pipeline.export
 
     def export_then_swap(*a, **k):  # between the check at the start and the copy after export
@@ -124,7 +135,7 @@ def test_t02_reuse_folder_swapped_after_the_build_started_is_caught(artifacts, t
     with pytest.raises(BuildError) as e:
         aotpack.build("tiny-flux", "int8wo", reuse=donor, out=tmp_path / "a")
     assert f"--reuse {donor}: model.pt2" in e.value.cause and "changed since the build started" in e.value.hint
-    assert sha(foreign) not in opened
+    assert sha(foreign) not in opened[before:]
     assert not (tmp_path / "a").exists() and no_partials(tmp_path)
 
 
@@ -408,9 +419,11 @@ def test_signed_artifact_loads_with_its_key_and_says_who_signed(signed, keys):
 
 
 def test_unsigned_artifact_is_refused_when_a_key_is_required(artifacts, keys, opened):
+    path = artifacts("int8wo")
+    before = len(opened)
     with pytest.raises(SignatureError, match="is not signed, and trusted keys are required"):
-        aotpack.load(artifacts("int8wo"), trusted_keys=[keys["builder"][1]])
-    assert not opened  # refused before any native code was opened
+        aotpack.load(path, trusted_keys=[keys["builder"][1]])
+    assert not opened[before:]  # refused before any native code was opened
 
 
 def test_signed_by_another_key_is_refused(signed, keys, monkeypatch, opened):

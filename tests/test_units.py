@@ -125,3 +125,22 @@ def test_sealed_records_refuse_forgery_and_other_kinds():
 def test_one_line_escapes_what_could_fake_a_line():
     assert one_line("a\nb\x1b[2K\tc") == "a\\nb\\x1b[2K\\tc"
     assert len(one_line("x" * 1000, 50)) == 50
+
+
+def test_an_interrupt_the_compiler_turns_into_another_error_is_still_an_interrupt():
+    import os
+    import signal
+
+    from aotpack.stages import interrupts
+
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(10**6):  # the signal lands here
+                    pass
+            finally:
+                raise UnboundLocalError("cannot access local variable 'old_apply_views'")
+    with pytest.raises(ValueError):  # without a Ctrl-C, an error stays what it is
+        with interrupts():
+            raise ValueError("plain")

@@ -50,9 +50,7 @@ def test_tiny_cogvideox_runs_to_a_video(artifacts, tmp_path):
     assert res.returncode == 0, res.stderr
     with Image.open(gif) as im:
         assert im.n_frames == 17 and im.size == (128, 32)
-    mp4 = tmp_path / "v.mp4"
-    res = run_cli("run", str(path), "--prompt", "a dog", "--steps", "2", "--out", str(mp4))
-    assert res.returncode == 0, res.stderr
+    mp4 = aotpack.run(path, prompt="a dog", steps=2, out=tmp_path / "v.mp4")  # the library call, in-process
     import imageio.v2 as imageio
 
     frames = imageio.mimread(str(mp4))
@@ -158,14 +156,15 @@ def test_run_with_a_compiled_vae_never_reads_the_vae_weights(artifacts, lora_fil
     """The serving path loads the pipeline without transformer and VAE; the artifact brings both."""
     from diffusers import AutoencoderKL
 
+    path = artifacts("int8wo", lora=str(lora_file), **OPTIONS)  # the build reads the VAE; serving must not
+
     def forbidden(*a, **k):
         raise AssertionError("the eager VAE was loaded")
 
     monkeypatch.setattr(AutoencoderKL, "from_pretrained", classmethod(forbidden))
     from aotpack.serve.run import run
 
-    out = run(artifacts("int8wo", lora=str(lora_file), **OPTIONS), prompt="a dog", steps=2,
-              out=tmp_path / "a.png")
+    out = run(path, prompt="a dog", steps=2, out=tmp_path / "a.png")
     from PIL import Image
 
     assert Image.open(out).size == (128, 128)

@@ -173,12 +173,21 @@ class VerifiedFiles:
     copied, in a 0700 folder only this process writes); ``data(name)`` is a path to the verified open file
     itself (/proc/self/fd/N), so that a file swapped in the folder afterwards is never read."""
 
-    def __init__(self, folder: Path, files: dict[str, FileEntry]) -> None:
+    def __init__(self, folder: Path, files: dict[str, FileEntry] | None = None) -> None:
+        """``files``: what the manifest lists; without it, read the manifest first (``manifest_bytes``) and set
+        ``files`` from it: then manifest and files come from the same folder, whatever is renamed meanwhile."""
         verify_mode()  # a bad AOTPACK_VERIFY is an error before anything is read
-        self.folder, self.files = Path(folder), files
+        self.folder, self.files = Path(folder), files or {}
         self._fds: dict[str, int] = {}
         self._private: Path | None = None
-        self._dir = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            self._dir = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise ManifestError(f"no artifact at {one_line(str(self.folder))}",
+                                "build one with 'aotpack build', or check the path") from None
+        except NotADirectoryError:
+            raise ManifestError(f"{one_line(str(self.folder))} is not a folder",
+                                "pass the artifact folder (the one holding manifest.json)") from None
 
     def __enter__(self) -> "VerifiedFiles":
         return self
@@ -196,6 +205,31 @@ class VerifiedFiles:
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
             self._private = None
+
+    def small_file(self, name: str, limit: int) -> bytes | None:
+        """The bytes of a small file of the folder (the manifest, the signature), read through the folder opened
+        once; None when it is not there. Only a regular file of at most ``limit`` bytes is read."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0),
+                         dir_fd=self._dir)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise IntegrityError(f"cannot open {name}: {e.strerror}", "download or build the artifact again") from None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise IntegrityError(f"{name} is not a regular file", "do not load this artifact")
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise IntegrityError(f"{name} is larger than {limit >> 20} MiB", "do not load this artifact")
+        return data
+
+    def manifest_bytes(self) -> bytes:
+        data = self.small_file(MANIFEST, MAX_MANIFEST_BYTES)
+        if data is None:
+            raise ManifestError(f"{one_line(str(self.folder))} has no {MANIFEST}: not an aotpack artifact",
+                                "pass the artifact folder")
+        return data
 
     def _open(self, name: str) -> tuple[int, os.stat_result]:
         entry = self.files.get(name)

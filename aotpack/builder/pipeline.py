@@ -37,7 +37,7 @@ from aotpack.builder import regional
 from aotpack.builder.regional import Schemes
 from aotpack.builder.weights import CheckpointReader, Lora, materialize, read_lora, skeleton
 from aotpack.errors import BuildError
-from aotpack.stages import peak_rss_bytes, stage
+from aotpack.stages import interrupts, peak_rss_bytes, stage
 
 log = logging.getLogger("aotpack")
 VAE_MODEL = "vae_decoder.pt2"
@@ -62,7 +62,8 @@ def build(recipe: str, quant: str | None = None, **kwargs: Any) -> Path:
     """
     spec = resolve(recipe, quant, **kwargs)
     try:
-        return run_build(spec)
+        with interrupts():
+            return run_build(spec)
     except OSError as e:  # disk full, permissions, ...: the partial folder is already gone
         where = f" ({e.filename})" if e.filename else ""
         raise BuildError(f"could not write the artifact: {e.strerror or e}{where}",

@@ -59,17 +59,17 @@ def trusted_keys_from_env() -> list:
     return signing.load_trusted_keys(signing.trusted_key_paths())
 
 
-def check_signature(folder: Path, manifest_bytes: bytes, manifest: Manifest, trusted_keys: Sequence) -> str:
+def check_signature(signature: bytes | None, manifest_bytes: bytes, manifest: Manifest, trusted_keys: Sequence,
+                    where: Path) -> str:
     """Require a signature from one of ``trusted_keys`` over exactly these manifest bytes and the files they
     list; returns the signing key's fingerprint."""
     from aotpack import signing
 
-    data = signing.read_signature(folder)
-    if data is None:
-        raise signing.SignatureError(f"{one_line(str(folder))} is not signed, and trusted keys are required",
+    if signature is None:
+        raise signing.SignatureError(f"{one_line(str(where))} is not signed, and trusted keys are required",
                                      "sign it with 'aotpack sign DIR --key KEY.pem', or load it without "
                                      "--trusted-key / AOTPACK_TRUSTED_KEYS")
-    signed = signing.verify(data, trusted_keys=list(trusted_keys))
+    signed = signing.verify(signature, trusted_keys=list(trusted_keys))
     signing.check_covers(signed, manifest_sha256=mf.sha256(manifest_bytes),
                          files={name: e.sha256 for name, e in manifest.files.items()})
     return signed.fingerprint
@@ -181,17 +181,22 @@ def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = 
     keys = trusted_keys_from_env() if trusted_keys is None else list(trusted_keys)
     hub = {"revision": revision, "trust": trust, "token": token, "quant": quant, "refresh_pins": refresh_pins}
     folder = resolve_location(path, **{k: v for k, v in hub.items() if v})
-    data = mf.read_bytes(folder)
-    manifest = mf.parse(data)
-    signer = check_signature(folder, data, manifest, keys) if keys else None
-    if cuda_graphs and manifest.platform.device != "cuda":
-        raise InputError(f"cuda_graphs needs a CUDA artifact; this one runs on {manifest.platform.device}",
-                         "leave cuda_graphs out, or build the artifact on a GPU machine")
-    device = manifest.platform.device
-    mf.check_compatible(manifest, describe(device if device == "cpu" else None, probe_isa=False))
     from safetensors.torch import load_file
 
-    with VerifiedFiles(folder, manifest.files) as files:
+    from aotpack import signing
+
+    # the folder is opened once: the manifest, the signature and every file come from it, whatever is renamed
+    with VerifiedFiles(folder) as files:
+        data = files.manifest_bytes()
+        manifest = mf.parse(data)
+        files.files = manifest.files
+        signer = check_signature(files.small_file(signing.SIGNATURE, signing.MAX_SIGNATURE_BYTES), data, manifest,
+                                 keys, folder) if keys else None
+        if cuda_graphs and manifest.platform.device != "cuda":
+            raise InputError(f"cuda_graphs needs a CUDA artifact; this one runs on {manifest.platform.device}",
+                             "leave cuda_graphs out, or build the artifact on a GPU machine")
+        device = manifest.platform.device
+        mf.check_compatible(manifest, describe(device if device == "cpu" else None, probe_isa=False))
         files.check_all()
         check_memory(manifest.weights_bytes())
         weights = {name: load_file(files.data(name), device=device) for name in {m.weights for m in manifest.modules}}
