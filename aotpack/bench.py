@@ -65,7 +65,10 @@ def _peak_rss() -> int:
 
 
 def worker(args: dict) -> dict:
-    """Run one variant; ``args['t0']`` is the parent's clock when it started this process."""
+    """Run one variant; ``args['t0']`` is the parent's clock when it started this process.
+
+    One function on purpose (~95 lines): it is the timed sequence itself, from process start to the last image;
+    split, the reader would have to reassemble what each clock reading includes."""
     t0 = args["t0"]
     import torch
 
@@ -351,7 +354,10 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
     ``build_artifact``); existing ones are reused and their manifests say how they were built.
     ``build_only``: build every artifact afresh (whole graph, and regional when ``regional``), run nothing, and
     write the build table to ``out/builds.md``, ``.csv`` and ``.json``; rows of other recipes, variants or
-    schemes already in ``out/builds.json`` (same platform) are kept, so that one folder gathers a table."""
+    schemes already in ``out/builds.json`` (same platform) are kept, so that one folder gathers a table.
+
+    Long (~85 lines) because it is the bench's plan in order: what is built, which variant runs after which,
+    and what each is measured against; the measuring itself is in ``worker`` and ``load_worker``."""
     from aotpack.builder.spec import default_out
     from aotpack.artifact.platform import default_device, describe, tag
     from aotpack.builder.recipe import get_recipe

@@ -615,24 +615,11 @@ def child_prepare(a: dict) -> None:
 
 def make_lora(transformer_folder: Path, path: Path, rank: int = 4, seed: int = 5) -> Path:
     """A random rank-4 LoRA in the diffusers/PEFT layout for the linears of a saved Flux transformer
-    (as tests/conftest.py's ``lora_file``)."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    (aotpack's own, as tests/conftest.py's ``lora_file``)."""
+    _aotpack_from_tree()
+    from aotpack.builder.tiny import random_lora
 
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    with safe_open(str(next(transformer_folder.glob("*.safetensors"))), framework="pt") as f:
-        for key in f.keys():
-            name = key.removesuffix(".weight")
-            if key.endswith(".weight") and any(t in name for t in ("attn.to_q", "attn.to_k", "attn.to_v",
-                                                                     "attn.to_out.0", "ff.net.2", "proj_mlp")):
-                out_f, in_f = f.get_slice(key).get_shape()
-                tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * 0.3
-                tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.3
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
-    return path
+    return random_lora(transformer_folder, path, rank=rank, seed=seed)
 
 
 def child_build(a: dict) -> None:

@@ -141,24 +141,7 @@ def no_partials(folder: Path) -> bool:
 @pytest.fixture(scope="session")
 def lora_file(tmp_path_factory) -> Path:
     """A random rank-4 LoRA for tiny-flux in the diffusers/PEFT layout (no alphas: scaling 1)."""
-    import torch
-    from safetensors.torch import save_file
+    from aotpack.builder.tiny import ensure_builtin, random_lora
 
-    from aotpack.builder.tiny import ensure_builtin
-
-    folder = ensure_builtin("tiny-flux") / "transformer"
-    from safetensors import safe_open
-
-    g = torch.Generator().manual_seed(5)
-    tensors = {}
-    with safe_open(str(next(folder.glob("*.safetensors"))), framework="pt") as f:
-        for key in f.keys():
-            name = key.removesuffix(".weight")
-            if key.endswith(".weight") and any(t in name for t in ("attn.to_q", "attn.to_k", "attn.to_v",
-                                                                     "attn.to_out.0", "ff.net.2", "proj_mlp")):
-                out_f, in_f = f.get_slice(key).get_shape()
-                tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(4, in_f, generator=g) * 0.3
-                tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out_f, 4, generator=g) * 0.3
-    path = tmp_path_factory.mktemp("lora") / "style.safetensors"
-    save_file(tensors, str(path))
-    return path
+    return random_lora(ensure_builtin("tiny-flux") / "transformer",
+                       tmp_path_factory.mktemp("lora") / "style.safetensors")

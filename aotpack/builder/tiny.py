@@ -129,3 +129,25 @@ def ensure_builtin(name: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def random_lora(transformer_folder: Path, path: Path, *, rank: int = 4, seed: int = 5) -> Path:
+    """A random rank-``rank`` LoRA in the diffusers/PEFT layout (no alphas: scaling 1) for the attention and
+    feed-forward linears of a saved Flux transformer: what the tests and the GPU check swap in."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    with safe_open(str(next(Path(transformer_folder).glob("*.safetensors"))), framework="pt") as f:
+        for key in f.keys():
+            name = key.removesuffix(".weight")
+            if key.endswith(".weight") and any(t in name for t in ("attn.to_q", "attn.to_k", "attn.to_v",
+                                                                     "attn.to_out.0", "ff.net.2", "proj_mlp")):
+                out_f, in_f = f.get_slice(key).get_shape()
+                tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * 0.3
+                tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.3
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return Path(path)

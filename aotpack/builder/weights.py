@@ -147,7 +147,8 @@ def read_lora(path: str, pipeline_cls: Any, component: str, *, scale: float = 1.
     """Read a LoRA file (diffusers/PEFT, kohya, xlabs, ... as the pipeline's ``lora_state_dict`` converts them).
 
     Scaling follows PEFT as diffusers loads it: alpha / rank, alpha from the file's ``.alpha`` entries or its
-    metadata, else the first module's rank (diffusers' default).
+    metadata, else the first module's rank (diffusers' default). (~60 lines: diffusers returns the state dict,
+    alphas and metadata in several shapes across formats; each check stays next to the shape it reads.)
     """
     import torch
 
@@ -255,6 +256,8 @@ def materialize(
     """Fill ``model``'s meta parameters from ``reader``, quantizing each linear as soon as it is read.
 
     ``only``: names of the modules to fill (a LoRA swap); the others stay on meta. Returns the modules filled.
+    (~60 lines: the order of reading, fusing, adding the LoRA and quantizing is what keeps one high-precision
+    weight alive at a time, so it stays in one place.)
     """
     import torch
 
