@@ -175,7 +175,10 @@ def load_worker(args: dict) -> dict:
     # not load time.
     import diffusers.configuration_utils  # noqa: F401
     import safetensors.torch  # noqa: F401
-    import torch._inductor.package  # noqa: F401
+
+    from aotpack import _torch_compat
+
+    _torch_compat.preload()
 
     from aotpack.artifact import manifest as mf
     from aotpack.serve.load import load
@@ -229,7 +232,7 @@ def _spawn(kind: str, args: dict, env: dict | None = None, evict_folders: tuple 
     out = subprocess.run([sys.executable, "-m", "aotpack.bench", kind, json.dumps(args)], capture_output=True,
                          text=True, env=full_env)
     if out.returncode != 0:
-        from aotpack.errors import AotpackError, first_line
+        from aotpack.errors import AotpackError
 
         tail = [ln for ln in out.stderr.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
         raise AotpackError(f"bench variant {args.get('variant', kind)} failed: {tail[0][:300]}",

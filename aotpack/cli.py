@@ -127,7 +127,7 @@ def recipes(as_json: bool) -> None:
         return
     for row in rows:
         variants = f" (variants: {', '.join(row['variants'])})" if row["variants"] else ""
-        note = "" if row["runs_here"] else f"  [needs a GPU; use --model for a local checkpoint]"
+        note = "" if row["runs_here"] else "  [needs a GPU; use --model for a local checkpoint]"
         click.echo(f"{row['name']:<12} {row['description']}{variants}{note}")
         click.echo(f"{'':<12} checkpoint {row['checkpoint']}, dtype {row['dtype']}, default --quant {row['default_quant']}")
     click.echo(f"\nschemes usable on this machine ({device}): {', '.join(usable)}")

@@ -1,4 +1,5 @@
-"""Run in a fresh process by the tests: the same pipeline call, eager diffusers vs the artifact.
+"""The same pipeline call, eager diffusers vs the artifact: run as a script by the tests that need a fresh
+process (test_end_to_end), called in-process (``compare``) by the others.
 
     python tests/fresh_check.py ARTIFACT SCHEME [--lora FILE --lora-scale S] [--swap]
 
@@ -18,7 +19,8 @@ import psutil
 import torch
 
 
-def main() -> None:
+def compare(argv: list[str]) -> dict:
+    """The comparison, in this process (the tests that must start fresh run this file as a script)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("artifact")
     ap.add_argument("scheme")
@@ -26,7 +28,7 @@ def main() -> None:
     ap.add_argument("--lora-scale", type=float, default=1.0)
     ap.add_argument("--swap", action="store_true")
     ap.add_argument("--decode", action="store_true", help="compare decoded images, not latents")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rss0 = psutil.Process().memory_info().rss
     import aotpack
     from aotpack.builder.source import load_pipeline
@@ -86,7 +88,7 @@ def main() -> None:
         if options.compile_vae:
             assert type(pipe.vae).__name__ == "AotVaeDecoder"
         aot = call()
-    print(json.dumps({
+    return {
         "vs_eager_same_scheme": float((aot - eager_q).abs().max()),
         "vs_eager_unquantized": float((aot - eager_fp).abs().max()),
         "vs_eager_without_lora": float((aot - eager_base).abs().max()),
@@ -94,8 +96,10 @@ def main() -> None:
         "shape": list(aot.shape),
         "rss_load_delta": rss2 - rss1,
         "rss_start": rss0,
-    }))
+    }
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    print(json.dumps(compare(sys.argv[1:])))

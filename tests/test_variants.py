@@ -2,8 +2,6 @@
 (--fuse-qkv, --quantize-text-encoder, --compile-vae, --lora), each against eager diffusers."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,16 +11,16 @@ from aotpack.artifact import manifest as mf
 from aotpack.artifact.manifest import Options
 from aotpack.errors import InputError
 
-from conftest import REPO, run_cli
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
 
 def fresh_check(*args: str) -> dict:
-    out = subprocess.run([sys.executable, str(REPO / "tests" / "fresh_check.py"), *map(str, args)],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """tests/fresh_check.py's comparison, in this process (test_end_to_end runs it in fresh ones)."""
+    from fresh_check import compare
+
+    return compare([str(a) for a in args])
 
 
 # ---- CogVideoX: video, dynamic frames and size ---------------------------------------------------------

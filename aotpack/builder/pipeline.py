@@ -9,9 +9,9 @@ artifact compiles (the transformer, the VAE decoder) goes through the same ``com
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import json
 import logging
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,6 @@ from aotpack._version import __version__
 from aotpack.artifact.files import MODEL, WEIGHTS, atomic_folder, file_entries, remember_folder
 from aotpack.artifact.manifest import (SCHEMA_VERSION, BuildInfo, CompiledModule, FileEntry, InputSpec, LoraRef, Manifest,
                                        ModelRef, PlanRef, QuantError, RecipeRef, SchemeRef, MANIFEST)
-from aotpack.artifact.manifest import read as mf_read
 from aotpack.builder.capture import capture_inputs
 from aotpack.builder.compile import (CONSTANTS_KEY, compile_cached, compiler_settings, constant_values,
                                      constants_signature)
@@ -35,7 +34,7 @@ from aotpack.builder.source import component_files, component_folder, hub_commit
 from aotpack.builder.spec import BuildSpec, default_out, resolve
 from aotpack.builder import regional
 from aotpack.builder.regional import Schemes
-from aotpack.builder.weights import CheckpointReader, Lora, materialize, read_lora, skeleton
+from aotpack.builder.weights import CheckpointReader, Lora, Streamed, materialize, read_lora, skeleton
 from aotpack.errors import BuildError
 from aotpack.stages import interrupts, peak_rss_bytes, stage
 
@@ -115,16 +114,43 @@ class Compiled:
     constants: dict[str, torch.Tensor]      # weights-file key -> tensor
 
 
-def quantize_component(spec: BuildSpec, pipe: Any, out: Path) -> Quantized:
-    """Make the component on meta and fill it weight by weight from its checkpoint, each linear quantized as
-    soon as it is read (``--quant auto``: a scheme chosen per layer, the plan written to ``out``)."""
+@dataclass
+class Checkpoint:
+    """The component's checkpoint folder as read: its config, its LoRA (if any), and what the manifest records."""
+
+    folder: Path
+    config: dict
+    lora: Lora | None
+    commit: str | None
+    files: dict[str, FileEntry]
+
+
+def read_checkpoint(spec: BuildSpec, pipe: Any) -> Checkpoint:
     r = spec.recipe
     folder = component_folder(spec.source, r.component)
     if not (folder / "config.json").is_file():
         raise BuildError(f"{folder} has no config.json", f"check that the checkpoint is a {r.pipeline} folder")
-    config = json.loads((folder / "config.json").read_text())
-    model = skeleton(config, fuse_qkv=spec.options.fuse_qkv)
     lora = read_lora(str(spec.lora.path), type(pipe), r.component, scale=spec.lora.scale) if spec.lora else None
+    hub = spec.source.kind == "hub"
+    return Checkpoint(folder=folder, config=json.loads((folder / "config.json").read_text()), lora=lora,
+                      commit=hub_commit(folder) if hub else None, files={} if hub else component_files(folder))
+
+
+def stream(spec: BuildSpec, ckpt: Checkpoint, quantize_unit: Any = None) -> torch.nn.Module:
+    """The component made on meta and filled weight by weight from its checkpoint (LoRA fused), each linear
+    handed to ``quantize_unit`` as soon as it is read: one high-precision weight alive at a time."""
+    model = skeleton(ckpt.config, fuse_qkv=spec.options.fuse_qkv)
+    with CheckpointReader(ckpt.folder) as reader:
+        materialize(model, reader, dtype=torch_dtype(spec.dtype), device=spec.device, quantize_unit=quantize_unit,
+                    lora=ckpt.lora)
+    return model
+
+
+def quantize_component(spec: BuildSpec, ckpt: Checkpoint, out: Path) -> Quantized:
+    """Stream the component from its checkpoint, each linear quantized as soon as it is read (``--quant auto``:
+    a scheme chosen per layer, the plan written to ``out``)."""
+    r = spec.recipe
+    model = skeleton(ckpt.config, fuse_qkv=spec.options.fuse_qkv)
     classes = regional.block_classes(model, r) if spec.options.regional else []
     planner = None
     schemes = regional.Schemes()
@@ -136,32 +162,46 @@ def quantize_component(spec: BuildSpec, pipe: Any, out: Path) -> Quantized:
             quantize_named(linear, planner.choose(name, linear))
     else:
         choose = linear_quantizer(spec.quant, spec.plan)
-    quantize_unit = None
+    quantize_unit: Any = None
     if choose is not None:
-        def quantize_unit(name: str, linear: Any) -> None:
+        def record(name: str, linear: Any) -> None:
             choose(name, linear)
             if type(linear.weight.data) is not torch.Tensor:  # quantized (a scheme may leave a shape alone)
                 schemes.record(name, spec.quant if planner is None and spec.plan is None else
                                (planner.layers[name]["scheme"] if planner else spec.plan["layers"][name]["scheme"]))
 
+        quantize_unit = record
         if classes:  # regional: the blocks only; the parts around them stay eager in the model dtype
-            quantize_unit = regional.only_in_blocks(quantize_unit, [p for paths in regional.instances(
+            quantize_unit = regional.only_in_blocks(record, [p for paths in regional.instances(
                 model, classes).values() for p in paths])
-    reader = CheckpointReader(folder)
-    try:
-        materialize(model, reader, dtype=torch_dtype(spec.dtype), device=spec.device, quantize_unit=quantize_unit,
-                    lora=lora)
-    finally:
-        reader.close()
+    model = stream(spec, ckpt, quantize_unit)
     plan = None
     if spec.quant == "auto":
         plan = spec.plan if spec.plan is not None else planner.plan()
         check_plan_covers(plan, {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         (out / PLAN_FILE).write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n")
-    source = spec.source
     return Quantized(model=model, config=json.loads(json.dumps(dict(model.config), default=list)), plan=plan,
-                     lora=lora, commit=hub_commit(folder) if source.kind == "hub" else None,
-                     files={} if source.kind == "hub" else component_files(folder), schemes=schemes, classes=classes)
+                     lora=ckpt.lora, commit=ckpt.commit, files=ckpt.files, schemes=schemes, classes=classes)
+
+
+@dataclass
+class FullPrecision:
+    """What the quantized build is measured against: the full-precision eager model's output on the captured
+    inputs, and the final latents of one pipeline call with it."""
+
+    forward: torch.Tensor
+    latents: torch.Tensor
+
+
+def pipeline_latents(spec: BuildSpec, pipe: Any) -> torch.Tensor:
+    """The final latents of one pipeline call at the recipe's capture settings, fixed seed."""
+    r, cap = spec.recipe, spec.recipe.capture
+    per_prompt = max(1, cap.get("batch", 2) // r.call.get("batch_divisor", 1))
+    kwargs = r.pipeline_kwargs(height=cap["height"], width=cap["width"], steps=cap["steps"],
+                               guidance_scale=cap.get("guidance_scale", 3.5), batch=per_prompt, frames=cap.get("frames"))
+    result = pipe(prompt=cap.get("prompt", "a photo"), **kwargs, output_type="latent",
+                  generator=torch.Generator("cpu").manual_seed(0))
+    return (result.frames if r.is_video else result.images).float()
 
 
 def _schemes(spec: BuildSpec, plan: dict | None) -> set[str]:
@@ -248,35 +288,41 @@ def compile_target(spec: BuildSpec, t: Target, out: Path, timings: dict[str, flo
     return Compiled(t, replace(module, block_class=t.block_class), values)
 
 
-def verify_targets(spec: BuildSpec, out: Path, parts: list[Compiled]) -> tuple[list[CompiledModule], list[Any]]:
-    """Run each compiled module from the files just written (the serving path) on its captured inputs and hold
-    it to its tolerance against eager; returns the modules with their measured error, and their outputs."""
-    from safetensors.torch import load_file
+def verify(spec: BuildSpec, out: Path, parts: list[Compiled], example: dict[str, torch.Tensor],
+           whole_reference: torch.Tensor | None) -> tuple[Any, list[CompiledModule], torch.Tensor]:
+    """Load the artifact just written as a serving box does, and hold every compiled module (each instance of a
+    regional block, and the whole regional model, whose blocks hand each other their outputs) to its tolerance
+    against eager on the captured inputs. Returns the loaded model, the modules with their measured errors, and
+    the component's output. One load: AOTInductor keeps a package's constants mapped while the process lives."""
+    from aotpack.builder.capture import unflatten_inputs
+    from aotpack.serve.load import load
 
-    from aotpack.serve.load import open_compiled
-
-    from aotpack.serve.load import instance_constants
-
-    weights = load_file(str(out / WEIGHTS), device=spec.device)
-    modules, outputs = [], []
+    loaded = load(out, trusted_keys=[])
+    component = spec.recipe.component
+    modules, component_out = [], None
     for c in parts:
-        compiled = open_compiled(out / c.module.code, c.module, weights, c.module.instances[0])
-        references = c.target.references or [c.target.reference]
+        t = c.target
+        if t.kind == "vae_decoder":
+            runs = [(t.name, lambda: loaded.vae_decoder.decode(t.example["z"], return_dict=False), t.reference)]
+        elif t.kind == "block":  # each instance through its own (compiled) forward, with its own weights
+            runs = [(inst, lambda b=loaded.get_submodule(inst[len(component) + 1:]): b(**unflatten_inputs(t.example)),
+                     ref) for inst, ref in zip(t.instances, t.references)]
+        else:
+            runs = [(t.name, lambda: loaded(**unflatten_inputs(t.example), return_dict=False), t.reference)]
         error = tolerance = 0.0
-        for i, (instance, reference) in enumerate(zip(c.module.instances, references)):
-            if i:  # the other instances of a regional block: their own weights through the same code
-                compiled.load_constants(instance_constants(compiled, c.module, weights, instance),
-                                        check_full_update=True, user_managed=True)
-            got = compiled(c.target.example)
-            got = got[0] if isinstance(got, (list, tuple)) else got
-            error = max(error, check_close(c.module.name if len(references) == 1 else instance, got, reference,
-                                           c.target.schemes, spec.dtype))
-            tolerance = max(tolerance, _tolerance(reference, c.target.schemes, spec.dtype))
-            if not i:
-                outputs.append(got)
+        for what, run, reference in runs:
+            got = run()[0]
+            error = max(error, check_close(what, got, reference, t.schemes, spec.dtype))
+            tolerance = max(tolerance, _tolerance(reference, t.schemes, spec.dtype))
+            if t.kind == "component":
+                component_out = got
         log.info("%s: compiled vs eager max |diff| %.2e (tolerance %.1e)", c.module.name, error, tolerance)
         modules.append(_with_error(c.module, error, tolerance))
-    return modules, outputs
+    if whole_reference is not None:
+        component_out = loaded(**unflatten_inputs(example), return_dict=False)[0]
+        schemes = {s for t in (c.target for c in parts) for s in t.schemes}
+        check_close(component, component_out, whole_reference, schemes, spec.dtype)
+    return loaded, modules, component_out
 
 
 def _tolerance(reference: torch.Tensor, schemes: set[str], dtype: str) -> float:
@@ -297,51 +343,17 @@ def _with_error(m: CompiledModule, error: float, tolerance: float) -> CompiledMo
     return replace(m, max_abs_error=error, tolerance=tolerance)
 
 
-def verify_regional(spec: BuildSpec, out: Path, example: dict[str, torch.Tensor], reference: torch.Tensor) -> Any:
-    """The loaded regional model (eager parts + compiled blocks handing each other their outputs) on the captured
-    inputs against the eager model: what the per-block checks cannot see (strides, the order of the blocks)."""
-    from aotpack.builder.capture import unflatten_inputs
-    from aotpack.serve.load import load
-
-    got = load(out, trusted_keys=[])(**unflatten_inputs(example), return_dict=False)[0]
-    schemes = {s for m in mf_read(out).modules for s in m.scheme.split(",")}
-    check_close(spec.recipe.component, got, reference, schemes, spec.dtype)
-    return got
-
-
-def measure_quant_error(spec: BuildSpec, pipe: Any, q: Quantized, example: dict, compiled_out: torch.Tensor,
-                        out: Path) -> QuantError:
-    """The quantized compiled model against the full-precision eager model: on the captured inputs, and on
-    the final latents of one pipeline call at the capture settings."""
-    from aotpack.serve.load import load
-
-    r = spec.recipe
-    full = skeleton(q.config, fuse_qkv=spec.options.fuse_qkv)
-    reader = CheckpointReader(component_folder(spec.source, r.component))
-    try:
-        materialize(full, reader, dtype=torch_dtype(spec.dtype), device=spec.device, lora=q.lora)
-    finally:
-        reader.close()
-    reference = ComponentWrapper(full).eval()(example)
-    forward = float((compiled_out.float() - reference.float()).abs().max())
-
-    def latents() -> torch.Tensor:
-        cap = r.capture
-        per_prompt = max(1, cap.get("batch", 2) // r.call.get("batch_divisor", 1))
-        kwargs = r.pipeline_kwargs(height=cap["height"], width=cap["width"], steps=cap["steps"],
-                                   guidance_scale=cap.get("guidance_scale", 3.5), batch=per_prompt,
-                                   frames=cap.get("frames"))
-        result = pipe(prompt=cap.get("prompt", "a photo"), **kwargs, output_type="latent",
-                      generator=torch.Generator("cpu").manual_seed(0))
-        return (result.frames if r.is_video else result.images).float()
-
-    setattr(pipe, r.component, full)
-    eager = latents()
-    del full
-    setattr(pipe, r.component, load(out, trusted_keys=[]))
-    aot = latents()
-    return QuantError(forward_max_abs=forward, forward_ref_max=float(reference.float().abs().max()),
-                      latents_max_abs=float((aot - eager).abs().max()), latents_ref_max=float(eager.abs().max()))
+def measure_quant_error(spec: BuildSpec, pipe: Any, full: FullPrecision, loaded: Any,
+                        component_out: torch.Tensor) -> QuantError:
+    """The quantized compiled model, as it will be served, against the full-precision eager model: on the
+    captured inputs, and on the final latents of one pipeline call at the capture settings."""
+    setattr(pipe, spec.recipe.component, loaded)
+    aot = pipeline_latents(spec, pipe)
+    setattr(pipe, spec.recipe.component, None)
+    return QuantError(forward_max_abs=float((component_out.float() - full.forward.float()).abs().max()),
+                      forward_ref_max=float(full.forward.float().abs().max()),
+                      latents_max_abs=float((aot - full.latents).abs().max()),
+                      latents_ref_max=float(full.latents.abs().max()))
 
 
 def make_manifest(spec: BuildSpec, q: Quantized, modules: list[CompiledModule], out: Path,
@@ -372,12 +384,23 @@ def run_build(spec: BuildSpec) -> Path:
         with stage("load", timings):  # everything but the component, which is streamed below
             pipe = load_pipeline(r, spec.source, dtype=spec.dtype, with_component=False)
             pipe.to(spec.device)
+        ckpt = read_checkpoint(spec, pipe)
+        with stage("reference", timings):  # full precision, one unit of weights in memory at a time
+            streamed = Streamed(skeleton(ckpt.config, fuse_qkv=spec.options.fuse_qkv), CheckpointReader(ckpt.folder),
+                                dtype=torch_dtype(spec.dtype), device=spec.device, lora=ckpt.lora)
+            try:
+                setattr(pipe, r.component, streamed.model)
+                with stage("capture", timings):  # what reaches the component does not depend on its weights
+                    example, _ = capture_inputs(pipe, r)
+                full = FullPrecision(forward=ComponentWrapper(streamed.model).eval()(example),
+                                     latents=pipeline_latents(spec, pipe))
+            finally:
+                streamed.close()
+                setattr(pipe, r.component, None)
         with stage("quantize", timings):
-            q = quantize_component(spec, pipe, tmp)
+            q = quantize_component(spec, ckpt, tmp)
         setattr(pipe, r.component, q.model)
-        with stage("capture", timings):
-            example, _ = capture_inputs(pipe, r)
-        with stage("reference", timings):
+        with stage("eager", timings):  # the quantized eager outputs each compiled module is held to
             if q.classes:
                 targets, whole_reference = block_targets(spec, q, example)
             else:
@@ -391,19 +414,20 @@ def run_build(spec: BuildSpec) -> Path:
                 tensors.update(glue_weights(spec, q, targets))
             save_file(tensors, str(tmp / WEIGHTS))
             del tensors
-        with stage("verify", timings):
-            modules, outputs = verify_targets(spec, tmp, parts)
-        del parts, targets
-        q.model = None  # the quantized eager model is no longer needed
+        for c in parts:  # the eager model is no longer needed: verify reads the weights file only
+            c.constants, c.target.wrapper, c.target.members = {}, None, None
+        q.model = None
         setattr(pipe, r.component, None)
-        manifest = make_manifest(spec, q, modules, tmp, timings)
-        (tmp / MANIFEST).write_text(manifest.dumps())
+        gc.collect()
+        manifest = make_manifest(spec, q, [c.module for c in parts], tmp, timings)
+        (tmp / MANIFEST).write_text(manifest.dumps())  # errors to come: verify loads the artifact as written
         remember_folder(tmp, manifest.files)
-        if whole_reference is not None:  # regional: the whole model, as it will be served, against eager
-            with stage("verify", timings):
-                outputs[0] = verify_regional(spec, tmp, example, whole_reference)
+        with stage("verify", timings):
+            loaded, modules, component_out = verify(spec, tmp, parts, example, whole_reference)
+        del parts, targets
         with stage("quant error", timings):
-            quant_error = measure_quant_error(spec, pipe, q, example, outputs[0], tmp)
+            quant_error = measure_quant_error(spec, pipe, full, loaded, component_out)
+        manifest = manifest.replace(modules=tuple(modules))
         log.info("quantized vs full precision: max |diff| %.2e on one forward, %.2e on the final latents",
                  quant_error.forward_max_abs, quant_error.latents_max_abs)
         manifest = manifest.replace(build=BuildInfo(date=manifest.build.date, stages=dict(timings),

@@ -309,6 +309,40 @@ def materialize(
     return done
 
 
+class Streamed:
+    """A model that reads its weights unit by unit as it runs: a forward pre-hook fills a unit (a block, or
+    another child) from the checkpoint just before it runs, a forward hook puts it back on meta after. The
+    full-precision reference of a build costs one unit of memory, not the whole model (at the price of reading
+    the weights again at each forward, from the page cache)."""
+
+    def __init__(self, model: Any, reader: CheckpointReader, *, dtype: Any, device: str, lora: Lora | None) -> None:
+        self.model, self.reader = model, reader
+        self._fill_args = {"dtype": dtype, "device": device, "lora": lora}
+        self._handles = []
+        for prefix, unit in units(model):
+            names = {prefix + n if n else prefix.rstrip(".") for n, _ in unit.named_modules()}
+            names = {n.rstrip(".") for n in names}
+            self._handles.append(unit.register_forward_pre_hook(lambda m, a, names=names: self._fill(names)))
+            self._handles.append(unit.register_forward_hook(lambda m, a, o: self._empty(m)))
+
+    def _fill(self, names: set[str]) -> None:
+        materialize(self.model, self.reader, only=names, **self._fill_args)
+
+    @staticmethod
+    def _empty(unit: Any) -> None:
+        import torch
+
+        for module in unit.modules():
+            for leaf, p in list(module.named_parameters(recurse=False)):
+                setattr(module, leaf, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                         requires_grad=False))
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self.reader.close()
+
+
 def _unfused(model: Any) -> set[str]:
     """Module names whose weights live on inside a fused projection."""
     out = set()
