@@ -294,8 +294,6 @@ def build_artifact(recipe_name: str, quant: str, out: Path, *, regional: bool, v
     In its own process (its peak memory is its own) with an empty compile cache (``AOTPACK_CACHE`` a temp
     folder that shares only the builtin pipelines with the real cache, and an empty inductor cache), so that
     its build time is a cold compile's; ``cold=False`` keeps the real caches (the tests: no figure is kept)."""
-    from aotpack.artifact import manifest as mf
-    from aotpack.artifact.files import remember_folder
     from aotpack.errors import AotpackError
     from aotpack.paths import cache_dir
 
@@ -319,9 +317,6 @@ def build_artifact(recipe_name: str, quant: str, out: Path, *, regional: bool, v
         raise AotpackError(f"bench could not build {what}: {lines[0][7:]}",
                            f"run the build by itself: aotpack build {recipe_name} --quant {quant}"
                            + (" --regional" if regional else " --whole-graph"))
-    # The build hashed its files as it wrote them, but remembered that in its own (temporary) cache: a later
-    # load here should not pay a hash the build already paid (bench loads are "later boots").
-    remember_folder(out.absolute(), mf.read(out).files)
     return wall
 
 

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 from aotpack.artifact import files as artifact
 from aotpack.artifact import manifest as mf
 from aotpack.artifact.platform import describe, mismatches, tag
+from aotpack.paths import seal, unseal, write_atomic
 from aotpack.errors import (AotpackError, HubError, IncompatibleArtifactError, IntegrityError, ManifestError,
                             ResourceError, first_line)
 
@@ -193,11 +194,13 @@ def _refs(repo_id: str, token: str | None) -> tuple[dict[str, str], dict[str, st
 
 
 def _read_index(api: Any, repo_id: str, revision: str, local_dir: Path | None = None) -> dict:
-    """The repo's index at ``revision`` (an empty one for a new repo)."""
+    """The repo's index at ``revision`` (an empty one for a new repo); online always from the server (a copy
+    in the local folder is what someone who can write the cache would plant)."""
     from huggingface_hub import errors as hfe
 
     try:
-        path = api.hf_hub_download(repo_id, INDEX, revision=revision, local_dir=local_dir)
+        path = api.hf_hub_download(repo_id, INDEX, revision=revision, local_dir=local_dir,
+                                   force_download=not _constants().is_offline_mode())
     except hfe.RemoteEntryNotFoundError:  # not its local twin: offline, a missing index is a missing repo
         return {"schema_version": INDEX_SCHEMA, "builds": {}}
     return _parse_index(Path(path).read_bytes(), repo_id)
@@ -206,7 +209,7 @@ def _read_index(api: Any, repo_id: str, revision: str, local_dir: Path | None = 
 def _parse_index(text: bytes, repo_id: str) -> dict:
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise HubError(f"{repo_id}/{INDEX} is not valid JSON", "push a build again to rewrite it") from None
     if not isinstance(data, dict) or not isinstance(data.get("builds"), dict):
         raise HubError(f"{repo_id}/{INDEX} is not an aotpack index", "was this repo written by 'aotpack push'?")
@@ -413,9 +416,10 @@ def _commit_build(api: Any, repo_id: str, revision: str, name: str, entry: dict,
 # ---- pins: a tag is resolved to its commit once per machine, and stays there --------------------------------
 
 def _pins_file() -> Path:
-    from aotpack.paths import cache_dir
+    """Under AOTPACK_STATE, not the cache: deleting or rolling back the pins would undo the moved-tag check."""
+    from aotpack.paths import state_dir
 
-    return cache_dir() / PINS
+    return state_dir() / PINS
 
 
 def _bad_pins(path: Path, why: str) -> HubError:
@@ -596,8 +600,6 @@ def pull(
     """Download the build of ``repo_id`` that fits this machine (or the one named ``build``), verify it, and
     return its folder. A tag that moved since this machine first pulled it is refused unless ``refresh_pins``.
     ``trusted_keys``: the build must be signed by one of these public keys (default: ``AOTPACK_TRUSTED_KEYS``)."""
-    from huggingface_hub import snapshot_download
-
     _check_names(repo_id, revision)
     api = _api(token)
     here = describe(probe_isa=False)  # pulls sit on a serving box's boot path: no compiler probe
@@ -607,30 +609,24 @@ def pull(
         index = _read_index(api, repo_id, commit, local_dir=root)
         name = choose_build(index, here, quant, build)
         log.info("pulling %s from %s@%s", name, repo_id, commit[:12])
-        try:
-            snapshot_download(repo_id, revision=commit, allow_patterns=[f"builds/{name}/*"], token=token,
-                              endpoint=endpoint(), local_dir=root)
-        except BaseException:
-            # huggingface_hub removes its own partial file; the files of this build that did arrive go too, so
-            # that a failed pull (a full disk, an interrupt) leaves no half build behind.
-            _evict(root, name)
-            raise
+        offline = _constants().is_offline_mode()
+        for attempt in (1, 2):
+            _download(api, repo_id, commit, name, root, token, offline)
+            try:
+                manifest_bytes = _verify_pulled(root, name, index["builds"][name], repo_id, commit, offline)
+                break
+            except (IntegrityError, ManifestError, OSError) as e:
+                _evict(root, name)  # the next download fetches every file again instead of re-reading bad bytes
+                if attempt == 1 and not offline and not isinstance(e, OSError):
+                    log.warning("%s: files in %s failed verification (%s); downloading them again", repo_id,
+                                root, e.cause)
+                    continue
+                if isinstance(e, OSError):
+                    raise IntegrityError(f"download of {name} is incomplete ({e.strerror})", "pull again") from None
+                raise IntegrityError(f"downloaded {name} failed verification: {e.cause}",
+                                     "pull again; if it persists the repo's files were altered: do not load them") \
+                    from None
     folder = root / "builds" / name
-    entry = index["builds"][name]
-    try:
-        manifest_bytes = (folder / mf.MANIFEST).read_bytes()
-        if hashlib.sha256(manifest_bytes).hexdigest() != entry.get("manifest_sha256"):
-            raise IntegrityError(f"{name}/manifest.json does not match the repo index", "do not load this build")
-        if entry.get("signature_sha256"):
-            if hashlib.sha256((folder / SIGNATURE).read_bytes()).hexdigest() != entry["signature_sha256"]:
-                raise IntegrityError(f"{name}/{SIGNATURE} does not match the repo index", "do not load this build")
-        artifact.verify_files(folder, _files(mf.parse(manifest_bytes)))
-    except (IntegrityError, ManifestError, OSError) as e:
-        _evict(root, name)  # so that the next pull downloads again instead of re-reading bad bytes
-        if isinstance(e, OSError):
-            raise IntegrityError(f"download of {name} is incomplete ({e.strerror})", "pull again") from None
-        raise IntegrityError(f"downloaded {name} failed verification: {e.cause}",
-                             "pull again; if it persists the repo's files were altered: do not load them") from None
     from aotpack.serve.load import check_signature, trusted_keys_from_env
 
     keys = trusted_keys_from_env() if trusted_keys is None else list(trusted_keys)
@@ -639,6 +635,62 @@ def pull(
 
         check_signature(signing.read_signature(folder), manifest_bytes, mf.parse(manifest_bytes), keys, folder)
     return folder
+
+
+def _download(api: Any, repo_id: str, commit: str, name: str, root: Path, token: str | None, offline: bool) -> None:
+    """The build's files into ``root``; online, its manifest always from the server (a local copy is what
+    someone who can write the cache would plant: every other file is checked against the manifest)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        if not offline:
+            api.hf_hub_download(repo_id, f"builds/{name}/{mf.MANIFEST}", revision=commit, local_dir=root,
+                                force_download=True)
+        snapshot_download(repo_id, revision=commit, allow_patterns=[f"builds/{name}/*"], token=token,
+                          endpoint=endpoint(), local_dir=root)
+    except BaseException:
+        # huggingface_hub removes its own partial file; the files of this build that did arrive go too, so
+        # that a failed pull (a full disk, an interrupt) leaves no half build behind.
+        _evict(root, name)
+        raise
+
+
+def _verify_pulled(root: Path, name: str, entry: dict, repo_id: str, commit: str, offline: bool) -> bytes:
+    """Check a pulled build against the index entry and its manifest; returns the manifest's bytes. Offline, only
+    a build this machine pulled and verified online before (a sealed record) passes."""
+    folder = root / "builds" / name
+    manifest_bytes = (folder / mf.MANIFEST).read_bytes()
+    manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
+    if manifest_sha != entry.get("manifest_sha256"):
+        raise IntegrityError(f"{name}/manifest.json does not match the repo index", "do not load this build")
+    signature_sha = entry.get("signature_sha256")
+    if signature_sha and hashlib.sha256((folder / SIGNATURE).read_bytes()).hexdigest() != signature_sha:
+        raise IntegrityError(f"{name}/{SIGNATURE} does not match the repo index", "do not load this build")
+    artifact.verify_files(folder, _files(mf.parse(manifest_bytes)))
+    record = _pulled_record(repo_id, commit, name)
+    if offline:
+        if unseal("pulled", _read_small(record)) != [manifest_sha, signature_sha]:
+            raise HubError(f"offline, and {name} of {repo_id}@{commit[:12]} was never pulled online here (or its "
+                           "files changed since)", "pull it once with network access, or unset HF_HUB_OFFLINE")
+    else:
+        write_atomic(record, seal("pulled", [manifest_sha, signature_sha]))
+    return manifest_bytes
+
+
+def _pulled_record(repo_id: str, commit: str, name: str) -> Path:
+    """Where a build pulled and verified online is recorded (sealed, under AOTPACK_STATE, not the cache)."""
+    from aotpack.paths import state_dir
+
+    key = hashlib.sha256(f"{endpoint()}|{repo_id}|{commit}|{name}".encode()).hexdigest()[:32]
+    return state_dir() / "pulled" / f"{key}.json"
+
+
+def _read_small(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096)
+    except OSError:
+        return b""
 
 
 def _evict(root: Path, name: str) -> None:

@@ -9,6 +9,7 @@ forged record is ignored.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -45,31 +46,51 @@ def check_cache_writable() -> Path:
     return path
 
 
+def _private(fd: int, what: Path, kind: str) -> os.stat_result:
+    """The open file or folder ``fd`` must be this user's and writable by no one else."""
+    st = os.fstat(fd)
+    if st.st_uid != os.getuid() or st.st_mode & (0o077 if kind == "file" else 0o022):
+        raise ConfigError(f"{what} is not private to this user (owner {st.st_uid}, mode {oct(st.st_mode & 0o777)})",
+                          "remove it (it is made again), or point AOTPACK_STATE at a folder only you can write")
+    return st
+
+
 @lru_cache(maxsize=4)
 def _record_key(folder: str) -> bytes:
-    path = Path(folder) / "record.key"
+    """The key that seals aotpack's records: 32 random bytes in ``folder/record.key``, made once, mode 0600.
+    A key file (or folder) that someone else could have written is refused, not used."""
+    base = Path(folder)
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    dfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0))
     try:
-        data = path.read_bytes()
-        if len(data) == 32 and (path.stat().st_mode & 0o077) == 0:
-            return data
-    except OSError:
-        pass
-    Path(folder).mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = secrets.token_bytes(32)
-    tmp = path.with_name(f".record.key.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-    try:
-        os.link(tmp, path)  # the first writer wins; a concurrent one reads the winner's key
-    except FileExistsError:
-        pass
+        _private(dfd, base, "folder")
+        for _ in range(2):
+            try:
+                fd = os.open("record.key", os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=dfd)
+            except FileNotFoundError:
+                fd = None
+            if fd is not None:
+                with os.fdopen(fd, "rb") as f:
+                    _private(f.fileno(), base / "record.key", "file")
+                    data = f.read(33)
+                if len(data) != 32:
+                    raise ConfigError(f"{base / 'record.key'} is not an aotpack record key",
+                                      f"delete {base / 'record.key'}; it is made again")
+                return data
+            tmp = f".record.key.{secrets.token_hex(8)}"
+            wfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600,
+                          dir_fd=dfd)
+            with os.fdopen(wfd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+            try:
+                os.link(tmp, "record.key", src_dir_fd=dfd, dst_dir_fd=dfd)  # the first writer wins; others read it
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp, dir_fd=dfd)
+        raise ConfigError(f"cannot make a record key in {base}", "check the folder's permissions")
     finally:
-        tmp.unlink(missing_ok=True)
-    data = path.read_bytes()
-    if len(data) != 32:
-        raise ConfigError(f"{path} is not an aotpack record key", f"delete {path}; it is made again")
-    return data
+        os.close(dfd)
 
 
 def _mac(kind: str, payload: Any) -> str:
@@ -98,12 +119,17 @@ def unseal(kind: str, text: str | bytes) -> Any | None:
         return None
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed into place (never in place)."""
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a new temporary file (created exclusively: a planted link is never
+    followed) renamed into place (never in place)."""
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        tmp.write_text(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

@@ -204,3 +204,39 @@ def test_t06_remembered_hashes_are_sealed_and_an_invalid_verify_mode_is_an_error
     monkeypatch.setenv("AOTPACK_VERIFY", "sometimes")
     with pytest.raises(ConfigError, match="AOTPACK_VERIFY=sometimes is not a verify mode"):
         artifact.verify_files(tmp_path, files)
+
+
+def test_t03_a_file_others_can_write_is_copied_privately_and_never_remembered(tmp_path):
+    """Group-writable (or someone else's, or hard-linked): it could change in place after the check, so the loader
+    reads a private copy made as it was hashed, and no remembered hash vouches for it."""
+    _write(tmp_path, {"weights.safetensors": b"weights of a shared folder", "model.pt2": _zip({"m/a.so": b"x"})})
+    os.chmod(tmp_path / "weights.safetensors", 0o664)
+    files = artifact.file_entries(tmp_path)
+    with artifact.VerifiedFiles(tmp_path, files) as vf:
+        path = vf.data("weights.safetensors")
+        assert not path.startswith("/proc/") and open(path, "rb").read() == b"weights of a shared folder"
+        assert oct(os.stat(path).st_mode & 0o777) == "0o600" or os.stat(path).st_uid == os.getuid()
+    st = os.stat(tmp_path / "weights.safetensors")
+    assert not artifact.verified_before(tmp_path / "weights.safetensors", st, files["weights.safetensors"].sha256)
+    os.chmod(tmp_path / "weights.safetensors", 0o644)
+    os.link(tmp_path / "weights.safetensors", tmp_path / "other-name")  # a second name: writable elsewhere
+    with artifact.VerifiedFiles(tmp_path, files) as vf:
+        assert not vf.data("weights.safetensors").startswith("/proc/")
+
+
+def test_t06_a_planted_record_key_is_refused(tmp_path, monkeypatch):
+    from aotpack.errors import ConfigError
+    from aotpack.paths import _record_key, seal
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "record.key").write_bytes(b"k" * 32)
+    os.chmod(state / "record.key", 0o644)  # readable by others: whoever wrote it can forge records
+    monkeypatch.setenv("AOTPACK_STATE", str(state))
+    _record_key.cache_clear()
+    with pytest.raises(ConfigError, match="is not private to this user"):
+        seal("pins", {})
+    os.chmod(state / "record.key", 0o600)
+    _record_key.cache_clear()
+    assert seal("pins", {})
+    _record_key.cache_clear()

@@ -165,6 +165,39 @@ def test_offline_from_the_cache(hub, online, artifacts, monkeypatch):
     refused(HubError, lambda: aothub.pull("me/offline", revision="v2"), "offline", "never pulled")
 
 
+def test_a_build_planted_in_the_pull_folder_is_never_returned(hub, online, artifacts, monkeypatch):
+    """Someone who can write AOTPACK_CACHE plants a consistent build (index, manifest and code) where pulls
+    land. Online, index and manifest come from the server and the planted files fail their hashes; offline,
+    only a build this machine pulled and verified online (a sealed record) is returned."""
+    from huggingface_hub import constants
+
+    aothub.push(artifacts("int8wo"), "me/planted", tag_name="v1")
+    commit = head(hub, "me/planted")
+    folder = aothub.pull("me/planted", revision=commit)
+    evil = artifacts("none")
+    import hashlib
+    import os
+
+    def plant():  # a consistent foreign build under the genuine build's name, mtimes kept (huggingface_hub
+        for f in (mf.MANIFEST, "model.pt2", WEIGHTS):  # then takes the local files for the ones it noted)
+            st = os.stat(folder / f)
+            shutil.copy(evil / f, folder / f)
+            os.utime(folder / f, ns=(st.st_atime_ns, st.st_mtime_ns))
+        index_file = folder.parent.parent / aothub.INDEX
+        st = os.stat(index_file)
+        index = json.loads(index_file.read_text())
+        index["builds"][folder.name]["manifest_sha256"] = hashlib.sha256((evil / mf.MANIFEST).read_bytes()).hexdigest()
+        index_file.write_text(json.dumps(index))
+        os.utime(index_file, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    plant()
+    pulled = aothub.pull("me/planted", revision=commit)  # online: the server's index and manifest; files hashed
+    assert mf.read(pulled).scheme.name == "int8wo" and (pulled / "model.pt2").read_bytes() != (evil / "model.pt2").read_bytes()
+    plant()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    refused(HubError, lambda: aothub.pull("me/planted", revision=commit), "never pulled online here")
+
+
 def test_h02_private_repo_refuses_missing_and_wrong_tokens(hub, online, artifacts, monkeypatch):
     aothub.push(artifacts("int8wo"), "me/secret", private=True, tag_name="v1")
     refused(HubError, lambda: aothub.pull("me/secret", revision="v1", token="hf_wrong"), "refused the token")
@@ -272,12 +305,12 @@ def test_h10_nothing_fits_lists_what_the_repo_has(hub, online, artifacts, tmp_pa
 def test_h11_a_moved_tag_is_refused_until_refreshed(hub, env, online, artifacts, tmp_path):
     aothub.push(artifacts("int8wo"), "me/moved", tag_name="v1")
     first = head(hub, "me/moved")
-    assert aothub.pull("me/moved", revision="v1").is_dir()  # pins v1 -> first (in AOTPACK_CACHE)
+    assert aothub.pull("me/moved", revision="v1").is_dir()  # pins v1 -> first (in AOTPACK_STATE)
     aothub.push(artifacts("none"), "me/moved")
     second = head(hub, "me/moved")
     hub.state.repos["me/moved"].tags["v1"] = second  # moved server-side, as a tampered repo would
-    one_error(cli(env, "pull", "me/moved", "--revision", "v1", AOTPACK_CACHE=str(aothub._pins_file().parent)),
-              "tag 'v1' of me/moved moved", first, second, "--refresh-pins")
+    one_error(cli(env, "pull", "me/moved", "--revision", "v1"), "tag 'v1' of me/moved moved", first, second,
+              "--refresh-pins")
     refused(HubError, lambda: aothub.pull("me/moved", revision="v1"), first, second)
     assert aothub.pull("me/moved", revision="v1", refresh_pins=True).parts[-3] == second
     assert aothub.pull("me/moved", revision="v1").parts[-3] == second  # re-pinned
@@ -288,8 +321,10 @@ def test_h11_a_moved_tag_is_refused_until_refreshed(hub, env, online, artifacts,
 def test_h14_pins_file_is_untrusted_input(hub, online, artifacts, tmp_path, monkeypatch):
     from aotpack.paths import seal, unseal
 
+    path = artifacts("int8wo")
     monkeypatch.setenv("AOTPACK_CACHE", str(tmp_path / "cache"))
-    aothub.push(artifacts("int8wo"), "me/pins", tag_name="v1")
+    monkeypatch.setenv("AOTPACK_STATE", str(tmp_path / "state"))  # this test's own pins (and record key)
+    aothub.push(path, "me/pins", tag_name="v1")
     assert aothub.pull("me/pins", revision="v1").is_dir()
     pins = aothub._pins_file()
     data = unseal("pins", pins.read_bytes())

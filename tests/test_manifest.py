@@ -275,3 +275,22 @@ def test_input_spec_check_names_the_first_problem():
         with pytest.raises(InputError) as e:
             spec.check(inputs, "cpu")
         assert expect in e.value.cause, (expect, e.value.cause)
+
+
+@pytest.mark.parametrize("change,expect", [
+    (lambda d: d.update(dtype="float33"), "dtype must be float32, bfloat16 or float16"),
+    (lambda d: d["request"].update(multiple=0), "request.multiple must be >= 1"),
+    (lambda d: d["request"].update(height=[256, 32]), "request.height must be [min, max]"),
+    (lambda d: d["request"].update(output="video"), "request.output must be"),
+    (lambda d: d["modules"].append(dict(d["modules"][0])), "modules must have distinct names"),
+    (lambda d: d["modules"][0].update(code="weights.safetensors"), "must name a .pt2 and a .safetensors"),
+    (lambda d: d["options"].update(regional=True), "as options.regional says"),
+    (lambda d: d["modules"][0]["inputs"]["tensors"][0].update(dtype="load"), "not a tensor dtype"),
+    (lambda d: d["modules"][0].update(kind="block"), "as a block, its class"),
+])
+def test_t11_values_that_would_fail_after_native_code_are_refused_before(change, expect):
+    data = sample()
+    change(data)
+    with pytest.raises(ManifestError) as e:
+        mf.validate(data)
+    assert expect in e.value.cause

@@ -219,6 +219,9 @@ def test_t08_a_missing_path_is_never_looked_up_on_the_hub(tmp_path, monkeypatch)
     monkeypatch.setattr(aotpack.hub, "resolve_for_load", lambda *a, **k: pytest.fail("looked up on the Hub"))
     for path in ("artifacts/nothing", "./x/y", "/abs/path", "a/b/c"):
         one_error(invoke("run", path, "--prompt", "x"), f"no artifact at {path}", "never looked up on the Hub")
+    (tmp_path / "me" / "model").mkdir(parents=True)  # a folder here named like a repo id: Hub options refused
+    one_error(invoke("run", "me/model", "--prompt", "x", "--revision", "v1"), "me/model is a folder here",
+              "revision apply to Hub repo ids only")
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

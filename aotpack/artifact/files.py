@@ -23,7 +23,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from aotpack.artifact.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, is_safe_name, parse
 from aotpack.errors import ConfigError, IntegrityError, ManifestError, OutputExistsError, one_line
@@ -153,11 +153,13 @@ def remember_verified(path: Path, st: os.stat_result, sha256: str) -> None:
         pass
 
 
-def remember_folder(folder: Path, files: dict[str, FileEntry]) -> None:
-    """Record files a build just hashed itself, so that the first load need not hash them again."""
+def remember_folder(private: Path, files: dict[str, FileEntry], final: Path | None = None) -> None:
+    """Record files a build just hashed itself in its private folder (only this process writes there), under the
+    paths they will have once published (``final``), so that the first load need not hash them again. The
+    identity recorded is the file's in the private folder: a file swapped in after publishing has another."""
     for name, entry in files.items():
         with contextlib.suppress(OSError):
-            remember_verified(folder / name, os.stat(folder / name), entry.sha256)
+            remember_verified((final or private) / name, os.stat(private / name), entry.sha256)
 
 
 # ---- opening only verified bytes ---------------------------------------------------------------------------------
@@ -179,6 +181,7 @@ class VerifiedFiles:
         verify_mode()  # a bad AOTPACK_VERIFY is an error before anything is read
         self.folder, self.files = Path(folder), files or {}
         self._fds: dict[str, int] = {}
+        self._copies: dict[str, Path] = {}
         self._private: Path | None = None
         try:
             self._dir = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
@@ -280,45 +283,62 @@ class VerifiedFiles:
                 self.data(name)
 
     def data(self, name: str) -> str:
-        """A path that reads exactly the verified bytes of ``name`` (for safetensors and JSON files)."""
+        """A path that reads exactly the verified bytes of ``name`` (for safetensors and JSON files): the open
+        file itself when only this user (or root) can change it, else a private copy made as it is hashed."""
+        if name in self._copies:
+            return str(self._copies[name])
         if name not in self._fds:
             fd, st = self._open(name)
             try:
+                if not _private_enough(st):
+                    # someone else could write it in place after the check (or it has another name elsewhere):
+                    # neither a remembered hash nor a map of it can be trusted
+                    os.close(fd)
+                    self._copies[name] = self._copy(name, check_zip=False)
+                    return str(self._copies[name])
                 path = self.folder / name
                 if not verified_before(path, st, self.files[name].sha256):
                     self._hash_fd(fd, name)
                     remember_verified(path, st, self.files[name].sha256)
             except BaseException:
-                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
                 raise
             self._fds[name] = fd
         return fd_path(self._fds[name])
 
     def read(self, name: str) -> bytes:
         """The verified bytes of a small file (plan.json)."""
-        self.data(name)
-        fd, size = self._fds[name], self.files[name].size
-        return os.pread(fd, size, 0)
-
-    def fd(self, name: str) -> int:
-        self.data(name)
-        return self._fds[name]
+        with open(self.data(name), "rb") as f:
+            return f.read(self.files[name].size)
 
     def code(self, name: str) -> Path:
         """A private copy of the .pt2 ``name``, hashed as it was copied and checked as a zip."""
+        if name not in self._copies:
+            self._copies[name] = self._copy(name, check_zip=True)
+        return self._copies[name]
+
+    def _copy(self, name: str, *, check_zip: bool) -> Path:
         if self._private is None:
             self._private = Path(tempfile.mkdtemp(prefix="aotpack-code-"))  # mode 0700
         target = self._private / name
-        if target.exists():
-            return target
         fd, st = self._open(name)
         try:
             with open(target, "xb") as sink:
                 self._hash_fd(fd, name, sink)
+            if check_zip:
+                check_package(target, name)
+        except BaseException:
+            target.unlink(missing_ok=True)  # never handed out unchecked
+            raise
         finally:
             os.close(fd)
-        check_package(target, name)
         return target
+
+
+def _private_enough(st: os.stat_result) -> bool:
+    """A file only this user (or root) can change, with no other name: safe to map and to remember."""
+    return st.st_uid in (os.getuid(), 0) and not st.st_mode & 0o022 and st.st_nlink == 1
 
 
 def fd_path(fd: int) -> str:
@@ -358,7 +378,8 @@ def verify_files(folder: Path, files: dict[str, FileEntry]) -> None:
 # ---- writing ----------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def atomic_folder(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(final: str | Path, *, overwrite: bool = False,
+                  before_publish: Callable[[Path, Path], None] | None = None) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``final``; on success rename it to ``final``.
 
     On any error or interrupt the temporary folder is removed, so ``final`` is either the complete new
@@ -373,6 +394,8 @@ def atomic_folder(final: str | Path, *, overwrite: bool = False) -> Iterator[Pat
     try:
         yield tmp
         _publishable(tmp)
+        if before_publish is not None:  # the files as they are, in a folder only this process writes
+            before_publish(tmp, final)
         check_output(final, overwrite=overwrite)  # it may have appeared while we worked
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
@@ -412,9 +435,12 @@ def check_output(final: Path, *, overwrite: bool) -> None:
 
 
 def is_artifact(folder: Path) -> bool:
-    """True when ``folder`` holds a manifest.json that validates as an aotpack manifest."""
+    """True when ``folder`` holds a manifest.json (a regular file) that validates as an aotpack manifest."""
     try:
-        with open(folder / MANIFEST, "rb") as f:
+        fd = os.open(folder / MANIFEST, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return False
             parse(f.read(MAX_MANIFEST_BYTES + 1))
         return True
     except (OSError, ManifestError):

@@ -353,8 +353,53 @@ class Manifest(_Identity):
 
 # ---- reading -----------------------------------------------------------------------------------------------
 
+_DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool",
+           "float8_e4m3fn", "float8_e5m2"}
+
+
+def _request_problems(req: Request) -> list[str]:
+    problems = []
+    pairs = [("batch", req.batch), ("height", req.height), ("width", req.width)] + \
+        ([("frames", req.frames)] if req.frames is not None else [])
+    for name, (lo, hi) in pairs:
+        if not 1 <= lo <= hi:
+            problems.append(f"request.{name} must be [min, max] with 1 <= min <= max")
+    for name in ("multiple", "max_sequence_length", "max_steps", "temporal_compression"):
+        if getattr(req, name) < 1:
+            problems.append(f"request.{name} must be >= 1")
+    if req.output not in ("image", "video") or (req.output == "video") != (req.frames is not None):
+        problems.append("request.output must be 'image', or 'video' with frames")
+    return problems
+
+
+def _module_problems(m: Manifest) -> list[str]:
+    problems = []
+    names = [mod.name for mod in m.modules if mod is not None]
+    if len(set(names)) != len(names):
+        problems.append("modules must have distinct names")
+    kinds = [mod.kind for mod in m.modules if mod is not None]
+    if m.options is not None and m.options.regional != ("block" in kinds) or ("component" in kinds) == ("block" in kinds):
+        problems.append("modules must be one component (whole graph) or blocks (regional), as options.regional says")
+    for i, mod in enumerate(m.modules):
+        if mod is None or mod.inputs is None:
+            continue
+        if not (mod.code.endswith(".pt2") and mod.weights.endswith(".safetensors")):
+            problems.append(f"modules[{i}] must name a .pt2 and a .safetensors file")
+        if (mod.kind == "block") != (mod.block_class is not None) or not all(isinstance(s, str) and s for s in
+                                                                                mod.instances):
+            problems.append(f"modules[{i}] must name its instances (and, as a block, its class)")
+        if not all(t.dtype in _DTYPES for t in mod.inputs.tensors):
+            problems.append(f"modules[{i}] names an input dtype that is not a tensor dtype")
+    return problems
+
+
 def _semantic_problems(m: Manifest) -> list[str]:
     problems = []
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        problems.append(f"dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
+    if m.request is not None:
+        problems.extend(_request_problems(m.request))
+    problems.extend(_module_problems(m))
     for name, entry in m.files.items():
         if not is_safe_name(name):
             problems.append(f"file name {name!r} is not a plain file name")

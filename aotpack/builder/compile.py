@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,10 +126,7 @@ def _to_cache(key: str, path: Path) -> None:
         data = path.read_bytes()
         write_atomic(record, seal("compiled", {"key": key, "size": len(data),
                                                "sha256": hashlib.sha256(data).hexdigest()}))
-        code.parent.mkdir(parents=True, exist_ok=True)
-        tmp = code.with_name(f".{code.name}.{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, code)
+        write_atomic(code, data)
     except OSError:  # a full or read-only cache only costs the next compile
         pass
 

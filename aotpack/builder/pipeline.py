@@ -380,7 +380,9 @@ def run_build(spec: BuildSpec) -> Path:
     """Run every stage of ``spec`` and publish the artifact folder; returns its path."""
     r = spec.recipe
     timings: dict[str, float] = {}
-    with atomic_folder(spec.out, overwrite=spec.overwrite) as tmp, torch.no_grad():
+    written: dict[str, Any] = {}  # the files as this build hashed them, remembered under their published paths
+    remember = lambda tmp, final: remember_folder(tmp, written["files"], final)  # noqa: E731
+    with atomic_folder(spec.out, overwrite=spec.overwrite, before_publish=remember) as tmp, torch.no_grad():
         with stage("load", timings):  # everything but the component, which is streamed below
             pipe = load_pipeline(r, spec.source, dtype=spec.dtype, with_component=False)
             pipe.to(spec.device)
@@ -438,7 +440,7 @@ def run_build(spec: BuildSpec) -> Path:
 
             with stage("sign", timings):
                 signing.sign(tmp, key_path=spec.sign_key)
-    remember_folder(spec.out.absolute(), manifest.files)  # hashed just now by this build: the first load need not
+        written["files"] = manifest.files
     log.info("artifact written to %s", spec.out)
     return spec.out
 

@@ -155,8 +155,16 @@ def _check_sign_key(path: Path) -> Path:
 
 def reusable_code(folder: Path) -> dict[str, Reusable]:
     """{compile key: .pt2} of the artifact ``folder`` (every file checked now; each .pt2 is hashed again as it
-    is copied, against the manifest read now, so a swap in between is caught)."""
-    manifest = mf.read(folder)
+    is copied, against the manifest read now, so a swap in between is caught). Its code runs in this build (and
+    is signed with it): with ``AOTPACK_TRUSTED_KEYS`` set, it must be signed by one of those keys."""
+    from aotpack import signing
+    from aotpack.serve.load import check_signature, trusted_keys_from_env
+
+    data = mf.read_bytes(folder)
+    manifest = mf.parse(data)
+    keys = trusted_keys_from_env()
+    if keys:
+        check_signature(signing.read_signature(folder), data, manifest, keys, folder)
     verify_files(folder, manifest.files)
     found = {m.compile_key: Reusable(folder, m.code, manifest.files[m.code]) for m in manifest.modules if m.compile_key}
     if not found:

@@ -177,7 +177,12 @@ def read_lora(path: str, pipeline_cls: Any, component: str, *, scale: float = 1.
     metadata = next((o for o in out[1:] if isinstance(o, dict) and o is not alphas and o), None) or {}
     meta = metadata.get(component, metadata) if isinstance(metadata, dict) else {}
     if isinstance(meta, str):
-        meta = json.loads(meta)
+        try:
+            meta = json.loads(meta)
+        except (ValueError, RecursionError):
+            raise InputError(f"LoRA {file.name} has unreadable metadata", "save the LoRA again") from None
+    if not isinstance(meta, dict):
+        meta = {}
     prefix = f"{component}."
     others = sorted({k.split(".", 1)[0] for k in state_dict if not k.startswith(prefix)})
     if others:

@@ -37,6 +37,10 @@ def resolve_location(path: str | os.PathLike, **hub_kwargs: Any) -> Path:
     text = str(path)
     folder = Path(text).expanduser()
     if folder.exists():
+        given = sorted(k for k, v in hub_kwargs.items() if v)
+        if given:  # a folder here named like a repo id must not silently win over what was asked of the Hub
+            raise InputError(f"{one_line(text)} is a folder here; {', '.join(given)} apply to Hub repo ids only",
+                             f"leave {', '.join(given)} out, or run from where no folder has that name")
         return folder
     first = text.split("/", 1)[0]
     is_path = text.startswith((".", "/", "~")) or os.path.isabs(text) or text.count("/") != 1 \

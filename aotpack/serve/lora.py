@@ -22,7 +22,7 @@ from aotpack.builder.plan import linear_quantizer
 from aotpack.builder.regional import only_in_blocks
 from aotpack.builder.source import component_folder, source_of, torch_dtype
 from aotpack.builder.weights import CheckpointReader, materialize, read_lora, skeleton, touched_modules
-from aotpack.errors import InputError, IntegrityError
+from aotpack.errors import InputError, IntegrityError, ManifestError
 
 
 def _read_touched(manifest: Manifest, model: Any, only: set[str], lora: Any, quantize_unit: Any, device: str) -> None:
@@ -35,7 +35,7 @@ def _read_touched(manifest: Manifest, model: Any, only: set[str], lora: Any, qua
         return
     try:
         files = VerifiedFiles(folder, manifest.model.files)
-    except OSError:
+    except (OSError, ManifestError):
         raise IntegrityError(f"the checkpoint this artifact was built from is gone ({folder})",
                              "a LoRA swap re-reads its high-precision weights: restore it, or rebuild with --lora")
     with files:

@@ -113,7 +113,7 @@ def swap_lora(target: Any, lora: str | os.PathLike | None, scale: float, apply: 
                                                    target._aotpack_plan, str(target.manifest.platform.device))
     with target._aotpack_lock.swap():
         apply(new)
-    target.lora = None if lora is None else {"file": Path(lora).name, "scale": float(scale)}
+        target.lora = None if lora is None else {"file": Path(lora).name, "scale": float(scale)}
     seconds = time.perf_counter() - t0
     log.info("LoRA %s in %.2f s", "removed" if lora is None else f"{Path(lora).name} swapped in", seconds)
     return seconds
@@ -215,19 +215,28 @@ class AotModule(_Pinned, ModelMixin, ConfigMixin):
         return Transformer2DModelOutput(sample=out)
 
 
+_GRAPHS = threading.Lock()  # one graph captured or replayed at a time in this process
+
+
 class CudaGraphs:
     """Replays the compiled module as CUDA graphs, one per input signature (names, shapes, dtypes), so that
     a step costs one launch instead of one per kernel. Inputs are copied into the graph's static buffers and
-    outputs cloned out. Written for GPUs; exercised by tests/test_gpu.py when a GPU is there."""
+    outputs cloned out, under one process-wide lock: a graph's buffers are shared by every caller, and a capture
+    must not see another thread's launches. Written for GPUs; exercised by tests/test_gpu.py when a GPU is there."""
 
     def __init__(self, compiled: Any, max_graphs: int = 8) -> None:
         self.compiled, self.max_graphs = compiled, max_graphs
         self.graphs: dict[tuple, tuple[Any, dict, Any]] = {}
 
     def clear(self) -> None:  # after load_constants: the graphs hold the old weights' addresses
-        self.graphs.clear()
+        with _GRAPHS:
+            self.graphs.clear()
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> Any:
+        with _GRAPHS:
+            return self._run(inputs)
+
+    def _run(self, inputs: dict[str, torch.Tensor]) -> Any:
         key = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items())
         entry = self.graphs.get(key)
         if entry is None:

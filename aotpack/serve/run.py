@@ -176,8 +176,12 @@ def run(artifact: str | os.PathLike, *, prompt: str, out: str | os.PathLike | No
 
 def _write(result: Any, manifest: Manifest, out: Path, fps: int) -> None:
     """Write through a temporary file renamed into place (never a half-written output)."""
+    import tempfile
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial{out.suffix}")
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=f".partial{out.suffix}", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         if manifest.is_video:
             write_video(result.frames[0], tmp, fps=fps)
