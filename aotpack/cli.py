@@ -71,6 +71,9 @@ class AotpackGroup(click.Group):
             ctx.exit(130)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except BrokenPipeError:  # the reader went away ('aotpack recipes | head'): not an error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(0)
         except Exception as e:  # a bug or an unforeseen failure: still one line unless debugging
             if _debug():
                 raise
@@ -121,6 +124,7 @@ def recipes(as_json: bool) -> None:
         r = get_recipe(name)
         rows.append({"name": name, "description": r.description, "checkpoint": r.checkpoint, "dtype": r.dtype,
                      "variants": list(r.variants), "default_quant": r.default_quant,
+                     "build": "regional" if r.regional else "whole-graph",
                      "runs_here": not (r.checkpoint_needs and r.checkpoint_needs != device)})
     if as_json:
         click.echo(json.dumps({"device": device, "schemes_here": usable, "recipes": rows}, indent=2))
@@ -129,7 +133,8 @@ def recipes(as_json: bool) -> None:
         variants = f" (variants: {', '.join(row['variants'])})" if row["variants"] else ""
         note = "" if row["runs_here"] else "  [needs a GPU; use --model for a local checkpoint]"
         click.echo(f"{row['name']:<12} {row['description']}{variants}{note}")
-        click.echo(f"{'':<12} checkpoint {row['checkpoint']}, dtype {row['dtype']}, default --quant {row['default_quant']}")
+        click.echo(f"{'':<12} checkpoint {row['checkpoint']}, dtype {row['dtype']}, default --quant {row['default_quant']}, "
+                   f"{row['build']} build")
     click.echo(f"\nschemes usable on this machine ({device}): {', '.join(usable)}")
     click.echo("all schemes and what they need: aotpack schemes")
 
