@@ -234,9 +234,19 @@ def _index_entry(data: Any, manifest_sha: str, signature_sha: str | None) -> dic
         "date": data["build"]["date"],
         "manifest_sha256": manifest_sha,
     }
+    q = data["build"].get("quant_error")
+    if q:  # quantized compiled model vs full precision, measured at build: what a user picks a build by
+        entry["quant_error"] = {"forward_max_abs": q["forward_max_abs"], "forward_ref_max": q["forward_ref_max"]}
     if signature_sha:
         entry["signature_sha256"] = signature_sha
     return entry
+
+
+def _error_cell(b: dict) -> str:
+    q = b.get("quant_error")
+    if not isinstance(q, dict) or not all(isinstance(q.get(k), (int, float)) for k in ("forward_max_abs", "forward_ref_max")):
+        return "—"
+    return f"{q['forward_max_abs']:.1e} (of {q['forward_ref_max']:.2f})"
 
 
 def model_card(repo_id: str, index: dict) -> str:
@@ -253,7 +263,8 @@ def model_card(repo_id: str, index: dict) -> str:
     )
     rows = "\n".join(
         f"| `{name}` | {b['scheme']} | {tag(b['platform'])} | {b['platform']['torch']} | "
-        f"{b['size'] / 1e6:.1f} MB | {b['build_seconds']:.0f} s |{' yes |' if b.get('signature_sha256') else ' |'}"
+        f"{b['size'] / 1e6:.1f} MB | {_error_cell(b)} | {b['build_seconds']:.0f} s |"
+        f"{' yes |' if b.get('signature_sha256') else ' |'}"
         for name, b in sorted(builds.items())
     )
     one = sorted(builds)[0] if builds else "SCHEME-PLATFORM"
@@ -267,10 +278,11 @@ Ahead-of-time compiled ([AOTInductor](https://pytorch.org/docs/stable/torch.comp
 [torchao](https://github.com/pytorch/ao)-quantized transformer of {', '.join(f'`{c}`' for c in checkpoints)},
 packaged by **aotpack**. Each build is a folder under `builds/`: `model.pt2` (compiled code),
 `weights.safetensors` (quantized weights) and `manifest.json` (sha256 of every file, platform, input ranges),
-and `signature.sig` when its builder signed it.
+and `signature.sig` when its builder signed it. The error is the largest difference of one transformer forward
+from the full-precision model's, measured at build (of the largest output value).
 
-| build | scheme | platform | torch | size | build time | signed |
-|---|---|---|---|---|---|---|
+| build | scheme | platform | torch | size | error vs full precision | build time | signed |
+|---|---|---|---|---|---|---|---|
 {rows}
 
 ```python

@@ -276,8 +276,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.state.requests.append(f"{method} {path}")
             if self.state.fail_next > 0:
                 self.state.fail_next -= 1
-                body = self._body() if method in ("POST", "PUT") else b""
-                del body
+                if method in ("POST", "PUT"):
+                    self._body()  # drain the request before answering
                 return self._error(503, "Service temporarily unavailable", head=method == "HEAD")
         for pattern, name in ROUTES:
             m = re.fullmatch(pattern, path)

@@ -133,8 +133,13 @@ def test_one_repo_many_builds_index_and_card(hub, online, artifacts):
     none_files = {p: f for p, f in commits[first]["files"].items() if p.startswith("builds/none-")}
     assert all(commits[second]["files"][p] == f for p, f in none_files.items())  # untouched
     card = commits[second]["files"]["README.md"]["data"].decode()
-    for part in ("aotpack", "torchao", "aoti", "diffusers", "| none |", "| int8wo |", "aotpack.load_into(pipe"):
+    for part in ("aotpack", "torchao", "aoti", "diffusers", "| none |", "| int8wo |", "aotpack.load_into(pipe",
+                 "error vs full precision"):
         assert part in card, part
+    index = json.loads(commits[second]["files"]["aotpack-index.json"]["data"])
+    for build in index["builds"].values():  # measured at build, shown per build
+        q = build["quant_error"]
+        assert 0 <= q["forward_max_abs"] < q["forward_ref_max"] and f"{q['forward_max_abs']:.1e} (of" in card
     pulled = aothub.pull("me/many", revision="both", quant="none")
     assert json.loads((pulled / mf.MANIFEST).read_text())["scheme"]["name"] == "none"
     assert not (pulled.parent / pulled.name.replace("none-", "int8wo-")).exists()  # only that build came down

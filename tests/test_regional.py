@@ -113,3 +113,23 @@ def test_a_regional_rebuild_takes_every_block_from_the_compile_cache(artifacts, 
     artifacts("int8wo", regional=True)
     again = aotpack.build("tiny-flux", "int8wo", regional=True, out=tmp_path / "again")
     assert {x.compiled for x in mf.read(again).modules} == {"compile cache"}
+
+
+def test_block_overhead_script_times_every_block_call(artifacts, capsys):
+    """scripts/block_overhead.py (the README's per-block call figures): every block call of the timed pipeline
+    call is counted, and the compiled call is part of the block call."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("block_overhead", REPO / "scripts" / "block_overhead.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    path = artifacts("int8wo", regional=True)
+    row = script.measure(str(path), steps=2)
+    assert row["block calls"] == 2 * 2  # one double + one single block per step
+    assert 0 < row["ms compiled call"] < row["ms per block call"] and 0 < row["swap ms per call"]
+    from aotpack.serve import regional
+    assert regional.CompiledBlock.__call__.__qualname__ == "CompiledBlock.__call__"  # put back
+    with pytest.raises(SystemExit, match="not a regional artifact"):
+        script.measure(str(artifacts("int8wo")), steps=1)

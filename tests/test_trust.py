@@ -6,7 +6,6 @@ signed artifacts load only with a trusted key. Row ids (t01-t15) match README's 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ from aotpack import _torch_compat
 from aotpack.artifact import manifest as mf
 from aotpack.artifact.files import MODEL, WEIGHTS, read_safetensors_header, sha256_file
 from aotpack.cli import cli
-from aotpack.errors import (AotpackError, BuildError, ConfigError, InputError, IntegrityError, ManifestError,
+from aotpack.errors import (BuildError, InputError, IntegrityError, ManifestError,
                             SignatureError)
 from aotpack.paths import cache_dir
 

@@ -38,8 +38,9 @@ class _SafetensorsFile:
 
     Not ``safe_open``: its memory map leaves every byte read resident in this process (counted in RSS) until
     the file is closed, which is exactly the peak a weight-by-weight build avoids. Measured on this repo's
-    2-core box, ``aotpack build flux-blocks --quant int8wo`` (2.1 GB of fp32 weights), peak RSS by
-    /usr/bin/time -v: see README "Build memory" (safe_open vs pread).
+    2-core box (AVX-512 VNNI), every tensor of flux-blocks' transformer (2 GB of fp32) read one at a time and
+    kept as an int8 copy, page cache warm, fresh process each: ``safe_open`` peak RSS 2752 MiB in 0.2 s, this
+    reader 946 MiB in 1.7 s. 1.8 GB less at the peak for 1.5 s per 2 GB read.
     """
 
     def __init__(self, path: Path) -> None:
