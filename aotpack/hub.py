@@ -243,8 +243,9 @@ def _index_entry(data: Any, manifest_sha: str, signature_sha: str | None) -> dic
 
 
 def _error_cell(b: dict) -> str:
-    q = b.get("quant_error")
-    if not isinstance(q, dict) or not all(isinstance(q.get(k), (int, float)) for k in ("forward_max_abs", "forward_ref_max")):
+    q = b.get("quant_error")  # an index read from the Hub is untrusted input: shown only when well-formed
+    keys = ("forward_max_abs", "forward_ref_max")
+    if not isinstance(q, dict) or not all(isinstance(q.get(k), (int, float)) for k in keys):
         return "—"
     return f"{q['forward_max_abs']:.1e} (of {q['forward_ref_max']:.2f})"
 
