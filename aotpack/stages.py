@@ -63,15 +63,26 @@ def stage(name: str, timings: dict[str, float], *, label: str | None = None,
 @contextlib.contextmanager
 def interrupts() -> Iterator[None]:
     """Ctrl-C during the block is a KeyboardInterrupt even where the code it lands in turns it into another error
-    (measured: inside AOTInductor's compile it surfaced as an UnboundLocalError from a ``finally``)."""
+    (measured: inside AOTInductor's compile it surfaced as an UnboundLocalError from a ``finally``, and inside
+    export's fake tensors as a TypeError that torch logs with its traceback: once the signal came, log records
+    are dropped, so the user sees one line)."""
     if threading.current_thread() is not threading.main_thread() \
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
     seen = threading.Event()
 
+    quieted: list[logging.Handler] = []
+
+    def quiet(record: logging.LogRecord) -> bool:
+        return False
+
     def handler(signum: int, frame: object) -> None:
-        seen.set()
+        if not seen.is_set():
+            seen.set()
+            quieted.extend(h for name in ("torch", None) for h in logging.getLogger(name).handlers)
+            for h in quieted:
+                h.addFilter(quiet)
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, handler)
@@ -85,3 +96,5 @@ def interrupts() -> Iterator[None]:
         raise
     finally:
         signal.signal(signal.SIGINT, previous)
+        for h in quieted:
+            h.removeFilter(quiet)

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# A suite started in the background by a shell (`cmd &`, nohup, some CI runners) inherits SIGINT ignored, and so
+# would every process it starts: the Ctrl-C tests would see no Ctrl-C. Give this process (and, through exec,
+# its children) the terminal's SIGINT.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def shared_root(tmp_path_factory) -> Path:

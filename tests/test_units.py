@@ -131,16 +131,36 @@ def test_an_interrupt_the_compiler_turns_into_another_error_is_still_an_interrup
     import os
     import signal
 
+    import logging
+
     from aotpack.stages import interrupts
 
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts():
-            try:
-                os.kill(os.getpid(), signal.SIGINT)
-                for _ in range(10**6):  # the signal lands here
-                    pass
-            finally:
-                raise UnboundLocalError("cannot access local variable 'old_apply_views'")
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def emit(self, record):
+            self.seen.append(record.getMessage())
+
+    keep, torch_log = Keep(), logging.getLogger("torch")
+    torch_log.addHandler(keep)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts():
+                torch_log.error("before")
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    for _ in range(10**6):  # the signal lands here
+                        pass
+                finally:
+                    # what torch does on the way out: log the error it was turned into, with its traceback
+                    logging.getLogger("torch._subclasses.fake_tensor").error("fake tensor raised TypeError")
+                    raise UnboundLocalError("cannot access local variable 'old_apply_views'")
+        torch_log.error("after")
+    finally:
+        torch_log.removeHandler(keep)
+    assert keep.seen == ["before", "after"]  # the aftermath of a Ctrl-C is not shown; the rest is
     with pytest.raises(ValueError):  # without a Ctrl-C, an error stays what it is
         with interrupts():
             raise ValueError("plain")
