@@ -51,10 +51,12 @@ def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def file_entries(folder: Path) -> dict[str, FileEntry]:
-    """Size and sha256 of every file in ``folder`` except the manifest and the signature, for the manifest."""
+def file_entries(folder: Path, pattern: str = "*") -> dict[str, FileEntry]:
+    """Size and sha256 of every file in ``folder`` matching ``pattern`` except the manifest and the signature:
+    an artifact's files for its manifest, or a checkpoint component's ``*.safetensors``."""
     return {p.name: FileEntry(size=p.stat().st_size, sha256=sha256_file(p))
-            for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (MANIFEST, SIGNATURE)}
+            for p in sorted(folder.iterdir() if pattern == "*" else folder.glob(pattern))  # "*": dot files too
+            if p.is_file() and p.name not in (MANIFEST, SIGNATURE)}
 
 
 # ---- safetensors headers --------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from aotpack.artifact.files import sha256_file
+from aotpack.artifact.files import file_entries
 from aotpack.artifact.manifest import FileEntry, ModelRef
 from aotpack.builder.recipe import Recipe
 from aotpack.builder.tiny import ensure_builtin
@@ -84,8 +84,7 @@ def hub_commit(folder: Path) -> str | None:
 def component_files(folder: Path) -> dict[str, FileEntry]:
     """Size and sha256 of the component folder's weights, as the manifest records them for a local or builtin
     checkpoint: a LoRA swap re-reads these files, and checks them first."""
-    return {p.name: FileEntry(size=p.stat().st_size, sha256=sha256_file(p))
-            for p in sorted(folder.glob("*.safetensors")) if p.is_file()}
+    return file_entries(folder, "*.safetensors")
 
 
 def torch_dtype(name: str):
