@@ -31,6 +31,13 @@ def _quiet_dependencies() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     if not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _quiet_pipelines() -> None:
+    """diffusers' and transformers' progress bars off, for the commands that load pipelines. Not at start-up:
+    importing them imports torch (5-10 s), and a refusal needs neither."""
+    if _debug():
+        return
     try:
         import diffusers.utils.logging as dlog
         import transformers.utils.logging as tlog
@@ -51,6 +58,23 @@ def _setup_logging(quiet: bool) -> None:
     log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
+
+
+def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        logging.getLogger("aotpack").setLevel(logging.WARNING)
+
+
+# Options several commands share, declared once: `-q` works before or after the command name.
+quiet_option = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet,
+                            help="Only errors on stderr.")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print the result as one JSON object on stdout (progress stays on stderr).")
+
+
+def _result(as_json: bool, data: dict, text: str) -> None:
+    """The command's result on stdout: ``text``, or ``data`` as JSON with ``--json``."""
+    click.echo(json.dumps(data, sort_keys=True) if as_json else text)
 
 
 class AotpackGroup(click.Group):
@@ -104,6 +128,7 @@ def cli(quiet: bool) -> None:
 
 
 @cli.command()
+@quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def recipes(as_json: bool) -> None:
     """List recipes and the quantization schemes each can use on this machine.
@@ -140,6 +165,7 @@ def recipes(as_json: bool) -> None:
 
 
 @cli.command()
+@quiet_option
 def schemes() -> None:
     """List every quantization scheme, the torchao config behind it and the hardware it needs."""
     from aotpack.artifact.platform import default_device
@@ -157,6 +183,7 @@ def schemes() -> None:
 
 
 @cli.command()
+@quiet_option
 @click.argument("recipe")
 @click.option("--quant", "quant", default=None,
               help="Quantization scheme (default: the recipe's); 'auto' picks one per layer (see --error-budget).")
@@ -194,13 +221,14 @@ def schemes() -> None:
 @click.option("--on", "on_flavor", metavar="FLAVOR", default=None,
               help="Build on a Hugging Face Jobs machine of this flavor (l4x1, a100-large, h200, ...) instead of "
                    "here, then push (needs --push); streams the job's log; Ctrl-C cancels the job.")
+@json_option
 @click.option("--install", metavar="SPEC", default=None,
               help="With --on: what the job installs as aotpack (default: aotpack==this version), with the "
                    "versions of its dependencies installed here.")
 @click.pass_context
 def build(ctx, recipe, quant, plan, error_budget, out, model, variant, dtype, overwrite, lora, lora_scale, fuse_qkv,
           quantize_text_encoder, quantize_vae, compile_vae, max_autotune, reuse, sign_key, regional,
-          push_to, tag_name, on_flavor, install) -> None:
+          push_to, tag_name, on_flavor, install, as_json) -> None:
     """Quantize, export and compile RECIPE into an artifact folder; prints its path.
 
     \b
@@ -228,10 +256,14 @@ def build(ctx, recipe, quant, plan, error_budget, out, model, variant, dtype, ov
             raise click.UsageError("--on needs --push OWNER/NAME: the job's build lands in that repo")
         from aotpack.farm import options_from_context, remote_build
 
-        state = remote_build(recipe, quant or _default_quant(recipe, variant), flavor=on_flavor, repo_id=push_to,
-                             tag=tag_name, variant=variant, options=options_from_context(ctx), install=install)
-        click.echo(f"{state.cell.repo}: builds/{state.build} (commit {state.commit})")
+        quant = quant or ("auto" if plan else _default_quant(recipe, variant))  # --plan implies auto
+        state = remote_build(recipe, quant, flavor=on_flavor, repo_id=push_to, tag=tag_name, variant=variant,
+                             options=options_from_context(ctx), install=install)
+        _result(as_json, {"repo_id": state.cell.repo, "build": state.build, "commit": state.commit},
+                f"{state.cell.repo}: builds/{state.build} (commit {state.commit})")
         return
+    _refuse_early(recipe, quant, variant, model, plan)
+    _quiet_pipelines()
     from aotpack.builder.pipeline import build as build_artifact
 
     path = build_artifact(recipe, quant, out=out, model=model, variant=variant, dtype=dtype, overwrite=overwrite,
@@ -239,11 +271,39 @@ def build(ctx, recipe, quant, plan, error_budget, out, model, variant, dtype, ov
                           quantize_text_encoder=quantize_text_encoder, quantize_vae=quantize_vae,
                           compile_vae=compile_vae, plan=plan, error_budget=error_budget, reuse=reuse,
                           max_autotune=max_autotune, sign_key=sign_key, regional=regional)
-    click.echo(str(path))
-    if push_to:
-        from aotpack.hub import push as push_build
+    if not push_to:
+        _result(as_json, {"path": str(path)}, str(path))
+        return
+    from aotpack.hub import push as push_build
 
-        click.echo(push_build(path, push_to, tag_name=tag_name).url)
+    pushed = push_build(path, push_to, tag_name=tag_name)
+    _result(as_json, {"path": str(path), **_pushed(pushed)}, f"{path}\n{pushed.url}")
+
+
+def _refuse_early(recipe: str, quant: str | None, variant: str | None, model: str | None, plan: str | None) -> None:
+    """The refusals that need neither torch nor a model, made before the build imports them (a second instead of
+    ten): an unknown recipe or variant, a scheme this device cannot run, a GPU checkpoint on a machine without
+    one. The build checks all of them again (the Python API goes straight there)."""
+    from aotpack.artifact.platform import default_device
+    from aotpack.builder.recipe import get_recipe
+    from aotpack.builder.schemes import check_scheme
+    from aotpack.builder.source import resolve_source
+
+    r = get_recipe(recipe, variant)
+    device = default_device()
+    if device != "cpu":
+        return  # GPU capabilities need torch: the build checks them
+    scheme = quant or r.default_quant
+    if plan is None and scheme != "auto":
+        check_scheme(scheme, device)
+    if not model and not r.builtin and r.checkpoint_needs and r.checkpoint_needs != device:
+        resolve_source(r, None, device)  # raises its one line
+
+
+def _pushed(result) -> dict:
+    """What ``--json`` prints of a push."""
+    return {"repo_id": result.repo_id, "build": result.build, "commit": result.commit, "url": result.url,
+            "tag": result.tag, "uploaded": result.uploaded}
 
 
 def _default_quant(recipe: str, variant: str | None) -> str:
@@ -253,6 +313,7 @@ def _default_quant(recipe: str, variant: str | None) -> str:
 
 
 @cli.command()
+@quiet_option
 @click.argument("artifact", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
 def inspect(artifact, as_json) -> None:
@@ -271,6 +332,7 @@ def inspect(artifact, as_json) -> None:
 
 
 @cli.command()
+@quiet_option
 @click.argument("artifact", type=click.Path())
 @click.option("--key", "key", type=click.Path(), required=True, help="EC private key (PEM) of the builder.")
 def sign(artifact, key) -> None:
@@ -293,6 +355,7 @@ def sign(artifact, key) -> None:
 
 
 @cli.command()
+@quiet_option
 @click.argument("artifact")
 @click.option("--prompt", required=True, help="Text prompt.")
 @click.option("--out", type=click.Path(), default=None,
@@ -313,8 +376,9 @@ def sign(artifact, key) -> None:
 @click.option("--cuda-graphs", is_flag=True, help="Replay the compiled module as CUDA graphs (CUDA artifacts).")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(),
               help="Require a signature by this public key (PEM; repeatable; default: AOTPACK_TRUSTED_KEYS).")
+@json_option
 def run(artifact, prompt, out, frames, height, width, steps, seed, max_sequence_length, guidance_scale, revision, trust,
-        lora, lora_scale, cuda_graphs, trusted_keys) -> None:
+        lora, lora_scale, cuda_graphs, trusted_keys, as_json) -> None:
     """Generate an image (or a video) with an artifact dropped into its diffusers pipeline; prints the file
     written.
 
@@ -326,6 +390,7 @@ def run(artifact, prompt, out, frames, height, width, steps, seed, max_sequence_
       aotpack run artifacts/tiny-cogvideox-int8wo-cpu-x86_64-avx512 --prompt "a cat" --frames 13 --out cat.mp4
       aotpack run my-artifact --prompt "a cat" --lora style.safetensors --lora-scale 0.8
     """
+    _quiet_pipelines()
     from aotpack.serve.run import run as run_artifact
 
     extra = {"revision": revision, "trust": trust} if (revision or trust) else {}
@@ -337,17 +402,20 @@ def run(artifact, prompt, out, frames, height, width, steps, seed, max_sequence_
         extra["trusted_keys"] = list(trusted_keys)
     path = run_artifact(artifact, prompt=prompt, out=out, height=height, width=width, steps=steps, seed=seed,
                         guidance_scale=guidance_scale, frames=frames, max_sequence_length=max_sequence_length, **extra)
-    click.echo(str(path))
+    _result(as_json, {"path": str(path)}, str(path))
 
 
 @cli.command()
+@quiet_option
 @click.argument("artifact", type=click.Path())
-@click.option("--repo-id", required=True, help="Hub repo, owner/name (created if missing).")
+@click.argument("repo", required=False, metavar="[REPO_ID]")
+@click.option("--repo-id", default=None, help="Hub repo, owner/name (created if missing); or give it as REPO_ID.")
 @click.option("--private", is_flag=True, help="Create the repo private.")
 @click.option("--revision", default="main", show_default=True, help="Branch to commit to.")
 @click.option("--tag", "tag_name", default=None, help="Tag the resulting commit (a pin for serving boxes).")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the one saved by 'hf auth login').")
-def push(artifact, repo_id, private, revision, tag_name, token) -> None:
+@json_option
+def push(artifact, repo, repo_id, private, revision, tag_name, token, as_json) -> None:
     """Add (or replace) one build in a Hub repo, in one commit; prints the URL of the build at that commit.
 
     The repo keeps several builds (scheme x options x platform) under builds/, an index and a model card.
@@ -355,19 +423,25 @@ def push(artifact, repo_id, private, revision, tag_name, token) -> None:
 
     \b
     Examples:
-      aotpack push artifacts/tiny-flux-int8wo-cpu-x86_64-avx2 --repo-id me/tiny-flux-aot --tag v1
+      aotpack push artifacts/tiny-flux-int8wo-cpu-x86_64-avx2 me/tiny-flux-aot --tag v1
       aotpack push my-artifact --repo-id me/flux-aot --private --revision dev
+      aotpack push my-artifact me/flux-aot --json    # {"url": ..., "commit": ..., "uploaded": ...}
     """
+    if repo and repo_id and repo != repo_id:
+        raise click.UsageError(f"two repos given: {repo} and --repo-id {repo_id}")
+    repo_id = repo or repo_id
+    if not repo_id:
+        raise click.UsageError("name the Hub repo: aotpack push ARTIFACT OWNER/NAME (or --repo-id OWNER/NAME)")
     from aotpack.hub import push as push_build
 
     result = push_build(artifact, repo_id, private=private, revision=revision, tag_name=tag_name, token=token)
-    if result.uploaded:
-        click.echo(result.url)
-    else:
-        click.echo(f"{repo_id}: build {result.build} is already there; nothing uploaded")
+    if not result.uploaded:  # still a result on stdout: a script that pushes twice gets the URL both times
+        click.echo(f"{repo_id}: build {result.build} is already there; nothing uploaded", err=True)
+    _result(as_json, _pushed(result), result.url)
 
 
 @cli.command()
+@quiet_option
 @click.argument("repo_id")
 @click.option("--revision", default=None, help="Tag or commit to pull (a branch needs --trust).")
 @click.option("--quant", default=None, help="Only a build of this scheme.")
@@ -379,7 +453,8 @@ def push(artifact, repo_id, private, revision, tag_name, token) -> None:
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the one saved by 'hf auth login').")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(),
               help="Require a signature by this public key (PEM; repeatable; default: AOTPACK_TRUSTED_KEYS).")
-def pull(repo_id, revision, quant, build_name, trust, refresh_pins, token, trusted_keys) -> None:
+@json_option
+def pull(repo_id, revision, quant, build_name, trust, refresh_pins, token, trusted_keys, as_json) -> None:
     """Download the build of REPO_ID that fits this machine, verify it, print its folder.
 
     A tag is pinned to its commit at its first pull here; if it is moved later, pulls refuse it until
@@ -396,11 +471,15 @@ def pull(repo_id, revision, quant, build_name, trust, refresh_pins, token, trust
     """
     from aotpack.hub import pull as pull_build
 
-    click.echo(str(pull_build(repo_id, revision=revision, quant=quant, build=build_name, token=token, trust=trust,
-                              refresh_pins=refresh_pins, trusted_keys=list(trusted_keys) or None)))
+    folder = pull_build(repo_id, revision=revision, quant=quant, build=build_name, token=token, trust=trust,
+                        refresh_pins=refresh_pins, trusted_keys=list(trusted_keys) or None)
+    # pulled builds sit at .../COMMIT/builds/NAME
+    _result(as_json, {"path": str(folder), "repo_id": repo_id, "build": Path(folder).name,
+                      "commit": Path(folder).parent.parent.name}, str(folder))
 
 
 @cli.command()
+@quiet_option
 @click.argument("matrix", type=click.Path(dir_okay=False))
 @click.option("--dry-run", is_flag=True,
               help="Print the cells, the platform each flavor gives and its price; submit nothing.")
@@ -424,6 +503,8 @@ def farm(matrix, dry_run, token) -> None:
         for p in planned:
             state = f"refused: {p.problem}" if p.problem else f"-> {p.cell.repo}:builds/{p.build}"
             click.echo(f"{p.cell.label:<40} {p.cell.flavor:<14} {p.platform:<10} {p.price:<16} {state}")
+            for upload in p.uploads:  # what the job will be sent, as read and checked here
+                click.echo(f"    uploads {upload.describe()}")
         error = refused(planned)
         if error:
             raise error
@@ -467,6 +548,7 @@ class _FarmView:
 
 
 @cli.command()
+@quiet_option
 @click.argument("recipe")
 @click.option("--quant", "quants", multiple=True, help="Scheme(s) to compare (repeatable; default: none and the recipe's).")
 @click.option("--variant", default=None, help="A recipe variant.")
@@ -483,7 +565,8 @@ class _FarmView:
               help="Only build, each artifact afresh in its own process with an empty compile cache, and write the "
                    "build table (builds.md/.csv/.json: stage times, .pt2 bytes, peak RSS); rows of other runs in "
                    "the same folder are kept.")
-def bench(recipe, quants, variant, steps, images, out, max_autotune, regional, build_only) -> None:
+@json_option
+def bench(recipe, quants, variant, steps, images, out, max_autotune, regional, build_only, as_json) -> None:
     """Compare eager, torch.compile (cold), torch.compile + its portable cache and the aotpack artifacts.
 
     Each variant runs in a fresh process with the checkpoint and artifact evicted from the page cache and an
@@ -498,6 +581,7 @@ def bench(recipe, quants, variant, steps, images, out, max_autotune, regional, b
       aotpack bench flux-depth --quant int8wo --build-only --variant shallow   # 1 + 1 blocks
       aotpack bench flux-depth --quant int8wo --build-only       # 19 + 38 blocks, same table
     """
+    _quiet_pipelines()
     from aotpack.bench import run_bench
     from aotpack.artifact.platform import describe, tag
     from aotpack.builder.recipe import get_recipe
@@ -506,8 +590,9 @@ def bench(recipe, quants, variant, steps, images, out, max_autotune, regional, b
     quants = list(quants) or list(dict.fromkeys(["none", r.default_quant]))
     name = f"{r.name}-builds" if build_only else r.full_name
     folder = Path(out) if out else Path("artifacts") / "bench" / f"{name}-{tag(describe())}"
-    click.echo(str(run_bench(recipe, quants, out=folder, steps=steps, images=images, variant=variant,
-                             max_autotune=max_autotune, regional=regional, build_only=build_only)))
+    done = run_bench(recipe, quants, out=folder, steps=steps, images=images, variant=variant,
+                     max_autotune=max_autotune, regional=regional, build_only=build_only)
+    _result(as_json, {"path": str(done)}, str(done))
 
 
 def main() -> None:

@@ -37,9 +37,13 @@ def test_unknown_recipe_lists_known_ones():
     assert "tiny-flux" in e.value.hint
 
 
-def test_unknown_variant():
-    with pytest.raises(RecipeError, match="unknown variant 'pro'"):
+def test_unknown_variant_names_the_variants_not_the_file():
+    with pytest.raises(RecipeError, match="recipe flux has no variant 'pro'") as e:
         get_recipe("flux", "pro")
+    assert e.value.hint == "choose one of: schnell"
+    with pytest.raises(RecipeError, match="recipe tiny-flux has no variant 'schnell'") as e:
+        get_recipe("tiny-flux", "schnell")
+    assert "leave --variant out" in e.value.hint and "recipe file" not in e.value.hint
 
 
 def test_invalid_recipe_gathers_every_problem():

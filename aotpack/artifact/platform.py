@@ -76,7 +76,19 @@ def isa_from_flags(flags: tuple[str, ...] | list[str]) -> str | None:
     return max(fits, key=lambda isa: len(table[isa])) if fits else None
 
 
+# Device nodes a CUDA (or ROCm, or WSL) GPU needs: with none of them torch cannot see a GPU either.
+_GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
+
+
+def gpu_possible() -> bool:
+    """False when this machine certainly has no GPU torch could use, decided without importing torch (a second
+    where torch's import takes 5-10): refusals that only need to know that stay fast."""
+    return any(Path(p).exists() for p in _GPU_NODES)
+
+
 def default_device() -> str:
+    if not gpu_possible():
+        return "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -227,6 +227,11 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
     if not isinstance(data.get("regional", False), bool):
         problems.append("regional must be true or false")
     fields, capture, run = dict(data), dict(capture), dict(run)
+    if variant is not None and variant not in variants and not problems:
+        # the user's word, not the file's: a variant the recipe lacks is a bad --variant, not a broken recipe
+        raise RecipeError(f"recipe {data.get('name', source)} has no variant '{variant}'",
+                          f"choose one of: {', '.join(sorted(variants))}" if variants
+                          else "leave --variant out: this recipe has no variants")
     if variant is not None:
         _apply_variant(variant, variants, fields, s, capture, run, problems)
     if not str(fields.get("checkpoint", "")).startswith("builtin:") and not _COMMIT.match(str(fields.get("revision"))):

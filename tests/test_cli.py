@@ -1,0 +1,82 @@
+"""The command line a script and a person expect: results on stdout (``--json`` for scripts), the rest on
+stderr, ``-q`` before or after the command, refusals that need no torch made without importing it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from aotpack.cli import cli
+from hub_server import HubServer
+
+TOKEN = "hf_cli_test_token_0123456789"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["build", "flux"], "Error: recipe 'flux' builds black-forest-labs/FLUX.1-dev, which needs a CUDA device"),
+    (["build", "tiny-flux", "--quant", "fp8dq"], "Error: scheme 'fp8dq' cannot run here"),
+    (["build", "flux3"], "Error: unknown recipe 'flux3'"),
+])
+def test_refusals_that_need_no_torch_do_not_import_it(args, message):
+    # a fresh interpreter: this one has torch loaded already. Where a GPU node exists torch must decide.
+    from aotpack.artifact.platform import gpu_possible
+
+    if gpu_possible():
+        pytest.skip("this machine may have a GPU: the device check needs torch")
+    code = ("import sys\nfrom aotpack.cli import cli\ntry:\n    cli(%r, prog_name='aotpack')\n"
+            "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n") % (args,)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "exit 1 False", (done.stdout, done.stderr)
+    assert done.stderr.startswith(message), done.stderr
+    assert done.stderr.count("Error:") == 1 and "Traceback" not in done.stderr
+
+
+def test_quiet_works_before_and_after_the_command():
+    for args in (["-q", "recipes", "--json"], ["recipes", "-q", "--json"], ["recipes", "--json", "--quiet"]):
+        res = invoke(*args)
+        assert res.exit_code == 0, res.output
+        assert "tiny-flux" in [r["name"] for r in json.loads(res.stdout)["recipes"]]
+    res = invoke("build", "flux3", "-q")
+    assert res.exit_code == 1 and res.stderr.startswith("Error: unknown recipe 'flux3'")
+
+
+@pytest.fixture
+def online(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    server = HubServer().start()
+    server.add_user("me", TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    yield server
+    server.stop()
+
+
+def test_push_and_pull_print_their_result_on_stdout_and_json_for_scripts(online, artifacts):
+    path = artifacts("int8wo")
+    first = invoke("push", str(path), "me/cli-json", "--tag", "v1", "--json")  # the repo as an argument
+    assert first.exit_code == 0, first.output
+    pushed = json.loads(first.stdout)
+    assert pushed["uploaded"] is True and pushed["repo_id"] == "me/cli-json" and pushed["tag"] == "v1"
+    assert pushed["url"].startswith(online.url) and len(pushed["commit"]) == 40
+    again = invoke("push", str(path), "--repo-id", "me/cli-json")  # nothing new: still the URL on stdout
+    assert again.exit_code == 0, again.output
+    assert again.stdout.strip() == pushed["url"] and "already there" in again.stderr
+    pulled = invoke("pull", "me/cli-json", "--revision", "v1", "--json")
+    assert pulled.exit_code == 0, pulled.output
+    info = json.loads(pulled.stdout)
+    assert info["build"] == pushed["build"] and info["commit"] == pushed["commit"]
+    assert (__import__("pathlib").Path(info["path"]) / "manifest.json").is_file()
+    both = invoke("push", str(path), "me/a", "--repo-id", "me/b")
+    assert both.exit_code == 2 and "two repos given" in both.stderr
