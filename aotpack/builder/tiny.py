@@ -19,19 +19,9 @@ _CHARS = "abcdefghijklmnopqrstuvwxyz"
 def _tiny_flux(seed: int = 0, **transformer_overrides):
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
-    # Character-level tokenizers built from in-memory vocabularies: no download, real tokenizer classes.
-    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for tok in list(_CHARS) + [c + "</w>" for c in _CHARS]:
-        clip_vocab.setdefault(tok, len(clip_vocab))
-    tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=64,
-        num_attention_heads=4, num_hidden_layers=2, vocab_size=len(clip_vocab), projection_dim=32,
-        max_position_embeddings=77,
-    ))
+    tokenizer, text_encoder = _clip()
     tokenizer_2, text_encoder_2 = _t5()  # after CLIP: same random stream as before
     transformer = FluxTransformer2DModel(**{
         **dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
@@ -67,6 +57,21 @@ def _flux_depth(seed: int = 0, double: int = 19, single: int = 38):
 def _flux_depth_1x1(seed: int = 0):
     """flux-depth's width at 1 double + 1 single block: the other end of the depth-scaling measurement."""
     return _flux_depth(seed, double=1, single=1)
+
+
+def _clip(hidden: int = 32, projection: int = 32, *, intermediate: int = 64, with_projection: bool = False):
+    """A character-level CLIP tokenizer (built from an in-memory vocabulary: no download, the real tokenizer
+    class) and a 2-layer CLIP text model (``WithProjection`` for SD3)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for tok in list(_CHARS) + [c + "</w>" for c in _CHARS]:
+        vocab.setdefault(tok, len(vocab))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    config = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden,
+                            intermediate_size=intermediate, num_attention_heads=4, num_hidden_layers=2,
+                            vocab_size=len(vocab), projection_dim=projection, max_position_embeddings=77)
+    return tokenizer, (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
 def _t5(d_model: int = 32):
@@ -114,13 +119,18 @@ def ensure_builtin(name: str) -> Path:
 
     if name not in BUILDERS:
         raise RecipeError(f"unknown builtin model '{name}'", f"builtins: {', '.join(BUILDERS)}")
+    return save_builtin(name, BUILDERS[name])
+
+
+def save_builtin(name: str, make) -> Path:
+    """``make()``'s pipeline saved as ``AOTPACK_CACHE/builtin/NAME`` (atomically, by rename) on first use."""
     final = cache_dir() / "builtin" / name
     if (final / "model_index.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=final.parent))
     try:
-        BUILDERS[name]().save_pretrained(tmp)
+        make().save_pretrained(tmp)
         try:
             os.rename(tmp, final)
         except OSError:  # another process won the race; its copy is identical
