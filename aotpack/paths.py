@@ -28,8 +28,11 @@ def cache_dir() -> Path:
 
 
 def state_dir() -> Path:
-    """Where aotpack keeps its record key (``AOTPACK_STATE``, default ~/.local/state/aotpack)."""
-    return Path(os.environ.get("AOTPACK_STATE") or Path.home() / ".local" / "state" / "aotpack")
+    """Where aotpack keeps its record key (``AOTPACK_STATE``, default ~/.local/state/aotpack), symlinks resolved.
+
+    A symlinked state folder means the folder it points to: that real folder is used (and must be this user's
+    and writable by no one else, checked where the key is read), so every record under it is found again."""
+    return Path(os.path.realpath(os.environ.get("AOTPACK_STATE") or Path.home() / ".local" / "state" / "aotpack"))
 
 
 def check_cache_writable() -> Path:
@@ -58,39 +61,49 @@ def _private(fd: int, what: Path, kind: str) -> os.stat_result:
 @lru_cache(maxsize=4)
 def _record_key(folder: str) -> bytes:
     """The key that seals aotpack's records: 32 random bytes in ``folder/record.key``, made once, mode 0600.
-    A key file (or folder) that someone else could have written is refused, not used."""
+    A key file (or folder) that someone else could have written is refused, not used; a state folder that cannot
+    hold the key is a ConfigError too (never "no valid record", which would discard every genuine one)."""
     base = Path(folder)
-    base.mkdir(parents=True, exist_ok=True, mode=0o700)
-    dfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0))
     try:
-        _private(dfd, base, "folder")
-        for _ in range(2):
-            try:
-                fd = os.open("record.key", os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=dfd)
-            except FileNotFoundError:
-                fd = None
-            if fd is not None:
-                with os.fdopen(fd, "rb") as f:
-                    _private(f.fileno(), base / "record.key", "file")
-                    data = f.read(33)
-                if len(data) != 32:
-                    raise ConfigError(f"{base / 'record.key'} is not an aotpack record key",
-                                      f"delete {base / 'record.key'}; it is made again")
-                return data
-            tmp = f".record.key.{secrets.token_hex(8)}"
-            wfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600,
-                          dir_fd=dfd)
-            with os.fdopen(wfd, "wb") as f:
-                f.write(secrets.token_bytes(32))
-            try:
-                os.link(tmp, "record.key", src_dir_fd=dfd, dst_dir_fd=dfd)  # the first writer wins; others read it
-            except FileExistsError:
-                pass
-            finally:
-                os.unlink(tmp, dir_fd=dfd)
-        raise ConfigError(f"cannot make a record key in {base}", "check the folder's permissions")
-    finally:
-        os.close(dfd)
+        base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # no link followed: state_dir() resolved them, so a link here now was planted after that
+        dfd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            return _read_or_make_key(dfd, base)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        why = "not a folder" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror or e
+        raise ConfigError(f"AOTPACK_STATE={one_line(folder, 200)} cannot hold aotpack's record key ({why})",
+                          "point AOTPACK_STATE at a folder only you can write, or unset it") from None
+
+
+def _read_or_make_key(dfd: int, base: Path) -> bytes:
+    _private(dfd, base, "folder")
+    for _ in range(2):
+        try:
+            fd = os.open("record.key", os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=dfd)
+        except FileNotFoundError:
+            fd = None
+        if fd is not None:
+            with os.fdopen(fd, "rb") as f:
+                _private(f.fileno(), base / "record.key", "file")
+                data = f.read(33)
+            if len(data) != 32:
+                raise ConfigError(f"{base / 'record.key'} is not an aotpack record key",
+                                  f"delete {base / 'record.key'}; it is made again")
+            return data
+        tmp = f".record.key.{secrets.token_hex(8)}"
+        wfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600, dir_fd=dfd)
+        with os.fdopen(wfd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+        try:
+            os.link(tmp, "record.key", src_dir_fd=dfd, dst_dir_fd=dfd)  # the first writer wins; others read it
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp, dir_fd=dfd)
+    raise ConfigError(f"cannot make a record key in {base}", "check the folder's permissions")
 
 
 def _mac(kind: str, payload: Any) -> str:
@@ -105,7 +118,7 @@ def seal(kind: str, payload: Any) -> str:
 
 def unseal(kind: str, text: str | bytes) -> Any | None:
     """The payload of a record written by ``seal(kind, ...)``; None for anything else (forged, other kind,
-    unreadable). Never raises on hostile input."""
+    unreadable). Never raises on hostile input; a state folder that cannot hold the key is a ConfigError."""
     try:
         data = json.loads(text)
         if not isinstance(data, dict) or data.get("kind") != kind or not isinstance(data.get("mac"), str):
@@ -114,8 +127,6 @@ def unseal(kind: str, text: str | bytes) -> Any | None:
             return None
         return data["payload"]
     except (ValueError, TypeError, RecursionError):
-        return None
-    except OSError:  # no record key could be made: nothing is trusted
         return None
 
 

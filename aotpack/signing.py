@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence, Union
 
 from aotpack.artifact.manifest import MANIFEST
-from aotpack.errors import SignatureError, first_line
+from aotpack.errors import ConfigError, SignatureError, first_line, one_line
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
@@ -35,7 +35,9 @@ SIGNATURE = "signature.sig"
 TRUSTED_KEYS_ENV = "AOTPACK_TRUSTED_KEYS"
 # A bundle holds ~150 bytes per file: 4 MiB is tens of thousands of files, and bounds what a hostile one costs.
 MAX_SIGNATURE_BYTES = 4 << 20
+# A PEM key is a few hundred bytes (an RSA-16384 one is 13 KB): more is not a key, and must not be read on.
 _MAX_KEY_BYTES = 64 << 10
+_PEM_BEGIN = re.compile(rb"-----BEGIN ([A-Z0-9 ]{1,40})-----")
 _SUPPORTED_CURVES = ("secp256r1", "secp384r1", "secp521r1")  # what model-signing (Sigstore's specs) accepts
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _KEYGEN_HINT = ("make a key pair with: openssl ecparam -genkey -name prime256v1 -noout -out key.pem && "
@@ -80,18 +82,84 @@ def trusted_key_paths(value: str | None = None) -> list[Path]:
     return [Path(p) for p in value.split(os.pathsep) if p.strip()]
 
 
+def trusted_keys_from_env() -> list[EllipticCurvePublicKey]:
+    """The keys ``AOTPACK_TRUSTED_KEYS`` names; [] when it is unset. Set, it must name at least one key file:
+    a blank value (``''``, ``':'``, spaces) is an error, never a silent "no signature required"."""
+    value = os.environ.get(TRUSTED_KEYS_ENV)
+    if value is None:
+        return []
+    paths = trusted_key_paths(value)
+    if not paths:
+        raise ConfigError(f"{TRUSTED_KEYS_ENV}={one_line(repr(value), 40)} names no key file",
+                          f"set it to PEM public key paths separated by '{os.pathsep}', or unset it to load "
+                          "unsigned artifacts")
+    return load_trusted_keys(paths)
+
+
 def load_trusted_keys(paths: Sequence[str | os.PathLike]) -> list[EllipticCurvePublicKey]:
-    """Read PEM elliptic-curve public keys (P-256, P-384 or P-521), one per file."""
-    keys = []
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                data = f.read(_MAX_KEY_BYTES + 1)
-        except OSError as e:
-            raise SignatureError(f"cannot read trusted key {path}: {e.strerror or e}",
-                                 f"check the paths in --trusted-key / {TRUSTED_KEYS_ENV}") from None
-        keys.append(_public_key(data, where=str(path)))
-    return keys
+    """Read PEM elliptic-curve public keys (P-256, P-384 or P-521), exactly one per file."""
+    hint = f"check the paths in --trusted-key / {TRUSTED_KEYS_ENV}"
+    return [_public_key(read_key_file(path, what="trusted key", hint=hint), where=str(path)) for path in paths]
+
+
+def read_key_file(path: str | os.PathLike, *, what: str, hint: str) -> bytes:
+    """The bytes of the key file ``path``: a regular file of at most 64 KiB holding one PEM key, or SignatureError.
+
+    Opened without blocking (a FIFO must not hang a load) and checked on the open descriptor (no swap between the
+    check and the read). Symlinks are followed: the user named the path, and key files are often links (a
+    Kubernetes secret mount is one); what the link reaches must still be a regular file.
+    """
+    shown = f"{what} {one_line(str(path), 200)}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise SignatureError(f"cannot read {shown}: {e.strerror or e}", hint) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a pipe" if stat.S_ISFIFO(st.st_mode) else \
+                "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a special file"
+            raise SignatureError(f"cannot read {shown}: {kind}, not a regular file", hint)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        data = f.read(_MAX_KEY_BYTES + 1)  # a file that grows after the fstat is still cut here
+    if len(data) > _MAX_KEY_BYTES:
+        raise SignatureError(f"{shown} is larger than {_MAX_KEY_BYTES >> 10} KiB: not a PEM key", hint)
+    _one_pem_key(data, shown)
+    return data
+
+
+def _one_pem_key(data: bytes, where: str) -> None:
+    """Refuse a file holding more than one PEM key: the parsers silently take the first, so the file would not
+    mean what it seems to (an 'EC PARAMETERS' block, which openssl ecparam writes before the key, is no key)."""
+    labels = [m.group(1) for m in _PEM_BEGIN.finditer(data) if m.group(1) != b"EC PARAMETERS"]
+    if len(labels) > 1:
+        raise SignatureError(f"{where} holds {len(labels)} PEM keys; a key file holds exactly one",
+                             "put each key in a file of its own (several trusted keys: list every file)")
+
+
+def load_private_key(path: str | os.PathLike, password: str | None = None):
+    """The EC private key (P-256, P-384 or P-521) in the PEM file ``path``, read with ``read_key_file``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    data = read_key_file(path, what="signing key", hint=_KEYGEN_HINT)
+    shown = one_line(str(path), 200)
+    try:
+        private = serialization.load_pem_private_key(data, password.encode() if password is not None else None)
+    except (ValueError, TypeError) as e:  # garbage, wrong or missing password, unsupported format
+        kind = "an unencrypted" if password is None else "a usable"
+        raise SignatureError(f"{shown} is not {kind} PEM private key ({first_line(e, 120)})", _KEYGEN_HINT) from None
+    except Exception as e:  # UnsupportedAlgorithm and the like: not a key this can sign with
+        raise SignatureError(f"{shown} is not a usable PEM private key ({first_line(e, 120)})",
+                             _KEYGEN_HINT) from None
+    if not isinstance(private, ec.EllipticCurvePrivateKey):
+        raise SignatureError(f"{shown} is not an elliptic-curve private key", _KEYGEN_HINT)
+    _public_key(private.public_key(), where=shown)  # a curve model-signing supports
+    return private
 
 
 def _public_key(key: KeyLike, where: str | None = None) -> EllipticCurvePublicKey:
@@ -106,6 +174,7 @@ def _public_key(key: KeyLike, where: str | None = None) -> EllipticCurvePublicKe
         where = where or "trusted key"
         if not isinstance(key, bytes) or len(key) > _MAX_KEY_BYTES:
             raise SignatureError(f"{where} is not a PEM public key", _KEYGEN_HINT)
+        _one_pem_key(key, where)
         if b"PRIVATE KEY" in key:
             raise SignatureError(f"{where} is a private key",
                                  "give serving boxes the public key only: openssl ec -in key.pem -pubout -out key.pub")
@@ -131,24 +200,12 @@ def sign(folder: str | os.PathLike, *, key_path: str | os.PathLike, password: st
     renaming, the new signature is verified with the key's public half and checked against manifest.json exactly
     as a loader would, so a folder holding a stray or changed file is refused here rather than on every box.
     """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
         raise SignatureError(f"{folder} has no {MANIFEST}: not a finished artifact",
                              "sign the folder that 'aotpack build' wrote")
-    try:
-        private = serialization.load_pem_private_key(Path(key_path).read_bytes(),
-                                                     password.encode() if password is not None else None)
-    except OSError as e:
-        raise SignatureError(f"cannot read signing key {key_path}: {e.strerror or e}", _KEYGEN_HINT) from None
-    except (ValueError, TypeError) as e:  # garbage, wrong or missing password, unsupported format
-        raise SignatureError(f"{key_path} is not a usable PEM private key ({first_line(e, 120)})",
-                             _KEYGEN_HINT) from None
-    if not isinstance(private, ec.EllipticCurvePrivateKey):
-        raise SignatureError(f"{key_path} is not an elliptic-curve private key", _KEYGEN_HINT)
-    public = _public_key(private.public_key(), where=str(key_path))
+    private = load_private_key(key_path, password)
+    public = private.public_key()
 
     import model_signing
 
@@ -157,9 +214,8 @@ def sign(folder: str | os.PathLike, *, key_path: str | os.PathLike, password: st
     hashing = (model_signing.hashing.Config()
                .use_file_serialization(hashing_algorithm="sha256", allow_symlinks=False)
                .set_ignored_paths(paths=[SIGNATURE], ignore_git_paths=False))
-    config = (model_signing.signing.Config()
-              .use_elliptic_key_signer(private_key=Path(key_path), password=password)
-              .set_hashing_config(hashing))
+    # signed with the key object read above: model-signing's own signer would read the path again, unbounded
+    config = _key_signing_config(private).set_hashing_config(hashing)
     # Named, not created, before hashing: model-signing writes it after it has hashed the folder.
     tmp = folder / f".{SIGNATURE}.{secrets.token_hex(8)}.tmp"
     try:
@@ -301,6 +357,22 @@ def _parse_bundle(signature_bytes: bytes):
         raise SignatureError(f"{SIGNATURE} is not an elliptic-key model-signing bundle",
                              "sign the artifact with 'aotpack sign'")
     return bundle
+
+
+def _key_signing_config(private_key):
+    """model-signing's signing.Config with its EC-key signer built from a key object, not a path (its __init__
+    reads the file again, with no size limit, and could read another file than the one checked)."""
+    import model_signing
+    from model_signing._signing import sign_ec_key
+
+    class _KeySigner(sign_ec_key.Signer):
+        def __init__(self, key) -> None:  # the state sign_ec_key.Signer.__init__ sets
+            sign_ec_key._check_supported_ec_key(key.public_key())
+            self._private_key = key
+
+    config = model_signing.signing.Config()
+    config._signer = _KeySigner(private_key)  # what use_elliptic_key_signer sets
+    return config
 
 
 def _key_verifier_class():

@@ -379,7 +379,8 @@ def test_sign_refuses_a_bad_private_key(tmp_path, keys, kind):
 # --- the model-signing internals signing.py relies on (one place: _parse_bundle / _verified_manifest) -----------
 
 def test_model_signing_internals_are_as_wrapped(keys):
-    """Fails when a model-signing upgrade changes what _KeyVerifier and _verified_manifest depend on."""
+    """Fails when a model-signing upgrade changes what _KeyVerifier, _key_signing_config and _verified_manifest
+    depend on."""
     import inspect
 
     from model_signing._signing import sign_ec_key, sign_sigstore_pb, signing as ms_signing
@@ -396,3 +397,119 @@ def test_model_signing_internals_are_as_wrapped(keys):
     # the hint it writes is sha256 of the PEM SubjectPublicKeyInfo: signer_hint relies on it
     assert "hashlib.sha256(raw_bytes)" in inspect.getsource(sign_ec_key.Signer._get_verification_material)
     assert "Encoding.PEM" in inspect.getsource(sign_ec_key.Signer._get_verification_material)
+    # _key_signing_config: sign_ec_key.Signer keeps its key in _private_key, Config keeps its signer in _signer
+    import model_signing
+
+    config = model_signing.signing.Config().use_elliptic_key_signer(private_key=keys["builder"][0])
+    assert isinstance(config._signer, sign_ec_key.Signer)
+    assert signing.fingerprint(config._signer._private_key.public_key()) == signing.fingerprint(keys["builder"][1])
+    assert list(inspect.signature(sign_ec_key.Signer.__init__).parameters) == ["self", "private_key_path", "password"]
+    assert "self._signer.sign(" in inspect.getsource(model_signing.signing.Config.sign)
+
+
+# --- key files and the trusted-keys variable are untrusted input ------------------------------------------------
+
+@pytest.mark.parametrize("value", ["", os.pathsep, "   ", f" {os.pathsep} "])
+def test_t28_a_blank_trusted_keys_variable_is_an_error(monkeypatch, value):
+    """Set but naming no key: before, it meant "no keys" and an unsigned artifact loaded."""
+    from aotpack.errors import ConfigError
+    from aotpack.serve.load import trusted_keys_from_env
+
+    monkeypatch.setenv(signing.TRUSTED_KEYS_ENV, value)
+    with pytest.raises(ConfigError, match="AOTPACK_TRUSTED_KEYS=.* names no key file") as e:
+        trusted_keys_from_env()
+    assert "\n" not in e.value.cause and "unset it" in e.value.hint
+    monkeypatch.delenv(signing.TRUSTED_KEYS_ENV)
+    assert trusted_keys_from_env() == []  # unset: no signature required
+
+
+def test_t28_the_trusted_keys_variable_with_keys(monkeypatch, keys):
+    from aotpack.serve.load import trusted_keys_from_env
+
+    monkeypatch.setenv(signing.TRUSTED_KEYS_ENV, os.pathsep.join(["", str(keys["builder"][1]), " "]))
+    assert [signing.fingerprint(k) for k in trusted_keys_from_env()] == [signing.fingerprint(keys["builder"][1])]
+
+
+@pytest.fixture
+def no_hang():
+    """A read that blocks fails the test instead of hanging it."""
+    import signal
+
+    def _hung(*_):
+        raise AssertionError("the key read blocked")
+
+    old = signal.signal(signal.SIGALRM, _hung)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def _bad_key_file(tmp_path: Path, kind: str, keys) -> tuple[Path, str]:
+    path = tmp_path / f"{kind}.key"
+    if kind == "device":
+        return Path("/dev/zero"), "a device, not a regular file"
+    if kind == "fifo":
+        os.mkfifo(path)
+        return path, "a pipe, not a regular file"
+    if kind == "huge":
+        with open(path, "wb") as f:
+            f.truncate(1 << 30)  # sparse: 1 GiB read would be the bug
+        return path, "larger than 64 KiB"
+    # two PEM keys in one file: the parsers silently used the first
+    pair = keys["builder"][0] if kind == "two-private" else keys["builder"][1]
+    other = keys["other"][0] if kind == "two-private" else keys["other"][1]
+    path.write_bytes(pair.read_bytes() + other.read_bytes())
+    return path, "holds 2 PEM keys; a key file holds exactly one"
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "huge", "two-public"])
+def test_t29_a_trusted_key_file_is_read_bounded(tmp_path, keys, kind, no_hang, monkeypatch):
+    path, match = _bad_key_file(tmp_path, kind, keys)
+    with pytest.raises(SignatureError, match=match) as e:
+        signing.load_trusted_keys([path])
+    assert "\n" not in e.value.cause and e.value.hint
+    monkeypatch.setenv(signing.TRUSTED_KEYS_ENV, str(path))  # what a load reads
+    from aotpack.serve.load import trusted_keys_from_env
+
+    with pytest.raises(SignatureError, match=match):
+        trusted_keys_from_env()
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "huge", "two-private"])
+def test_t29_a_signing_key_file_is_read_bounded(tmp_path, keys, kind, no_hang):
+    """sign --key and build --sign-key (checked before the build starts) read it through the same reader."""
+    from aotpack.builder.spec import resolve
+
+    path, match = _bad_key_file(tmp_path, kind, keys)
+    folder = _artifact(tmp_path / "art")
+    with pytest.raises(SignatureError, match=match) as e:
+        signing.sign(folder, key_path=path)
+    assert "\n" not in e.value.cause and e.value.hint and not (folder / SIGNATURE).exists()
+    with pytest.raises(SignatureError, match=match):
+        resolve("tiny-flux", "int8wo", out=tmp_path / "out", sign_key=path)
+
+
+def test_t29_a_key_written_by_openssl_ecparam_still_signs(tmp_path, keys):
+    """``openssl ecparam -genkey`` without -noout writes an EC PARAMETERS block before the key: one key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = tmp_path / "key.pem"
+    pem.write_bytes(b"-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n"
+                    + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                        serialization.NoEncryption()))
+    info = signing.sign(_artifact(tmp_path / "art"), key_path=pem)
+    assert info.fingerprint == signing.fingerprint(key.public_key())
+
+
+def test_t29_sign_reads_the_key_file_once(tmp_path, keys, monkeypatch):
+    """model-signing's own signer would read the path again (unbounded, and maybe another file by then)."""
+    from model_signing._signing import sign_ec_key
+
+    def _reads_again(*_a, **_k):
+        raise AssertionError("model-signing read the key path")
+
+    monkeypatch.setattr(sign_ec_key.Signer, "__init__", _reads_again)
+    folder = _artifact(tmp_path / "art")
+    info = signing.sign(folder, key_path=keys["builder"][0])
+    assert info.fingerprint == signing.fingerprint(keys["builder"][1])
+    assert _load_check(folder, [keys["builder"][1]]).fingerprint == info.fingerprint

@@ -21,7 +21,7 @@ from aotpack.builder.export import COMPONENT_ROOT
 from aotpack.builder.plan import linear_quantizer
 from aotpack.builder.regional import only_in_blocks
 from aotpack.builder.source import component_folder, source_of, torch_dtype
-from aotpack.builder.weights import CheckpointReader, materialize, read_lora, skeleton, touched_modules
+from aotpack.builder.weights import CheckpointReader, Lora, materialize, read_lora, skeleton, touched_modules
 from aotpack.errors import InputError, IntegrityError, ManifestError
 
 
@@ -50,16 +50,23 @@ def _read_touched(manifest: Manifest, model: Any, only: set[str], lora: Any, qua
                         quantize_unit=quantize_unit, lora=lora, only=only)
 
 
-def lora_constants(manifest: Manifest, base: dict[str, torch.Tensor], path: str, scale: float,
+def lora_constants(manifest: Manifest, base: dict[str, torch.Tensor], lora: "str | Lora", scale: float,
                    plan: bytes | None, device: str) -> dict[str, torch.Tensor]:
-    """``base`` (weights-file name -> tensor) with every weight of the linears the LoRA touches replaced."""
+    """``base`` (weights-file name -> tensor) with every weight of the linears the LoRA touches replaced.
+    ``lora``: a file, or a ``Lora`` already read (diffusers' ``load_lora_weights`` hands over its state dict)."""
+    import dataclasses
+
     import diffusers
 
     if manifest.lora is not None:
         raise InputError(f"this artifact was built with LoRA {manifest.lora.file} fused in",
                          "build without --lora to swap LoRAs at load time")
     component = manifest.recipe.component
-    lora = read_lora(path, getattr(diffusers, manifest.recipe.pipeline), component, scale=scale)
+    if isinstance(lora, Lora):
+        lora = dataclasses.replace(lora, scale=scale)
+    else:
+        lora = read_lora(lora, getattr(diffusers, manifest.recipe.pipeline), component, scale=scale)
+    path = lora.path
     model = skeleton(dict(manifest.model.config), fuse_qkv=manifest.options.fuse_qkv)
     # as the build did: the artifact's scheme, or each layer's scheme from its --quant auto plan; a regional
     # build quantized only its blocks
