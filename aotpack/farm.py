@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import logging
 import os
 import re
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from aotpack._version import __version__
-from aotpack.errors import AotpackError, BuildError, FarmError, HubError, first_line
+from aotpack.errors import AotpackError, BuildError, FarmError, HubError, first_line, one_line
 
 log = logging.getLogger("aotpack")
 
@@ -49,10 +50,12 @@ STAGES = {"SCHEDULING": "queued", "RUNNING": "running", "COMPLETED": "completed"
           "CANCELED": "canceled", "DELETED": "canceled"}
 DONE = ("completed", "error", "canceled")
 _RESULT = re.compile(r"/(?P<repo>[\w.-]+/[\w.-]+)/tree/(?P<commit>[0-9a-f]{40})/builds/(?P<build>[A-Za-z0-9_.-]+)\s*$")
-_MAX_PLAN_BYTES = 1 << 20
+_MAX_MATRIX_BYTES = 1 << 20
 _PLAN_HINT = "pass the plan.json of an earlier --quant auto build"
+_TIMEOUT = re.compile(r"(\d+(\.\d+)?[smhd]|\d+)")  # what run_job reads: '2h', '90m', '1.5d', '3600'
 # build options a job cannot be given: where the job writes, and what makes it a job or a push
-_NOT_OPTIONS = {"recipe", "quant", "variant", "out", "overwrite", "push_to", "tag_name", "on_flavor", "install"}
+_NOT_OPTIONS = {"recipe", "quant", "variant", "out", "overwrite", "push_to", "tag_name", "on_flavor", "install",
+                "as_json"}  # the job's last line must stay the URL of its push
 # files on this machine that a job cannot read (and a private key that must never travel)
 _LOCAL_ONLY = {"lora": "a LoRA file", "reuse": "an artifact folder", "sign_key": "a private key"}
 
@@ -81,8 +84,30 @@ class Cell:
         return self.repo_id.replace("{recipe}", self.recipe_name)
 
     @property
-    def label(self) -> str:
-        return " ".join([self.recipe_name, self.scheme, *self.options])
+    def label(self) -> str:  # for people: escaped, as every value of a matrix is where it is shown
+        return one_line(" ".join([self.recipe_name, self.scheme, *self.options]), 200)
+
+    @property
+    def where(self) -> str:
+        return f"{self.label} on {one_line(self.flavor, 60)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Upload:
+    """A file that travels to the job inside its command: the bytes read and checked here, once."""
+
+    option: str                                   # the build option that names it, e.g. '--plan'
+    source: str                                   # the path given here
+    name: str                                     # its name in the job's folder
+    data: bytes
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+    def describe(self) -> str:
+        where = f"{self.option} {one_line(self.source, 120)} as {self.name}"
+        return f"{where}: {len(self.data)} bytes, sha256 {self.sha256}"
 
 
 @dataclasses.dataclass
@@ -94,6 +119,7 @@ class Planned:
     price: str
     build: str | None = None                      # the build name it will push, where it can be told
     problem: str | None = None
+    uploads: tuple[Upload, ...] = ()              # the files its job is sent (checked, read once)
 
 
 @dataclasses.dataclass
@@ -122,12 +148,13 @@ class CellState:
 
 def flavor_platform(flavor: str) -> tuple[str, str | None, str]:
     """(device, CUDA capability, GPU) of a Jobs flavor: 'l4x1' -> ('cuda', '8.9', 'L4'); 'cpu-basic' -> cpu."""
-    if flavor.startswith("cpu-"):
-        return "cpu", None, "CPU"
-    for prefix, gpu, cap in GPUS:
-        if flavor.startswith(prefix):
-            return "cuda", cap, gpu
-    raise FarmError(f"unknown Jobs flavor {flavor!r}", "see 'hf jobs hardware' for the flavors")
+    if re.fullmatch(r"[a-z0-9][a-z0-9-]*", flavor):  # a flavor is a name: never a line break or an escape
+        if flavor.startswith("cpu-"):
+            return "cpu", None, "CPU"
+        for prefix, gpu, cap in GPUS:
+            if flavor.startswith(prefix):
+                return "cuda", cap, gpu
+    raise FarmError(f"unknown Jobs flavor {one_line(repr(flavor), 60)}", "see 'hf jobs hardware' for the flavors")
 
 
 def platform_label(flavor: str) -> str:
@@ -142,16 +169,9 @@ _ENTRY = {"recipe", "variant", "schemes", "flavors", "options", "repo", "tag", "
 def read_matrix(path: str | os.PathLike) -> list[Cell]:
     """The cells of a matrix file: every ``[[build]]`` entry (or ``recipes = [...]``) x its schemes x its
     flavors. Top-level keys are defaults that an entry may override. Every problem is reported at once."""
-    import tomllib
-
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as e:
-        raise FarmError(f"cannot read {path}: {e.strerror}", "pass the path of a matrix .toml") from None
-    except tomllib.TOMLDecodeError as e:
-        raise FarmError(f"{path} is not valid TOML: {first_line(e)}", "see 'Build farm' in the README") from None
-    problems = [f"unknown key {k!r}" for k in sorted(set(data) - _TOP)]
+    data = _load_matrix(path)
+    problems = [f"unknown key {one_line(repr(k), 60)}" for k in sorted(set(data) - _TOP)]
     entries = data.get("build") or [{"recipe": r} for r in data.get("recipes", [])]
     if not isinstance(entries, list) or not entries:
         problems.append("no [[build]] entries and no 'recipes = [...]'")
@@ -162,7 +182,7 @@ def read_matrix(path: str | os.PathLike) -> list[Cell]:
         if not isinstance(entry, dict):
             problems.append(f"{where} is not a table")
             continue
-        problems += [f"{where}: unknown key {k!r}" for k in sorted(set(entry) - _ENTRY)]
+        problems += [f"{where}: unknown key {one_line(repr(k), 60)}" for k in sorted(set(entry) - _ENTRY)]
         get = lambda key, default=None: entry.get(key, data.get(key, default))  # noqa: E731
         fields = {k: get(k) for k in ("recipe", "repo", "schemes", "flavors")}
         for key, value in fields.items():
@@ -179,6 +199,9 @@ def read_matrix(path: str | os.PathLike) -> list[Cell]:
         for key, value in scalars.items():
             if value is not None and not isinstance(value, str):
                 problems.append(f"{where}: '{key}' must be a string")
+        if isinstance(scalars["timeout"], str):
+            problems += [f"{where}: {p}" for p in [_timeout_problem(scalars["timeout"])] if p]
+        problems += _unprintable(where, {**fields, **scalars, "options": options})
         if any(p.startswith(where) for p in problems):
             continue
         for scheme in fields["schemes"]:
@@ -188,8 +211,50 @@ def read_matrix(path: str | os.PathLike) -> list[Cell]:
                                   install=scalars["install"], image=scalars["image"] or DEFAULT_IMAGE,
                                   timeout=scalars["timeout"] or DEFAULT_TIMEOUT))
     if problems:
-        raise FarmError(f"{path}: " + "; ".join(problems), "see 'Build farm' in the README for the format")
+        raise FarmError(f"{one_line(path, 120)}: " + "; ".join(problems),
+                        "see 'Build farm' in the README for the format")
     return cells
+
+
+def _load_matrix(path: Path) -> dict:
+    """The matrix file's TOML: a regular file of at most 1 MiB, UTF-8 (as TOML is)."""
+    import tomllib
+
+    from aotpack.builder.plan import read_small_file
+
+    hint = "pass the path of a matrix .toml (see 'Build farm' in the README)"
+    try:
+        data = read_small_file(path, _MAX_MATRIX_BYTES)
+    except ValueError as e:
+        raise FarmError(f"matrix {one_line(path, 120)} {e}", hint) from None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise FarmError(f"matrix {one_line(path, 120)} is not UTF-8 text (byte {e.start})", hint) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise FarmError(f"{one_line(path, 120)} is not valid TOML: {first_line(e)}", hint) from None
+
+
+def _timeout_problem(timeout: str) -> str | None:
+    """Why a job timeout cannot be given to Hugging Face Jobs, or None."""
+    if not isinstance(timeout, str) or not _TIMEOUT.fullmatch(timeout) or float(timeout.rstrip("smhd")) <= 0:
+        return (f"'timeout' {one_line(repr(timeout), 40)} is not a duration: a number of seconds or a number "
+                "with s, m, h or d, e.g. \"2h\"")
+    return None
+
+
+def _unprintable(where: str, values: dict[str, Any]) -> list[str]:
+    """A problem for each value holding a control character (a newline would print a second 'Error:' line,
+    an escape sequence would redraw the terminal): no flavor, repo or option needs one."""
+    out = []
+    for key, value in values.items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and not v.isprintable():
+                out.append(f"{where}: '{key}' holds a control character: {one_line(repr(v), 80)}")
+                break
+    return out
 
 
 # ---- options: what `aotpack build` in the job is given ------------------------------------------------------
@@ -228,7 +293,7 @@ def _parsed(cell: Cell) -> tuple[dict, list[str]]:
         ctx = command.make_context("build", [cell.recipe, *cell.options], resilient_parsing=False)
     except (click.ClickException, click.exceptions.Exit) as e:
         message = e.format_message() if isinstance(e, click.ClickException) else "--help is not a build option"
-        raise FarmError(f"options {' '.join(cell.options)}: {first_line(Exception(message))}",
+        raise FarmError(f"options {one_line(' '.join(cell.options), 120)}: {first_line(Exception(message))}",
                         "use the options of 'aotpack build --help'") from None
     for param in ctx.command.params:
         if param.name in _NOT_OPTIONS and param.name != "recipe" and \
@@ -248,15 +313,36 @@ def _check_local_files(params: dict) -> None:
                             "build it here, or put the file in a Hub repo the job can download")
     model = params.get("model")
     if model and (os.path.exists(model) or model.startswith(("/", "./", "../", "~"))):
-        raise FarmError(f"--model {model} is a local folder, which a job cannot read", "pass a Hub repo id as --model")
+        raise FarmError(f"--model {one_line(model, 120)} is a local folder, which a job cannot read",
+                        "pass a Hub repo id as --model")
+
+
+def uploads_of(cell: Cell, params: dict, device: str, cap: tuple[int, int] | None) -> tuple[Upload, ...]:
+    """The files the cell's job is sent, each read once and checked as what it claims to be, for the job's
+    device: a ``--plan`` is a regular file (no link, FIFO, device or /proc file) holding a valid aotpack plan
+    whose schemes run there. Anything else (the environment, a token file) is refused before any submission."""
+    from aotpack.builder.plan import MAX_PLAN_BYTES, parse_plan, read_small_file
+
     plan = params.get("plan")
-    if plan:
-        try:
-            size = Path(plan).stat().st_size
-        except OSError as e:
-            raise FarmError(f"--plan {plan}: {e.strerror}", _PLAN_HINT) from None
-        if size > _MAX_PLAN_BYTES:
-            raise FarmError(f"--plan {plan} is larger than 1 MiB", _PLAN_HINT)
+    if not plan:
+        return ()
+    if cell.scheme != "auto":
+        raise FarmError(f"--plan and scheme {one_line(cell.scheme, 40)} contradict each other",
+                        "give a cell with --plan the scheme 'auto'")
+    shown = one_line(plan, 120)
+    try:
+        data = read_small_file(plan, MAX_PLAN_BYTES, follow_symlinks=False)
+    except ValueError as e:
+        raise FarmError(f"--plan {shown} {e}", _PLAN_HINT) from None
+    try:
+        parse_plan(data, shown, device, cap)
+    except AotpackError as e:
+        raise FarmError(f"--plan: {e.cause}", _PLAN_HINT) from None
+    return (Upload("--plan", str(plan), "plan.json", data),)
+
+
+def _cap(cap: str | None) -> tuple[int, int] | None:
+    return tuple(int(x) for x in cap.split(".")) if cap else None  # type: ignore[return-value]
 
 
 def _hardware(api: Any) -> dict[str, Any]:
@@ -277,8 +363,11 @@ def plan_farm(cells: Sequence[Cell], *, hardware: dict[str, Any] | None = None) 
         planned = Planned(cell, "?", "?")
         out.append(planned)
         try:
+            problem = _timeout_problem(cell.timeout)
+            if problem:
+                raise FarmError(problem, "e.g. timeout = \"2h\"")
             if hardware is not None and cell.flavor not in hardware:
-                raise FarmError(f"flavor {cell.flavor!r} is not offered by Hugging Face Jobs",
+                raise FarmError(f"flavor {one_line(repr(cell.flavor), 60)} is not offered by Hugging Face Jobs",
                                 f"choose one of: {', '.join(sorted(hardware))}")
             device, cap, gpu = flavor_platform(cell.flavor)
             planned.platform = platform_label(cell.flavor)
@@ -287,13 +376,13 @@ def plan_farm(cells: Sequence[Cell], *, hardware: dict[str, Any] | None = None) 
                 planned.price = f"${h.unit_cost_usd:.4f}/{h.unit_label}"
             recipe = get_recipe(cell.recipe, cell.variant)
             if cell.scheme != "auto":
-                numbers = tuple(int(x) for x in cap.split(".")) if cap else None
-                reason = why_not(get_scheme(cell.scheme), device, numbers)
+                reason = why_not(get_scheme(cell.scheme), device, _cap(cap))
                 if reason:
-                    raise FarmError(f"{cell.flavor} ({gpu}) cannot build {cell.scheme}: {reason}",
+                    raise FarmError(f"{one_line(cell.flavor, 60)} ({gpu}) cannot build {cell.scheme}: {reason}",
                                     "drop the cell or choose a newer GPU")
             params, _ = _parsed(cell)
             _check_local_files(params)
+            planned.uploads = uploads_of(cell, params, device, _cap(cap))
             repo = cell.repo
             from huggingface_hub.utils import validate_repo_id
 
@@ -307,7 +396,8 @@ def plan_farm(cells: Sequence[Cell], *, hardware: dict[str, Any] | None = None) 
             planned.build = name_of(cell.scheme, options, False, planned.platform if cap else "cpu-...")
             other = names.setdefault((repo, planned.build), cell)
             if other is not cell:
-                raise FarmError(f"{other.flavor} and {cell.flavor} would both push {planned.build} into {repo}",
+                raise FarmError(f"{one_line(other.flavor, 60)} and {one_line(cell.flavor, 60)} would both push "
+                                f"{planned.build} into {repo}",
                                 "keep one of them (the build name does not tell them apart)")
         except AotpackError as e:
             planned.problem = e.cause
@@ -337,7 +427,7 @@ def refused(planned: Sequence[Planned]) -> FarmError | None:
         return None
     first = bad[0]
     more = f" (and {len(bad) - 1} more cell{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
-    return FarmError(f"cell {first.cell.label} on {first.cell.flavor}: {first.problem}{more}",
+    return FarmError(f"cell {first.cell.where}: {one_line(first.problem, 300)}{more}",
                      "fix or drop the refused cells (aotpack farm MATRIX --dry-run lists them); nothing was submitted")
 
 
@@ -363,20 +453,25 @@ def _pins() -> list[str]:
     return pins
 
 
-def job_command(cell: Cell, *, tag_in_job: bool = True) -> list[str]:
+def job_command(cell: Cell, *, tag_in_job: bool = True, uploads: Sequence[Upload] | None = None) -> list[str]:
     """The job's command: install aotpack and the pins, then build and push. No token in it. A farm tags its
-    repos itself once every cell is in (``tag_in_job=False``): a tag is a pin and names one commit."""
+    repos itself once every cell is in (``tag_in_job=False``): a tag is a pin and names one commit.
+    ``uploads``: the files checked by ``plan_farm`` (their bytes are what travels); else they are read now."""
     params, options = _parsed(cell)
+    if uploads is None:
+        device, cap, _ = flavor_platform(cell.flavor)
+        _check_local_files(params)
+        uploads = uploads_of(cell, params, device, _cap(cap))
     install = [cell.install or f"aotpack=={__version__}", *_pins()]
     packages = " ".join(shlex.quote(x) for x in install)
     lines = ["set -e",  # uv where the image has it (the default one does), else pip
              f"if command -v uv >/dev/null; then uv pip install --system --quiet {packages}; "
              f"else python -m pip install --quiet {packages}; fi"]
-    if params.get("plan"):  # the plan travels inside the command, and the build reads it from the job's folder
-        data = base64.b64encode(Path(params["plan"]).read_bytes()).decode()
-        lines.append(f"echo {data} | base64 -d > plan.json")
-        i = options.index("--plan")
-        options[i + 1] = "plan.json"
+    for upload in uploads:  # each travels inside the command, and the build reads it from the job's folder
+        data = base64.b64encode(upload.data).decode()
+        lines.append(f"echo {data} | base64 -d > {upload.name}")
+        i = options.index(upload.option)
+        options[i + 1] = upload.name
     args = ["aotpack", "build", cell.recipe, "--quant", cell.scheme]
     args += ["--variant", cell.variant] if cell.variant else []
     args += options + ["--push", cell.repo] + (["--tag", cell.tag] if cell.tag and tag_in_job else [])
@@ -413,9 +508,11 @@ def _session(token: str | None) -> tuple[Any, str, str]:
         return api, api.whoami()["name"], token
 
 
-def _submit(api: Any, namespace: str, cell: Cell, token: str, *, tag_in_job: bool = True) -> Any:
+def _submit(api: Any, namespace: str, planned: Planned, token: str, *, tag_in_job: bool = True) -> Any:
+    cell = planned.cell
     name = re.sub(r"[^a-zA-Z0-9_-]", "-", f"aotpack-{cell.recipe_name}-{cell.scheme}-{cell.flavor}")
-    return api.run_job(image=cell.image, command=job_command(cell, tag_in_job=tag_in_job), env=_job_env(),
+    command = job_command(cell, tag_in_job=tag_in_job, uploads=planned.uploads)
+    return api.run_job(image=cell.image, command=command, env=_job_env(),
                        secrets={"HF_TOKEN": token},
                        flavor=cell.flavor, timeout=cell.timeout, name=name[:60], namespace=namespace)
 
@@ -428,12 +525,14 @@ def _stage(info: Any) -> str:
 def _conclude(state: CellState, lines: list[str], stage: str, message: str | None) -> None:
     """Read the build's name in the repo from the job's last lines, and check it was built for the flavor."""
     state.finished = time.monotonic()
-    state.tail = [ln for ln in lines if ln.strip()][-15:]
+    state.tail = [one_line(ln, 500) for ln in lines if ln.strip()][-15:]  # the job's output: never raw
     if stage == "completed":
         found = next((m for m in map(_RESULT.search, reversed(lines)) if m), None)
         expected = platform_label(state.cell.flavor)
         if found is None:
             stage, message = "error", "the job ended without printing the URL of a pushed build"
+        elif found["repo"] != state.cell.repo:
+            stage, message = "error", f"the job printed a build in {found['repo']}, not in {state.cell.repo}"
         else:
             state.build, state.commit = found["build"], found["commit"]
             if not (found["build"].endswith("-" + expected) or expected == "cpu" and "-cpu-" in found["build"]):
@@ -442,7 +541,31 @@ def _conclude(state: CellState, lines: list[str], stage: str, message: str | Non
                            "saw no GPU (check the image)")
     elif not message:
         message = f"job {stage}"
-    state.stage, state.message = stage, message
+    state.stage, state.message = stage, one_line(message, 300) if message else message
+
+
+def _check_pushed(api: Any, state: CellState) -> None:
+    """A completed job's log is only its word: the commit it printed must be in the repo on the Hub and hold
+    the build there (its manifest), else the cell failed."""
+    from huggingface_hub import errors as hfe
+    from huggingface_hub.utils import httpx
+
+    if state.stage != "completed":
+        return
+    repo, commit, build = state.cell.repo, state.commit, state.build
+    try:
+        there = api.repo_info(repo, revision=commit).sha == commit and api.file_exists(
+            repo, f"builds/{build}/manifest.json", revision=commit)
+    except (hfe.RepositoryNotFoundError, hfe.RevisionNotFoundError):
+        there = False
+    except (hfe.HfHubHTTPError, httpx.TransportError) as e:
+        state.stage = "error"
+        state.message = f"could not check commit {commit} of {repo} on the Hub: {first_line(e, 160)}"
+        return
+    if not there:
+        state.stage = "error"
+        state.message = (f"the job printed commit {commit} of {repo}, but the Hub has no builds/{build} at that "
+                         "commit: the build was not pushed")
 
 
 def remote_build(
@@ -461,7 +584,8 @@ def remote_build(
     on_line: Callable[[str], None] | None = None,
 ) -> CellState:
     """Build on a Hugging Face Jobs machine of ``flavor`` and push into ``repo_id``; stream the job's log lines to
-    ``on_line`` (default: the aotpack logger) and return the finished cell with the build's name in the repo.
+    ``on_line`` (each escaped to one printable line; default: the aotpack logger, marked ``job|``) and return
+    the finished cell with the build's name in the repo, once the Hub shows that commit holding it.
 
     An interrupt (Ctrl-C) cancels the job before it propagates. A failed job is a BuildError with its last line.
     """
@@ -471,26 +595,34 @@ def remote_build(
     from aotpack.hub import _hub_errors
 
     with _hub_errors(cell.repo):
-        error = refused(plan_farm([cell], hardware=_hardware(api)))
+        planned = plan_farm([cell], hardware=_hardware(api))
+        error = refused(planned)
         if error:
             raise error
+        for upload in planned[0].uploads:
+            log.info("sending %s", upload.describe())
         state = CellState(cell, stage="queued", submitted=time.monotonic())
-        job = _submit(api, namespace, cell, token)
+        job = _submit(api, namespace, planned[0], token)
         state.job_id, state.url = job.id, job.url
         log.info("job %s on %s: %s", job.id, flavor, job.url)
         lines: list[str] = []
         try:
             for line in api.fetch_job_logs(job_id=job.id, namespace=namespace, follow=True):
                 lines.append(line)
-                (on_line or log.info)(line)
+                shown = one_line(line, 2000)  # escape codes and fake 'Error:' lines stay inside the job's line
+                if on_line:
+                    on_line(shown)
+                else:
+                    log.info("job| %s", shown)
             info = api.wait_for_job(job.id, namespace=namespace, poll_interval=1.0)
         except KeyboardInterrupt:
             _cancel(api, namespace, [state])
             raise
-    _conclude(state, lines, _stage(info), info.status.message)
+        _conclude(state, lines, _stage(info), info.status.message)
+        _check_pushed(api, state)
     if state.stage != "completed":
         last = state.tail[-1] if state.tail else "no output"
-        raise BuildError(f"job {job.id} on {flavor} ended {state.stage}: {state.message}; "
+        raise BuildError(f"job {job.id} on {one_line(flavor, 60)} ended {state.stage}: {state.message}; "
                          f"last line: {first_line(Exception(last), 200)}",
                          f"its log: hf jobs logs {job.id}")
     return state
@@ -502,7 +634,7 @@ def _cancel(api: Any, namespace: str, states: Iterable[CellState]) -> None:
             try:
                 api.cancel_job(job_id=state.job_id, namespace=namespace)
                 state.stage, state.message, state.finished = "canceled", "interrupted", time.monotonic()
-                log.warning("canceled job %s (%s on %s)", state.job_id, state.cell.label, state.cell.flavor)
+                log.warning("canceled job %s (%s)", state.job_id, state.cell.where)
             except Exception as e:  # keep cancelling the others
                 log.warning("could not cancel job %s: %s (cancel it with: hf jobs cancel %s)", state.job_id,
                             first_line(e, 120), state.job_id)
@@ -530,16 +662,17 @@ def run_farm(
 
     api, namespace, token = _session(token)
     with _hub_errors("jobs"):
-        error = refused(plan_farm(cells, hardware=_hardware(api)))
+        planned = plan_farm(cells, hardware=_hardware(api))
+    error = refused(planned)
     if error:
         raise error
     states = [CellState(cell) for cell in cells]
     notify = (lambda: on_change(states)) if on_change else (lambda: None)
     try:
-        for state in states:
+        for state, plan in zip(states, planned):
             state.submitted = time.monotonic()
             try:
-                job = _submit(api, namespace, state.cell, token, tag_in_job=False)
+                job = _submit(api, namespace, plan, token, tag_in_job=False)
                 state.job_id, state.url, state.stage = job.id, job.url, _stage(job)
             except (hfe.HfHubHTTPError, httpx.TransportError) as e:
                 state.stage, state.finished = "error", time.monotonic()
@@ -569,6 +702,7 @@ def _follow(api: Any, namespace: str, state: CellState) -> bool:
         if stage in DONE:
             _conclude(state, list(api.fetch_job_logs(job_id=state.job_id, namespace=namespace)), stage,
                       info.status.message)
+            _check_pushed(api, state)
             return True
         if stage != state.stage:
             state.stage = stage

@@ -126,6 +126,7 @@ class HubState:
 
         # jobs
         self.jobs: dict[str, "Job"] = {}
+        self.job_requests: list[bytes] = []        # every job-creating request's body, as received
         self.job_env: dict[str, str] = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         self.job_root = Path(tempfile.mkdtemp(prefix="hub-jobs-"))
         self.max_running_jobs = 2
@@ -555,7 +556,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, self.state.hardware)
 
     def post_job_create(self, namespace, query) -> None:
-        spec = json.loads(self._body() or b"{}")
+        body = self._body() or b"{}"
+        self.state.job_requests.append(body)
+        spec = json.loads(body)
         user = self._namespace(namespace)
         if user is None:
             return

@@ -8,8 +8,11 @@ so the compiled code of the session's tiny builds is reused and each job skips i
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -173,7 +176,7 @@ def test_job_command_and_environment_hold_no_token(online, monkeypatch, tmp_path
     assert farm.job_command(cell, tag_in_job=False)[-1].endswith("--push me/tiny-flux-aot")
     assert TOKEN not in script and TOKEN not in json.dumps(farm._job_env())
     plan = tmp_path / "plan.json"
-    plan.write_text('{"layers": {}}')
+    plan.write_text('{"version": 2, "layers": {"transformer_blocks.0.ff.net.0.proj": {"scheme": "int8wo"}}}')
     planned = farm.job_command(farm.Cell(recipe="tiny-flux", scheme="auto", flavor="h200", repo_id="me/p",
                                          options=("--plan", str(plan))))[-1]
     assert "base64 -d > plan.json" in planned and "--plan plan.json" in planned and str(plan) not in planned
@@ -240,3 +243,141 @@ def test_concurrent_pushes_keep_every_build(hub, online, artifacts, tmp_path):  
     assert set(json.loads(files["aotpack-index.json"]["data"])["builds"]) == expected
     assert all(f"`{n}`" in files["README.md"]["data"].decode() for n in expected)
     assert len({r.commit for r in results}) == 4  # four commits, one after the other
+
+
+# ---- files a job is sent, matrix values, job output, the commit a job reports -----------------------------
+
+VALID_PLAN = {"version": 2, "device": "cpu", "budget": 0.05,
+              "layers": {"transformer_blocks.0.ff.net.0.proj": {"scheme": "int8wo", "error": 0.01}}}
+
+
+def errors_in(text):
+    return [ln for ln in text.splitlines() if ln.startswith("Error:")]
+
+
+@pytest.fixture
+def job_machine(hub, jobs, tmp_path):  # noqa: F811
+    """A job machine whose `aotpack` is a shell script the test writes (its `uv` installs nothing)."""
+    bin_dir = tmp_path / "job-bin"
+    bin_dir.mkdir()
+    (bin_dir / "uv").write_text("#!/bin/sh\nexit 0\n")
+    before = dict(hub.state.job_env)
+    hub.state.job_env = {**before, "PATH": f"{bin_dir}:/usr/bin:/bin"}
+
+    def aotpack(script: str) -> None:
+        (bin_dir / "aotpack").write_text("#!/bin/sh\n" + script)
+        for f in bin_dir.iterdir():
+            f.chmod(0o755)
+
+    yield aotpack
+    hub.state.job_env = before
+
+
+def test_t22_files_handed_to_a_job_are_checked_before_anything_is_submitted(hub, jobs, env, tmp_path):  # noqa: F811
+    """The environment, a token file, a FIFO, a link to a secret, a plan of the wrong shape: each refused in
+    one line by the farm (dry run or not) and by build --on; no job is created, no request holds the secret."""
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN + "\n")
+    fifo = tmp_path / "plan-fifo.json"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.json"
+    link.symlink_to(secret)
+    shaped = tmp_path / "shaped.json"
+    shaped.write_text(json.dumps({"version": 2, "layers": {"x.proj": {"scheme": "int8wo", "token": TOKEN}}}))
+    cases = {"/proc/self/environ": "is not what its size says", str(secret): "is not valid JSON",
+             str(fifo): "is not a regular file", str(link): "is a symbolic link",
+             str(shaped): "is not a valid aotpack plan"}
+    matrix = tmp_path / "files.toml"
+    matrix.write_text('repo = "me/t22-{recipe}"\nflavors = ["cpu-basic"]\nschemes = ["auto"]\n' + "".join(
+        f'[[build]]\nrecipe = "tiny-flux"\noptions = ["--plan", "{path}"]\n' for path in cases))
+    requests, job_count = len(hub.state.job_requests), len(hub.state.jobs)
+    outputs = []
+    dry = run_cli("farm", str(matrix), "--dry-run", env=env)
+    outputs.append(dry.stdout + dry.stderr)
+    assert dry.returncode == 1 and len(errors_in(dry.stderr)) == 1 and "and 4 more cells" in dry.stderr, dry.stderr
+    rows = [ln for ln in dry.stdout.splitlines() if "cpu-basic" in ln]
+    assert len(rows) == 5 and all("refused" in row for row in rows), dry.stdout
+    for path, says in cases.items():
+        assert any(path in row and says in row for row in rows), (path, dry.stdout)
+    real = run_cli("farm", str(matrix), env=env)
+    outputs.append(real.stdout + real.stderr)
+    assert real.returncode == 1 and len(errors_in(real.stderr)) == 1, real.stderr
+    for path, says in cases.items():
+        one = run_cli("build", "tiny-flux", "--quant", "auto", "--plan", path, "--on", "cpu-basic",
+                      "--push", "me/t22", env=env)
+        outputs.append(one.stdout + one.stderr)
+        assert one.returncode == 1 and "Traceback" not in one.stderr, one.stderr
+        assert len(errors_in(one.stderr)) == 1 and says in one.stderr, (path, one.stderr)
+    assert len(hub.state.job_requests) == requests and len(hub.state.jobs) == job_count  # nothing submitted
+    for body in hub.state.job_requests:  # no request of this module carried the token but as the secret
+        spec = json.loads(body)
+        spec.pop("secrets", None)
+        blobs = re.findall(r"echo ([A-Za-z0-9+/=]+) \| base64 -d", json.dumps(spec))
+        assert TOKEN not in json.dumps(spec) and all(TOKEN.encode() not in base64.b64decode(b) for b in blobs)
+    assert all(TOKEN not in out for out in outputs)
+
+
+def test_t22_a_valid_plan_travels_and_the_dry_run_lists_it(hub, job_machine, env, tmp_path):  # noqa: F811
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(VALID_PLAN))
+    sha = hashlib.sha256(plan.read_bytes()).hexdigest()
+    matrix = tmp_path / "plan.toml"
+    matrix.write_text(f'repo = "me/t22-ok"\nflavors = ["cpu-basic"]\nschemes = ["auto"]\n'
+                      f'[[build]]\nrecipe = "tiny-flux"\noptions = ["--plan", "{plan}"]\n')
+    dry = run_cli("farm", str(matrix), "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert f"uploads --plan {plan} as plan.json: {plan.stat().st_size} bytes, sha256 {sha}" in dry.stdout
+    job_machine('sha256sum plan.json; echo "args: $*"; exit 3\n')  # the job shows what arrived, then fails
+    requests = len(hub.state.job_requests)
+    result = run_cli("build", "tiny-flux", "--plan", str(plan), "--on", "cpu-basic", "--push", "me/t22-ok", env=env)
+    assert result.returncode == 1 and len(errors_in(result.stderr)) == 1, result.stderr
+    assert f"sending --plan {plan} as plan.json" in result.stderr
+    assert len(hub.state.job_requests) == requests + 1
+    job = list(hub.state.jobs.values())[-1]
+    assert any(ln.startswith(sha) for _, ln in job.lines), job.lines  # the bytes checked here are the bytes sent
+    assert any("--plan plan.json" in ln for _, ln in job.lines)
+
+
+def test_t23_matrix_files_not_text_or_a_timeout_that_is_no_duration(env, tmp_path):  # noqa: F811
+    matrix = tmp_path / "m.toml"
+    for text, says in ((b'repo = "me/x"\n# caf\xe9\n', "is not UTF-8 text"),
+                       (b'repo = "me/{recipe}"\nrecipes = ["tiny-flux"]\nschemes = ["int8wo"]\n'
+                        b'flavors = ["cpu-basic"]\ntimeout = "forever"\n', "'timeout' 'forever' is not a duration")):
+        matrix.write_bytes(text)
+        result = run_cli("farm", str(matrix), "--dry-run", env=env)
+        assert result.returncode == 1 and "unexpected" not in result.stderr, result.stderr
+        assert len(errors_in(result.stderr)) == 1 and says in result.stderr, result.stderr
+    assert farm.plan_farm([farm.Cell("tiny-flux", "int8wo", "cpu-basic", "me/x", timeout="1.5x")])[0].problem
+
+
+def test_t24_matrix_values_and_job_output_are_shown_escaped(hub, job_machine, env, tmp_path):  # noqa: F811
+    matrix = tmp_path / "m.toml"
+    matrix.write_text('repo = "me/{recipe}"\nrecipes = ["tiny-flux"]\nschemes = ["int8wo"]\n'
+                      'flavors = ["cpu-basic\\nError: fake"]\n')
+    result = run_cli("farm", str(matrix), "--dry-run", env=env)
+    assert result.returncode == 1 and len(errors_in(result.stderr)) == 1, result.stderr
+    assert "holds a control character" in result.stderr
+    cell = farm.Cell("tiny-flux", "int8wo", "h200\nError: fake\x1b[2J", "me/x")
+    error = farm.refused(farm.plan_farm([cell]))
+    assert error and error.cause.isprintable() and "h200\\nError: fake" in error.cause
+
+    job_machine("printf 'Error: fake from the job\\n\\033[2J\\033[31mred\\n'; exit 2\n")
+    result = run_cli("build", "tiny-flux", "--quant", "int8wo", "--on", "cpu-basic", "--push", "me/t24", env=env)
+    assert result.returncode == 1 and "\x1b" not in result.stderr + result.stdout, result.stderr
+    assert len(errors_in(result.stderr)) == 1 and errors_in(result.stderr)[0].startswith("Error: job "), result.stderr
+    assert "job| Error: fake from the job" in result.stderr and "job| \\x1b[2J\\x1b[31mred" in result.stderr
+
+
+def test_t25_build_on_checks_the_commit_the_job_reports(hub, job_machine, env, online, tmp_path):  # noqa: F811
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo("me/t25")
+    real = api.upload_file(path_or_fileobj=b"hello", path_in_repo="notes.txt", repo_id="me/t25").oid
+    for commit in ("0" * 40, real):  # a commit that does not exist; one that exists without the build
+        job_machine(f'echo "{hub.url}/me/t25/tree/{commit}/builds/int8wo-cpu-x86_64-avx2"\n')
+        result = run_cli("build", "tiny-flux", "--quant", "int8wo", "--on", "cpu-basic", "--push", "me/t25",
+                         env=env)
+        assert result.returncode == 1 and len(errors_in(result.stderr)) == 1, result.stderr
+        assert f"the job printed commit {commit} of me/t25, but the Hub has no builds/int8wo" in result.stderr
+        assert "builds/int8wo-cpu-x86_64-avx2 (commit" not in result.stdout  # no success line

@@ -17,12 +17,16 @@ they are recorded in the plan so the choice can be checked.
 
 from __future__ import annotations
 
+import errno
 import json
+import math
+import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
 
-from aotpack.errors import InputError, SchemeError, first_line
+from aotpack.errors import InputError, first_line, one_line
 from aotpack.builder.schemes import SCHEMES, Scheme, get_scheme, quantize_named, torchao_config, why_not
 
 PLAN_FILE = "plan.json"
@@ -32,6 +36,7 @@ _READABLE_VERSIONS = (1, 2)
 # pruned weights, never chosen automatically).
 CANDIDATES = ("none", "int8wo", "int8dq", "fp8wo", "int4wo", "fp8dqrow")
 DEFAULT_BUDGET = 0.05
+MAX_PLAN_BYTES = 1 << 20
 
 
 def candidates(device: str, cap: tuple[int, int] | None = None) -> list[Scheme]:
@@ -123,37 +128,114 @@ def fqn_to_config(layers: dict[str, dict]) -> dict:
 
 
 def read_plan(path: str | Path, device: str, cap: tuple[int, int] | None = None) -> dict:
-    """Read and check a plan file: JSON only, every scheme known and runnable here."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"plan file {path} does not exist", "pass the plan.json of an earlier --quant auto build")
-    return parse_plan(p.read_bytes(), p.name, device, cap)
+    """Read and check a plan file (a regular file of at most 1 MiB, read once): see :func:`parse_plan`."""
+    try:
+        data = read_small_file(path, MAX_PLAN_BYTES)
+    except ValueError as e:
+        raise InputError(f"plan file {one_line(path, 120)} {e}", "pass the plan.json of an earlier --quant auto build")
+    return parse_plan(data, Path(path).name, device, cap)
+
+
+def read_small_file(path: str | os.PathLike, limit: int, *, follow_symlinks: bool = True) -> bytes:
+    """The bytes of ``path``, opened once and read once: a regular file of at most ``limit`` bytes whose
+    content is as long as its size says (which a /proc or /sys file is not). A FIFO, a device, a folder (and,
+    without ``follow_symlinks``, a symbolic link) is refused before a byte is read. ValueError says why."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)  # a FIFO must not block
+    try:
+        fd = os.open(path, flags | (0 if follow_symlinks else getattr(os, "O_NOFOLLOW", 0)))
+    except OSError as e:
+        why = "is a symbolic link (pass the file itself)" if e.errno == errno.ELOOP else f"cannot be read: {e.strerror}"
+        raise ValueError(why) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("is not a regular file (a folder, a FIFO or a device)")
+        if st.st_size > limit:
+            raise ValueError(f"is larger than {limit >> 10} KiB")
+        chunks, size = [], 0
+        while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise ValueError(f"cannot be read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) != st.st_size:
+        raise ValueError("is not what its size says (a /proc or /sys file, or one being written)")
+    return data
 
 
 def parse_plan(text: bytes, name: str, device: str, cap: tuple[int, int] | None = None) -> dict:
-    """Check plan JSON: every layer has a scheme, each known and runnable here."""
+    """Check plan JSON fully (:func:`check_plan`), and that every scheme it uses runs on ``device``."""
     try:
         data = json.loads(text)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise InputError(f"plan file {name} is not valid JSON ({first_line(e, 120)})",
+        raise InputError(f"plan file {one_line(name, 120)} is not valid JSON ({first_line(e, 120)})",
                          "pass a plan.json written by aotpack") from None
-    if not isinstance(data, dict) or data.get("version") not in _READABLE_VERSIONS:
-        raise InputError(f"plan file {name} is not an aotpack plan (version {PLAN_VERSION})",
-                         "pass a plan.json written by aotpack")
-    layers = data.get("layers")
-    if not isinstance(layers, dict) or not all(isinstance(v, dict) and isinstance(v.get("scheme"), str)
-                                               for v in layers.values()):
-        raise InputError(f"plan file {name} has no valid 'layers' table", "pass a plan.json written by aotpack")
-    for scheme_name in sorted({v["scheme"] for v in layers.values()}):
-        try:
-            scheme = get_scheme(scheme_name)
-        except SchemeError as e:
-            raise InputError(f"plan file {name}: {e.cause}", e.hint) from None
-        reason = why_not(scheme, device, cap)
+    check_plan(data, name)
+    for scheme_name in sorted({v["scheme"] for v in data["layers"].values()}):
+        reason = why_not(SCHEMES[scheme_name], device, cap)
         if reason:
-            raise InputError(f"plan file {name} uses {scheme_name}, which cannot run here: {reason}",
+            raise InputError(f"plan file {one_line(name, 120)} uses {scheme_name}, which cannot run here: {reason}",
                              "make the plan on this kind of machine (--quant auto)")
     return data
+
+
+_TOP_KEYS = {"version", "device", "tokens", "budget", "timings", "layers", "torchao"}
+_LAYER_KEYS = {"scheme", "error", "errors"}
+
+
+def _number(value: Any, low: float = 0.0) -> bool:
+    """A finite JSON number >= ``low`` (a bool is not a number here, though Python says it is)."""
+    return type(value) in (int, float) and math.isfinite(value) and value >= low
+
+
+def _scheme_map(value: Any) -> bool:
+    """{known scheme: finite number >= 0}, as a layer's errors and a shape's timings are."""
+    return isinstance(value, dict) and all(k in SCHEMES and _number(v) for k, v in value.items())
+
+
+def check_plan(data: Any, name: str) -> None:
+    """Check the shape of a plan (what :meth:`Planner.plan` writes) before any build starts: known keys only,
+    ``version`` an int aotpack reads, ``budget`` a number in [0, 1), ``tokens`` a positive int, every layer
+    a known scheme with finite errors, every timing finite. One InputError naming the first problem."""
+    def bad(what: str) -> InputError:
+        return InputError(f"plan file {one_line(name, 120)} is not a valid aotpack plan: {what}",
+                          "pass a plan.json written by aotpack (--quant auto)")
+
+    if not isinstance(data, dict):
+        raise bad("it is not a JSON object")
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise bad(f"unknown key {one_line(repr(unknown[0]), 60)}")
+    if type(data.get("version")) is not int or data["version"] not in _READABLE_VERSIONS:
+        raise bad(f"'version' must be one of {', '.join(map(str, _READABLE_VERSIONS))}")
+    if "device" in data and not isinstance(data["device"], str):
+        raise bad("'device' must be a string")
+    if "tokens" in data and (type(data["tokens"]) is not int or data["tokens"] < 1):
+        raise bad("'tokens' must be a positive integer")
+    if data.get("budget") is not None and not (_number(data["budget"]) and data["budget"] < 1):
+        raise bad("'budget' must be a number in [0, 1)")
+    timings = data.get("timings", {})
+    if not isinstance(timings, dict) or not all(isinstance(k, str) and _scheme_map(v) for k, v in timings.items()):
+        raise bad("'timings' must map shapes to {scheme: seconds}")
+    if "torchao" in data and not isinstance(data["torchao"], dict):
+        raise bad("'torchao' must be an object")
+    layers = data.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise bad("no 'layers' table")
+    for layer, entry in layers.items():
+        where = f"layer {one_line(repr(layer), 80)}"
+        if not layer or not isinstance(entry, dict) or set(entry) - _LAYER_KEYS:
+            raise bad(f"{where} must be an object with keys {', '.join(sorted(_LAYER_KEYS))}")
+        if not isinstance(entry.get("scheme"), str) or entry["scheme"] not in SCHEMES:
+            scheme = one_line(repr(entry.get("scheme")), 40)
+            raise bad(f"{where} has the unknown scheme {scheme} (known: {', '.join(SCHEMES)})")
+        if "error" in entry and not _number(entry["error"]):
+            raise bad(f"{where}: 'error' must be a finite number >= 0")
+        if "errors" in entry and not _scheme_map(entry["errors"]):
+            raise bad(f"{where}: 'errors' must map schemes to finite numbers >= 0")
 
 
 def linear_quantizer(scheme: str, plan: dict | None = None):
