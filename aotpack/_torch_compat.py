@@ -8,8 +8,10 @@ a user. Nothing else in aotpack imports ``torch._*`` or writes a module's ``_par
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("aotpack")
 
@@ -41,20 +43,55 @@ def open_package(path: str | Path, *, single_threaded: bool = False) -> Any:
     before it opens the package. If the private loader is gone or its signature changed, the public loader
     is used and a warning says so (the load is then slower, never wrong). ``single_threaded``: the runner
     for CUDA graph capture (the default one queries a CUDA event on every call, which capture forbids).
+    Either loader extracts the package into a folder of ours (``_extracting``): nothing is left behind.
     """
     try:
         import torch
         from torch.export.pt2_archive._package import AOTICompiledModel
 
+        make = torch._C._aoti.AOTIModelPackageLoader
         # (package path, model name, run single threaded, number of runners, device index)
-        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", single_threaded, 1, -1)
-        return AOTICompiledModel(loader)
+        return _extracting(lambda: AOTICompiledModel(make(str(path), "model", single_threaded, 1, -1)))
     except (ImportError, AttributeError, TypeError) as e:
         log.warning("torch's AOTInductor package loader changed (%s: %s); using the public loader",
                     type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "")
     import torch._inductor
 
-    return torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded)
+    return _extracting(lambda: torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded))
+
+
+_EXTRACT_LOCK = threading.Lock()
+
+
+def _extracting(open_model: Callable[[], Any]) -> Any:
+    """Run torch's package loader with TMPDIR pointing at a fresh folder of ours, and remove that folder when
+    the load fails or the model is gone. The loader (C++) extracts the package into a ``mkdtemp`` folder of
+    TMPDIR that only its destructor removes: a package that fails to load (a bad library, a missing file)
+    leaves it behind, and the folder cannot be told from a concurrent load's by its name. Inside our own
+    folder it needs no name: everything there is this load's. The lock keeps concurrent loads of this process
+    from swapping TMPDIR under one another; Python's own temp folder is chosen (and cached) before it changes."""
+    import shutil
+    import tempfile
+    import weakref
+
+    box = tempfile.mkdtemp(prefix="aotpack-load-")  # mode 0700, made by this process
+    try:
+        with _EXTRACT_LOCK:
+            before = os.environ.get("TMPDIR")
+            os.environ["TMPDIR"] = box
+            try:
+                model = open_model()
+            finally:
+                if before is None:
+                    os.environ.pop("TMPDIR", None)
+                else:
+                    os.environ["TMPDIR"] = before
+    except BaseException:
+        shutil.rmtree(box, ignore_errors=True)
+        raise
+    # the loader reads its extracted files (CUDA kernels) while the model lives; the folder goes with it
+    weakref.finalize(model, shutil.rmtree, box, True)
+    return model
 
 
 # ---- CPU ISAs ---------------------------------------------------------------------------------------------------

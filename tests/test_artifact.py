@@ -89,11 +89,12 @@ def test_t05_overwrite_refuses_a_folder_whose_manifest_is_not_aotpack(tmp_path):
 
 
 def test_stale_partials_of_dead_builds_are_swept(tmp_path):
-    stale = tmp_path / ".a.partial-999999999-abc"
-    stale.mkdir()
+    from test_folders import _killed  # a build that really died midway (an unmarked lookalike stays: t34)
+
+    stale = _killed(tmp_path / "a", "partial")
     with artifact.atomic_folder(tmp_path / "a") as tmp:
         _write(tmp, {"manifest.json": b"{}"})
-    assert not stale.exists()
+    assert stale and not stale & set(os.listdir(tmp_path))
 
 
 def _zip(entries: dict) -> bytes:
@@ -240,3 +241,33 @@ def test_t06_a_planted_record_key_is_refused(tmp_path, monkeypatch):
     _record_key.cache_clear()
     assert seal("pins", {})
     _record_key.cache_clear()
+
+
+def test_t35_a_package_that_fails_to_load_leaves_nothing_in_the_temp_folder(tmp_path, monkeypatch):
+    """A .pt2 that passes every check aotpack makes (its manifest was rewritten for it) but that torch cannot
+    load: neither aotpack's private copy nor torch's extraction folder stays in the temp folder."""
+    import hashlib
+    import json
+
+    import aotpack
+    from aotpack import _torch_compat as compat
+    from safetensors.torch import save_file
+    import torch
+
+    from test_manifest import sample
+    from test_torch_compat import _broken_package, _fresh_tmpdir
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    _broken_package(folder / artifact.MODEL)
+    save_file({"w": torch.zeros(2)}, str(folder / artifact.WEIGHTS))
+    data = sample()
+    data["files"] = {name: {"size": (folder / name).stat().st_size,
+                            "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()}
+                     for name in (artifact.MODEL, artifact.WEIGHTS)}
+    (folder / "manifest.json").write_text(json.dumps(data))
+    tmp = _fresh_tmpdir(tmp_path, monkeypatch)
+    compat.preload()
+    with pytest.raises(Exception):
+        aotpack.load(folder)
+    assert os.listdir(tmp) == []

@@ -4,6 +4,7 @@ relies on: a torch upgrade that changes one of them fails here, not in a user's 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -77,3 +78,68 @@ def test_open_package_falls_back_loudly_when_the_private_loader_changes(artifact
         compiled = compat.open_package(artifacts("int8wo") / MODEL)
     assert compiled.get_constant_fqns() and len(calls) >= 2
     assert "using the public loader" in caplog.text
+
+
+def _broken_package(path):
+    """A zip laid out like a .pt2 whose library is not one: torch's loader extracts it, then fails."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("model/archive_format", "pt2")
+        z.writestr("model/data/aotinductor/model/x.cpp", "int x;")
+        z.writestr("model/data/aotinductor/model/x.so", "not a shared library")
+    return path
+
+
+def _fresh_tmpdir(tmp_path, monkeypatch):
+    compat.preload()  # inductor makes its cache folder in the temp folder when first imported: not a leftover
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr("tempfile.tempdir", None)  # Python caches its choice: make it choose again
+    return tmp
+
+
+def test_t35_a_package_that_fails_to_load_leaves_nothing_in_the_temp_folder(tmp_path, monkeypatch):
+    bad = _broken_package(tmp_path / "bad.pt2")
+    tmp = _fresh_tmpdir(tmp_path, monkeypatch)
+    for _ in range(2):
+        try:
+            compat.open_package(bad)
+        except Exception:  # torch's own error; aotpack's loader turns it into its own line
+            pass
+        else:
+            raise AssertionError("a broken package loaded")
+    assert os.listdir(tmp) == []
+    assert os.environ["TMPDIR"] == str(tmp)  # restored after the load
+
+
+def test_t35_the_public_loader_fallback_also_leaves_nothing(tmp_path, monkeypatch):
+    bad = _broken_package(tmp_path / "bad.pt2")
+    tmp = _fresh_tmpdir(tmp_path, monkeypatch)
+    real, calls = torch._C._aoti.AOTIModelPackageLoader, []
+
+    def changed(*args):  # aotpack's private call fails as a changed signature would; the public one is real
+        calls.append(args)
+        if len(calls) == 1:
+            raise TypeError("__init__(): incompatible constructor arguments")
+        return real(*args)
+
+    monkeypatch.setattr(torch._C._aoti, "AOTIModelPackageLoader", changed)
+    try:
+        compat.open_package(bad)
+    except Exception:
+        pass
+    assert len(calls) == 2 and os.listdir(tmp) == []
+
+
+def test_t35_a_loaded_package_takes_its_extraction_folder_with_it(artifacts, tmp_path, monkeypatch):
+    import gc
+
+    path = artifacts("int8wo") / MODEL
+    tmp = _fresh_tmpdir(tmp_path, monkeypatch)
+    compiled = compat.open_package(path)
+    assert compiled.get_constant_fqns() and len(os.listdir(tmp)) == 1  # the model's own folder while it lives
+    del compiled
+    gc.collect()
+    assert os.listdir(tmp) == []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import stat
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from aotpack.artifact.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, is_safe_name, parse
-from aotpack.errors import ConfigError, IntegrityError, ManifestError, OutputExistsError, one_line
+from aotpack.errors import AotpackError, ConfigError, IntegrityError, ManifestError, OutputExistsError, one_line
 from aotpack.paths import cache_dir, seal, unseal, write_atomic
 
 MODEL = "model.pt2"
@@ -41,6 +42,7 @@ _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8
 _MAX_HEADER = 100 << 20
 VERIFY_ENV = "AOTPACK_VERIFY"
 VERIFY_MODES = ("", "remembered", "full")
+log = logging.getLogger("aotpack")
 
 
 def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
@@ -386,29 +388,40 @@ def atomic_folder(final: str | Path, *, overwrite: bool = False,
 
     On any error or interrupt the temporary folder is removed, so ``final`` is either the complete new
     artifact or exactly what was there before. ``overwrite`` replaces only an earlier artifact or an empty
-    folder, never an unrelated folder.
+    folder, never an unrelated folder. The temporary folder lives in a folder of aotpack's own beside
+    ``final`` (``_own_folder``), so that a build killed midway leaves something a later one can recognise.
     """
     final = Path(final).absolute()
     check_output(final, overwrite=overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     _sweep_partials(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
+    box = _own_folder(final, "partial")
+    tmp = box / "build"
     try:
+        tmp.mkdir()
         yield tmp
         _publishable(tmp)
         if before_publish is not None:  # the files as they are, in a folder only this process writes
             before_publish(tmp, final)
         check_output(final, overwrite=overwrite)  # it may have appeared while we worked
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.rename(final, old / "x")
-            os.rename(tmp, final)
+            old = _own_folder(final, "old")  # this process made it: removed by its path, never by a name
+            try:
+                os.rename(final, old / "x")
+            except BaseException:
+                shutil.rmtree(old, ignore_errors=True)
+                raise
+            try:
+                os.rename(tmp, final)
+            except BaseException:
+                os.rename(old / "x", final)  # the earlier artifact goes back where it was
+                shutil.rmtree(old, ignore_errors=True)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(box, ignore_errors=True)
 
 
 def _publishable(folder: Path) -> None:
@@ -423,7 +436,12 @@ def _publishable(folder: Path) -> None:
 
 def check_output(final: Path, *, overwrite: bool) -> None:
     """Refuse an existing output folder unless --overwrite, and never replace a folder that is not an aotpack
-    artifact (one whose manifest.json validates as an aotpack manifest) or an empty folder."""
+    artifact (one whose manifest.json validates as an aotpack manifest) or an empty folder. A name with a glob
+    character is refused: it is almost always a pattern the shell did not expand (quoted), and a folder named
+    '*' is one the next 'rm -r out/*' reads as a pattern."""
+    if _GLOB & set(final.name):
+        raise OutputExistsError(f"output folder name {one_line(final.name, 80)!r} holds a glob character (* ? [ ]); "
+                                "aotpack does not expand patterns", "choose a plain folder name for --out")
     if not final.exists():
         return
     if not final.is_dir():
@@ -449,17 +467,74 @@ def is_artifact(folder: Path) -> bool:
         return False
 
 
+# ---- aotpack's own temporary folders -----------------------------------------------------------------------
+# A build writes into '.NAME.partial-PID-XXXX/build/' and moves a replaced artifact to '.NAME.old-PID-XXXX/x'
+# before deleting it. Each such folder's first file is a sealed mark (aotpack.paths.seal: only this user's
+# aotpack can make one) naming the folder, its destination and its process. A later build of NAME removes a
+# leftover only when its name starts with exactly '.NAME.partial-' or '.NAME.old-' (a string, never a pattern),
+# it is a real folder of this user, its mark is genuine and names it, and its process is gone.
+
+MARK = ".aotpack-temporary"
+_MARK_KIND = "temporary-folder"
+_MAX_MARK_BYTES = 4096
+_GLOB = frozenset("*?[]")
+_KINDS = ("partial", "old")
+
+
+def _own_folder(final: Path, kind: str) -> Path:
+    """A new folder '.NAME.KIND-PID-XXXX' beside ``final`` (mode 0700), marked as aotpack's before anything
+    else is written into it. Without a mark (no record key can be made) it is only ever removed by this process."""
+    pid = os.getpid()
+    box = Path(tempfile.mkdtemp(prefix=f".{final.name}.{kind}-{pid}-", dir=final.parent))
+    try:
+        text = seal(_MARK_KIND, _mark(box.name, final.name, kind, pid))
+        fd = os.open(box / MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except (OSError, AotpackError) as e:
+        log.warning("cannot mark %s as aotpack's (%s): a later build will not remove it if this one is killed",
+                    box, one_line(str(e), 120))
+    return box
+
+
+def _mark(folder: str, final: str, kind: str, pid: int) -> dict:
+    return {"folder": folder, "final": final, "kind": kind, "pid": pid}
+
+
+def _is_marked(path: Path, final: str, kind: str, pid: int) -> bool:
+    """True when ``path`` is a real folder of this user whose mark is genuine and names exactly this folder."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            return False
+        fd = os.open(path / MARK, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return False
+            text = f.read(_MAX_MARK_BYTES + 1)
+    except OSError:
+        return False
+    return len(text) <= _MAX_MARK_BYTES and unseal(_MARK_KIND, text) == _mark(path.name, final, kind, pid)
+
+
 def _sweep_partials(final: Path) -> None:
-    """Remove temporary folders left by builds of ``final`` that were killed (their process is gone)."""
-    for p in final.parent.glob(f".{final.name}.partial-*"):
-        try:
-            pid = int(p.name.split("-")[-2])
-        except (ValueError, IndexError):
-            continue
-        if pid != os.getpid() and not _alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
-    for p in final.parent.glob(f".{final.name}.old-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    """Remove the temporary folders that killed builds of ``final`` left beside it (see above); anything else
+    is left alone, one that only looks like a leftover with a warning."""
+    with os.scandir(final.parent) as entries:
+        names = sorted(e.name for e in entries)
+    for kind in _KINDS:
+        prefix = f".{final.name}.{kind}-"
+        for name in names:
+            if not name.startswith(prefix):  # a plain string comparison: no character of NAME is a pattern
+                continue
+            pid_text, sep, _ = name[len(prefix):].partition("-")
+            pid = int(pid_text) if sep and pid_text.isascii() and pid_text.isdigit() else None
+            if pid is None or not _is_marked(final.parent / name, final.name, kind, pid):
+                log.warning("left %s alone: it is named like a temporary folder of aotpack's but aotpack cannot "
+                            "tell it made it (another tool's, or an older aotpack's: delete it yourself if so)",
+                            final.parent / name)
+            elif pid != os.getpid() and not _alive(pid):
+                shutil.rmtree(final.parent / name, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -467,6 +542,6 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError, ValueError):  # someone else's, or no pid at all: not ours to judge
         return True
     return True

@@ -18,9 +18,9 @@ from aotpack.artifact.platform import Platform, default_device, describe, tag
 from aotpack.builder.compile import Reusable
 from aotpack.builder.plan import DEFAULT_BUDGET, read_plan
 from aotpack.builder.recipe import DTYPES, Recipe, get_recipe
-from aotpack.builder.schemes import check_scheme
+from aotpack.builder.schemes import check_max_autotune, check_scheme
 from aotpack.builder.source import Source, resolve_source
-from aotpack.errors import RecipeError, SignatureError
+from aotpack.errors import RecipeError
 from aotpack.paths import check_cache_writable
 
 
@@ -52,8 +52,20 @@ class BuildSpec:
 
 
 def default_out(recipe_name: str, quant: str, platform_tag: str, artifacts_dir: str | os.PathLike = "artifacts",
-                regional: bool = False) -> Path:
-    return Path(artifacts_dir) / (f"{recipe_name}-{quant}-{platform_tag}" + ("-regional" if regional else ""))
+                regional: bool = False, *, options: Options | None = None, dtype: str | None = None,
+                default_dtype: str | None = None, lora: LoraRequest | None = None) -> Path:
+    """artifacts/<recipe>-<scheme>-<platform>[-regional], then whatever else changes the artifact, named as in
+    its Hub build name (``aotpack.hub.name_of``): the other options, a dtype that is not the recipe's
+    (``default_dtype``), the LoRA fused in (8 hex of its sha256, its scale unless 1). Builds that differ never
+    share a default folder (a --lora build after a plain one is a new folder, not "already exists")."""
+    from aotpack.artifact.files import sha256_file
+    from aotpack.hub import name_of
+
+    chosen = {k: v for k, v in dataclasses.asdict(options).items() if k != "regional"} if options else {}
+    extra = name_of("", chosen, lora is not None, "", dtype=dtype, default_dtype=default_dtype,
+                    lora_sha256=sha256_file(lora.path) if lora else None, lora_scale=lora.scale if lora else 1.0)
+    return Path(artifacts_dir) / (f"{recipe_name}-{quant}-{platform_tag}" + ("-regional" if regional else "")
+                                  + extra.rstrip("-"))
 
 
 def resolve(
@@ -112,6 +124,8 @@ def resolve(
         raise RecipeError(f"--compile-vae is not available for {r.full_name}: the video VAE decodes frames in a "
                           "Python loop that export fixes to one frame count",
                           "leave --compile-vae out (the VAE then runs eager)")
+    if max_autotune:
+        check_max_autotune(here.device)
     regional = r.regional if regional is None else regional
     options = Options(fuse_qkv=bool(fuse_qkv), quantize_text_encoder=quantize_text_encoder,
                       quantize_vae=quantize_vae, compile_vae=bool(compile_vae), max_autotune=bool(max_autotune),
@@ -120,7 +134,9 @@ def resolve(
     reusable = reusable_code(Path(reuse)) if reuse is not None else {}
     check_cache_writable()
     source = resolve_source(r, model, here.device)
-    final = Path(out) if out else default_out(r.full_name, quant, tag(here), artifacts_dir, regional)
+    final = Path(out) if out else default_out(r.full_name, quant, tag(here), artifacts_dir, regional,
+                                              options=options, dtype=dtype, default_dtype=r.dtype,
+                                              lora=lora_request)
     check_output(final.absolute(), overwrite=overwrite)
     return BuildSpec(recipe=r, quant=quant, plan=plan_data, error_budget=DEFAULT_BUDGET if error_budget is None
                      else error_budget, dtype=dtype, platform=here, source=source, out=final, overwrite=overwrite,
@@ -128,28 +144,16 @@ def resolve(
 
 
 def _check_lora(path: str | os.PathLike, scale: float) -> LoraRequest:
-    p = Path(path)
-    if not p.is_file():
-        raise RecipeError(f"LoRA file {path} does not exist", "pass the path of a .safetensors LoRA")
-    if not p.name.endswith(".safetensors"):
-        raise RecipeError(f"LoRA file {p.name} is not .safetensors",
-                          "aotpack never loads pickled weights; convert the LoRA to safetensors")
-    return LoraRequest(p, float(scale))
+    from aotpack.builder.weights import lora_file, lora_scale
+
+    scale = lora_scale(scale)  # finite, |scale| <= 100: a NaN or 1e30 scale makes every output NaN
+    return LoraRequest(lora_file(path), scale)
 
 
 def _check_sign_key(path: Path) -> Path:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from aotpack import signing
 
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), None)
-    except OSError as e:
-        raise SignatureError(f"cannot read signing key {path}: {e.strerror}", "pass the PEM private key") from None
-    except (ValueError, TypeError):
-        raise SignatureError(f"{path} is not an unencrypted PEM private key", "pass the PEM private key") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise SignatureError(f"{path} is not an elliptic-curve private key",
-                             "make one with: openssl ecparam -genkey -name prime256v1 -noout -out key.pem")
+    signing.load_private_key(path)  # bounded: a regular file of at most 64 KiB holding one PEM key
     return path
 
 
