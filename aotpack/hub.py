@@ -43,6 +43,7 @@ SIGNATURE = "signature.sig"   # aotpack.signing writes it after the manifest: no
 PINS = "hub-pins.json"
 PINS_SCHEMA = 1
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _RETRIES = 3                  # reads the client does not retry itself: http_backoff, 0.5 s, 1 s, 2 s
 _PUSH_ATTEMPTS = 8            # a push races other pushes into the same branch (build farms): see _commit_build
 _MAX_PINS_BYTES = 1 << 20
@@ -83,24 +84,43 @@ def _shown(text: str, limit: int = 80) -> str:
 
 
 def build_name(data: Any) -> str:
-    """Folder of a build inside the repo: '<scheme>[-<options>]-<platform>' (see ``name_of``)."""
+    """Folder of a build inside the repo (see ``name_of``), from its manifest. The dtype is named where it is
+    not the recipe's own (as the recipes this aotpack ships say; a recipe it does not ship always names it)."""
+    from aotpack.builder.recipe import get_recipe
+
     data = _json(data)
-    return name_of(data["scheme"]["name"], data.get("options") or {}, bool(data.get("lora")), tag(data["platform"]))
+    recipe, lora = data.get("recipe") or {}, data.get("lora") or None
+    try:
+        default_dtype = get_recipe(recipe["name"], recipe.get("variant")).dtype
+    except (AotpackError, KeyError, TypeError):
+        default_dtype = None
+    return name_of(data["scheme"]["name"], data.get("options") or {}, bool(lora), tag(data["platform"]),
+                   dtype=data.get("dtype"), default_dtype=default_dtype, variant=recipe.get("variant"),
+                   lora_sha256=lora.get("sha256") if lora else None,
+                   lora_scale=lora.get("scale", 1.0) if lora else 1.0)
 
 
-def name_of(scheme: str, options: dict, lora: bool, platform_tag: str) -> str:
+def name_of(scheme: str, options: dict, lora: bool, platform_tag: str, *, dtype: str | None = None,
+            default_dtype: str | None = None, lora_sha256: str | None = None, lora_scale: float = 1.0,
+            variant: str | None = None) -> str:
     """'int8wo-cpu-x86_64-avx2' for a default build; 'int8wo-qkv-cuda-sm90' with --fuse-qkv,
-    'none-qte_int8wo-cpu-x86_64-avx2' with --quantize-text-encoder int8wo: builds that differ only in their
-    options are different builds, and one repo keeps them side by side instead of replacing one by the other."""
-    parts = [scheme]
+    'none-qte_int8wo-cpu-x86_64-avx2' with --quantize-text-encoder int8wo, 'int8wo-bf16-...' with a dtype
+    that is not ``default_dtype`` (the recipe's), 'int8wo-lora_1a2b3c4d-...' with a LoRA fused in (the first
+    8 hex of its sha256; '_x0.5' for a scale other than 1), 'int8wo-schnell-...' for a recipe variant: builds
+    that differ in anything that changes the artifact are different builds, and one repo keeps them side by
+    side instead of replacing one by the other. Left out (a plan made before the build), a part is not named."""
+    parts = [scheme] + ([variant] if variant else [])
     for key, value in sorted(options.items()):
         short = _OPTION_NAMES.get(key, key.replace("_", ""))
         if value is True:
             parts.append(short)
         elif isinstance(value, str) and value:
             parts.append(f"{short}_{value}")
+    if dtype and dtype != default_dtype:
+        parts.append({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype))
     if lora:
-        parts.append("lora")
+        scale = "" if lora_scale == 1 else "_x" + format(float(lora_scale), "g").replace("+", "")
+        parts.append(f"lora_{lora_sha256[:8]}{scale}" if lora_sha256 else "lora" + scale)
     return "-".join(parts + [platform_tag])
 
 
@@ -193,7 +213,8 @@ def _refs(repo_id: str, token: str | None) -> tuple[dict[str, str], dict[str, st
                        "check HF_ENDPOINT") from None
 
 
-def _read_index(api: Any, repo_id: str, revision: str, local_dir: Path | None = None) -> dict:
+def _read_index(api: Any, repo_id: str, revision: str, local_dir: Path | None = None, *,
+                for_push: bool = False, wanted: str | None = None) -> dict:
     """The repo's index at ``revision`` (an empty one for a new repo); online always from the server (a copy
     in the local folder is what someone who can write the cache would plant)."""
     from huggingface_hub import errors as hfe
@@ -203,22 +224,70 @@ def _read_index(api: Any, repo_id: str, revision: str, local_dir: Path | None = 
                                    force_download=not _constants().is_offline_mode())
     except hfe.RemoteEntryNotFoundError:  # not its local twin: offline, a missing index is a missing repo
         return {"schema_version": INDEX_SCHEMA, "builds": {}}
-    return _parse_index(Path(path).read_bytes(), repo_id)
+    return _parse_index(Path(path).read_bytes(), repo_id, for_push=for_push, wanted=wanted)
 
 
-def _parse_index(text: bytes, repo_id: str) -> dict:
+def _parse_index(text: bytes, repo_id: str, *, for_push: bool = False, wanted: str | None = None) -> dict:
+    """The index, checked once as it is read (it is untrusted input): every entry left has the fields and types
+    the rest of this module uses. A pull skips a bad entry with a warning (refuses when it is ``wanted``, the
+    build asked for); a push refuses any, since it would write the index back."""
     try:
         data = json.loads(text)
     except (ValueError, RecursionError):
         raise HubError(f"{repo_id}/{INDEX} is not valid JSON", "push a build again to rewrite it") from None
     if not isinstance(data, dict) or not isinstance(data.get("builds"), dict):
         raise HubError(f"{repo_id}/{INDEX} is not an aotpack index", "was this repo written by 'aotpack push'?")
-    if not isinstance(data.get("schema_version", 0), int) or data.get("schema_version", 0) > INDEX_SCHEMA:
+    version = data.get("schema_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise HubError(f"{repo_id}/{INDEX} is not an aotpack index (schema_version)",
+                       "was this repo written by 'aotpack push'?")
+    if version > INDEX_SCHEMA:
         raise HubError(f"{repo_id} was written by a newer aotpack", "upgrade aotpack: pip install -U aotpack")
+    builds = {}
     for name, entry in data["builds"].items():
-        if not mf.is_safe_name(name) or not isinstance(entry, dict) or not isinstance(entry.get("platform"), dict):
-            raise HubError(f"{repo_id}/{INDEX} has an invalid build entry {_shown(str(name))}", "do not use this repo")
+        why = _entry_problem(name, entry)
+        if why is None:
+            builds[name] = entry
+        elif for_push:
+            raise HubError(f"{repo_id}/{INDEX} has an unusable build entry {_shown(name)} ({why})",
+                           f"fix or delete that entry of {INDEX} in {repo_id} (e.g. in the Hub's web editor), or "
+                           "push to another repo")
+        elif name == wanted:
+            raise HubError(f"build {_shown(name)} of {repo_id} has an unusable index entry ({why})",
+                           "do not use this build; ask the repo's owner to push it again")
+        else:
+            log.warning("%s/%s: ignoring build entry %s (%s)", repo_id, INDEX, _shown(name), why)
+    data["builds"] = builds
     return data
+
+
+def _entry_problem(name: str, entry: Any) -> str | None:
+    """Why an index entry cannot be used, or None: the fields pull, push and the card read, with their types."""
+    if not mf.is_safe_name(name):
+        return "its name is not a plain folder name"
+    if not isinstance(entry, dict):
+        return "not an object"
+    for key in ("scheme", "checkpoint"):
+        if not isinstance(entry.get(key), str) or not entry[key]:
+            return f"{key!r} is missing or not text"
+    for key in ("manifest_sha256", "signature_sha256"):
+        value = entry.get(key)
+        if (value is not None or key == "manifest_sha256") and not (isinstance(value, str) and _SHA256.match(value)):
+            return f"{key!r} is not a sha256"
+    for key in ("size", "build_seconds"):
+        value = entry.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            return f"{key!r} is not a number >= 0"
+    platform = entry.get("platform")
+    if not isinstance(platform, dict) or not platform:
+        return "'platform' is missing or empty"
+    texts = ("device", "arch", "torch", "torchao", "diffusers", "python")
+    optional = ("isa", "cuda_capability", "gpu_name")
+    if (platform.get("device") not in ("cpu", "cuda") or not all(isinstance(platform.get(k), str) for k in texts)
+            or not all(isinstance(platform.get(k), (str, type(None))) for k in optional)
+            or not isinstance(platform.get("cpu_flags", []), list)):
+        return "'platform' is not a platform"
+    return None
 
 
 def _index_entry(data: Any, manifest_sha: str, signature_sha: str | None) -> dict:
@@ -331,6 +400,8 @@ def push(
     data = _json(manifest)
     manifest_bytes = (folder / mf.MANIFEST).read_bytes()
     signature = (folder / SIGNATURE).read_bytes() if (folder / SIGNATURE).is_file() else None
+    if signature is not None:  # the index would call the build signed: the signature must cover these files
+        _check_signature_covers(folder, signature, manifest_bytes, data)
     entry = _index_entry(data, hashlib.sha256(manifest_bytes).hexdigest(),
                          hashlib.sha256(signature).hexdigest() if signature is not None else None)
     name = build_name(data)
@@ -341,13 +412,63 @@ def push(
     files[f"builds/{name}/{mf.MANIFEST}"] = manifest_bytes
     if signature is not None:
         files[f"builds/{name}/{SIGNATURE}"] = signature
+    if tag_name:
+        _check_names(repo_id, tag_name)
     api = _api(token)
     with _hub_errors(repo_id, revision):
+        tagged = _tagged_already(api, repo_id, tag_name, name, entry, token) if tag_name else None
+        if tagged is not None:
+            return PushResult(repo_id, name, tagged, f"{endpoint()}/{repo_id}/tree/{tagged}/builds/{name}",
+                              tag_name, False)
         commit, uploaded = _commit_build(api, repo_id, revision, name, entry, files, token, private=private)
         if tag_name:
             add_tag(repo_id, tag_name, commit=commit, token=token)
     return PushResult(repo_id, name, commit, f"{endpoint()}/{repo_id}/tree/{commit}/builds/{name}",
                       tag_name, uploaded)
+
+
+def _check_signature_covers(folder: Path, signature: bytes, manifest_bytes: bytes, data: dict) -> None:
+    """The signature must attest exactly this manifest and its files. Read, not verified (the pusher need not
+    hold the public key; every loader verifies it): this catches a signature left over from before the folder
+    changed, which would otherwise be published as "signed" and refused on every box."""
+    from aotpack import signing
+
+    hint = (f"sign it again: aotpack sign {folder} --key KEY.pem (or delete {SIGNATURE} to push it unsigned)")
+    try:
+        from model_signing._signing.signing import dsse_payload_to_manifest
+
+        bundle = signing._parse_bundle(signature)
+        statement = dsse_payload_to_manifest(json.loads(bundle.dsse_envelope.payload))
+        digests = {item.identifier: item.digest.digest_hex for item in statement.resource_descriptors()}
+        signing.check_covers(signing.SignedContents(digests=digests, fingerprint=""),
+                             manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
+                             files={n: e["sha256"] for n, e in data["files"].items()})
+    except signing.SignatureError as e:
+        raise signing.SignatureError(f"{folder / SIGNATURE} does not cover this build: {e.cause}", hint) from None
+    except Exception as e:  # a bundle whose payload is no model-signing statement: ValueError, KeyError, ...
+        raise signing.SignatureError(f"{folder / SIGNATURE} holds no readable model-signing statement "
+                                     f"({first_line(e, 120)})", hint) from None
+
+
+def _tagged_already(api: Any, repo_id: str, tag_name: str, name: str, entry: dict, token: str | None) -> str | None:
+    """Before anything is committed: a tag that exists is a pin and is never moved. When it already holds this
+    exact build, the push is done (its commit is returned); at another build, the push is refused now, not
+    after a commit has landed."""
+    from huggingface_hub import errors as hfe
+
+    try:
+        at = _refs(repo_id, token)[0].get(tag_name)
+    except hfe.RepositoryNotFoundError:  # a new repo: no tags yet (a token refused is refused by the commit)
+        return None
+    if at is None:
+        return None
+    old = _read_index(api, repo_id, at)["builds"].get(name, {})
+    if (old.get("manifest_sha256"), old.get("signature_sha256")) == (entry["manifest_sha256"],
+                                                                     entry.get("signature_sha256")):
+        log.info("tag %s of %s already holds this exact build %s: nothing to upload", tag_name, repo_id, name)
+        return at
+    raise HubError(f"tag {_shown(tag_name)} already exists in {repo_id} (at {at[:12]}), without this build",
+                   "tags are pins: choose a new tag name; nothing was pushed")
 
 
 def add_tag(repo_id: str, tag_name: str, *, commit: str | None = None, revision: str = "main",
@@ -388,7 +509,7 @@ def _commit_build(api: Any, repo_id: str, revision: str, name: str, entry: dict,
             head = _refs(repo_id, token)[1].get(revision)
             if head is None:
                 raise HubError(f"branch {_shown(revision)} does not exist in {repo_id}", "push to main or create it")
-            index = _read_index(api, repo_id, head)
+            index = _read_index(api, repo_id, head, for_push=True)
             others = {b["checkpoint"] for b in index["builds"].values()} - {entry["checkpoint"]}
             if others:
                 raise HubError(f"{repo_id} holds builds of {', '.join(sorted(others))}, not {entry['checkpoint']}",
@@ -400,8 +521,15 @@ def _commit_build(api: Any, repo_id: str, revision: str, name: str, entry: dict,
                 return head, False
             ops: list[Any] = []
             if old:  # replacing: files of the old build that the new one lacks (a signature, a plan) go
+                log.warning("%s@%s holds another build named %s (manifest %s, built %s): replacing it", repo_id,
+                            revision, name, old["manifest_sha256"][:12], _shown(str(old.get("date", "?")), 40))
                 stale = {f.path for f in api.list_repo_tree(repo_id, path_in_repo=f"builds/{name}", revision=head,
                                                             recursive=True) if isinstance(f, RepoFile)} - set(files)
+                for path in sorted(stale):
+                    if ".." in path.split("/") or path.startswith("/"):
+                        raise HubError(f"{repo_id} holds a file {_shown(path)} under builds/{name}/ that is not a "
+                                       "plain file name", "delete it from the repo (Hub web UI or 'hf'), then push "
+                                       "again")
                 ops += [CommitOperationDelete(p) for p in sorted(stale)]
             index["builds"][name] = entry
             index["schema_version"] = INDEX_SCHEMA
@@ -612,21 +740,28 @@ def pull(
 ) -> Path:
     """Download the build of ``repo_id`` that fits this machine (or the one named ``build``), verify it, and
     return its folder. A tag that moved since this machine first pulled it is refused unless ``refresh_pins``.
-    ``trusted_keys``: the build must be signed by one of these public keys (default: ``AOTPACK_TRUSTED_KEYS``)."""
+    ``trusted_keys``: the build must be signed by one of these public keys (default: ``AOTPACK_TRUSTED_KEYS``).
+    A later ``load`` of the folder checks it against this pull's sealed record (``pulled_identity``)."""
+    return _pull(repo_id, revision=revision, quant=quant, build=build, token=token, trust=trust,
+                 refresh_pins=refresh_pins, trusted_keys=trusted_keys)[0]
+
+
+def _pull(repo_id: str, *, revision: str | None, quant: str | None, build: str | None, token: str | None,
+          trust: bool, refresh_pins: bool, trusted_keys: list | None) -> tuple[Path, "Pulled"]:
     _check_names(repo_id, revision)
     api = _api(token)
     here = describe(probe_isa=False)  # pulls sit on a serving box's boot path: no compiler probe
     with _hub_errors(repo_id, revision):
         commit = _resolve_pin(api, repo_id, revision, trust=trust, refresh_pins=refresh_pins, token=token)
         root = pulled_dir(repo_id, commit)
-        index = _read_index(api, repo_id, commit, local_dir=root)
+        index = _read_index(api, repo_id, commit, local_dir=root, wanted=build)
         name = choose_build(index, here, quant, build)
         log.info("pulling %s from %s@%s", name, repo_id, commit[:12])
         offline = _constants().is_offline_mode()
         for attempt in (1, 2):
             _download(api, repo_id, commit, name, root, token, offline)
             try:
-                manifest_bytes = _verify_pulled(root, name, index["builds"][name], repo_id, commit, offline)
+                manifest_bytes, pulled = _verify_pulled(root, name, index["builds"][name], repo_id, commit, offline)
                 break
             except (IntegrityError, ManifestError, OSError) as e:
                 _evict(root, name)  # the next download fetches every file again instead of re-reading bad bytes
@@ -647,7 +782,7 @@ def pull(
         from aotpack import signing
 
         check_signature(signing.read_signature(folder), manifest_bytes, mf.parse(manifest_bytes), keys, folder)
-    return folder
+    return folder, pulled
 
 
 def _download(api: Any, repo_id: str, commit: str, name: str, root: Path, token: str | None, offline: bool) -> None:
@@ -661,6 +796,10 @@ def _download(api: Any, repo_id: str, commit: str, name: str, root: Path, token:
                                 force_download=True)
         snapshot_download(repo_id, revision=commit, allow_patterns=[f"builds/{name}/*"], token=token,
                           endpoint=endpoint(), local_dir=root)
+    except ValueError as e:  # huggingface_hub refuses a server file name with '..' or a root: not a plain path
+        _evict(root, name)
+        raise HubError(f"{repo_id} lists a file under builds/{name}/ that is not a plain file name "
+                       f"({first_line(e, 160)})", "do not use this repo; ask its owner to remove that file") from None
     except BaseException:
         # huggingface_hub removes its own partial file; the files of this build that did arrive go too, so
         # that a failed pull (a full disk, an interrupt) leaves no half build behind.
@@ -668,34 +807,133 @@ def _download(api: Any, repo_id: str, commit: str, name: str, root: Path, token:
         raise
 
 
-def _verify_pulled(root: Path, name: str, entry: dict, repo_id: str, commit: str, offline: bool) -> bytes:
-    """Check a pulled build against the index entry and its manifest; returns the manifest's bytes. Offline, only
-    a build this machine pulled and verified online before (a sealed record) passes."""
+def _verify_pulled(root: Path, name: str, entry: dict, repo_id: str, commit: str,
+                   offline: bool) -> tuple[bytes, "Pulled"]:
+    """Check a pulled build against the index entry and its manifest; returns the manifest's bytes and the
+    identity a load verifies against. Online, that identity is sealed into the pull's record; offline, only a
+    build whose record says this machine pulled and verified exactly these bytes online before passes."""
     folder = root / "builds" / name
     manifest_bytes = (folder / mf.MANIFEST).read_bytes()
-    manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
-    if manifest_sha != entry.get("manifest_sha256"):
+    pulled = Pulled(endpoint(), repo_id, commit, name, hashlib.sha256(manifest_bytes).hexdigest(),
+                    entry.get("signature_sha256"))
+    if pulled.manifest_sha256 != entry["manifest_sha256"]:
         raise IntegrityError(f"{name}/manifest.json does not match the repo index", "do not load this build")
-    signature_sha = entry.get("signature_sha256")
+    signature_sha = pulled.signature_sha256
     if signature_sha and hashlib.sha256((folder / SIGNATURE).read_bytes()).hexdigest() != signature_sha:
         raise IntegrityError(f"{name}/{SIGNATURE} does not match the repo index", "do not load this build")
     artifact.verify_files(folder, _files(mf.parse(manifest_bytes)))
-    record = _pulled_record(repo_id, commit, name)
     if offline:
-        if unseal("pulled", _read_small(record)) != [manifest_sha, signature_sha]:
+        if _read_record(repo_id, commit, name) != pulled:
             raise HubError(f"offline, and {name} of {repo_id}@{commit[:12]} was never pulled online here (or its "
                            "files changed since)", "pull it once with network access, or unset HF_HUB_OFFLINE")
     else:
-        write_atomic(record, seal("pulled", [manifest_sha, signature_sha]))
-    return manifest_bytes
+        write_atomic(_pulled_record(repo_id, commit, name), seal(_RECORD, dataclasses.asdict(pulled)))
+    return manifest_bytes, pulled
+
+
+# ---- what was pulled: the identity every Hub load verifies against -------------------------------------------
+
+_RECORD = "pulled-build"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pulled:
+    """A build as the index at one commit names it: (endpoint, repo, commit, build, manifest sha256,
+    signature sha256). The manifest's hash pins every other file's (the manifest lists their sha256), so a load
+    that checks the manifest bytes it parses against this loads those bytes or nothing."""
+
+    endpoint: str
+    repo_id: str
+    commit: str
+    build: str
+    manifest_sha256: str
+    signature_sha256: str | None
+
+    def check(self, manifest_bytes: bytes, signature: bytes | None) -> bytes | None:
+        """Refuse a manifest (or signature) other than the pulled one; returns the signature a load may use:
+        None when the build was pulled unsigned (a signature.sig there now was not pulled)."""
+        where = f"{self.build} of {self.repo_id}@{self.commit[:12]}"
+        hint = f"do not load it; pull it again: aotpack pull {self.repo_id} --revision {self.commit}"
+        if hashlib.sha256(manifest_bytes).hexdigest() != self.manifest_sha256:
+            raise IntegrityError(f"{where}: manifest.json is not the one pulled (its folder was changed after the "
+                                 "pull)", hint)
+        if self.signature_sha256 is None:
+            return None
+        if signature is None or hashlib.sha256(signature).hexdigest() != self.signature_sha256:
+            raise IntegrityError(f"{where}: {SIGNATURE} is not the one pulled (its folder was changed after the "
+                                 "pull)", hint)
+        return signature
 
 
 def _pulled_record(repo_id: str, commit: str, name: str) -> Path:
-    """Where a build pulled and verified online is recorded (sealed, under AOTPACK_STATE, not the cache)."""
+    """Where a build pulled and verified online is recorded (sealed, under AOTPACK_STATE, not the cache): one
+    record per pulled folder (``pulled_dir`` holds no endpoint either); the endpoint is in the record."""
     from aotpack.paths import state_dir
 
-    key = hashlib.sha256(f"{endpoint()}|{repo_id}|{commit}|{name}".encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{repo_id}|{commit}|{name}".encode()).hexdigest()[:32]
     return state_dir() / "pulled" / f"{key}.json"
+
+
+def _read_record(repo_id: str, commit: str, name: str) -> Pulled | None:
+    data = unseal(_RECORD, _read_small(_pulled_record(repo_id, commit, name)))
+    if not isinstance(data, dict) or set(data) != {f.name for f in dataclasses.fields(Pulled)}:
+        return None  # no record, a forged one, or one from an older aotpack (pull again)
+    pulled = Pulled(**data)
+    return pulled if (pulled.repo_id, pulled.commit, pulled.build) == (repo_id, commit, name) else None
+
+
+def pulled_identity(path: str | os.PathLike) -> Pulled | None:
+    """What a folder loaded by path must hold: None for a folder outside aotpack's Hub cache; for one reached
+    through ``AOTPACK_CACHE/hub`` (its path, a link on the way, or '..'), the sealed record of the pull that put
+    it there. Anyone who can write the cache can put a self-consistent build where a pull landed; the record,
+    kept outside the cache, cannot be forged. A folder there without one is refused."""
+    from aotpack.paths import cache_dir
+
+    lexical = os.path.abspath(cache_dir() / "hub")
+    roots = {lexical, os.path.realpath(lexical)}
+    inside = [(p, r) for p in _places(path) for r in roots if p == r or p.startswith(r.rstrip("/") + "/")]
+    if not inside:
+        return None
+    found = {b for p, r in inside if (b := _build_at(Path(p).relative_to(r).parts)) is not None}
+    if len(found) != 1:
+        raise IntegrityError(f"{_shown(str(path), 120)} lies in aotpack's Hub cache ({lexical}) but is not the "
+                             "folder of one pulled build", "load the folder 'aotpack pull' printed, or the repo id "
+                             "with --revision")
+    repo_id, commit, name = found.pop()
+    pulled = _read_record(repo_id, commit, name)
+    if pulled is None:
+        raise IntegrityError(f"{name} of {repo_id}@{commit[:12]} in aotpack's Hub cache has no record of a pull "
+                             "that verified it here", f"pull it again: aotpack pull {repo_id} --revision {commit}")
+    return pulled
+
+
+def _places(path: str | os.PathLike) -> list[str]:
+    """Every place resolving ``path`` passes through, each link followed by hand as the kernel follows it
+    (and '..' taken after the link before it, as the kernel takes it)."""
+    parts = list(Path(os.getcwd(), os.path.expanduser(str(path))).parts)
+    here, seen, links = "/", [], 0
+    while parts:
+        part = parts.pop(0)
+        if part == os.sep:
+            here = os.sep
+            continue
+        nxt = os.path.dirname(here) if part == ".." else os.path.join(here, part)
+        seen.append(nxt)
+        if part != ".." and os.path.islink(nxt) and links < 40:
+            links += 1
+            with contextlib.suppress(OSError):  # gone meanwhile: the open that follows fails on its own
+                parts[:0] = [p for p in Path(os.readlink(nxt)).parts if p != "."]
+            continue
+        here = nxt
+    return seen
+
+
+def _build_at(parts: tuple[str, ...]) -> tuple[str, str, str] | None:
+    """(repo id, commit, build) of a path below the Hub cache: models--OWNER--NAME/COMMIT/builds/BUILD."""
+    if len(parts) != 4 or not parts[0].startswith("models--") or not _COMMIT.match(parts[1]) \
+            or parts[2] != "builds" or not mf.is_safe_name(parts[3]):
+        return None
+    return parts[0][len("models--"):].replace("--", "/"), parts[1], parts[3]  # repo ids never hold '--'
 
 
 def _read_small(path: Path) -> bytes:
@@ -716,8 +954,9 @@ def _evict(root: Path, name: str) -> None:
 
 
 def resolve_for_load(repo_id: str, *, revision: str | None = None, trust: bool = False,
-                     token: str | None = None, quant: str | None = None, refresh_pins: bool = False) -> Path:
-    """``load("owner/name", revision=...)``: pull the fitting build, then load it like a folder (the loader
-    checks the signature itself, with the keys it was given)."""
-    return pull(repo_id, revision=revision, quant=quant, token=token, trust=trust, refresh_pins=refresh_pins,
-                trusted_keys=[])
+                     token: str | None = None, quant: str | None = None,
+                     refresh_pins: bool = False) -> tuple[Path, Pulled]:
+    """``load("owner/name", revision=...)``: pull the fitting build; returns its folder and what was pulled, which
+    the loader checks the bytes it opens against (and the signature itself, with the keys it was given)."""
+    return _pull(repo_id, revision=revision, quant=quant, build=None, token=token, trust=trust,
+                 refresh_pins=refresh_pins, trusted_keys=[])

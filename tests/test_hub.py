@@ -383,10 +383,12 @@ def test_h13_full_disk_during_pull_leaves_no_partial_file(hub, online, artifacts
 
 
 def test_signature_travels_with_the_build(hub, online, artifacts, tmp_path):
+    from test_trust import _keys
+
     folder = tmp_path / "signed"
     shutil.copytree(artifacts("int8wo"), folder)
     first = aothub.push(folder, "me/signed", tag_name="v1")
-    (folder / aothub.SIGNATURE).write_bytes(b"a signature, as aotpack.signing.sign writes it")
+    aotpack.sign(folder, key_path=_keys(tmp_path)["builder"][0])  # push checks it covers the build's files
     signed = aothub.push(folder, "me/signed", tag_name="v2")  # same manifest: a new commit all the same
     assert signed.uploaded and signed.commit != first.commit
     assert f"builds/{signed.build}/{aothub.SIGNATURE}" in files_at(hub, "me/signed")

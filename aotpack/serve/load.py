@@ -29,8 +29,11 @@ log = logging.getLogger("aotpack")
 MEMORY_RESERVE_ENV = "AOTPACK_MEMORY_RESERVE"
 
 
-def resolve_location(path: str | os.PathLike, **hub_kwargs: Any) -> Path:
-    """The artifact folder ``path`` names: a local folder, or the build of a Hub repo id that fits this machine.
+def resolve_location(path: str | os.PathLike, **hub_kwargs: Any) -> tuple[Path, Any]:
+    """The artifact folder ``path`` names (a local folder, or the build of a Hub repo id that fits this machine)
+    and, for a pulled build, what was pulled (``hub.Pulled``): the loader checks the bytes it opens against it.
+    A folder in aotpack's Hub cache is a pulled build, by path too: without the sealed record of its pull it is
+    refused (``hub.pulled_identity``).
 
     A path that exists, starts with '.', '/' or '~', or whose first part exists here, is a path and is never
     looked up on the Hub; only an 'owner/name' that is none of these is a repo id."""
@@ -41,7 +44,9 @@ def resolve_location(path: str | os.PathLike, **hub_kwargs: Any) -> Path:
         if given:  # a folder here named like a repo id must not silently win over what was asked of the Hub
             raise InputError(f"{one_line(text)} is a folder here; {', '.join(given)} apply to Hub repo ids only",
                              f"leave {', '.join(given)} out, or run from where no folder has that name")
-        return folder
+        from aotpack.hub import pulled_identity
+
+        return folder, pulled_identity(folder)
     first = text.split("/", 1)[0]
     is_path = text.startswith((".", "/", "~")) or os.path.isabs(text) or text.count("/") != 1 \
         or (first and Path(first).exists())
@@ -58,9 +63,10 @@ def resolve_location(path: str | os.PathLike, **hub_kwargs: Any) -> Path:
 
 
 def trusted_keys_from_env() -> list:
+    """The keys ``AOTPACK_TRUSTED_KEYS`` names ([] when unset); a set value naming no key is a ConfigError."""
     from aotpack import signing
 
-    return signing.load_trusted_keys(signing.trusted_key_paths())
+    return signing.trusted_keys_from_env()
 
 
 def check_signature(signature: bytes | None, manifest_bytes: bytes, manifest: Manifest, trusted_keys: Sequence,
@@ -184,18 +190,23 @@ def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = 
     t0 = time.perf_counter()
     keys = trusted_keys_from_env() if trusted_keys is None else list(trusted_keys)
     hub = {"revision": revision, "trust": trust, "token": token, "quant": quant, "refresh_pins": refresh_pins}
-    folder = resolve_location(path, **{k: v for k, v in hub.items() if v})
+    folder, pulled = resolve_location(path, **{k: v for k, v in hub.items() if v})
     from safetensors.torch import load_file
 
     from aotpack import signing
 
     # the folder is opened once: the manifest, the signature and every file come from it, whatever is renamed
+    # a pulled build (by repo id or by path): the manifest and signature read here must be the pulled ones, and
+    # the manifest pins every other file, so a folder changed after the pull loads nothing
     with VerifiedFiles(folder) as files:
         data = files.manifest_bytes()
+        signature = files.small_file(signing.SIGNATURE, signing.MAX_SIGNATURE_BYTES) \
+            if keys or pulled is not None else None
+        if pulled is not None:
+            signature = pulled.check(data, signature)
         manifest = mf.parse(data)
         files.files = manifest.files
-        signer = check_signature(files.small_file(signing.SIGNATURE, signing.MAX_SIGNATURE_BYTES), data, manifest,
-                                 keys, folder) if keys else None
+        signer = check_signature(signature, data, manifest, keys, folder) if keys else None
         if cuda_graphs and manifest.platform.device != "cuda":
             raise InputError(f"cuda_graphs needs a CUDA artifact; this one runs on {manifest.platform.device}",
                              "leave cuda_graphs out, or build the artifact on a GPU machine")
@@ -276,4 +287,7 @@ def load_into(pipe: Any, path: str | os.PathLike, *, lora: str | os.PathLike | N
     if not hasattr(pipe, component):
         raise InputError(f"{type(pipe).__name__} has no component '{component}'",
                          f"this artifact is for a {module.manifest.recipe.pipeline}")
-    return assemble(pipe, module)
+    from aotpack.serve.pipe import check_pipeline_dtype, guard
+
+    check_pipeline_dtype(pipe, module)
+    return guard(assemble(pipe, module), module)

@@ -95,9 +95,14 @@ def check_request(manifest: Manifest, recipe: Recipe, *, prompt: str, height: in
     height = recipe.run["height"] if height is None else height
     width = recipe.run["width"] if width is None else width
     for name, value, (lo, hi) in (("height", height, req.height), ("width", width, req.width)):
-        if not (lo <= value <= hi and value % req.multiple == 0):
+        if not lo <= value <= hi:
             raise InputError(f"--{name} {value} is outside what the artifact accepts: {lo}..{hi}, "
                              f"a multiple of {req.multiple}", f"pass a {name} in {lo}..{hi}")
+        if value % req.multiple:
+            below = value - value % req.multiple
+            near = " or ".join(str(v) for v in (below, below + req.multiple) if lo <= v <= hi)
+            raise InputError(f"--{name} {value} is not a multiple of {req.multiple}, as the artifact needs",
+                             f"pass --{name} {near}")
     steps = recipe.run["steps"] if steps is None else steps
     if not 1 <= steps <= req.max_steps:
         raise InputError(f"--steps {steps} is outside 1..{req.max_steps}",
@@ -141,6 +146,9 @@ def _check_out(manifest: Manifest, out: Path) -> None:
     if suffix == ".mp4" and not mp4_writer_available():
         raise InputError("no mp4 writer is installed (imageio + imageio-ffmpeg)",
                          "pip install 'aotpack[video]', or name the output .gif")
+    parent = out.absolute().parent
+    if not parent.is_dir():  # never make folders the user did not ask for (seen: one made at /)
+        raise InputError(f"--out {out}: the folder {parent} does not exist", "create it first, or write elsewhere")
 
 
 def run(artifact: str | os.PathLike, *, prompt: str, out: str | os.PathLike | None = None, height: int | None = None,
@@ -153,7 +161,8 @@ def run(artifact: str | os.PathLike, *, prompt: str, out: str | os.PathLike | No
 
     t0 = time.perf_counter()
     hub = {k: load_kwargs[k] for k in ("revision", "trust", "token", "quant", "refresh_pins") if k in load_kwargs}
-    folder = resolve_location(artifact, **hub)  # a repo id: the build that fits, pulled and verified
+    # a repo id: the build that fits, pulled and verified; the load below checks it against the pull's record
+    folder, _ = resolve_location(artifact, **hub)
     manifest = mf.read(folder)
     recipe = get_recipe(manifest.recipe.name, manifest.recipe.variant)
     call = check_request(manifest, recipe, prompt=prompt, height=height, width=width, steps=steps, seed=seed,
@@ -170,21 +179,27 @@ def run(artifact: str | os.PathLike, *, prompt: str, out: str | os.PathLike | No
     result = pipe(prompt=call.prompt, **kwargs, generator=torch.Generator("cpu").manual_seed(call.seed))
     log.info("%s generated in %.2f s (%.2f s from start)", "video" if manifest.is_video else "image",
              time.perf_counter() - t1, time.perf_counter() - t0)
-    _write(result, manifest, out, recipe.run.get("fps", 8))
+    _write(result, manifest, out, recipe.run.get("fps", 8), call.frames)
     return out
 
 
-def _write(result: Any, manifest: Manifest, out: Path, fps: int) -> None:
+def _write(result: Any, manifest: Manifest, out: Path, fps: int, frames_asked: int | None = None) -> None:
     """Write through a temporary file renamed into place (never a half-written output)."""
     import tempfile
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=f".partial{out.suffix}", dir=out.parent)
     os.close(fd)
     tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: an image is written as any other file would be
     try:
         if manifest.is_video:
-            write_video(result.frames[0], tmp, fps=fps)
+            frames = result.frames[0]
+            if frames_asked is not None and len(frames) != frames_asked:
+                log.warning("the pipeline made %d frames for --frames %d; writing all %d", len(frames),
+                            frames_asked, len(frames))
+            write_video(frames, tmp, fps=fps)
         else:
             result.images[0].save(tmp, format=(out.suffix.lstrip(".").upper().replace("JPG", "JPEG")))
         os.replace(tmp, out)
