@@ -24,6 +24,7 @@ _API = {
     "sign": "aotpack.signing",               # sign an artifact folder
     "load": "aotpack.serve.load",            # artifact -> drop-in module
     "load_into": "aotpack.serve.load",       # ... put into a pipeline
+    "from_pretrained": "aotpack.serve.pipe", # pipeline folder or Hub id + artifact -> the ready pipeline
     "run": "aotpack.serve.run",              # artifact -> image or video
     "push": "aotpack.hub",                   # artifact -> Hub repo
     "pull": "aotpack.hub",                   # Hub repo -> artifact folder

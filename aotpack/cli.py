@@ -262,7 +262,7 @@ def build(ctx, recipe, quant, plan, error_budget, out, model, variant, dtype, ov
         _result(as_json, {"repo_id": state.cell.repo, "build": state.build, "commit": state.commit},
                 f"{state.cell.repo}: builds/{state.build} (commit {state.commit})")
         return
-    _refuse_early(recipe, quant, variant, model, plan)
+    _refuse_early(recipe, quant, variant, model, plan, max_autotune)
     _quiet_pipelines()
     from aotpack.builder.pipeline import build as build_artifact
 
@@ -280,7 +280,8 @@ def build(ctx, recipe, quant, plan, error_budget, out, model, variant, dtype, ov
     _result(as_json, {"path": str(path), **_pushed(pushed)}, f"{path}\n{pushed.url}")
 
 
-def _refuse_early(recipe: str, quant: str | None, variant: str | None, model: str | None, plan: str | None) -> None:
+def _refuse_early(recipe: str, quant: str | None, variant: str | None, model: str | None, plan: str | None,
+                  max_autotune: bool = False) -> None:
     """The refusals that need neither torch nor a model, made before the build imports them (a second instead of
     ten): an unknown recipe or variant, a scheme this device cannot run, a GPU checkpoint on a machine without
     one. The build checks all of them again (the Python API goes straight there)."""
@@ -296,6 +297,10 @@ def _refuse_early(recipe: str, quant: str | None, variant: str | None, model: st
     scheme = quant or r.default_quant
     if plan is None and scheme != "auto":
         check_scheme(scheme, device)
+    if max_autotune:
+        from aotpack.builder.schemes import check_max_autotune
+
+        check_max_autotune(device)
     if not model and not r.builtin and r.checkpoint_needs and r.checkpoint_needs != device:
         resolve_source(r, None, device)  # raises its one line
 

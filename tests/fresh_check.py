@@ -31,6 +31,7 @@ def compare(argv: list[str]) -> dict:
     args = ap.parse_args(argv)
     rss0 = psutil.Process().memory_info().rss
     import aotpack
+    import aotpack.serve.module as aotpack_module
     from aotpack.builder.source import load_pipeline
     from aotpack.builder.recipe import get_recipe
     from aotpack.builder.source import source_of
@@ -83,8 +84,10 @@ def compare(argv: list[str]) -> dict:
         swap = {"lora": args.lora, "lora_scale": args.lora_scale} if args.swap else {}
         pipe = aotpack.load_into(pipe, args.artifact, **swap)
         rss2 = psutil.Process().memory_info().rss
-        expected = manifest.model.config["_class_name"] if options.regional else "AotModule"
+        real = manifest.model.config["_class_name"]
+        expected = real if options.regional else f"Aot{real}"  # whole graph: AotModule standing in for the class
         assert type(pipe.transformer).__name__ == expected, type(pipe.transformer)
+        assert options.regional or isinstance(pipe.transformer, aotpack_module.AotModule)
         if options.compile_vae:
             assert type(pipe.vae).__name__ == "AotVaeDecoder"
         aot = call()

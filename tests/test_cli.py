@@ -24,6 +24,8 @@ def invoke(*args: str):
     (["build", "flux"], "Error: recipe 'flux' builds black-forest-labs/FLUX.1-dev, which needs a CUDA device"),
     (["build", "tiny-flux", "--quant", "fp8dq"], "Error: scheme 'fp8dq' cannot run here"),
     (["build", "flux3"], "Error: unknown recipe 'flux3'"),
+    (["build", "tiny-flux", "--variant", "schnell"], "Error: recipe tiny-flux has no variant 'schnell'"),
+    (["build", "tiny-flux", "--max-autotune"], "Error: --max-autotune is for CUDA builds"),
 ])
 def test_refusals_that_need_no_torch_do_not_import_it(args, message):
     # a fresh interpreter: this one has torch loaded already. Where a GPU node exists torch must decide.
@@ -80,3 +82,67 @@ def test_push_and_pull_print_their_result_on_stdout_and_json_for_scripts(online,
     assert (__import__("pathlib").Path(info["path"]) / "manifest.json").is_file()
     both = invoke("push", str(path), "me/a", "--repo-id", "me/b")
     assert both.exit_code == 2 and "two repos given" in both.stderr
+
+
+def test_f51_max_autotune_on_a_cpu_is_refused_by_the_library_too(tmp_path):
+    from aotpack.builder.spec import resolve
+    from aotpack.errors import SchemeError
+
+    with pytest.raises(SchemeError, match="--max-autotune is for CUDA builds") as e:
+        resolve("tiny-flux", "int8wo", max_autotune=True, device="cpu", out=tmp_path / "x")
+    assert e.value.hint == "leave --max-autotune out on a CPU" and not (tmp_path / "x").exists()
+
+
+def _request(**kwargs):
+    from aotpack.artifact import manifest as mf
+    from aotpack.builder.recipe import get_recipe
+    from aotpack.serve.run import check_request
+
+    from test_manifest import sample
+
+    return check_request(mf.validate(sample()), get_recipe("tiny-flux"), **{"prompt": "a dog", **kwargs})
+
+
+def test_f53_a_size_that_is_not_a_multiple_says_so_and_names_the_sizes_near_it():
+    from aotpack.errors import InputError
+
+    with pytest.raises(InputError) as e:
+        _request(height=100)
+    assert e.value.cause == "--height 100 is not a multiple of 16, as the artifact needs"
+    assert e.value.hint == "pass --height 96 or 112"
+    with pytest.raises(InputError, match="--width 512 is outside what the artifact accepts: 32..256"):
+        _request(width=512)
+
+
+def test_f54_run_writes_into_existing_folders_only_and_as_any_file_is_written(artifacts, tmp_path):
+    import os
+    import stat
+
+    path = str(artifacts("int8wo"))
+    missing = tmp_path / "missing" / "x.png"
+    res = invoke("run", path, "--prompt", "x", "--steps", "1", "--height", "32", "--width", "32", "--out",
+                 str(missing))
+    assert res.exit_code == 1 and f"the folder {missing.parent} does not exist" in res.stderr
+    assert not missing.parent.exists()  # no folder made for it
+    out = tmp_path / "x.png"
+    old = os.umask(0o022)
+    try:
+        res = invoke("run", path, "--prompt", "x", "--steps", "1", "--height", "32", "--width", "32", "--out",
+                     str(out), "--json")
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == {"path": str(out)}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+
+
+def test_f55_a_lora_folder_is_not_a_missing_file(tmp_path):
+    from aotpack.builder.spec import resolve
+    from aotpack.errors import InputError
+
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    with pytest.raises(InputError) as e:
+        resolve("tiny-flux", "int8wo", lora=tmp_path / "lora", out=tmp_path / "x")
+    assert e.value.cause == f"LoRA {tmp_path / 'lora'} is a folder, not a file"
+    assert "pytorch_lora_weights.safetensors" in e.value.hint

@@ -140,6 +140,16 @@ def check_scheme(name: str, device: str, cuda_capability: tuple[int, int] | None
     return scheme
 
 
+def check_max_autotune(device: str) -> None:
+    """``--max-autotune`` tunes GPU kernels. On a CPU, inductor's GEMM templates pack the weights into new
+    constants baked into the code, which an artifact whose weights live outside the code cannot feed (measured:
+    fp32 and bf16 builds fail after compiling, int8dq gains nothing): refused before anything is loaded."""
+    if device != "cuda":
+        raise SchemeError("--max-autotune is for CUDA builds: on a CPU inductor's GEMM templates pack the weights "
+                          "into the compiled code, which an artifact with its weights beside the code cannot use",
+                          "leave --max-autotune out on a CPU")
+
+
 def torchao_config(scheme: Scheme) -> Any | None:
     """A fresh torchao config object for ``scheme`` (None for 'none')."""
     return scheme.make_config() if scheme.make_config else None

@@ -66,8 +66,30 @@ class SwapLock:
                 self._cond.notify_all()
 
 
+def check_to(what: str, dtype: torch.dtype, device: torch.device, args: tuple, kwargs: dict) -> None:
+    """Refuse a ``.to()`` that would change the dtype or device compiled code was built for (a pipeline's
+    ``pipe.to(torch.bfloat16)`` reaches every component): it would fail at the first step, not here."""
+    to_dtype, to_device = kwargs.get("dtype"), kwargs.get("device")
+    for a in args:
+        if isinstance(a, torch.dtype):
+            to_dtype = a
+        elif isinstance(a, (str, torch.device)):
+            to_device = a
+        elif isinstance(a, torch.Tensor):
+            to_dtype, to_device = a.dtype, a.device
+    if to_dtype is not None and to_dtype != dtype:
+        raise InputError(f"{what} is compiled for {str(dtype).replace('torch.', '')}; it cannot be converted to "
+                         f"{str(to_dtype).replace('torch.', '')}",
+                         f"load the pipeline with dtype=torch.{str(dtype).replace('torch.', '')}, or rebuild the "
+                         f"artifact with --dtype {str(to_dtype).replace('torch.', '')}")
+    if to_device is not None and torch.device(to_device).type != device.type:
+        raise InputError(f"{what} is compiled for {device.type}; it cannot move to {torch.device(to_device).type}",
+                         f"build the artifact on a {torch.device(to_device).type} machine")
+
+
 class _Pinned:
-    """Compiled code is tied to its device and dtype: it reports them and ``.to()`` leaves it as it is."""
+    """Compiled code is tied to its device and dtype: it reports them, ``.to()`` to the same is a no-op and
+    ``.to()`` anything else is refused in one line."""
 
     _dtype: torch.dtype
     _device: torch.device
@@ -81,6 +103,7 @@ class _Pinned:
         return self._device
 
     def to(self, *args: Any, **kwargs: Any):
+        check_to(f"this artifact's {type(self).__name__}", self._dtype, self._device, args, kwargs)
         return self
 
 
@@ -102,31 +125,55 @@ def request_hint(manifest: Manifest):
     return hint
 
 
-def swap_lora(target: Any, lora: str | os.PathLike | None, scale: float, apply: Callable[[dict], None]) -> float:
-    """Compute the weights with ``lora`` fused at ``scale`` (``None``: the artifact's own) and hand them to
-    ``apply`` while no call is running; set ``target.lora``; returns the seconds it took."""
+def swap_lora(target: Any, lora: Any, scale: float, apply: Callable[[dict], None]) -> float:
+    """Compute the weights with ``lora`` (a file, or a ``Lora`` already read) fused at ``scale`` (``None``: the
+    artifact's own) and hand them to ``apply`` while no call is running; set ``target.lora``; returns the
+    seconds it took."""
+    from aotpack.builder.weights import Lora, lora_scale
     from aotpack.serve.lora import lora_constants
 
+    scale = lora_scale(scale) if lora is not None else scale  # a NaN or 1e30 scale makes every output NaN
     t0 = time.perf_counter()
     keys = target._aotpack_keys
-    new = keys if lora is None else lora_constants(target.manifest, keys, str(lora), float(scale),
+    source = lora if isinstance(lora, Lora) or lora is None else str(lora)
+    new = keys if lora is None else lora_constants(target.manifest, keys, source, float(scale),
                                                    target._aotpack_plan, str(target.manifest.platform.device))
+    name = None if lora is None else Path(lora.path if isinstance(lora, Lora) else lora).name
     with target._aotpack_lock.swap():
         apply(new)
-        target.lora = None if lora is None else {"file": Path(lora).name, "scale": float(scale)}
+        target.lora = None if lora is None else {"file": name, "scale": float(scale)}
     seconds = time.perf_counter() - t0
-    log.info("LoRA %s in %.2f s", "removed" if lora is None else f"{Path(lora).name} swapped in", seconds)
+    log.info("LoRA %s in %.2f s", "removed" if lora is None else f"{name} swapped in", seconds)
     return seconds
+
+
+def refuse_save(model: Any, *args: Any, **kwargs: Any) -> None:
+    raise InputError(f"a compiled artifact cannot be saved as a diffusers model folder (diffusers could not load "
+                     f"{type(model).__name__} from it)",
+                     f"keep the artifact folder ({model.path}) and load it with aotpack.load or "
+                     "aotpack.from_pretrained; save the rest of the pipeline with pipe.transformer set to None")
 
 
 def attach(model: Any, manifest: Manifest, path: Path, *, keys: dict[str, torch.Tensor], plan: bytes | None,
            signer: str | None, codes: dict | None = None) -> Any:
     """What every loaded artifact offers besides the model itself: ``manifest``, ``path``, ``signer``, ``lora``,
-    ``vae_decoder`` and ``swap_lora(FILE, scale)`` (a regional model gets them as instance attributes)."""
+    ``vae_decoder``, ``swap_lora(FILE, scale)`` and diffusers' model-level LoRA methods (a regional model gets
+    them as instance attributes)."""
+    from aotpack.serve.adapters import install
+
     model.manifest, model.path, model.signer, model.lora = manifest, path, signer, None
     model.vae_decoder = None
     model._aotpack_keys, model._aotpack_plan = keys, plan
-    if codes is not None:
+    install(model)  # diffusers' LoRA API (pipe.load_lora_weights, set_adapters, ...) routed to swap_lora
+    if codes is not None:  # a regional model is its real class: its own to() and save_pretrained are guarded here
+        dtype, device = getattr(torch, manifest.dtype), torch.device(manifest.platform.device)
+
+        def to(self, *args: Any, **kwargs: Any):
+            check_to(f"this artifact's {type(self).__name__}", dtype, device, args, kwargs)
+            return self
+
+        model.to = types.MethodType(to, model)
+        model.save_pretrained = types.MethodType(refuse_save, model)
         from aotpack.serve.regional import apply_weights
 
         model.swap_lora = types.MethodType(
@@ -135,19 +182,46 @@ def attach(model: Any, manifest: Manifest, path: Path, *, keys: dict[str, torch.
     return model
 
 
+_STAND_INS: dict[type, type] = {}
+
+
+def stand_in_class(class_name: str | None) -> type:
+    """``AotModule`` made a subclass of the diffusers class it replaces (``AotFluxTransformer2DModel``), so
+    that ``DiffusionPipeline.from_pretrained(dir, transformer=module)`` finds the type its pipeline declares
+    instead of warning on every load. Only the name and the type are borrowed: the real class's ``__init__``
+    never runs (no weights are made), and everything a pipeline calls is AotModule's own."""
+    import diffusers
+
+    real = getattr(diffusers, class_name or "", None)
+    if not (isinstance(real, type) and issubclass(real, ModelMixin)) or issubclass(real, AotModule):
+        return AotModule
+    if real not in _STAND_INS:
+        _STAND_INS[real] = type(f"Aot{real.__name__}", (AotModule, real),
+                                {"__module__": __name__, "__doc__": AotModule.__doc__, "stands_in_for": real})
+    return _STAND_INS[real]
+
+
 class AotModule(_Pinned, ModelMixin, ConfigMixin):
     """A whole-graph compiled component that behaves like the diffusers model it replaces.
 
     Keeps the pieces a pipeline reads: ``config``, ``dtype``, ``device``, ``cache_context`` and the forward
     keywords with ``return_dict``. Whole-graph code has no blocks, so diffusers' block-level caches
-    (``enable_cache``) cannot hook it: it says so (a regional build keeps the blocks).
+    (``enable_cache``) cannot hook it: it says so (a regional build keeps the blocks). An instance is of
+    ``stand_in_class(...)``: a subclass of the model class it replaces.
     """
 
     config_name = "config.json"
+    stands_in_for: type | None = None
+
+    def __new__(cls, compiled: Any = None, module: Any = None, keys: Any = None, manifest: Manifest | None = None,
+                *args: Any, **kwargs: Any):
+        if cls is AotModule and manifest is not None:
+            cls = stand_in_class(manifest.model.config.get("_class_name"))
+        return super().__new__(cls)
 
     def __init__(self, compiled: Any, module: CompiledModule, keys: dict[str, torch.Tensor], manifest: Manifest,
                  path: Path, *, plan: bytes | None = None, signer: str | None = None) -> None:
-        super().__init__()
+        ModelMixin.__init__(self)  # not super(): the stand-in's next class is the real model, never built
         self.register_to_config(**{k: v for k, v in manifest.model.config.items() if not k.startswith("_")})
         self._compiled, self._module = compiled, module
         self._aotpack_lock = SwapLock()
@@ -187,6 +261,9 @@ class AotModule(_Pinned, ModelMixin, ConfigMixin):
     def enable_cache(self, config: Any) -> None:
         raise InputError("a whole-graph artifact has no blocks for diffusers' caches to hook",
                          "build it with --regional (the loaded model then keeps its blocks)")
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
+        refuse_save(self)
 
     def check_inputs(self, inputs: dict[str, Any]) -> None:
         """Raise InputError unless every input matches the exported names, dtypes, devices and ranges."""
