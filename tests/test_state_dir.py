@@ -68,3 +68,17 @@ def test_t30_a_state_folder_that_cannot_hold_the_key_is_one_config_error(tmp_pat
             attempt()
         assert "\n" not in e.value.cause and "AOTPACK_STATE" in e.value.hint
     assert not Path(tmp_path / "real" / "record.key").exists()
+
+
+def test_t30_remembered_hashes_without_a_usable_state_folder_mean_hash_again(tmp_path, state, monkeypatch):
+    """A serving box whose state folder cannot hold the key (a read-only home) still loads: no record is trusted
+    and every file is hashed; only what must write a record (a pull, a pin, the compile cache) refuses."""
+    state.write_bytes(b"not a folder")
+    monkeypatch.setenv("AOTPACK_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"some weights")
+    st, sha = weights.stat(), hashlib.sha256(b"some weights").hexdigest()
+    artifact.remember_verified(weights, st, sha)  # nothing to seal with: skipped, not an error
+    assert not artifact.verified_before(weights, st, sha)
+    with pytest.raises(ConfigError):
+        seal("pins", {})

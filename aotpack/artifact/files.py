@@ -146,14 +146,17 @@ def verified_before(path: Path, st: os.stat_result, sha256: str) -> bool:
             text = f.read(4096)
     except OSError:
         return False
-    return unseal("verified", text) == {"path": str(path.absolute()), "stamp": _stamp(st), "sha256": sha256}
+    try:
+        return unseal("verified", text) == {"path": str(path.absolute()), "stamp": _stamp(st), "sha256": sha256}
+    except ConfigError:  # no usable record key (a read-only state folder): trust no record, hash the file
+        return False
 
 
 def remember_verified(path: Path, st: os.stat_result, sha256: str) -> None:
     try:
         write_atomic(_record(path), seal("verified", {"path": str(path.absolute()), "stamp": _stamp(st),
                                                       "sha256": sha256}))
-    except OSError:  # a read-only cache only costs the hash next time
+    except (OSError, ConfigError):  # a read-only cache or state folder only costs the hash next time
         pass
 
 
