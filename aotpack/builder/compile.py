@@ -8,13 +8,16 @@ hash-checked as it is copied into the build's private folder, and only that copy
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import hashlib
 import json
 import logging
 import shutil
+import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -171,3 +174,42 @@ def constant_values(ep: Any, fqns: list[str]) -> dict[str, Any]:
         seen.add(t.untyped_storage().data_ptr())
         out[name] = t
     return out
+
+
+# ---- a crash in compiled code names its module ------------------------------------------------------------------
+
+_CALLERS: dict[str, Callable[[Callable[[], Any]], Any]] = {}
+
+
+@contextlib.contextmanager
+def crash_report() -> Iterator[None]:
+    """Python's faulthandler on (all threads, to the process's stderr) for the duration, as it was after: a
+    fatal signal in native code (SIGSEGV in AOTInductor code) prints the Python stack before the process dies,
+    and a ``named_call`` frame in it names the module that crashed."""
+    if faulthandler.is_enabled():  # python -X faulthandler, pytest: already on, and theirs to turn off
+        yield
+        return
+    try:
+        faulthandler.enable(file=2, all_threads=True)
+    except (OSError, ValueError, RuntimeError):  # no usable stderr: nothing could be printed anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        faulthandler.disable()
+
+
+def _first_call(fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+def named_call(what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, called from a frame whose file name says ``what``: faulthandler's dump of a crash inside
+    ``fn`` shows ``File "<aotpack: crashed in compiled WHAT>"``, one line naming the module."""
+    caller = _CALLERS.get(what)
+    if caller is None:
+        label = "".join(c if c.isprintable() and c not in '"\\' else "?" for c in what)[:200]
+        code = _first_call.__code__.replace(co_filename=f"<aotpack: crashed in compiled {label}>")
+        caller = _CALLERS[what] = types.FunctionType(code, globals(), "first_call")
+    return caller(fn)

@@ -26,7 +26,7 @@ from aotpack.artifact.manifest import (SCHEMA_VERSION, BuildInfo, CompiledModule
                                        ModelRef, PlanRef, QuantError, RecipeRef, SchemeRef, MANIFEST)
 from aotpack.builder.capture import capture_inputs
 from aotpack.builder.compile import (CONSTANTS_KEY, compile_cached, compiler_settings, constant_values,
-                                     constants_signature)
+                                     constants_signature, crash_report, named_call)
 from aotpack.builder.export import COMPONENT_ROOT, ComponentWrapper, DecoderWrapper, component_spec, decoder_inputs, export
 from aotpack.builder.plan import PLAN_FILE, Planner, check_plan_covers, linear_quantizer, summary
 from aotpack.builder.schemes import compile_tolerance, config_to_json, get_scheme, quantize_named, torchao_config
@@ -310,8 +310,9 @@ def verify(spec: BuildSpec, out: Path, parts: list[Compiled], example: dict[str,
         else:
             runs = [(t.name, lambda: loaded(**unflatten_inputs(t.example), return_dict=False), t.reference)]
         error = tolerance = 0.0
-        for what, run, reference in runs:
-            got = run()[0]
+        for i, (what, run, reference) in enumerate(runs):
+            # the module's first call: a crash in its native code names it (faulthandler, see crash_report)
+            got = (named_call(f"module {c.module.name} ({what})", run) if i == 0 else run())[0]
             error = max(error, check_close(what, got, reference, t.schemes, spec.dtype))
             tolerance = max(tolerance, _tolerance(reference, t.schemes, spec.dtype))
             if t.kind == "component":
@@ -319,7 +320,8 @@ def verify(spec: BuildSpec, out: Path, parts: list[Compiled], example: dict[str,
         log.info("%s: compiled vs eager max |diff| %.2e (tolerance %.1e)", c.module.name, error, tolerance)
         modules.append(_with_error(c.module, error, tolerance))
     if whole_reference is not None:
-        component_out = loaded(**unflatten_inputs(example), return_dict=False)[0]
+        component_out = named_call(f"blocks of {component}, called by the model",
+                                   lambda: loaded(**unflatten_inputs(example), return_dict=False))[0]
         schemes = {s for t in (c.target for c in parts) for s in t.schemes}
         check_close(component, component_out, whole_reference, schemes, spec.dtype)
     return loaded, modules, component_out
@@ -424,7 +426,7 @@ def run_build(spec: BuildSpec) -> Path:
         manifest = make_manifest(spec, q, [c.module for c in parts], tmp, timings)
         (tmp / MANIFEST).write_text(manifest.dumps())  # errors to come: verify loads the artifact as written
         remember_folder(tmp, manifest.files)
-        with stage("verify", timings):
+        with stage("verify", timings), crash_report():
             loaded, modules, component_out = verify(spec, tmp, parts, example, whole_reference)
         del parts, targets
         with stage("quant error", timings):

@@ -17,7 +17,7 @@ import torch
 
 from aotpack.artifact.manifest import CompiledModule, InputSpec, Manifest
 from aotpack.builder.capture import spread_tuples
-from aotpack.errors import InputError, IntegrityError
+from aotpack.errors import InputError, IntegrityError, ManifestError, one_line
 
 
 class SharedCode:
@@ -94,9 +94,11 @@ def build_model(manifest: Manifest, weights: dict[str, dict[str, torch.Tensor]],
     component = manifest.recipe.component
     model = skeleton(dict(manifest.model.config), fuse_qkv=manifest.options.fuse_qkv)
     blocks = [m for m in manifest.modules if m.kind == "block"]
+    check_instances(manifest, model)
     block_paths = {inst[len(component) + 1:] for m in blocks for inst in m.instances}
     tensors = weights[blocks[0].weights]
     glue = {k[len(component) + 1:]: tensors[k] for k in glue_keys(manifest, tensors)}
+    check_glue(manifest, model, glue)
     missing, unexpected = model.load_state_dict(glue, strict=False, assign=True)
     outside = sorted(k for k in missing if not _inside(k, block_paths))
     if unexpected or outside:
@@ -108,9 +110,6 @@ def build_model(manifest: Manifest, weights: dict[str, dict[str, torch.Tensor]],
         code = codes[m.name] = SharedCode(opened[m.name], graphs=cuda_graphs)
         for instance in m.instances:
             block = model.get_submodule(instance[len(component) + 1:])
-            if type(block).__name__ != m.block_class:
-                raise IntegrityError(f"{instance} is a {type(block).__name__}, the artifact compiled a {m.block_class}",
-                                     "rebuild the artifact with this aotpack")
             block.forward = CompiledBlock(code, instance, constants_of(m, instance), m.inputs, torch.device(device),
                                           hint)
             for sub in block.modules():  # the weights live in the compiled module's constants now
@@ -125,6 +124,53 @@ def build_model(manifest: Manifest, weights: dict[str, dict[str, torch.Tensor]],
     model._aotpack_lock = lock
     model.forward = types.MethodType(_locked_forward, model)
     return model, codes
+
+
+_EDITED = "the manifest was edited or belongs to another model; rebuild the artifact, or download it again"
+
+
+def check_instances(manifest: Manifest, model: Any) -> None:
+    """Every block instance the manifest lists is a module of the model, of the class its code was compiled
+    for, and listed once: checked before any weight is placed or compiled code is called."""
+    component = manifest.recipe.component
+    blocks = [m for m in manifest.modules if m.kind == "block"]
+    if not blocks:
+        raise ManifestError("a regional manifest lists no compiled block", _EDITED)
+    seen: set[str] = set()
+    for m in blocks:
+        for instance in m.instances:
+            path = instance[len(component) + 1:] if instance.startswith(component + ".") else ""
+            try:
+                block = model.get_submodule(path) if path else None
+            except AttributeError:
+                block = None
+            if block is None or block is model:
+                raise ManifestError(f"module {one_line(m.name, 80)} lists instance {one_line(instance, 120)}, which "
+                                    f"the {type(model).__name__} does not have", _EDITED)
+            if type(block).__name__ != m.block_class:
+                raise ManifestError(f"{one_line(instance, 120)} is a {type(block).__name__}, the artifact compiled "
+                                    f"a {one_line(str(m.block_class), 80)}", _EDITED)
+            if instance in seen:
+                raise ManifestError(f"instance {one_line(instance, 120)} is listed twice", _EDITED)
+            seen.add(instance)
+
+
+def check_glue(manifest: Manifest, model: Any, glue: dict[str, torch.Tensor]) -> None:
+    """The weights outside the blocks run eager: each must have the shape of the model's tensor and the model's
+    dtype (a float64 weight would load, and fail at the first call)."""
+    expected = dict(model.state_dict(keep_vars=True))
+    dtype = getattr(torch, manifest.dtype, None)
+    for name, t in sorted(glue.items()):
+        want = expected.get(name)
+        if want is None:
+            continue  # an unexpected name: the load that follows names it
+        want_dtype = dtype if want.is_floating_point() and isinstance(dtype, torch.dtype) else want.dtype
+        if tuple(t.shape) != tuple(want.shape) or t.dtype != want_dtype:
+            got = f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+            need = f"{str(want_dtype).removeprefix('torch.')} {list(want.shape)}"
+            raise IntegrityError(f"weight {manifest.recipe.component}.{one_line(name, 120)} is {got}, the model "
+                                 f"expects {need}", "the weights file belongs to another build; rebuild the "
+                                 "artifact, or download it again")
 
 
 def glue_keys(manifest: Manifest, tensors: dict[str, Any]) -> set[str]:
