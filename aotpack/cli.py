@@ -263,6 +263,10 @@ def build(ctx, recipe, quant, plan, error_budget, out, model, variant, dtype, ov
                 f"{state.cell.repo}: builds/{state.build} (commit {state.commit})")
         return
     _refuse_early(recipe, quant, variant, model, plan, max_autotune)
+    if push_to:  # an offline box or a bad token fails now, not after the build
+        from aotpack.hub import check_can_push
+
+        check_can_push(push_to)
     _quiet_pipelines()
     from aotpack.builder.pipeline import build as build_artifact
 

@@ -177,6 +177,17 @@ def _hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
                        "check AOTPACK_CACHE and HF_HOME") from None
 
 
+def check_can_push(repo_id: str, *, token: str | None = None) -> None:
+    """Before a long build that ends in a push: the Hub is reachable and takes the token (``whoami``), so an
+    offline box or a bad token fails in a second, not after the build."""
+    _check_names(repo_id, None)
+    if _constants().is_offline_mode():
+        raise HubError(f"HF_HUB_OFFLINE is set: the build could not be pushed to {repo_id}",
+                       "unset HF_HUB_OFFLINE, or build without --push and push the folder later")
+    with _hub_errors(repo_id):
+        _api(token).whoami()
+
+
 def _check_names(repo_id: str, revision: str | None) -> None:
     """Refuse a malformed repo id or revision before it reaches a URL, a file name or a message."""
     from huggingface_hub.utils import validate_repo_id
@@ -637,7 +648,7 @@ def _resolve_pin(api: Any, repo_id: str, revision: str | None, *, trust: bool, r
     """The commit to read. Branches move, so they need ``trust``; commits are pins; a tag is pinned to the
     commit it had when this machine first pulled it, and a tag moved since is refused unless ``refresh_pins``
     (or ``trust``) re-pins it."""
-    revision = revision or "main"
+    asked, revision = revision, revision or "main"
     if _COMMIT.match(revision):
         return revision
     key = f"{endpoint()}|{repo_id}|{revision}"
@@ -647,8 +658,12 @@ def _resolve_pin(api: Any, repo_id: str, revision: str | None, *, trust: bool, r
             return pins[key]
         if trust:
             return revision
-        raise HubError(f"offline, and {_shown(revision)} was never pulled as a tag of {repo_id}",
-                       "pass a commit hash as --revision, or --trust to use the cached branch")
+        if asked is None:
+            raise HubError(f"offline, and nothing of {repo_id} was pulled here with a tag",
+                           f"pull it once with network access (aotpack pull {repo_id} --revision TAG), or pass "
+                           "--revision COMMIT of a build pulled before")
+        raise HubError(f"offline, and {_shown(revision)} of {repo_id} was never pulled here",
+                       "pull it once with network access, or pass --revision COMMIT of a build pulled before")
     tags, branches = _refs(repo_id, token)
     if revision in tags:
         now = tags[revision]
@@ -704,7 +719,16 @@ def choose_build(index: dict, here: dict, quant: str | None = None, build: str |
             continue
         fits.append((tag(platform) != tag(here), entry.get("size", 0), name))
     if fits:
-        return sorted(fits)[0][2]
+        fits.sort()
+        other, size, name = fits[0]
+        why = ("the one named" if build else
+               f"{'a compatible' if other else 'the exact'} platform for this machine ({tag(here)})"
+               + (f", scheme {quant}" if quant else "")
+               + (f", the smallest of {len(fits)} that fit" if len(fits) > 1 else "")
+               + (f"; {len(index['builds']) - len(fits)} other build(s) do not fit" if len(index["builds"]) > len(fits)
+                  else ""))
+        log.info("chose build %s: %s", name, why)
+        return name
     have = ", ".join(sorted(f"{n} (torch {e['platform'].get('torch')})"
                             for n, e in index["builds"].items())) or "nothing"
     what = f" {build}" if build else (" for --quant " + quant if quant else "")

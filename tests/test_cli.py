@@ -146,3 +146,44 @@ def test_f55_a_lora_folder_is_not_a_missing_file(tmp_path):
         resolve("tiny-flux", "int8wo", lora=tmp_path / "lora", out=tmp_path / "x")
     assert e.value.cause == f"LoRA {tmp_path / 'lora'} is a folder, not a file"
     assert "pytorch_lora_weights.safetensors" in e.value.hint
+
+
+def test_f56_a_downloaded_hub_repo_folder_points_to_its_builds(tmp_path):
+    import aotpack
+    from aotpack.errors import ManifestError
+
+    (tmp_path / "aotpack-index.json").write_text("{}")
+    (tmp_path / "builds" / "int8wo-cpu-x86_64-avx2").mkdir(parents=True)
+    (tmp_path / "builds" / "int8wo-cpu-x86_64-avx2" / "manifest.json").write_text("{}")
+    for call in (aotpack.inspect, aotpack.load):
+        with pytest.raises(ManifestError) as e:
+            call(tmp_path)
+        assert "not an aotpack artifact" in e.value.cause
+        assert f"{tmp_path / 'builds'}/NAME (int8wo-cpu-x86_64-avx2)" in e.value.hint
+
+
+def test_f57_offline_a_repo_never_pulled_says_so_without_a_cached_main(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    res = invoke("run", "me/nothing", "--prompt", "x")
+    assert res.exit_code == 1
+    assert "offline, and nothing of me/nothing was pulled here with a tag" in res.stderr, res.stderr
+    assert "main" not in res.stderr and res.stderr.count("Error:") == 1
+    res = invoke("run", "me/nothing", "--prompt", "x", "--revision", "v1")
+    assert "offline, and 'v1' of me/nothing was never pulled here" in res.stderr, res.stderr
+
+
+def test_f58_build_push_checks_the_hub_before_building(online, tmp_path, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    out = tmp_path / "never"
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_valid_token_000000")
+    t0 = time.perf_counter()
+    res = invoke("build", "tiny-flux", "--out", str(out), "--push", "me/x")
+    assert res.exit_code == 1 and "refused the token (401 Unauthorized)" in res.stderr, res.stderr
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    res = invoke("build", "tiny-flux", "--out", str(out), "--push", "me/x")
+    assert res.exit_code == 1 and "HF_HUB_OFFLINE is set: the build could not be pushed to me/x" in res.stderr
+    assert time.perf_counter() - t0 < 60 and not out.exists()  # nothing was built

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from aotpack.artifact.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, is_safe_name, parse
+from aotpack.artifact.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, is_safe_name, no_manifest, parse
 from aotpack.errors import AotpackError, ConfigError, IntegrityError, ManifestError, OutputExistsError, one_line
 from aotpack.paths import cache_dir, seal, unseal, write_atomic
 
@@ -237,8 +237,7 @@ class VerifiedFiles:
     def manifest_bytes(self) -> bytes:
         data = self.small_file(MANIFEST, MAX_MANIFEST_BYTES)
         if data is None:
-            raise ManifestError(f"{one_line(str(self.folder))} has no {MANIFEST}: not an aotpack artifact",
-                                "pass the artifact folder")
+            raise no_manifest(self.folder)
         return data
 
     def _open(self, name: str) -> tuple[int, os.stat_result]:

@@ -477,10 +477,22 @@ def read_bytes(folder: str | Path) -> bytes:
                             "pass the artifact folder (the one holding manifest.json)")
     path = folder / MANIFEST
     if not path.is_file():
-        raise ManifestError(f"{one_line(str(folder))} has no {MANIFEST}: not an aotpack artifact",
-                            "pass the artifact folder")
+        raise no_manifest(folder)
     with open(path, "rb") as f:
         return f.read(MAX_MANIFEST_BYTES + 1)
+
+
+def no_manifest(folder: Path) -> ManifestError:
+    """The error for a folder without a manifest; a Hub repo's folder (``hf download`` of an aotpack repo) is
+    told where its builds are."""
+    hint = "pass the artifact folder"
+    builds = folder / "builds"
+    if (folder / "aotpack-index.json").is_file() or builds.is_dir():
+        names = sorted(p.name for p in builds.iterdir() if (p / MANIFEST).is_file())[:4] if builds.is_dir() else []
+        hint = (f"this is an aotpack Hub repo's folder: pass one of its builds, {one_line(str(builds))}/NAME"
+                + (f" ({', '.join(one_line(n, 60) for n in names)})" if names else "")
+                + ", or load it by repo id: aotpack.load('OWNER/NAME', revision=...)")
+    return ManifestError(f"{one_line(str(folder))} has no {MANIFEST}: not an aotpack artifact", hint)
 
 
 def read(folder: str | Path) -> Manifest:

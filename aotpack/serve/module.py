@@ -254,9 +254,13 @@ class AotModule(_Pinned, ModelMixin, ConfigMixin):
         return swap_lora(self, lora, scale, apply)
 
     @contextlib.contextmanager
-    def cache_context(self, name: str):
-        """Pipelines enter it around each branch of classifier-free guidance; compiled code keeps no cache."""
+    def cache_context(self, name: str, **kwargs: Any):
+        """Pipelines enter it around each branch of classifier-free guidance (WanPipeline also passes the step,
+        sigma and step count); compiled code keeps no cache."""
         yield
+
+    def _reset_stateful_cache(self, recurse: bool = True) -> None:
+        """Pipelines reset block caches before a call; a whole graph has none."""
 
     def enable_cache(self, config: Any) -> None:
         raise InputError("a whole-graph artifact has no blocks for diffusers' caches to hook",
