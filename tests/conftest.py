@@ -145,6 +145,23 @@ def no_partials(folder: Path) -> bool:
     return not [p for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name]
 
 
+@pytest.fixture
+def opened(monkeypatch):
+    """The sha256 of every package torch's loader is handed, in order (a spy on the one place that opens them)."""
+    from aotpack import _torch_compat
+    from aotpack.artifact.files import sha256_file
+
+    seen: list[str] = []
+    real = _torch_compat.open_package
+
+    def spy(path, **kwargs):
+        seen.append(sha256_file(path))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(_torch_compat, "open_package", spy)
+    return seen
+
+
 @pytest.fixture(scope="session")
 def lora_file(tmp_path_factory) -> Path:
     """A random rank-4 LoRA for tiny-flux in the diffusers/PEFT layout (no alphas: scaling 1)."""

@@ -8,10 +8,8 @@ package is opened. The real huggingface_hub client talks to tests/hub_server.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -19,9 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 import aotpack
-from aotpack import _torch_compat
 from aotpack import hub as aothub
-from aotpack.artifact import manifest as mf
 from aotpack.artifact.files import MODEL, sha256_file
 from aotpack.cli import cli as cli_group
 from aotpack.errors import HubError, IntegrityError
@@ -30,20 +26,6 @@ from test_hub import TOKEN, env, files_at, head, hub, online, refused, unique_co
 
 pytestmark = pytest.mark.slow
 RUN = {"prompt": "a dog surfing on the moon", "height": 64, "width": 64, "steps": 1}
-
-
-@pytest.fixture
-def opened(monkeypatch):
-    """The sha256 of every package torch's loader is handed."""
-    seen: list[str] = []
-    real = _torch_compat.open_package
-
-    def spy(path, **kwargs):
-        seen.append(sha256_file(path))
-        return real(path, **kwargs)
-
-    monkeypatch.setattr(_torch_compat, "open_package", spy)
-    return seen
 
 
 def swap(folder: Path, other: Path) -> None:

@@ -20,7 +20,6 @@ import torch
 from click.testing import CliRunner
 
 import aotpack
-from aotpack import _torch_compat
 from aotpack.artifact import manifest as mf
 from aotpack.artifact.files import MODEL, WEIGHTS, read_safetensors_header, sha256_file
 from aotpack.cli import cli
@@ -56,20 +55,6 @@ def flux_inputs(module, batch=2, seq=16, seed=0):
                 pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
                 timestep=torch.full((batch,), 0.5), guidance=torch.full((batch,), 3.5),
                 img_ids=torch.zeros(seq, 3), txt_ids=torch.zeros(32, 3))
-
-
-@pytest.fixture
-def opened(monkeypatch):
-    """The sha256 of every package torch's loader is handed, in order."""
-    seen: list[str] = []
-    real = _torch_compat.open_package
-
-    def spy(path, **kwargs):
-        seen.append(sha256_file(path))
-        return real(path, **kwargs)
-
-    monkeypatch.setattr(_torch_compat, "open_package", spy)
-    return seen
 
 
 # ---- severe: the attacks themselves ------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from aotpack.builder.tiny import _CHARS, _clip, _t5, save_builtin
-from aotpack.paths import cache_dir
 
 # Printable ASCII without the whitespace that sentencepiece-style tokenizers fold into "\u2581".
 _ASCII = [c for c in string.printable if not c.isspace()]
@@ -229,7 +228,7 @@ _QWEN3_CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['conten
 
 def _tiny_flux2_klein(seed: int = 0):
     import torch
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
     from diffusers import Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
