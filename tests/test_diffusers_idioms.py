@@ -153,3 +153,19 @@ def test_a_damaged_lora_through_diffusers_is_one_line(artifacts, lora_file, tmp_
     with pytest.raises(InputError, match="has lora_A of rank 3 and lora_B of rank 4"):
         pipe.load_lora_weights(bad)
     assert pipe.transformer.lora is None and pipe.get_list_adapters() == {}
+
+
+def test_diffusers_lora_api_on_a_regional_artifact(artifacts, lora_file):
+    """A regional model is its real class: diffusers' loader walks its linears before it reaches the model (it
+    once met empty nn.Linear modules: 'Linear' object has no attribute 'weight')."""
+    path = artifacts("int8wo", regional=True)
+    ref = aotpack.from_pretrained(folder(), path)
+    base = latents(ref)
+    ref.transformer.swap_lora(lora_file, 0.5)
+    half = latents(ref)
+    pipe = aotpack.from_pretrained(folder(), path)
+    pipe.load_lora_weights(lora_file, adapter_name="style")
+    pipe.set_adapters("style", 0.5)
+    assert torch.equal(latents(pipe), half) and not torch.equal(half, base)
+    pipe.unload_lora_weights()
+    assert torch.equal(latents(pipe), base)

@@ -112,11 +112,14 @@ def build_model(manifest: Manifest, weights: dict[str, dict[str, torch.Tensor]],
             block = model.get_submodule(instance[len(component) + 1:])
             block.forward = CompiledBlock(code, instance, constants_of(m, instance), m.inputs, torch.device(device),
                                           hint)
-            for sub in block.modules():  # the weights live in the compiled module's constants now
-                for name in [n for n, p in sub.named_parameters(recurse=False)]:
-                    delattr(sub, name)
-                for name in [n for n, b in sub.named_buffers(recurse=False) if b.is_meta]:
-                    delattr(sub, name)
+            # the weights live in the compiled module's constants now; the block keeps its class, its place and
+            # its forward (what diffusers hooks), and no children: an empty nn.Linear would break what walks the
+            # model's linears (diffusers' LoRA loader reads every linear's weight before routing to the model)
+            for name in [n for n, p in block.named_parameters(recurse=False)]:
+                delattr(block, name)
+            for name in [n for n, b in block.named_buffers(recurse=False) if b.is_meta]:
+                delattr(block, name)
+            block._modules.clear()
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise IntegrityError(f"the artifact has no weights for {left[:3]}", "rebuild the artifact with this aotpack")
