@@ -187,3 +187,17 @@ def test_f58_build_push_checks_the_hub_before_building(online, tmp_path, monkeyp
     res = invoke("build", "tiny-flux", "--out", str(out), "--push", "me/x")
     assert res.exit_code == 1 and "HF_HUB_OFFLINE is set: the build could not be pushed to me/x" in res.stderr
     assert time.perf_counter() - t0 < 60 and not out.exists()  # nothing was built
+
+
+def test_the_python_api_shows_the_stage_lines_by_default():
+    code = ("import aotpack, logging\n"
+            "logging.getLogger('aotpack').info('compile transformer (1 of 1) took 1.0 s')\n"
+            "aotpack.set_progress(False)\n"
+            "logging.getLogger('aotpack').info('not shown')\n"
+            "logging.getLogger('aotpack').warning('a warning still is')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stderr.splitlines() == ["compile transformer (1 of 1) took 1.0 s", "a warning still is"], done.stderr
+    quiet = subprocess.run([sys.executable, "-c", "import aotpack, logging\n"
+                            "logging.getLogger('aotpack').info('x')"], capture_output=True, text=True,
+                           timeout=60, env={**__import__("os").environ, "AOTPACK_PROGRESS": "0"})
+    assert quiet.stderr == ""
