@@ -294,3 +294,16 @@ def test_t11_values_that_would_fail_after_native_code_are_refused_before(change,
     with pytest.raises(ManifestError) as e:
         mf.validate(data)
     assert expect in e.value.cause
+
+def test_g02_baked_constants_round_trip_and_stay_out_of_manifests_without_any():
+    data = sample()
+    assert "constants" not in mf.validate(data).dumps()  # an artifact without any: its JSON as before
+    data["modules"][0]["inputs"]["constants"] = {"img_shapes": [[[1, 4, 4]]], "mask": None, "scale": 0.5}
+    m = mf.validate(data)
+    assert m.modules[0].inputs.constants["img_shapes"] == [[[1, 4, 4]]]
+    assert mf.validate(json.loads(m.dumps())) == m
+    bad = copy.deepcopy(data)
+    bad["modules"][0]["inputs"]["constants"] = {"hidden_states": 1, "x": {"a": 1}}  # names a tensor; not plain
+    with pytest.raises(ManifestError) as e:
+        mf.validate(bad)
+    assert "'hidden_states'" in str(e.value) and "'x'" in str(e.value)

@@ -83,6 +83,9 @@ class InputSpec:
     tensors: tuple[TensorSpec, ...]
     dynamic: dict[str, tuple[int, ...]]
     relations: tuple[Relation, ...] = ()
+    # non-tensor arguments baked into the compiled code ({name: None, a number, a string or a list of those});
+    # left out of the JSON when empty, so manifests without any read (and are written) as before
+    constants: dict[str, Any] = field(default_factory=dict, metadata={"omit_default": True})
 
     @property
     def names(self) -> list[str]:
@@ -109,7 +112,23 @@ class InputSpec:
             if r.dim not in self.dynamic or not r.of or not all(d in self.dynamic for d in r.of) \
                     or r.op not in ("product", "sum") or r.divisor < 1:
                 out.append(f"relation of {r.dim!r} must name dynamic dims, op product or sum, divisor >= 1")
+        for name, value in self.constants.items():
+            if name in self.names or not _plain(value):
+                out.append(f"inputs.constants.{name!r} must be null, a number, a string or a list of those, "
+                           "and not name a tensor input")
         return out
+
+    def check_constants(self, inputs: Mapping[str, Any]) -> None:
+        """Raise InputError if an argument baked into the compiled code is passed with another value (one left
+        out takes the baked value)."""
+        for name, want in self.constants.items():
+            if name not in inputs or _same(inputs[name], want):
+                continue
+            got = inputs[name]
+            shown = f"a {type(got).__name__}" if hasattr(got, "shape") else _show(got)
+            raise InputError(f"{name} is {shown}, but the artifact was compiled with {name}={_show(want)} baked in",
+                             f"pass {name}={_show(want)} (the build's capture settings), or rebuild with a recipe "
+                             f"whose capture call uses the size, frames and batch that give this {name}")
 
     def check(self, inputs: Mapping[str, Any], device: Any, hint: Callable[[str], str] | None = None) -> None:
         """Raise InputError unless every input matches the exported names, dtypes, devices and ranges.
@@ -119,11 +138,13 @@ class InputSpec:
         import torch
 
         hint = hint or (lambda dim: "rebuild with a wider range")
+        self.check_constants(inputs)  # first: a baked size (img_shapes) says more than the tensor it shapes
         names = self.names
         missing = [n for n in names if inputs.get(n) is None]
         if missing:
             raise InputError(f"missing input(s): {', '.join(missing)}", "pass every input the artifact was exported with")
-        extra = sorted(str(k) for k, v in inputs.items() if k not in names and v is not None)
+        extra = sorted(str(k) for k, v in inputs.items() if k not in names and k not in self.constants
+                       and v is not None)
         if extra:
             raise InputError(f"unexpected input(s): {', '.join(extra)}", "this artifact was exported without them")
         bound: dict[str, int] = {}
@@ -170,6 +191,37 @@ class InputSpec:
         for rel in self.relations:
             sizes[rel.dim] = rel.expected(sizes)
         return sizes
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """A value a manifest may record as a baked-in argument: null, bool, int, finite float, string, or a list of
+    those (bounded depth)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    if isinstance(value, float):
+        return value == value and abs(value) != float("inf")
+    return isinstance(value, (list, tuple)) and depth < 8 and all(_plain(v, depth + 1) for v in value)
+
+
+def _same(got: Any, want: Any) -> bool:
+    """``got`` equals the recorded ``want``, a tuple matching a list (JSON has lists only) and a bool never a
+    number."""
+    if isinstance(want, (list, tuple)):
+        return isinstance(got, (list, tuple)) and len(got) == len(want) and all(map(_same, got, want))
+    if isinstance(want, bool) or isinstance(got, bool) or want is None or isinstance(want, str):
+        return type(got) is type(want) and got == want
+    import numbers
+
+    return isinstance(got, numbers.Real) and got == want
+
+
+def _show(value: Any) -> str:
+    """A value as a request shows it (tuples as lists, as the manifest holds them), cut to one short line."""
+    def plain(v: Any) -> Any:
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    text = repr(plain(value))
+    return one_line(text if len(text) <= 80 else text[:77] + "...")
 
 
 # ---- what the artifact is ----------------------------------------------------------------------------------

@@ -131,10 +131,19 @@ def _scalar(tp: Any, value: Any, where: str, problems: list[str]) -> Any:
     return float(value) if tp is float else value
 
 
+def _at_default(obj: Any, f: dataclasses.Field) -> bool:
+    if not f.metadata.get("omit_default"):
+        return False
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+    return getattr(obj, f.name) == default
+
+
 def encode(obj: Any) -> Any:
-    """The JSON form of a dataclass value (tuples as lists; fields left at a default ``None`` are kept)."""
+    """The JSON form of a dataclass value (tuples as lists; fields left at a default ``None`` are kept, except a
+    field marked ``metadata={"omit_default": True}``, which is left out at its default: a field added later
+    then changes nothing in the files that do not use it)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not _at_default(obj, f)}
     if isinstance(obj, (tuple, list)):
         return [encode(v) for v in obj]
     if isinstance(obj, dict):

@@ -15,8 +15,11 @@ class _Captured(Exception):
 def capture_inputs(pipe: Any, recipe: Recipe) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one real pipeline call and stop it at the component's first forward.
 
-    Returns (tensor kwargs in call order, other kwargs). The batch is the recipe's capture batch (2), so
-    that export sees a batch that is not specialised away.
+    Returns (example, constants). ``example`` holds every argument of that call bound to its parameter name
+    (positional ones too), in call order: the tensors (tuples spread, made contiguous: what export sees is what
+    a loaded artifact serves) and the non-tensor values (``None``, numbers, strings, lists of those), which the
+    export bakes in; ``constants`` is those non-tensor values alone. The batch is the recipe's capture batch (2),
+    so that export sees a batch that is not specialised away.
     """
     import torch
 
@@ -24,10 +27,7 @@ def capture_inputs(pipe: Any, recipe: Recipe) -> tuple[dict[str, Any], dict[str,
     seen: dict[str, Any] = {}
 
     def hook(module, args, kwargs):
-        if args:
-            raise BuildError(f"{type(module).__name__} was called with positional arguments",
-                             "aotpack captures keyword calls only; this pipeline is not supported")
-        seen.update(kwargs)
+        seen.update(bind_call(module, args, kwargs))
         raise _Captured
 
     cap = recipe.capture
@@ -48,10 +48,59 @@ def capture_inputs(pipe: Any, recipe: Recipe) -> tuple[dict[str, Any], dict[str,
         handle.remove()
     if not seen:
         raise BuildError(f"the pipeline never called its {recipe.component}", "check the recipe's capture settings")
-    tensors = flatten_inputs(seen)
-    others = {k: v for k, v in seen.items() if not isinstance(v, torch.Tensor) and not is_tensor_tuple(v)
-              and v is not None}
-    return tensors, others
+    name = type(component).__name__
+    example: dict[str, Any] = {}
+    for k, v in seen.items():
+        if isinstance(v, torch.Tensor) or is_tensor_tuple(v):
+            example.update(flatten_inputs({k: v}))
+        else:
+            example[k] = constant(v, f"{name}'s argument {k}")
+    return example, {k: v for k, v in example.items() if not isinstance(v, torch.Tensor)}
+
+
+# Arguments the wrapper or the loaded module handle themselves: never captured as inputs.
+_HANDLED = ("return_dict", "attention_kwargs", "joint_attention_kwargs")
+
+
+def bind_call(module: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of ``module(*args, **kwargs)`` by parameter name (positional first, then keywords in call
+    order; a ``**kwargs`` catch-all spread), without those the wrapper passes itself (``return_dict``)."""
+    import inspect
+
+    sig = inspect.signature(module.forward)
+    what = type(module).__name__
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise BuildError(f"{what} was called with arguments its forward does not take: {e}",
+                         "check that the pipeline and the model come from the same diffusers") from None
+    params = sig.parameters
+    if any(params[n].kind is inspect.Parameter.VAR_POSITIONAL for n in bound.arguments):
+        raise BuildError(f"{what} was called with extra positional arguments (*args)",
+                         "aotpack binds arguments by name; this model's forward is not supported")
+    named = dict(zip(list(bound.arguments)[:len(args)], args))
+    named.update(kwargs)
+    return {k: v for k, v in named.items() if k not in _HANDLED}
+
+
+def constant(value: Any, where: str) -> Any:
+    """``value`` as a constant the export can bake in and the manifest can record: ``None``, a bool, int,
+    finite float or string, or a (nested) list/tuple of those; anything else is refused in one line."""
+    import math
+    import numbers
+
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and math.isfinite(float(value)):
+        return float(value) if not isinstance(value, float) else value
+    if isinstance(value, (list, tuple)):
+        items = [constant(v, where) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    raise BuildError(f"{where} is a {type(value).__name__} ({str(value)[:60]}), which aotpack cannot bake into "
+                     "compiled code", "aotpack bakes in None, numbers, strings and lists of those; tensors are "
+                     "inputs. Pass it as one of those, or keep this model eager")
 
 
 def is_tensor_tuple(v: Any) -> bool:
@@ -70,10 +119,12 @@ def spread_tuples(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def flatten_inputs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The tensor keyword arguments (tuples spread), detached: what export gets."""
+    """The tensor keyword arguments (tuples spread), detached and contiguous: what export gets."""
     import torch
 
-    return {k: v.detach() for k, v in spread_tuples(kwargs).items() if isinstance(v, torch.Tensor)}
+    # contiguous: compiled code assumes the strides it was exported with, and a loaded artifact serves
+    # contiguous copies (a pipeline's own inputs can be transposed views or stride-0 expansions)
+    return {k: v.detach().contiguous() for k, v in spread_tuples(kwargs).items() if isinstance(v, torch.Tensor)}
 
 
 def unflatten_inputs(inputs: dict[str, Any]) -> dict[str, Any]:

@@ -64,12 +64,15 @@ def compile_package(ep: Any, path: Path, configs: dict[str, Any]) -> Path:
 
 
 def compile_key(ep: Any, configs: dict[str, Any], platform: Platform) -> str:
-    """What the compiled code depends on: the exported graph and its signature, the dynamic ranges, the
-    constants' names, dtypes and shapes (not their values), the compiler settings exactly as passed, torch,
-    and the platform the build targets."""
+    """What the compiled code depends on: the exported graph and its signature, its inputs' strides, the dynamic
+    ranges, the constants' names, dtypes and shapes (not their values), the compiler settings exactly as passed,
+    torch, and the platform the build targets."""
     parts = [
         ep.graph_module.code,
         str(ep.graph_signature),
+        # the compiled code assumes the strides its inputs were exported with and checks none
+        repr([(n.name, tuple(str(s) for s in n.meta["val"].stride())) for n in ep.graph.nodes
+              if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]),
         repr(sorted((str(k), str(v)) for k, v in ep.range_constraints.items())),
         constants_signature({**ep.state_dict, **ep.constants}),
         json.dumps(configs, sort_keys=True, default=str),

@@ -17,14 +17,19 @@ COMPONENT_ROOT = "component"   # the wrapper's attribute: every compiled constan
 
 
 class ComponentWrapper(torch.nn.Module):
-    """A fixed calling convention for export: one dict of tensors in, one tensor out."""
+    """A fixed calling convention for export: one dict of tensors in, one tensor out.
 
-    def __init__(self, component: torch.nn.Module) -> None:
+    ``constants`` (non-tensor arguments: ``img_shapes``, ``num_frames``, ``None``) are closed over, so export
+    bakes them into the graph and the compiled code takes tensors only; ``inputs`` may repeat them (eager calls
+    on a captured example do)."""
+
+    def __init__(self, component: torch.nn.Module, constants: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.component = component
+        self.constants = dict(constants or {})
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.component(**unflatten_inputs(inputs), return_dict=False)[0]
+    def forward(self, inputs: dict[str, Any]) -> torch.Tensor:
+        return self.component(**unflatten_inputs({**self.constants, **inputs}), return_dict=False)[0]
 
 
 class DecoderWrapper(torch.nn.Module):
@@ -38,12 +43,15 @@ class DecoderWrapper(torch.nn.Module):
         return self.vae.decode(inputs["z"], return_dict=False)[0]
 
 
-def input_spec(example: Mapping[str, torch.Tensor], axes: Mapping[str, Mapping[str, int]],
+def input_spec(example: Mapping[str, Any], axes: Mapping[str, Mapping[str, int]],
                ranges: Mapping[str, list[int] | tuple[int, ...]], relations: tuple[Relation, ...] = ()) -> InputSpec:
     """The InputSpec of ``example``: ``axes[dim][input] = axis`` names the dynamic axes, ``ranges[dim]`` their
-    [min, max(, multiple)]."""
+    [min, max(, multiple)]; its non-tensor values are recorded as the constants the export bakes in."""
     tensors = []
+    constants = {k: v for k, v in example.items() if not isinstance(v, torch.Tensor)}
     for name, t in example.items():
+        if name in constants:
+            continue
         shape: list[int | str] = list(t.shape)
         for dim, table in axes.items():
             if name in table and dim in ranges:
@@ -51,7 +59,8 @@ def input_spec(example: Mapping[str, torch.Tensor], axes: Mapping[str, Mapping[s
         tensors.append(TensorSpec(name=name, shape=tuple(shape), dtype=str(t.dtype).removeprefix("torch.")))
     used = {d for t in tensors for d in t.shape if isinstance(d, str)}
     return InputSpec(tensors=tuple(tensors), dynamic={d: tuple(ranges[d]) for d in ranges if d in used},
-                     relations=tuple(r for r in relations if r.dim in used and set(r.of) <= used))
+                     relations=tuple(r for r in relations if r.dim in used and set(r.of) <= used),
+                     constants=constants)
 
 
 def component_spec(example: Mapping[str, torch.Tensor], recipe: Recipe) -> InputSpec:
@@ -73,8 +82,32 @@ def decoder_inputs(vae: Any, recipe: Recipe, dtype: Any, device: str) -> tuple[d
     return {"z": z}, input_spec({"z": z}, axes, ranges)
 
 
+def tensor_attributes_as_buffers(module: torch.nn.Module) -> None:
+    """Plain tensor attributes (Qwen-Image's rotary ``pos_freqs``, set with ``self.x = tensor``, neither
+    parameter nor buffer) made non-persistent buffers: export would lift them as anonymous constants that the
+    compiled code names ``_tensor_constantN``, apart from the weights; as buffers they are named constants like
+    any other, saved with the weights."""
+    for m in module.modules():
+        for name, value in list(vars(m).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                delattr(m, name)
+                m.register_buffer(name, value, persistent=False)
+
+
 def export(wrapper: torch.nn.Module, example: dict[str, Any], spec: InputSpec):
-    """torch.export ``wrapper(example)`` with one Dim per dynamic dim of ``spec``, shared across inputs."""
+    """torch.export ``wrapper(example)`` with one Dim per dynamic dim of ``spec``, shared across inputs.
+
+    Only the tensors of ``spec`` become inputs (contiguous: served inputs are); the example's other values are
+    closed over by the wrapper and baked into the graph."""
+    constants = {k: v for k, v in example.items() if k not in spec.names}
+    if constants:
+        if not isinstance(getattr(wrapper, "constants", None), dict):
+            raise BuildError(f"{type(wrapper).__name__} was captured with non-tensor arguments "
+                             f"({', '.join(sorted(constants))}) it cannot bake in",
+                             "build the whole graph (leave --regional out) for this model")
+        wrapper.constants = {**wrapper.constants, **constants}
+    example = {k: v.contiguous() for k, v in example.items() if k in spec.names}
+    tensor_attributes_as_buffers(wrapper)
     dims: dict[str, Any] = {}
     derived = {r.dim for r in spec.relations if r.op == "sum"}
     for name, (lo, hi, *step) in spec.dynamic.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import tomllib
 from functools import lru_cache
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from aotpack.artifact.manifest import Relation, Request
-from aotpack.errors import RecipeError
+from aotpack.errors import RecipeError, one_line
 
 DTYPES = ("float32", "bfloat16", "float16")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -171,16 +172,57 @@ def list_recipes() -> list[str]:
     return sorted(_raw_recipes())
 
 
-def get_recipe(name: str, variant: str | None = None) -> Recipe:
-    """Load and validate the recipe ``name`` (optionally one of its variants)."""
+def get_recipe(name: "str | os.PathLike | Recipe", variant: str | None = None) -> Recipe:
+    """Load and validate the recipe ``name``: a shipped recipe's name, a recipe file (``./my.toml``) or a
+    ``Recipe`` (optionally one of its variants)."""
+    if isinstance(name, Recipe):
+        if variant is not None and variant != name.variant:
+            raise RecipeError(f"--variant {variant} given with a Recipe object ({name.full_name})",
+                              "pick the variant when the Recipe is made: get_recipe(FILE, variant)")
+        return name
+    if is_recipe_file(name):
+        return recipe_file(Path(name), variant)
     raw = _raw_recipes()
     if name not in raw:
         raise RecipeError(
             f"unknown recipe '{name}'",
-            f"choose one of: {', '.join(sorted(raw))} (run 'aotpack recipes')",
+            f"choose one of: {', '.join(sorted(raw))} (run 'aotpack recipes'), or pass a recipe file (./my.toml)",
         )
     path, data = raw[name]
     return parse_recipe(data, source=path.name, variant=variant)
+
+
+def is_recipe_file(name: "str | os.PathLike") -> bool:
+    """A recipe argument that names a file rather than a shipped recipe: a path, or a name ending in .toml."""
+    text = os.fspath(name)
+    return text.endswith(".toml") or os.sep in text or text.startswith((".", "~"))
+
+
+def recipe_file(path: Path, variant: str | None = None) -> Recipe:
+    """The recipe in the TOML file ``path``. Its revision may be left out: a recipe file is usually built from
+    ``--model`` (a Hub checkpoint it names must still be pinned; the build checks). A ``checkpoint`` written as
+    a path (``./pipe``, ``/data/pipe``) is a local folder, relative to the file's own folder."""
+    path = path.expanduser()
+    if path.is_dir():
+        raise RecipeError(f"{path} is a folder, not a recipe file",
+                          "pass a recipe file (./my.toml) or a shipped recipe's name, and the folder as --model")
+    if not path.is_file():
+        raise RecipeError(f"no recipe file {path}", "check the path, or name a shipped recipe (aotpack recipes)")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise RecipeError(f"recipe file {path.name} is not valid TOML: {one_line(str(e))}", "fix the file") from None
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe file {path}: {e.strerror or e}", "check the path") from None
+    checkpoint = data.get("checkpoint")
+    if isinstance(checkpoint, str) and checkpoint.startswith((".", "/", "~")):
+        data = {**data, "checkpoint": str((path.parent / Path(checkpoint).expanduser()).resolve())}
+    return parse_recipe(data, source=path.name, variant=variant, pinned=False)
+
+
+def is_local_checkpoint(checkpoint: str) -> bool:
+    """A recipe checkpoint that is a local folder (an absolute path, as ``recipe_file`` writes it), not a Hub id."""
+    return checkpoint.startswith(("/", ".", "~"))
 
 
 def _pair(value: Any, key: str, problems: list[str]) -> tuple[int, int]:
@@ -193,8 +235,10 @@ def _pair(value: Any, key: str, problems: list[str]) -> tuple[int, int]:
     return (1, 1)
 
 
-def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = None) -> Recipe:
-    """Validate a recipe dict; every problem is gathered into one RecipeError."""
+def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = None, pinned: bool = True) -> Recipe:
+    """Validate a recipe dict; every problem is gathered into one RecipeError. ``pinned``: a Hub checkpoint must
+    name its 40-hex revision here (a shipped recipe); a recipe file's is checked by the build, which knows
+    whether the checkpoint is read at all (``--model`` replaces it)."""
     problems: list[str] = []
     _check_identity(data, problems)
     variants = data.get("variants") if isinstance(data.get("variants"), dict) else {}
@@ -234,7 +278,8 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
                           else "leave --variant out: this recipe has no variants")
     if variant is not None:
         _apply_variant(variant, variants, fields, s, capture, run, problems)
-    if not str(fields.get("checkpoint", "")).startswith("builtin:") and not _COMMIT.match(str(fields.get("revision"))):
+    if pinned and not str(fields.get("checkpoint", "")).startswith("builtin:") \
+            and not _COMMIT.match(str(fields.get("revision"))):
         problems.append(f"revision must be a 40-hex commit of {fields.get('checkpoint')} (a branch or tag can move)")
     if problems:
         raise RecipeError(f"recipe {source} is invalid: " + "; ".join(problems), "fix the recipe file")

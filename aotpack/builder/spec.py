@@ -17,7 +17,7 @@ from aotpack.artifact.manifest import Options
 from aotpack.artifact.platform import Platform, default_device, describe, tag
 from aotpack.builder.compile import Reusable
 from aotpack.builder.plan import DEFAULT_BUDGET, read_plan
-from aotpack.builder.recipe import DTYPES, Recipe, get_recipe
+from aotpack.builder.recipe import _COMMIT, DTYPES, Recipe, get_recipe, is_local_checkpoint
 from aotpack.builder.schemes import check_max_autotune, check_scheme
 from aotpack.builder.source import Source, resolve_source
 from aotpack.errors import RecipeError
@@ -69,7 +69,7 @@ def default_out(recipe_name: str, quant: str, platform_tag: str, artifacts_dir: 
 
 
 def resolve(
-    recipe: str,
+    recipe: "str | os.PathLike | Recipe",
     quant: str | None = None,
     *,
     out: str | os.PathLike | None = None,
@@ -97,6 +97,7 @@ def resolve(
     One function on purpose (~65 lines): the checks read top to bottom in the order they run, cheapest first,
     each raising its own one-line error before any model is loaded."""
     r = get_recipe(recipe, variant)
+    model = model or _recipe_model(r)
     if plan is not None:
         if quant not in (None, "auto"):
             raise RecipeError(f"--plan and --quant {quant} contradict each other", "leave --quant out with --plan")
@@ -141,6 +142,18 @@ def resolve(
     return BuildSpec(recipe=r, quant=quant, plan=plan_data, error_budget=DEFAULT_BUDGET if error_budget is None
                      else error_budget, dtype=dtype, platform=here, source=source, out=final, overwrite=overwrite,
                      options=options, lora=lora_request, reuse=reusable, sign_key=key)
+
+
+def _recipe_model(r: Recipe) -> str | None:
+    """The folder a recipe file names as its checkpoint (built like --model); refuses a Hub checkpoint read
+    without a pinned commit (a recipe file may leave its revision out when it is built from --model)."""
+    if is_local_checkpoint(r.checkpoint):
+        return r.checkpoint
+    if not r.builtin and not _COMMIT.match(str(r.revision)):
+        raise RecipeError(f"recipe {r.full_name} reads {r.checkpoint} from the Hub without a pinned revision "
+                          f"(got {r.revision!r}; a branch or tag can move)",
+                          "set revision to a 40-hex commit in the recipe, or pass --model with a local folder")
+    return None
 
 
 def _check_lora(path: str | os.PathLike, scale: float) -> LoraRequest:

@@ -270,10 +270,33 @@ class AotModule(_Pinned, ModelMixin, ConfigMixin):
         refuse_save(self)
 
     def check_inputs(self, inputs: dict[str, Any]) -> None:
-        """Raise InputError unless every input matches the exported names, dtypes, devices and ranges."""
+        """Raise InputError unless every input matches the exported names, dtypes, devices and ranges, and every
+        non-tensor argument baked into the compiled code (``img_shapes``, ``num_frames``) has its recorded value."""
         self._spec.check(inputs, self._device, self._hint)
 
-    def forward(self, hidden_states=None, joint_attention_kwargs=None, attention_kwargs=None, return_dict: bool = True,
+    def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The call's arguments by name: positional ones bound by the replaced model's forward signature (Sana
+        passes ``hidden_states`` positionally), as the build captured them."""
+        if not args:
+            return kwargs
+        real = type(self).stands_in_for
+        if real is None:
+            if len(args) > 1:
+                raise InputError(f"{len(args)} positional arguments, and this artifact does not know its model's "
+                                 "forward signature", "pass the inputs by keyword")
+            return {"hidden_states": args[0], **kwargs}
+        import inspect
+
+        sig = inspect.signature(real.forward)
+        try:
+            bound = sig.bind(self, *args, **kwargs)
+        except TypeError as e:
+            raise InputError(f"{real.__name__}.forward does not take these arguments: {e}",
+                             "call it as the pipeline does, by keyword") from None
+        names = list(bound.arguments)[1:1 + len(args)]
+        return {**dict(zip(names, args)), **kwargs}
+
+    def forward(self, *args: Any, joint_attention_kwargs=None, attention_kwargs=None, return_dict: bool = True,
                 **kwargs):
         from aotpack.builder.capture import spread_tuples
 
@@ -281,7 +304,7 @@ class AotModule(_Pinned, ModelMixin, ConfigMixin):
             if extra and any(k != "scale" or v != 1.0 for k, v in extra.items()):
                 raise InputError(f"attention kwargs {sorted(extra)} cannot change compiled code",
                                  "swap a LoRA in with load_into(pipe, artifact, lora=FILE) instead")
-        kwargs = spread_tuples({"hidden_states": hidden_states, **kwargs})
+        kwargs = spread_tuples(self._bind(args, kwargs))
         self.check_inputs(kwargs)  # None-valued extras (controlnet samples, ...) are allowed and dropped
         # AOTInductor code assumes the strides it was exported with (contiguous) and checks none
         inputs = {n: kwargs[n].contiguous() for n in self._spec.names}
