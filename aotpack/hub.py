@@ -314,6 +314,8 @@ def _index_entry(data: Any, manifest_sha: str, signature_sha: str | None) -> dic
         "date": data["build"]["date"],
         "manifest_sha256": manifest_sha,
     }
+    entry["dtype"] = data.get("dtype")
+    entry["request"] = data.get("request")  # what a call may ask: the card's loading example stays inside it
     q = data["build"].get("quant_error")
     if q:  # quantized compiled model vs full precision, measured at build: what a user picks a build by
         entry["quant_error"] = {"forward_max_abs": q["forward_max_abs"], "forward_ref_max": q["forward_ref_max"]}
@@ -330,8 +332,37 @@ def _error_cell(b: dict) -> str:
     return f"{q['forward_max_abs']:.1e} (of {q['forward_ref_max']:.2f})"
 
 
-def model_card(repo_id: str, index: dict) -> str:
-    """README.md of the repo, made with huggingface_hub's ModelCard from the builds' index."""
+def _example_call(b: dict) -> str:
+    """The keywords of a pipeline call inside the build's recorded bounds (an index from the Hub is untrusted:
+    only well-formed integers are used, else the pipeline's defaults)."""
+    req = b.get("request") if isinstance(b.get("request"), dict) else {}
+
+    def bound(key: str) -> tuple[int, int] | None:
+        v = req.get(key)
+        ok = isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+        return (v[0], v[1]) if ok and 0 < v[0] <= v[1] <= 1 << 16 else None
+
+    multiple = req.get("multiple") if isinstance(req.get("multiple"), int) and 0 < req["multiple"] < 1 << 12 else 1
+    parts = []
+    for key in ("height", "width"):
+        lo_hi = bound(key)
+        if lo_hi:
+            size = max(lo_hi[0], min(lo_hi[1], 512)) // multiple * multiple
+            parts.append(f"{key}={max(size, lo_hi[0])}")
+    if isinstance(req.get("max_steps"), int) and req["max_steps"] > 0:
+        parts.append(f"num_inference_steps={min(4, req['max_steps'])}")
+    if isinstance(req.get("max_sequence_length"), int) and 0 < req["max_sequence_length"] < 1 << 16:
+        parts.append(f"max_sequence_length={req['max_sequence_length']}")
+    frames = bound("frames")
+    if frames:
+        parts.append(f"num_frames={frames[0]}")
+    return ", ".join(parts)
+
+
+def model_card(repo_id: str, index: dict, tag_name: str | None = None) -> str:
+    """README.md of the repo, made with huggingface_hub's ModelCard from the builds' index: what the repo is
+    (aotpack builds, not a diffusers folder), the base model and its licence, each build's dtype, bounds and
+    error, and a loading example that runs as written."""
     from huggingface_hub import ModelCard, ModelCardData
 
     builds = index["builds"]
@@ -339,16 +370,29 @@ def model_card(repo_id: str, index: dict) -> str:
     base = [c for c in checkpoints if not c.startswith(("builtin:", "/"))]
     card_data = ModelCardData(
         base_model=base[0] if len(base) == 1 else (base or None),
-        library_name="diffusers",
+        library_name="aotpack",  # not a diffusers folder: DiffusionPipeline.from_pretrained(repo) cannot load it
         tags=["aotpack", "torchao", "aoti", "diffusers"],
     )
+
+    def bounds(b: dict) -> str:
+        req = b.get("request") if isinstance(b.get("request"), dict) else {}
+        shown = [f"{k} {'..'.join(str(x) for x in req[k])}" for k in ("height", "width", "frames")
+                 if isinstance(req.get(k), list) and len(req[k]) == 2 and all(isinstance(x, int) for x in req[k])]
+        if isinstance(req.get("max_sequence_length"), int):
+            shown.append(f"text <= {req['max_sequence_length']}")
+        return ", ".join(shown) or "—"  # integers only: nothing from the index reaches the table as text
+
     rows = "\n".join(
-        f"| `{name}` | {b['scheme']} | {tag(b['platform'])} | {b['platform']['torch']} | "
-        f"{b['size'] / 1e6:.1f} MB | {_error_cell(b)} | {b['build_seconds']:.0f} s |"
-        f"{' yes |' if b.get('signature_sha256') else ' |'}"
+        f"| `{name}` | {b['scheme']} | {b.get('dtype') if b.get('dtype') in ('float32', 'bfloat16', 'float16') else '—'} | {tag(b['platform'])} | "
+        f"{b['platform']['torch']} | {bounds(b)} | {b['size'] / 1e6:.1f} MB | {_error_cell(b)} | "
+        f"{b['build_seconds']:.0f} s |{' yes |' if b.get('signature_sha256') else ' |'}"
         for name, b in sorted(builds.items())
     )
     one = sorted(builds)[0] if builds else "SCHEME-PLATFORM"
+    call = _example_call(builds[one]) if builds else ""
+    revision = f'"{tag_name}"' if tag_name else '"<tag or commit>"'
+    licence = (f"The weights are derived from {', '.join(f'`{c}`' for c in base)}: its licence applies to them."
+               if base else "The weights are derived from the checkpoints named above.")
     content = f"""---
 {card_data.to_yaml()}
 ---
@@ -357,19 +401,23 @@ def model_card(repo_id: str, index: dict) -> str:
 
 Ahead-of-time compiled ([AOTInductor](https://pytorch.org/docs/stable/torch.compiler_aot_inductor.html)) and
 [torchao](https://github.com/pytorch/ao)-quantized transformer of {', '.join(f'`{c}`' for c in checkpoints)},
-packaged by **aotpack**. Each build is a folder under `builds/`: `model.pt2` (compiled code),
-`weights.safetensors` (quantized weights) and `manifest.json` (sha256 of every file, platform, input ranges),
-and `signature.sig` when its builder signed it. The error is the largest difference of one transformer forward
-from the full-precision model's, measured at build (of the largest output value).
+packaged by **aotpack**. This repo is not a diffusers pipeline folder (`DiffusionPipeline.from_pretrained` of
+it finds no `model_index.json`): it holds builds for aotpack to drop into the base model's pipeline. Each
+build is a folder under `builds/`: `model.pt2` (compiled code), `weights.safetensors` (quantized weights) and
+`manifest.json` (sha256 of every file, platform, input ranges), and `signature.sig` when its builder signed it.
+The error is the largest difference of one transformer forward from the full-precision model's, measured at
+build (of the largest output value). {licence}
 
-| build | scheme | platform | torch | size | error vs full precision | build time | signed |
-|---|---|---|---|---|---|---|---|
+| build | scheme | dtype | platform | torch | a call may ask | size | error vs full precision | build time | signed |
+|---|---|---|---|---|---|---|---|---|---|
 {rows}
 
 ```python
-import aotpack  # picks the build that fits this machine and verifies every file before loading
-aotpack.load_into(pipe, "{repo_id}", revision="<tag or commit>")   # pipe: the diffusers pipeline
-image = pipe("a dog surfing on the moon").images[0]
+import aotpack  # pip install aotpack: picks the build that fits this machine, verifies every file, then loads
+
+# None: the base model's pipeline (the checkpoint the build was made from); or a local folder / Hub id of it
+pipe = aotpack.from_pretrained(None, "{repo_id}", revision={revision})
+image = pipe("a dog surfing on the moon", {call}).images[0]
 ```
 
 A `.pt2` holds native code: load it from a pinned revision (a tag or a commit), as above. This
@@ -431,7 +479,8 @@ def push(
         if tagged is not None:
             return PushResult(repo_id, name, tagged, f"{endpoint()}/{repo_id}/tree/{tagged}/builds/{name}",
                               tag_name, False)
-        commit, uploaded = _commit_build(api, repo_id, revision, name, entry, files, token, private=private)
+        commit, uploaded = _commit_build(api, repo_id, revision, name, entry, files, token, private=private,
+                                         tag_name=tag_name)
         if tag_name:
             add_tag(repo_id, tag_name, commit=commit, token=token)
     return PushResult(repo_id, name, commit, f"{endpoint()}/{repo_id}/tree/{commit}/builds/{name}",
@@ -501,7 +550,7 @@ def add_tag(repo_id: str, tag_name: str, *, commit: str | None = None, revision:
 
 
 def _commit_build(api: Any, repo_id: str, revision: str, name: str, entry: dict, files: dict[str, Any],
-                  token: str | None, *, private: bool) -> tuple[str, bool]:
+                  token: str | None, *, private: bool, tag_name: str | None = None) -> tuple[str, bool]:
     """Commit one build onto the head of ``revision``; returns (commit holding it, whether a commit was made).
 
     Read head, read its index, commit with ``parent_commit=head``: the Hub refuses the commit (409/412) when the
@@ -546,7 +595,7 @@ def _commit_build(api: Any, repo_id: str, revision: str, name: str, entry: dict,
             index["schema_version"] = INDEX_SCHEMA
             ops += [CommitOperationAdd(p, str(v) if isinstance(v, Path) else v) for p, v in files.items()]
             ops.append(CommitOperationAdd(INDEX, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()))
-            ops.append(CommitOperationAdd("README.md", model_card(repo_id, index).encode()))
+            ops.append(CommitOperationAdd("README.md", model_card(repo_id, index, tag_name).encode()))
             info = api.create_commit(repo_id, ops, commit_message=f"aotpack: add build {name}", revision=revision,
                                      parent_commit=head)
             log.info("pushed %s to %s@%s (commit %s)", name, repo_id, revision, info.oid[:12])

@@ -201,3 +201,22 @@ def test_the_python_api_shows_the_stage_lines_by_default():
                             "logging.getLogger('aotpack').info('x')"], capture_output=True, text=True,
                            timeout=60, env={**__import__("os").environ, "AOTPACK_PROGRESS": "0"})
     assert quiet.stderr == ""
+
+
+def test_the_model_card_is_honest_and_its_loading_example_runs(online, artifacts, tmp_path, monkeypatch):
+    """library_name is aotpack (DiffusionPipeline.from_pretrained of the repo cannot work: it says so), each
+    build's dtype and bounds are shown, and the card's Python block runs as written against the repo."""
+    import re
+
+    import aotpack
+
+    aotpack.push(artifacts("int8wo"), "me/card", tag_name="v1")
+    repo = online.state.repos["me/card"]
+    card = repo.commits[repo.branches["main"]]["files"]["README.md"]["data"].decode()
+    assert "library_name: aotpack" in card and "not a diffusers pipeline folder" in card
+    assert "| float32 |" in card and "height 32..256" in card and "text <= 32" in card
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert 'revision="v1"' in code and "max_sequence_length=32" in code
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the card's own example, against the test Hub
+    assert scope["image"].size == (256, 256)

@@ -133,7 +133,7 @@ def test_one_repo_many_builds_index_and_card(hub, online, artifacts):
     none_files = {p: f for p, f in commits[first]["files"].items() if p.startswith("builds/none-")}
     assert all(commits[second]["files"][p] == f for p, f in none_files.items())  # untouched
     card = commits[second]["files"]["README.md"]["data"].decode()
-    for part in ("aotpack", "torchao", "aoti", "diffusers", "| none |", "| int8wo |", "aotpack.load_into(pipe",
+    for part in ("aotpack", "torchao", "aoti", "diffusers", "| none |", "| int8wo |", "aotpack.from_pretrained(None",
                  "error vs full precision"):
         assert part in card, part
     index = json.loads(commits[second]["files"]["aotpack-index.json"]["data"])
