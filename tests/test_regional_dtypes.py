@@ -24,10 +24,13 @@ from test_variants import fresh_check
 
 pytestmark = pytest.mark.slow
 
-# fp32 x int8wo is the suite's shared regional artifact; bf16 (the `flux` recipe's default dtype) with each
-# scheme that runs on a CPU here. fp32 x {none, int8dq} would be two more compiles (~60 s each on 2 cores) for
-# code paths the fp32 whole-graph builds and the bf16 regional ones already cover.
-COMBOS = [("float32", "int8wo"), ("bfloat16", "none"), ("bfloat16", "int8wo"), ("bfloat16", "int8dq")]
+# fp32 x int8wo is the suite's shared regional artifact; bf16 (the `flux` recipe's default dtype) x int8wo is
+# the build the crash report named. The whole matrix — bf16 with every scheme that runs on a CPU, and fp32 x
+# {none, int8dq} — costs ~60-100 s a build on 2 AVX2 cores (bf16 runs slowly there): AOTPACK_TEST_ALL_DTYPES=1
+# runs it (all passed on this repo's AVX2 box: fp32 int8wo, bf16 none / int8wo / int8dq).
+COMBOS = [("float32", "int8wo"), ("bfloat16", "int8wo")]
+if os.environ.get("AOTPACK_TEST_ALL_DTYPES"):
+    COMBOS += [("bfloat16", "none"), ("bfloat16", "int8dq"), ("float32", "none"), ("float32", "int8dq")]
 
 
 def _regional(artifacts, dtype: str, scheme: str) -> Path:
