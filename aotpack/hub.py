@@ -442,16 +442,21 @@ def push(
     *,
     private: bool = False,
     revision: str = "main",
-    tag_name: str | None = None,
+    tag: str | None = None,
     token: str | None = None,
+    tag_name: str | None = None,
 ) -> PushResult:
-    """Add or replace one build in ``repo_id`` in one commit; other builds stay as they are.
+    """Add or replace one build in ``repo_id`` in one commit; other builds stay as they are; ``tag`` tags that
+    commit (``--tag`` on the command line; ``tag_name`` is the older spelling of it).
 
     The commit names its parent: when another push lands first (many farm jobs finishing at once), the index
     is read again and the commit retried, so concurrent pushes into one repo all end up in its index and card.
     Pushing a build the repo already holds (same manifest and signature bytes) makes no commit and uploads
     nothing. A ``signature.sig`` in the folder travels with the build.
     """
+    if tag is not None and tag_name is not None and tag != tag_name:
+        raise HubError(f"two tags given: tag={tag!r} and tag_name={tag_name!r}", "pass tag= only")
+    tag_name = tag if tag is not None else tag_name
     folder = Path(folder)
     _check_names(repo_id, revision)
     manifest = mf.read(folder)

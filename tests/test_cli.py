@@ -210,7 +210,7 @@ def test_the_model_card_is_honest_and_its_loading_example_runs(online, artifacts
 
     import aotpack
 
-    aotpack.push(artifacts("int8wo"), "me/card", tag_name="v1")
+    aotpack.push(artifacts("int8wo"), "me/card", tag="v1")
     repo = online.state.repos["me/card"]
     card = repo.commits[repo.branches["main"]]["files"]["README.md"]["data"].decode()
     assert "library_name: aotpack" in card and "not a diffusers pipeline folder" in card
