@@ -93,9 +93,12 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_pipeline(recipe: Recipe, source: Source, *, dtype: str, with_component: bool = True, skip: tuple = ()):
-    """Load the recipe's pipeline from ``source``; without the component when ``with_component`` is False,
-    so a serving box never reads the original transformer's weights (nor those of the parts in ``skip``)."""
+def load_pipeline(recipe: Recipe, source: Source, *, dtype: str, with_component: bool = True, skip: tuple = (),
+                  **extra):
+    """Load the recipe's pipeline (``recipe``: anything with ``pipeline`` and ``component``, a manifest's recipe
+    too) from ``source``; without the component when ``with_component`` is False, so a serving box never reads
+    the original transformer's weights (nor those of the parts in ``skip``). ``extra``: more keywords for the
+    pipeline class's ``from_pretrained``."""
     import diffusers
 
     cls = getattr(diffusers, recipe.pipeline, None)
@@ -109,6 +112,7 @@ def load_pipeline(recipe: Recipe, source: Source, *, dtype: str, with_component:
         kwargs[recipe.component] = None
     for name in skip:
         kwargs[name] = None
+    kwargs.update(extra)
     try:
         pipe = cls.from_pretrained(source.location, **kwargs)
     except (OSError, ValueError) as e:

@@ -66,9 +66,7 @@ def from_pretrained(pipeline: str | os.PathLike | None, artifact: str | os.PathL
     ``revision``, ``trust``, ``token``, ``quant``, ``trusted_keys``, ``cuda_graphs``: as for ``aotpack.load``.
     Other keywords go to the pipeline class's ``from_pretrained`` (its dtype is the artifact's).
     """
-    import diffusers
-
-    from aotpack.builder.source import Source, source_of, torch_dtype
+    from aotpack.builder.source import Source, load_pipeline, source_of
     from aotpack.serve.load import assemble, load
 
     hub = {k: v for k, v in {"revision": revision, "trust": trust, "token": token, "quant": quant}.items() if v}
@@ -81,14 +79,11 @@ def from_pretrained(pipeline: str | os.PathLike | None, artifact: str | os.PathL
         raise InputError(f"dtype={dtype} but the artifact runs {_name(module.dtype)}",
                          "leave dtype out (the artifact's is used), or rebuild with --dtype "
                          f"{_name(dtype) if isinstance(dtype, torch.dtype) else dtype}")
-    cls = getattr(diffusers, manifest.recipe.pipeline, None) or diffusers.DiffusionPipeline
     source = source_of(manifest.model) if pipeline is None else Source(str(pipeline), None, "local", str(pipeline))
-    kwargs = {"dtype": torch_dtype(manifest.dtype), manifest.recipe.component: None, **pipeline_kwargs}
-    if source.revision and pipeline is None and source.kind == "hub":
-        kwargs.setdefault("revision", source.revision)
-    if module.vae_decoder is not None:
-        kwargs["vae"] = None  # the compiled decoder replaces it: its weights are never read
-    pipe = cls.from_pretrained(source.location, **kwargs)
+    # the compiled decoder replaces the VAE: its weights are never read
+    skip = ("vae",) if module.vae_decoder is not None else ()
+    pipe = load_pipeline(manifest.recipe, source, dtype=manifest.dtype, with_component=False, skip=skip,
+                         **pipeline_kwargs)
     pipe.to(manifest.platform.device)
     check_pipeline_dtype(pipe, module)
     return guard(assemble(pipe, module, remake=True), module)

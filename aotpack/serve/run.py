@@ -17,9 +17,8 @@ from typing import Any
 from aotpack.artifact import manifest as mf
 from aotpack.artifact.manifest import Manifest
 from aotpack.builder.recipe import Recipe, get_recipe
-from aotpack.builder.source import load_pipeline, source_of
 from aotpack.errors import AotpackError, InputError
-from aotpack.serve.load import assemble, load, resolve_location
+from aotpack.serve.load import resolve_location
 
 log = logging.getLogger("aotpack")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -29,17 +28,19 @@ MAX_PROMPT_CHARS = 10_000
 
 def pipeline_for(artifact: str | os.PathLike, *, lora: str | None = None, lora_scale: float = 1.0,
                  **load_kwargs: Any) -> tuple[Any, Recipe]:
-    """A ready pipeline whose component is the artifact; the original component's weights are never read
-    (nor the VAE's when the artifact carries a compiled VAE decoder)."""
-    module = load(artifact, **load_kwargs)
-    if lora is not None:
-        module.swap_lora(lora, lora_scale)
-    manifest = module.manifest
-    recipe = get_recipe(manifest.recipe.name, manifest.recipe.variant)
-    skip = ("vae",) if module.vae_decoder is not None else ()
-    pipe = load_pipeline(recipe, source_of(manifest.model), dtype=manifest.dtype, with_component=False, skip=skip)
-    pipe.to(manifest.platform.device)
-    return assemble(pipe, module, remake=True), recipe
+    """A ready pipeline whose component is the artifact (``from_pretrained`` of the checkpoint it was built
+    from), and the artifact's recipe; the original component's weights are never read (nor the VAE's when the
+    artifact carries a compiled VAE decoder)."""
+    from aotpack.serve.pipe import from_pretrained
+
+    pipe = from_pretrained(None, artifact, lora=lora, lora_scale=lora_scale, **load_kwargs)
+    manifest = pipe.components[pipe_component(pipe)].manifest
+    return pipe, get_recipe(manifest.recipe.name, manifest.recipe.variant)
+
+
+def pipe_component(pipe: Any) -> str:
+    """The name of the pipeline component that is an aotpack artifact."""
+    return next(n for n, c in pipe.components.items() if hasattr(c, "manifest") and hasattr(c, "swap_lora"))
 
 
 def mp4_writer_available() -> bool:
