@@ -344,7 +344,9 @@ def skeleton(config: dict, *, fuse_qkv: bool = False) -> Any:
 
 
 def units(model: Any) -> Iterator[tuple[str, Any]]:
-    """(prefix, module) for each unit streamed at once: every block of a ModuleList, every other child."""
+    """(prefix, module) for each unit streamed at once: every block of a ModuleList, every other child. The
+    root's own parameters (Wan's, LTX's and Sana's ``scale_shift_table``) are not a unit: ``materialize`` fills
+    them under the name ``""`` and ``Streamed`` keeps them (they are small)."""
     import torch
 
     for name, child in model.named_children():
@@ -353,8 +355,12 @@ def units(model: Any) -> Iterator[tuple[str, Any]]:
                 yield f"{name}.{i}.", block
         else:
             yield f"{name}.", child
-    if any(True for _ in model.named_parameters(recurse=False)):
-        raise BuildError(f"{type(model).__name__} holds parameters outside its submodules", "not supported yet")
+
+
+def _direct(module: Any) -> bool:
+    """Whether ``module`` holds parameters or buffers of its own (not only in its children)."""
+    return any(True for _ in module.named_parameters(recurse=False)) or \
+        any(True for _ in module.named_buffers(recurse=False))
 
 
 def _keep_fp32(model: Any, name: str) -> bool:
@@ -395,30 +401,33 @@ def materialize(
         t = t.to(torch.float32 if _keep_fp32(model, name) else dtype)
         return lora.apply(name, t) if lora is not None else t
 
-    done = []
+    def fill(module: Any, base: str) -> None:
+        for leaf, param in list(module.named_parameters(recurse=False)):
+            t = value(base + leaf).to(device)
+            if t.shape != param.shape:
+                raise BuildError(f"checkpoint weight {base + leaf} is {list(t.shape)}, the model expects "
+                                 f"{list(param.shape)}", "the checkpoint does not match its config")
+            setattr(module, leaf, torch.nn.Parameter(t, requires_grad=False))
+        for leaf, buf in list(module.named_buffers(recurse=False)):
+            if base + leaf in reader:
+                buf = reader.get(base + leaf)
+            if buf.is_floating_point() and not _keep_fp32(model, base + leaf):
+                buf = buf.to(dtype)
+            setattr(module, leaf, buf.to(device))
+        if quantize_unit is not None and isinstance(module, torch.nn.Linear):
+            quantize_unit(base.rstrip("."), module)
+        done.append(base.rstrip("."))
+
+    done: list[str] = []
+    if _direct(model) and (only is None or "" in only):  # the root's own parameters
+        fill(model, "")
     for prefix, unit in units(model):
         # Leaf by leaf: each linear is quantized as soon as it is read, so at most one high-precision
         # weight is alive at a time (fused projections and LoRA deltas are made from the reader per weight).
         for local, module in unit.named_modules():
-            direct = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
             base = prefix + (f"{local}." if local else "")
-            if not direct or (only is not None and base.rstrip(".") not in only):
-                continue
-            for leaf, param in list(module.named_parameters(recurse=False)):
-                t = value(base + leaf).to(device)
-                if t.shape != param.shape:
-                    raise BuildError(f"checkpoint weight {base + leaf} is {list(t.shape)}, the model expects "
-                                     f"{list(param.shape)}", "the checkpoint does not match its config")
-                setattr(module, leaf, torch.nn.Parameter(t, requires_grad=False))
-            for leaf, buf in list(module.named_buffers(recurse=False)):
-                if base + leaf in reader:
-                    buf = reader.get(base + leaf)
-                if buf.is_floating_point() and not _keep_fp32(model, base + leaf):
-                    buf = buf.to(dtype)
-                setattr(module, leaf, buf.to(device))
-            if quantize_unit is not None and isinstance(module, torch.nn.Linear):
-                quantize_unit(base.rstrip("."), module)
-            done.append(base.rstrip("."))
+            if _direct(module) and (only is None or base.rstrip(".") in only):
+                fill(module, base)
     if lora is not None:
         names = {n for n, _ in model.named_parameters()}
         unknown = sorted(k for k in lora.deltas if k not in names and k.rsplit(".", 1)[0] not in _unfused(model))
@@ -438,6 +447,8 @@ class Streamed:
         self.model, self.reader = model, reader
         self._fill_args = {"dtype": dtype, "device": device, "lora": lora}
         self._handles = []
+        if _direct(model):  # the root's own parameters stay filled: no hook runs before the root's forward
+            materialize(model, reader, only={""}, **self._fill_args)
         for prefix, unit in units(model):
             names = {prefix + n if n else prefix.rstrip(".") for n, _ in unit.named_modules()}
             names = {n.rstrip(".") for n in names}
