@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from aotpack._version import __version__
-from aotpack.errors import AotpackError, first_line
+from aotpack.errors import AotpackError, RecipeError, first_line
 
 
 def _debug() -> bool:
@@ -182,6 +182,61 @@ def schemes() -> None:
                f"{'chooses among':<36} {here}")
 
 
+def derive_options(f):
+    """The options of a recipe derived from a model folder or Hub id (``build SOURCE``, ``recipe SOURCE``)."""
+    for option in reversed([
+        click.option("--component", default=None,
+                     help="Model source: the pipeline component to compile (default: transformer)."),
+        click.option("--blocks", multiple=True, metavar="CLASS",
+                     help="Model source: a block class to compile regionally (repeatable; default: the model's "
+                          "_repeated_blocks)."),
+        click.option("--max-size", type=int, default=None,
+                     help="Model source: the largest height/width it accepts (default: the pipeline's default size)."),
+        click.option("--max-frames", type=int, default=None,
+                     help="Model source: the most frames (video; default: the pipeline's default num_frames)."),
+        click.option("--max-batch", type=int, default=None, help="Model source: outputs per prompt (default 4)."),
+        click.option("--revision", default=None,
+                     help="Hub repo id source: the branch, tag or commit (a branch is resolved and recorded)."),
+    ]):
+        f = option(f)
+    return f
+
+
+_DERIVE_KEYS = ("component", "blocks", "max_size", "max_frames", "max_batch", "revision")
+
+
+@cli.command()
+@quiet_option
+@click.argument("source")
+@derive_options
+@json_option
+def recipe(source, as_json, **derive_kwargs) -> None:
+    """Derive the recipe of SOURCE (a diffusers pipeline folder or Hub repo id) and print it as TOML.
+
+    The dims come from real pipeline calls, each stopped at the transformer's first forward (its weights are not
+    read). Save it, edit it, pin it: `aotpack build ./my.toml` builds exactly that.
+
+    \b
+    Examples:
+      aotpack recipe ./my-wan-pipeline > wan.toml
+      aotpack recipe Qwen/Qwen-Image --revision main --max-size 1024 > qwen.toml
+    """
+    from aotpack.builder.derive import Options, derive, is_pipeline_source, to_toml
+
+    if not is_pipeline_source(source):
+        raise RecipeError(f"{source} is neither a diffusers pipeline folder nor a Hub repo id",
+                          "pass the folder (holding model_index.json) or OWNER/NAME")
+    _quiet_pipelines()
+    from aotpack.artifact.platform import default_device
+    from aotpack.builder.recipe import parse_recipe
+
+    opts = {k: v for k, v in derive_kwargs.items() if v not in (None, ())}
+    opts["blocks"] = tuple(opts.get("blocks", ()))
+    data = derive(source, Options(**opts), device=default_device())
+    parse_recipe(data, source=f"the recipe derived from {source}", pinned=False)  # what build would refuse
+    _result(as_json, data, to_toml(data).rstrip("\n"))
+
+
 @cli.command()
 @quiet_option
 @click.argument("recipe")
@@ -221,6 +276,7 @@ def schemes() -> None:
 @click.option("--on", "on_flavor", metavar="FLAVOR", default=None,
               help="Build on a Hugging Face Jobs machine of this flavor (l4x1, a100-large, h200, ...) instead of "
                    "here, then push (needs --push); streams the job's log; Ctrl-C cancels the job.")
+@derive_options
 @json_option
 @click.option("--install", metavar="SPEC", default=None,
               help="With --on: what the job installs as aotpack (default: aotpack==this version), with the "
@@ -228,8 +284,12 @@ def schemes() -> None:
 @click.pass_context
 def build(ctx, recipe, quant, plan, error_budget, out, model, variant, dtype, overwrite, lora, lora_scale, fuse_qkv,
           quantize_text_encoder, quantize_vae, compile_vae, max_autotune, reuse, sign_key, regional,
-          push_to, tag_name, on_flavor, install, as_json) -> None:
+          push_to, tag_name, on_flavor, install, as_json, **derive_kwargs) -> None:
     """Quantize, export and compile RECIPE into an artifact folder; prints its path.
+
+    RECIPE is a shipped recipe's name (aotpack recipes), a recipe file (./my.toml), or a model source: a local
+    diffusers pipeline folder or a Hub repo id, whose recipe is derived from real pipeline calls (see
+    'aotpack recipe'; the --component/--blocks/--max-*/--revision options are for it).
 
     \b
     Examples:
@@ -246,12 +306,20 @@ def build(ctx, recipe, quant, plan, error_budget, out, model, variant, dtype, ov
       aotpack build flux-depth --regional                     # 19 + 38 blocks, two block compiles
       aotpack build tiny-flux --quant int8wo --push me/tiny-flux-aot --tag v1
       aotpack build flux --quant int8dq --on h200 --push me/flux-aot --tag v1   # on Hugging Face Jobs
+      aotpack build ./my-wan-pipeline --quant int8wo --max-size 480 --max-frames 33   # no recipe needed
+      aotpack build ./wan.toml                                # the recipe 'aotpack recipe' wrote, edited
     """
+    derive_kwargs = {k: v for k, v in derive_kwargs.items() if v not in (None, ())}
     if tag_name and not push_to:
         raise click.UsageError("--tag needs --push OWNER/NAME")
     if install and not on_flavor:
         raise click.UsageError("--install needs --on FLAVOR (it says what the job installs)")
     if on_flavor:
+        from aotpack.builder.derive import is_pipeline_source
+
+        if is_pipeline_source(recipe) or derive_kwargs:
+            raise RecipeError(f"--on builds a shipped recipe in the job; {recipe} is a model source",
+                              "build it here (aotpack build SOURCE --push ...), or ship its recipe in aotpack")
         if not push_to:
             raise click.UsageError("--on needs --push OWNER/NAME: the job's build lands in that repo")
         from aotpack.farm import options_from_context, remote_build
@@ -262,7 +330,7 @@ def build(ctx, recipe, quant, plan, error_budget, out, model, variant, dtype, ov
         _result(as_json, {"repo_id": state.cell.repo, "build": state.build, "commit": state.commit},
                 f"{state.cell.repo}: builds/{state.build} (commit {state.commit})")
         return
-    _refuse_early(recipe, quant, variant, model, plan, max_autotune)
+    _refuse_early(recipe, quant, variant, model, plan, max_autotune, derive_kwargs)
     if push_to:  # an offline box or a bad token fails now, not after the build
         from aotpack.hub import check_can_push
 
@@ -274,7 +342,7 @@ def build(ctx, recipe, quant, plan, error_budget, out, model, variant, dtype, ov
                           lora=lora, lora_scale=lora_scale, fuse_qkv=fuse_qkv,
                           quantize_text_encoder=quantize_text_encoder, quantize_vae=quantize_vae,
                           compile_vae=compile_vae, plan=plan, error_budget=error_budget, reuse=reuse,
-                          max_autotune=max_autotune, sign_key=sign_key, regional=regional)
+                          max_autotune=max_autotune, sign_key=sign_key, regional=regional, **derive_kwargs)
     if not push_to:
         _result(as_json, {"path": str(path)}, str(path))
         return
@@ -285,17 +353,26 @@ def build(ctx, recipe, quant, plan, error_budget, out, model, variant, dtype, ov
 
 
 def _refuse_early(recipe: str, quant: str | None, variant: str | None, model: str | None, plan: str | None,
-                  max_autotune: bool = False) -> None:
+                  max_autotune: bool = False, derive_kwargs: dict | None = None) -> None:
     """The refusals that need neither torch nor a model, made before the build imports them (a second instead of
     ten): an unknown recipe or variant, a scheme this device cannot run, a GPU checkpoint on a machine without
     one. The build checks all of them again (the Python API goes straight there)."""
     from aotpack.artifact.platform import default_device
     from aotpack.builder.recipe import get_recipe
     from aotpack.builder.schemes import check_scheme
+    from aotpack.builder.derive import DEFAULT_QUANT, is_pipeline_source
     from aotpack.builder.source import resolve_source
 
-    r = get_recipe(recipe, variant)
     device = default_device()
+    if is_pipeline_source(recipe):  # a model source: its recipe is derived by the build (which checks the rest)
+        if device == "cpu" and plan is None and (quant or DEFAULT_QUANT) != "auto":
+            check_scheme(quant or DEFAULT_QUANT, device)
+        return
+    if derive_kwargs:
+        from aotpack.builder.spec import recipe_for
+
+        recipe_for(recipe, variant, model, derive_kwargs, device)  # raises: these options need a model source
+    r = get_recipe(recipe, variant)
     if device != "cpu":
         return  # GPU capabilities need torch: the build checks them
     scheme = quant or r.default_quant

@@ -249,12 +249,81 @@ def test_g04_qwenimage_from_a_recipe_file_matches_eager_and_refuses_another_size
     assert e.value.cause.startswith("img_shapes is [[[1, 4, 6]]]") and "[[[1, 4, 4]]]" in e.value.cause
 
 
+# ---- builds from a model folder: the recipe derived, nothing written by hand (compile; once per session) --------
+
+@pytest.fixture(scope="session")
+def derived_build(tmp_path_factory, _isolated_env):
+    """{family: (pipeline folder, artifact folder)}: ``aotpack build FOLDER --quant none`` (the CLI, in a
+    subprocess, as a user types it), each once per session."""
+    from conftest import run_cli
+
+    done: dict[str, tuple[Path, Path]] = {}
+
+    def get(family: str, *extra: str) -> tuple[Path, Path]:
+        if family not in done:
+            out = tmp_path_factory.mktemp(f"derived-{family}") / "artifact"
+            folder = ensure_family(family)
+            proc = run_cli("build", str(folder), "--quant", "none", "--max-size", "64", "--max-frames", "9",
+                           "--out", str(out), *extra)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            assert proc.stdout.strip() == str(out)
+            done[family] = (folder, out)
+        return done[family]
+
+    return get
+
+
+def served_call(r, *, height: int, width: int, batch: int = 1, frames: int | None = None, prompt: str = "an owl"):
+    """A pipeline call as ``aotpack run`` makes it from the artifact's recipe, final latents."""
+    kwargs = r.pipeline_kwargs(height=height, width=width, steps=2, guidance_scale=r.run.get("guidance_scale", 3.5),
+                               batch=batch, frames=frames)
+    return {"prompt": prompt, **kwargs, "output_type": "latent", "generator": torch.Generator("cpu").manual_seed(0)}
+
+
 @pytest.mark.slow
-def test_g03_flux2_klein_non_contiguous_root_input_matches_eager(built):
-    """FLUX.2 klein hands its transformer a non-contiguous hidden_states: exported as served, it matches."""
-    folder, out = built("tiny-flux2-klein")
-    pipe, want = eager_and_compiled(folder, out, pipeline_call("tiny-flux2-klein"))
-    got = latents(pipe(**pipeline_call("tiny-flux2-klein")))
-    diff = (got - want).abs().max().item()
-    print(f"tiny-flux2-klein whole-graph none: max |diff| vs eager {diff:.2e}")
-    assert diff < 1e-4
+@pytest.mark.parametrize("family", ["tiny-sd3", "tiny-wan", "tiny-flux2-klein"])
+def test_g05_a_model_folder_builds_with_no_recipe_and_matches_eager_at_other_requests(family, derived_build):
+    """SD3 (CFG doubles the batch; 4-D latents), Wan (video: frames, rows and columns; root parameters) and FLUX.2
+    klein (packed tokens, non-contiguous input): the recipe derived from the folder, recorded in the manifest,
+    served from there (no recipe of that name ships), matched against eager diffusers at sizes, frames and a
+    batch other than the capture's."""
+    from aotpack.builder.recipe import list_recipes, recipe_of
+    from aotpack.artifact.manifest import read
+
+    folder, out = derived_build(family)
+    manifest = read(out)
+    assert manifest.recipe.name == family and family not in list_recipes()
+    r = recipe_of(manifest.recipe)
+    assert r.checkpoint == str(folder) and manifest.model.source == "local"
+    video = r.is_video
+    calls = [served_call(r, height=r.height[0], width=r.width[1], batch=2, frames=r.frames[1] if video else None),
+             served_call(r, height=r.run["height"], width=r.run["width"], frames=r.frames[0] if video else None,
+                         prompt="dance monkey")]
+    pipe = None
+    for call in calls:
+        pipe, want = eager_and_compiled(folder, out, call) if pipe is None else (pipe, latents(eager(folder, call)))
+        got = latents(pipe(**{**call, "generator": torch.Generator("cpu").manual_seed(0)}))
+        diff = (got - want).abs().max().item()
+        print(f"{family} derived whole-graph none at {call['height']}x{call['width']}: max |diff| vs eager {diff:.2e}")
+        assert got.shape == want.shape and diff < 1e-4
+
+
+def eager(folder: Path, call: dict):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(**{**call, "generator": torch.Generator("cpu").manual_seed(0)})
+
+
+@pytest.mark.slow
+def test_g05_a_derived_build_runs_from_the_command_line_and_refuses_outside_its_bounds(derived_build, tmp_path):
+    from conftest import run_cli
+
+    _, out = derived_build("tiny-sd3")
+    proc = run_cli("run", str(out), "--prompt", "an owl", "--steps", "2", "--height", "64", "--width", "128",
+                   "--out", str(tmp_path / "owl.png"))
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert (tmp_path / "owl.png").stat().st_size > 0
+    proc = run_cli("run", str(out), "--prompt", "an owl", "--height", "80", "--out", str(tmp_path / "x.png"))
+    assert proc.returncode == 1 and "not a multiple of 32" in proc.stderr and "Traceback" not in proc.stderr

@@ -233,6 +233,9 @@ class RecipeRef:
     family: str
     pipeline: str
     component: str
+    # the recipe as built (the TOML table, parsed): the artifact is served from it, so a recipe file or a
+    # derived recipe needs no file at serving time; left out of the JSON when empty (older manifests)
+    data: dict[str, Any] = field(default_factory=dict, metadata={"omit_default": True})
 
     @property
     def full_name(self) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import re
 from typing import Any, Mapping
 
 import torch
@@ -13,6 +16,7 @@ from aotpack.builder.recipe import Recipe
 from aotpack.errors import BuildError, first_line
 
 
+log = logging.getLogger("aotpack")
 COMPONENT_ROOT = "component"   # the wrapper's attribute: every compiled constant's name starts with it
 
 
@@ -94,6 +98,43 @@ def tensor_attributes_as_buffers(module: torch.nn.Module) -> None:
                 m.register_buffer(name, value, persistent=False)
 
 
+_FIX = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*) = (\d+)\s*$")
+
+
+def export_fitted(wrapper: torch.nn.Module, example: dict[str, Any], spec: InputSpec,
+                  where: str = "the model") -> tuple[Any, InputSpec]:
+    """``export``, and when the model's own code fixes a dim the spec made dynamic (Chroma's forward fixes the
+    batch), that dim exported static at its captured size, as torch's suggested fix says: (program, spec as
+    exported). Any other failure is export's BuildError."""
+    try:
+        return export(wrapper, example, spec), spec
+    except BuildError as e:
+        fixes = _specialized(e.__cause__, spec)
+        if not fixes:
+            raise
+    for name, size in fixes.items():
+        log.warning("%s's forward fixes %s to %d: exported static (requests with another %s are refused)",
+                    where, name, size, name)
+    fitted = dataclasses.replace(spec, dynamic={k: ((fixes[k], fixes[k]) if k in fixes else v)
+                                                for k, v in spec.dynamic.items()})
+    return export(wrapper, example, fitted), fitted
+
+
+def _specialized(error: BaseException | None, spec: InputSpec) -> dict[str, int]:
+    """{dim: size} of the dims torch's "Suggested fixes" pin to a constant (only dims of ``spec``, inside range)."""
+    text = str(error or "")
+    if "Suggested fixes:" not in text:
+        return {}
+    out = {}
+    for line in text.split("Suggested fixes:", 1)[1].splitlines():
+        m = _FIX.match(line)
+        if m and m.group(1) in spec.dynamic:
+            lo, hi, *_ = spec.dynamic[m.group(1)]
+            if lo <= int(m.group(2)) <= hi and lo < hi:
+                out[m.group(1)] = int(m.group(2))
+    return out
+
+
 def export(wrapper: torch.nn.Module, example: dict[str, Any], spec: InputSpec):
     """torch.export ``wrapper(example)`` with one Dim per dynamic dim of ``spec``, shared across inputs.
 
@@ -109,10 +150,9 @@ def export(wrapper: torch.nn.Module, example: dict[str, Any], spec: InputSpec):
     example = {k: v.contiguous() for k, v in example.items() if k in spec.names}
     tensor_attributes_as_buffers(wrapper)
     dims: dict[str, Any] = {}
-    derived = {r.dim for r in spec.relations if r.op == "sum"}
+    sums = {r.dim: r.of for r in spec.relations if r.op == "sum"}
     for name, (lo, hi, *step) in spec.dynamic.items():
-        if name in derived:  # a sum of other dims (the rotary table over text + image): export derives it
-            dims[name] = Dim.AUTO
+        if name in sums:  # a sum of other dims (the rotary table over text + image): below
             continue
         if lo == hi:  # a fixed size: exported static (the loader still checks it)
             continue
@@ -120,6 +160,13 @@ def export(wrapper: torch.nn.Module, example: dict[str, Any], spec: InputSpec):
             dims[name] = step[0] * Dim(f"{name}_div{step[0]}", min=lo // step[0], max=hi // step[0])
         else:
             dims[name] = Dim(name, min=lo, max=hi)
+    for name, of in sums.items():
+        static = [d for d in of if d in spec.dynamic and spec.dynamic[d][0] == spec.dynamic[d][1]]
+        moving = [d for d in of if d not in static]
+        if len(moving) == 1 and moving[0] in dims:  # one dim + a fixed size (padded text): a derived Dim
+            dims[name] = dims[moving[0]] + sum(spec.dynamic[d][0] for d in static)
+        elif moving:  # a sum of two moving dims: export derives it
+            dims[name] = Dim.AUTO
     shapes = {t.name: ({axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str) and d in dims} or None)
               for t in spec.tensors}
     try:

@@ -27,7 +27,7 @@ from aotpack.artifact.manifest import (SCHEMA_VERSION, BuildInfo, CompiledModule
 from aotpack.builder.capture import capture_inputs
 from aotpack.builder.compile import (CONSTANTS_KEY, compile_cached, compiler_settings, constant_values,
                                      constants_signature, crash_report, named_call)
-from aotpack.builder.export import COMPONENT_ROOT, ComponentWrapper, DecoderWrapper, component_spec, decoder_inputs, export
+from aotpack.builder.export import COMPONENT_ROOT, ComponentWrapper, DecoderWrapper, component_spec, decoder_inputs, export_fitted
 from aotpack.builder.plan import PLAN_FILE, Planner, check_plan_covers, linear_quantizer, summary
 from aotpack.builder.schemes import compile_tolerance, config_to_json, get_scheme, quantize_named, torchao_config
 from aotpack.builder.source import component_files, component_folder, hub_commit, load_pipeline, torch_dtype
@@ -267,7 +267,7 @@ def compile_target(spec: BuildSpec, t: Target, out: Path, timings: dict[str, flo
                    total: int = 1) -> Compiled:
     """export -> compile (or take matching code from --reuse / the compile cache) -> the constants' values."""
     with stage("export", timings, label=f"export {t.name} ({index} of {total})"):
-        ep = export(t.wrapper, t.example, t.spec)
+        ep, t.spec = export_fitted(t.wrapper, t.example, t.spec, t.block_class or t.name)
     metadata = {"aotpack.version": __version__, "aotpack.module": t.name,
                 CONSTANTS_KEY: constants_signature({**ep.state_dict, **ep.constants})}
     configs = compiler_settings(metadata, max_autotune=spec.options.max_autotune)
@@ -364,11 +364,11 @@ def make_manifest(spec: BuildSpec, q: Quantized, modules: list[CompiledModule], 
     scheme = get_scheme(spec.quant) if spec.quant != "auto" else None
     return Manifest(
         schema_version=SCHEMA_VERSION, aotpack_version=__version__,
-        recipe=RecipeRef(r.name, r.variant, r.family, r.pipeline, r.component),
+        recipe=RecipeRef(r.name, r.variant, r.family, r.pipeline, r.component, data=r.data),
         model=ModelRef(checkpoint=source.checkpoint, revision=source.revision, source=source.kind, config=q.config,
                        commit=q.commit, files=q.files),
         scheme=SchemeRef(spec.quant, config_to_json(torchao_config(scheme)) if scheme else None),
-        dtype=spec.dtype, request=r.request(), platform=spec.platform, files=file_entries(out),
+        dtype=spec.dtype, request=_request(r, modules), platform=spec.platform, files=file_entries(out),
         modules=tuple(modules),
         build=BuildInfo(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), stages=dict(timings),
                         peak_rss_bytes=peak_rss_bytes(), quant_error=quant_error),
@@ -376,6 +376,15 @@ def make_manifest(spec: BuildSpec, q: Quantized, modules: list[CompiledModule], 
         lora=LoraRef(**q.lora.describe()) if q.lora is not None else None,
         plan=PlanRef(**summary(q.plan)) if q.plan is not None else None,
     )
+
+
+def _request(r: Any, modules: list[CompiledModule]) -> Any:
+    """The recipe's request bounds, with the batch a module's export fixed (``export_fitted``) as the only one."""
+    fixed = {m.inputs.dynamic["batch"][0] for m in modules
+             if "batch" in m.inputs.dynamic and m.inputs.dynamic["batch"][0] == m.inputs.dynamic["batch"][1]}
+    request = r.request()
+    return replace(request, batch=(min(fixed), min(fixed))) if len(fixed) == 1 and request.batch[0] < request.batch[1] \
+        else request
 
 
 def run_build(spec: BuildSpec) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import tomllib
@@ -18,20 +19,22 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _TOP_KEYS = {
     "name", "family", "description", "pipeline", "component", "checkpoint", "revision", "checkpoint_needs",
     "dtype", "default_quant", "shapes", "capture", "run", "inputs", "variants", "call", "output", "blocks",
-    "block_inputs", "regional",
+    "block_inputs", "regional", "ranges",
 }
 # The dynamic dims a recipe may name in [inputs], and how their ranges follow from [shapes]:
 #   batch          the component's batch (shapes.batch)
 #   image_seq      image tokens, (height / multiple) * (width / multiple)                      (Flux)
+#                  (shapes.multiple: pixels per token; shapes.step, if set, what request sizes step by)
 #   latent_frames  latent frames, (frames - 1) / temporal_compression + 1                      (video)
-#   latent_height  latent rows, height / vae_scale, a multiple of multiple / vae_scale (patch) (video)
+#   latent_height  latent rows, height / vae_scale, a multiple of multiple / vae_scale (patch)
 #   latent_width   latent columns, as latent_height
 #   video_seq      video tokens, latent_frames * (height / multiple) * (width / multiple)      (video)
 #   text_seq       text tokens, 1 .. shapes.max_sequence_length                               (Flux)
 #   rotary_seq     rows of a rotary table over text and image tokens: text_seq + image_seq    (Flux blocks)
+# A [ranges] table may set any dim's [min, max(, multiple)] outright (a derived recipe does: `aotpack recipe`).
 DIMS = ("batch", "image_seq", "latent_frames", "latent_height", "latent_width", "video_seq", "text_seq",
         "rotary_seq")
-_VIDEO_DIMS = {"latent_frames", "latent_height", "latent_width", "video_seq"}
+_VIDEO_DIMS = {"latent_frames", "video_seq"}
 _VARIANT_KEYS = {"checkpoint", "revision", "description", "max_sequence_length", "run_steps", "guidance_scale",
                  "inputs", "dtype", "shapes"}
 
@@ -52,7 +55,7 @@ class Recipe:
     batch: tuple[int, int]
     height: tuple[int, int]
     width: tuple[int, int]
-    multiple: int
+    multiple: int                                  # pixels per token (row or column): the dims' formulas
     max_sequence_length: int
     capture: dict[str, Any]
     run: dict[str, Any]
@@ -68,6 +71,16 @@ class Recipe:
     blocks: tuple[str, ...] = ()                   # block classes to compile regionally (default: _repeated_blocks)
     regional: bool = False                         # build regionally unless --whole-graph
     block_inputs: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # dims of the blocks' inputs
+    ranges: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # [ranges]: dims set outright
+    # the table this recipe was parsed from, as the manifest records it: an artifact is served from its own recipe
+    data: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    step: int = 0                                  # a request's height/width are multiples of it (0: multiple)
+
+    @property
+    def size_step(self) -> int:
+        """What a request's height and width must be multiples of: shapes.step (a pipeline that asks for
+        multiples of 32 while its tokens are 4 px), else shapes.multiple."""
+        return self.step or self.multiple
 
     @property
     def is_video(self) -> bool:
@@ -92,6 +105,8 @@ class Recipe:
 
     def dim_range(self, name: str) -> list[int]:
         """[min, max] of a dynamic dim, plus the multiple it must be when that is not 1."""
+        if name in self.ranges:
+            return list(self.ranges[name])
         if name == "batch":
             return list(self.batch)
         if name == "image_seq":
@@ -119,11 +134,14 @@ class Recipe:
         """Keyword arguments for one pipeline call, named as this recipe's pipeline names them.
 
         ``batch`` is outputs per prompt (images or videos)."""
-        kwargs: dict[str, Any] = {
-            "height": height, "width": width, "num_inference_steps": steps, "guidance_scale": guidance_scale,
-            "max_sequence_length": self.max_sequence_length,
-            self.call.get("batch", "num_images_per_prompt"): batch,
-        }
+        kwargs: dict[str, Any] = {"height": height, "width": width, "num_inference_steps": steps,
+                                  **self.call.get("fixed", {})}
+        # [call] names the pipeline's own parameters; "" where the pipeline has none (it is then left out)
+        for key, default, value in (("guidance", "guidance_scale", guidance_scale),
+                                    ("text", "max_sequence_length", self.max_sequence_length),
+                                    ("batch", "num_images_per_prompt", batch), ("area", "", height * width)):
+            if self.call.get(key, default):
+                kwargs[self.call.get(key, default)] = value
         if self.is_video:
             kwargs[self.call.get("frames", "num_frames")] = frames or self.run["frames"]
         return kwargs
@@ -137,7 +155,7 @@ class Recipe:
 
     def request(self) -> Request:
         """The bounds of a serving request, as the manifest records them."""
-        return Request(batch=self.batch, height=self.height, width=self.width, multiple=self.multiple,
+        return Request(batch=self.batch, height=self.height, width=self.width, multiple=self.size_step,
                        max_sequence_length=self.max_sequence_length, max_steps=self.run["max_steps"],
                        output=self.output, frames=self.frames, temporal_compression=self.temporal_compression)
 
@@ -190,6 +208,16 @@ def get_recipe(name: "str | os.PathLike | Recipe", variant: str | None = None) -
         )
     path, data = raw[name]
     return parse_recipe(data, source=path.name, variant=variant)
+
+
+def recipe_of(ref: Any) -> Recipe:
+    """The recipe an artifact was built from (``ref``: its manifest's RecipeRef): the table the manifest records
+    (a shipped recipe, a recipe file or a derived one, as it was at build time), else - an artifact of an
+    aotpack that did not record it - the shipped recipe of that name."""
+    if ref.data:
+        return parse_recipe(dict(ref.data), source=f"the artifact's recipe ({ref.name})", variant=ref.variant,
+                            pinned=False)
+    return get_recipe(ref.name, ref.variant)
 
 
 def is_recipe_file(name: "str | os.PathLike") -> bool:
@@ -257,6 +285,7 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
     if not isinstance(call, dict) or not all(isinstance(k, str) for k in call):
         problems.append("[call] must be a table")
         call = {}
+    _check_call(call, problems)
     inputs = data.get("inputs") if isinstance(data.get("inputs"), dict) else {}
     if isinstance(over.get("inputs"), dict):
         inputs = over["inputs"]  # a variant may export other dims (e.g. fixed-size positional embeddings)
@@ -268,6 +297,7 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
         problems.append("blocks must be a list of block class names")
         blocks = []
     block_inputs = _dims_table(data.get("block_inputs") or {}, "block_inputs", output, problems)
+    ranges = _ranges(data.get("ranges") or {}, problems)
     if not isinstance(data.get("regional", False), bool):
         problems.append("regional must be true or false")
     fields, capture, run = dict(data), dict(capture), dict(run)
@@ -287,13 +317,50 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
         name=fields["name"], family=fields["family"], description=fields["description"],
         pipeline=fields["pipeline"], component=fields["component"], checkpoint=fields["checkpoint"],
         revision=fields.get("revision"), dtype=fields["dtype"], default_quant=fields["default_quant"],
-        batch=s["batch"], height=s["height"], width=s["width"], multiple=s["multiple"],
+        batch=s["batch"], height=s["height"], width=s["width"], multiple=s["multiple"], step=s["step"],
         max_sequence_length=s["max_sequence_length"], capture=capture, run=run, dynamic=dynamic,
         checkpoint_needs=fields.get("checkpoint_needs"), variant=variant, variants=tuple(sorted(variants)),
         frames=s["frames"], temporal_compression=s["temporal_compression"], vae_scale=s["vae_scale"],
         call=dict(call), output=output, blocks=tuple(blocks), block_inputs=block_inputs,
-        regional=data.get("regional") is True,
+        regional=data.get("regional") is True, ranges=ranges, data=json.loads(json.dumps(data)),
     )
+
+
+_CALL_NAMES = ("batch", "text", "guidance", "frames", "area")
+
+
+def _check_call(call: dict, problems: list[str]) -> None:
+    """[call]: the pipeline's parameter names (or "" for none), the batch divisor and fixed plain keywords."""
+    for key in sorted(set(call) - {*_CALL_NAMES, "batch_divisor", "fixed"}):
+        problems.append(f"call.{key}: unknown key")
+    for key in _CALL_NAMES:
+        if key in call and not (isinstance(call[key], str) and re.fullmatch(r"[a-z_][a-z0-9_]*|", call[key])):
+            problems.append(f"call.{key} must be a parameter name of the pipeline, or \"\"")
+    if "batch_divisor" in call and not (type(call["batch_divisor"]) is int and call["batch_divisor"] >= 1):
+        problems.append("call.batch_divisor must be an integer >= 1")
+    fixed = call.get("fixed", {})
+    if not isinstance(fixed, dict) or not all(
+            isinstance(k, str) and re.fullmatch(r"[a-z_][a-z0-9_]*", k) and isinstance(v, (bool, int, float, str))
+            for k, v in fixed.items()):
+        problems.append("call.fixed must map pipeline parameter names to booleans, numbers or strings")
+
+
+def _ranges(table: Any, problems: list[str]) -> dict[str, tuple[int, ...]]:
+    """[ranges]: {dim: [min, max] or [min, max, multiple]}, set outright."""
+    if not isinstance(table, dict):
+        problems.append("[ranges] must be a table")
+        return {}
+    out = {}
+    for dim, rng in table.items():
+        ok = (isinstance(rng, list) and len(rng) in (2, 3) and all(isinstance(v, int) and v > 0 for v in rng)
+              and rng[0] <= rng[1])
+        if dim not in DIMS:
+            problems.append(f"ranges.{dim}: unknown dim (known: {', '.join(DIMS)})")
+        elif not ok:
+            problems.append(f"ranges.{dim} must be [min, max] or [min, max, multiple] of positive integers")
+        else:
+            out[dim] = tuple(rng)
+    return out
 
 
 def _check_identity(data: dict, problems: list[str]) -> None:
@@ -316,9 +383,14 @@ def _parse_shapes(shapes: dict, output: str, problems: list[str]) -> dict[str, A
         problems.append("shapes.multiple must be a positive integer")
         multiple = 1
     s["multiple"] = multiple
+    step = shapes.get("step", multiple)
+    if not isinstance(step, int) or step <= 0 or step % multiple:
+        problems.append(f"shapes.step must be a positive multiple of shapes.multiple ({multiple})")
+        step = multiple
+    s["step"] = step if step != multiple else 0
     for key in ("height", "width"):
-        if any(v % multiple for v in s[key]):
-            problems.append(f"shapes.{key} bounds must be multiples of {multiple}")
+        if any(v % step for v in s[key]):
+            problems.append(f"shapes.{key} bounds must be multiples of {step}")
     s["max_sequence_length"] = shapes.get("max_sequence_length")
     s["temporal_compression"] = shapes.get("temporal_compression", 1)
     s["vae_scale"] = shapes.get("vae_scale", 8)
@@ -339,8 +411,9 @@ def _check_calls(capture: dict, run: dict, s: dict[str, Any], output: str, probl
                 problems.append(f"{section}.{key} must be an integer")
         for key in ("height", "width"):
             v, (lo, hi) = table.get(key), s[key]
-            if isinstance(v, int) and not (lo <= v <= hi and v % s["multiple"] == 0):
-                problems.append(f"{section}.{key}={v} must lie in shapes.{key} and be a multiple of {s['multiple']}")
+            step = s["step"] or s["multiple"]
+            if isinstance(v, int) and not (lo <= v <= hi and v % step == 0):
+                problems.append(f"{section}.{key}={v} must lie in shapes.{key} and be a multiple of {step}")
         if output == "video":
             v = table.get("frames")
             if not isinstance(v, int) or not s["frames"][0] <= v <= s["frames"][1]:

@@ -91,19 +91,29 @@ def resolve(
     max_autotune: bool = False,
     regional: bool | None = None,
     sign_key: str | os.PathLike | None = None,
+    component: str | None = None,
+    blocks: tuple[str, ...] | list[str] | None = None,
+    max_size: int | None = None,
+    max_frames: int | None = None,
+    max_batch: int | None = None,
+    revision: str | None = None,
 ) -> BuildSpec:
     """Resolve and check a build request; see :func:`aotpack.builder.pipeline.build` for the arguments.
 
     One function on purpose (~65 lines): the checks read top to bottom in the order they run, cheapest first,
-    each raising its own one-line error before any model is loaded."""
-    r = get_recipe(recipe, variant)
+    each raising its own one-line error before any model is loaded (a model folder or Hub id as ``recipe``
+    is the exception: its recipe is derived from real pipeline calls first, see ``aotpack.builder.derive``)."""
+    here = describe(device or default_device())
+    derive_opts = {k: v for k, v in dict(component=component, blocks=tuple(blocks or ()), max_size=max_size,
+                                         max_frames=max_frames, max_batch=max_batch, revision=revision).items()
+                   if v not in (None, ())}
+    r = recipe_for(recipe, variant, model, derive_opts, here.device)
     model = model or _recipe_model(r)
     if plan is not None:
         if quant not in (None, "auto"):
             raise RecipeError(f"--plan and --quant {quant} contradict each other", "leave --quant out with --plan")
         quant = "auto"
     quant = quant or r.default_quant
-    here = describe(device or default_device())
     plan_data = None
     if quant == "auto":
         plan_data = read_plan(plan, here.device, here.capability) if plan is not None else None
@@ -142,6 +152,33 @@ def resolve(
     return BuildSpec(recipe=r, quant=quant, plan=plan_data, error_budget=DEFAULT_BUDGET if error_budget is None
                      else error_budget, dtype=dtype, platform=here, source=source, out=final, overwrite=overwrite,
                      options=options, lora=lora_request, reuse=reusable, sign_key=key)
+
+
+def recipe_for(recipe: "str | os.PathLike | Recipe", variant: str | None, model: str | None, opts: dict,
+               device: str) -> Recipe:
+    """The build's recipe: a shipped recipe, a recipe file, a ``Recipe``, or one derived from a model folder or
+    Hub id (``opts``: component, blocks, max_size, max_frames, max_batch, revision)."""
+    from aotpack.builder.derive import Options, derive, is_pipeline_source
+    from aotpack.builder.recipe import parse_recipe
+
+    if isinstance(recipe, Recipe) or not is_pipeline_source(os.fspath(recipe)):
+        if opts:
+            flags = ", ".join("--" + k.replace("_", "-") for k in opts)
+            raise RecipeError(f"{flags}: only for a model folder or Hub id as the source",
+                              "edit the recipe instead, or pass the model folder / repo id as the source")
+        return get_recipe(recipe, variant)
+    source = os.fspath(recipe)
+    if variant is not None:
+        raise RecipeError(f"--variant {variant} given with a model source ({source}): variants belong to recipes",
+                          "leave --variant out")
+    if model:
+        raise RecipeError(f"--model {model} given with a model source ({source})",
+                          "pass the model once: as the source, or as --model beside a recipe")
+    for key in ("max_size", "max_frames", "max_batch"):
+        if key in opts and not (type(opts[key]) is int and opts[key] > 0):
+            raise RecipeError(f"--{key.replace('_', '-')} must be a positive integer", "e.g. --max-size 1024")
+    data = derive(source, Options(**opts), device=device)
+    return parse_recipe(data, source=f"the recipe derived from {source}", pinned=False)
 
 
 def _recipe_model(r: Recipe) -> str | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from aotpack.artifact import manifest as mf
 from aotpack.artifact.manifest import Manifest
-from aotpack.builder.recipe import Recipe, get_recipe
+from aotpack.builder.recipe import Recipe, recipe_of
 from aotpack.errors import AotpackError, InputError
 from aotpack.serve.load import resolve_location
 
@@ -35,7 +35,7 @@ def pipeline_for(artifact: str | os.PathLike, *, lora: str | None = None, lora_s
 
     pipe = from_pretrained(None, artifact, lora=lora, lora_scale=lora_scale, **load_kwargs)
     manifest = pipe.components[pipe_component(pipe)].manifest
-    return pipe, get_recipe(manifest.recipe.name, manifest.recipe.variant)
+    return pipe, recipe_of(manifest.recipe)
 
 
 def pipe_component(pipe: Any) -> str:
@@ -165,7 +165,7 @@ def run(artifact: str | os.PathLike, *, prompt: str, out: str | os.PathLike | No
     # a repo id: the build that fits, pulled and verified; the load below checks it against the pull's record
     folder, _ = resolve_location(artifact, **hub)
     manifest = mf.read(folder)
-    recipe = get_recipe(manifest.recipe.name, manifest.recipe.variant)
+    recipe = recipe_of(manifest.recipe)
     call = check_request(manifest, recipe, prompt=prompt, height=height, width=width, steps=steps, seed=seed,
                          guidance_scale=guidance_scale, batch=batch, frames=frames,
                          max_sequence_length=max_sequence_length)
@@ -176,8 +176,11 @@ def run(artifact: str | os.PathLike, *, prompt: str, out: str | os.PathLike | No
     t1 = time.perf_counter()
     kwargs = recipe.pipeline_kwargs(height=call.height, width=call.width, steps=call.steps,
                                     guidance_scale=call.guidance_scale, batch=call.batch, frames=call.frames)
-    kwargs["max_sequence_length"] = call.max_sequence_length
-    result = pipe(prompt=call.prompt, **kwargs, generator=torch.Generator("cpu").manual_seed(call.seed))
+    if recipe.call.get("text", "max_sequence_length"):  # a pipeline without the parameter gets none
+        kwargs[recipe.call.get("text", "max_sequence_length")] = call.max_sequence_length
+    # output_type "pil": some pipelines (Wan) default to numpy frames
+    result = pipe(prompt=call.prompt, **kwargs, output_type="pil",
+                  generator=torch.Generator("cpu").manual_seed(call.seed))
     log.info("%s generated in %.2f s (%.2f s from start)", "video" if manifest.is_video else "image",
              time.perf_counter() - t1, time.perf_counter() - t0)
     _write(result, manifest, out, recipe.run.get("fps", 8), call.frames)
