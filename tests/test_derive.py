@@ -119,14 +119,16 @@ EXPECT = {  # dim -> the inputs it names; "fixed": the settings a baked-in argum
 
 @pytest.fixture(scope="session")
 def derived():
-    """{family: derived recipe dict}, derived once per session (max size 64, at most 17 frames)."""
+    """{family: derived recipe dict}, derived once per session (max size 192 - 64 where a baked-in argument fixes
+    the size, which is then the run's -, at most 17 frames)."""
     from aotpack.builder.families import ensure_family
 
     done: dict = {}
 
     def get(family: str) -> dict:
         if family not in done:
-            done[family] = derive(str(ensure_family(family)), Options(max_size=64, max_frames=17))
+            fixed = EXPECT[family].get("fixed_size")
+            done[family] = derive(str(ensure_family(family)), Options(max_size=64 if fixed else 192, max_frames=17))
         return done[family]
 
     return get
@@ -205,3 +207,41 @@ def test_d06_an_artifact_is_served_from_the_recipe_its_manifest_records():
     with pytest.raises(RecipeError, match="the artifact's recipe"):
         recipe_of(RecipeRef("x", None, "flux", "FluxPipeline", "transformer", data={**data, "shapes": 3}))
     assert recipe_of(RecipeRef("tiny-flux", None, "flux", "FluxPipeline", "transformer")) == get_recipe("tiny-flux")
+
+
+@pytest.mark.slow  # one pipeline run up to its transformer
+def test_d02_a_max_size_below_the_probed_sizes_is_refused_in_one_line():
+    from aotpack.builder.families import ensure_family
+
+    with pytest.raises(RecipeError) as e:
+        derive(str(ensure_family("tiny-sd3")), Options(max_size=32))
+    assert e.value.cause == "--max-size 32 is below the smallest size the pipeline was called at (64)"
+    assert e.value.hint == "pass --max-size 64 or more"
+
+
+# ---- a Hub repo id as the source (the tests' Hub-compatible server) ---------------------------------------------
+
+from test_hub import TOKEN, hub, online  # noqa: E402,F401  (fixtures: the server, this process talking to it)
+
+
+@pytest.mark.slow  # one pipeline run up to its transformer, through the Hub
+def test_d07_a_hub_repo_id_is_derived_at_the_commit_its_branch_points_to_and_stays_pinned(hub, online, tmp_path):
+    from huggingface_hub import HfApi
+
+    from aotpack.builder.families import ensure_family
+    from aotpack.builder.spec import resolve
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo("me/tiny-sd3")
+    first = api.upload_folder(repo_id="me/tiny-sd3", folder_path=str(ensure_family("tiny-sd3"))).oid
+    r = recipe_for("me/tiny-sd3", None, None, {"revision": "main", "max_size": 192}, "cpu")
+    assert r.checkpoint == "me/tiny-sd3" and r.revision == first  # the branch resolved, the commit recorded
+    (tmp_path / "note.md").write_text("moved")
+    moved = api.upload_file(repo_id="me/tiny-sd3", path_or_fileobj=str(tmp_path / "note.md"),
+                            path_in_repo="note.md").oid
+    assert moved != first
+    spec = resolve(r, "none", out=tmp_path / "out")  # the build reads the commit it derived from, not main
+    assert spec.source.kind == "hub" and spec.source.revision == first
+    with pytest.raises(RecipeError) as e:
+        recipe_for("me/nothing-here", None, None, {}, "cpu")
+    assert e.value.cause.startswith("could not read me/nothing-here from the Hub") and "\n" not in str(e.value)

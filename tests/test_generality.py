@@ -263,7 +263,7 @@ def derived_build(tmp_path_factory, _isolated_env):
         if family not in done:
             out = tmp_path_factory.mktemp(f"derived-{family}") / "artifact"
             folder = ensure_family(family)
-            proc = run_cli("build", str(folder), "--quant", "none", "--max-size", "64", "--max-frames", "9",
+            proc = run_cli("build", str(folder), "--quant", "none", "--max-size", "192", "--max-frames", "9",
                            "--out", str(out), *extra)
             assert proc.returncode == 0, proc.stderr[-2000:]
             assert proc.stdout.strip() == str(out)

@@ -93,15 +93,19 @@ def locate(source: str, opts: Options) -> tuple[str, str | None, Path]:
         return str(path.resolve()), None, path.resolve()
     from huggingface_hub import snapshot_download
 
-    from aotpack.builder.source import hub_commit
+    from aotpack.hub import endpoint
 
-    try:
-        root = Path(snapshot_download(source, revision=opts.revision,
-                                      allow_patterns=["model_index.json", f"{opts.component}/*.json"]))
+    try:  # the pipeline at one commit, in the Hub cache; pickled and other frameworks' weights left out
+        root = Path(snapshot_download(source, revision=opts.revision, endpoint=endpoint(),
+                                      ignore_patterns=["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.msgpack",
+                                                       "*.h5", "*.onnx", "*.onnx_data", "*.gguf"]))
     except Exception as e:  # network, auth, missing repo or revision: one line
         raise RecipeError(f"could not read {source} from the Hub: {first_line(e)}",
                           "check the repo id, --revision, the network and 'hf auth login'") from None
-    return source, hub_commit(root / opts.component) or opts.revision, root
+    commit = root.name if re.fullmatch(r"[0-9a-f]{40}", root.name) else None
+    if commit is None:
+        raise RecipeError(f"could not tell which commit of {source} was read", "pass --revision with a commit")
+    return source, commit, root
 
 
 def inspect_pipeline(source: str, opts: Options) -> Pipeline:
@@ -123,7 +127,7 @@ def inspect_pipeline(source: str, opts: Options) -> Pipeline:
     cls = getattr(diffusers, pipeline, None)
     if cls is None:
         raise RecipeError(f"diffusers {diffusers.__version__} has no pipeline class {pipeline}", "upgrade diffusers")
-    location = str(root) if Path(checkpoint).is_absolute() else checkpoint
+    location = str(root)  # a Hub checkpoint: its snapshot at the commit read (what the calls run on)
     return Pipeline(location=location, checkpoint=checkpoint, revision=commit, pipeline=pipeline,
                     model_class=model_class, config=config, dtype=_weights_dtype(root / opts.component, source),
                     params=dict(inspect.signature(cls.__call__).parameters))
@@ -392,8 +396,7 @@ def derive(source: str, opts: Options | None = None, *, device: str = "cpu") -> 
 
     opts = opts or Options()
     info = inspect_pipeline(source, opts)
-    kind = "local" if Path(info.checkpoint).is_absolute() else "hub"
-    src = Source(info.checkpoint, info.revision, kind, info.location)
+    src = Source(info.checkpoint, None, "local", info.location)  # a Hub checkpoint: its snapshot, read locally
     ref = _Ref(info.pipeline, opts.component)
     pipe = load_pipeline(ref, src, dtype=info.dtype, with_component=False)
     pipe.to(device)
@@ -440,11 +443,18 @@ def recipe_dict(info: Pipeline, plan: Plan, axes: Axes, opts: Options, blocks: l
     video = bool(plan.frames)
     sized = "size" not in axes.fixed
     limit = opts.max_size or max(d["height"], d["width"])
-    top = max(2 * q * W_RATIO, limit) if sized else max(step, limit)
-    top -= top % step
+    top = max(step, limit - limit % step)
     run_h = _clip(d["height"], step, top)
     run_w = _clip(d["width"], step, top)
-    capture_h, capture_w = (base_h * H_RATIO, base_h * W_RATIO) if sized else (run_h, run_w)
+    if not sized:  # a baked-in argument follows the size: one size, the run's
+        capture_h, capture_w = run_h, run_w
+    elif base_h * W_RATIO <= top:  # the size call: rows and columns of different sizes
+        capture_h, capture_w = base_h * H_RATIO, base_h * W_RATIO
+    elif base_h <= top:
+        capture_h = capture_w = base_h
+    else:
+        raise RecipeError(f"--max-size {limit} is below the smallest size the pipeline was called at ({base_h})",
+                          f"pass --max-size {base_h} or more")
     name = re.sub(r"[^a-z0-9-]+", "-", Path(info.checkpoint).name.lower()).strip("-") or "model"
     recipe: dict[str, Any] = {
         "name": name, "family": info.pipeline.lower().removesuffix("pipeline") or "custom",

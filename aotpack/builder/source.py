@@ -66,8 +66,11 @@ def component_folder(source: Source, component: str) -> Path:
     if source.kind == "hub":
         from huggingface_hub import snapshot_download
 
+        from aotpack.hub import endpoint
+
         try:
-            root = snapshot_download(source.location, revision=source.revision, allow_patterns=[f"{component}/*"])
+            root = snapshot_download(source.location, revision=source.revision, allow_patterns=[f"{component}/*"],
+                                     endpoint=endpoint())
         except Exception as e:  # network, auth, missing repo: one line
             raise HubError(f"could not fetch {source.location}/{component}: {first_line(e)}",
                            "check the network and 'hf auth login'") from None
