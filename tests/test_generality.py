@@ -260,15 +260,16 @@ def derived_build(tmp_path_factory, _isolated_env):
     done: dict[str, tuple[Path, Path]] = {}
 
     def get(family: str, *extra: str) -> tuple[Path, Path]:
-        if family not in done:
+        key = " ".join((family, *extra))
+        if key not in done:
             out = tmp_path_factory.mktemp(f"derived-{family}") / "artifact"
             folder = ensure_family(family)
             proc = run_cli("build", str(folder), "--quant", "none", "--max-size", "192", "--max-frames", "9",
                            "--out", str(out), *extra)
             assert proc.returncode == 0, proc.stderr[-2000:]
             assert proc.stdout.strip() == str(out)
-            done[family] = (folder, out)
-        return done[family]
+            done[key] = (folder, out)
+        return done[key]
 
     return get
 
@@ -281,17 +282,31 @@ def served_call(r, *, height: int, width: int, batch: int = 1, frames: int | Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["tiny-sd3", "tiny-wan", "tiny-flux2-klein"])
-def test_g05_a_model_folder_builds_with_no_recipe_and_matches_eager_at_other_requests(family, derived_build):
+@pytest.mark.parametrize("family,build", [("tiny-sd3", "whole"), ("tiny-wan", "whole"), ("tiny-flux2-klein", "whole"),
+                                          ("tiny-sd3", "regional"), ("tiny-wan", "regional"),
+                                          ("tiny-flux2-klein", "regional")])
+def test_g05_a_model_folder_builds_with_no_recipe_and_matches_eager_at_other_requests(family, build, derived_build):
     """SD3 (CFG doubles the batch; 4-D latents), Wan (video: frames, rows and columns; root parameters) and FLUX.2
     klein (packed tokens, non-contiguous input): the recipe derived from the folder, recorded in the manifest,
     served from there (no recipe of that name ships), matched against eager diffusers at sizes, frames and a
-    batch other than the capture's."""
+    batch other than the capture's. Regional (g06): each block class's dims named from two calls (FLUX.2's
+    single-stream block sees text + image tokens, its double-stream one image tokens), Wan's blocks called
+    positionally, SD3's last block (no context output: its own module, returning (None, x))."""
     from aotpack.builder.recipe import list_recipes, recipe_of
     from aotpack.artifact.manifest import read
 
-    folder, out = derived_build(family)
+    folder, out = derived_build(family, *(["--regional"] if build == "regional" else []))
     manifest = read(out)
+    blocks = {m.name: m for m in manifest.modules if m.kind == "block"}
+    assert bool(blocks) == (build == "regional")
+    if family == "tiny-sd3" and blocks:
+        assert blocks["JointTransformerBlock.1"].output == "none,tensor" and blocks["JointTransformerBlock"].output == ""
+        assert blocks["JointTransformerBlock"].inputs.axes()["image_seq"] == {"hidden_states": 1}
+    if family == "tiny-flux2-klein" and blocks:
+        single = blocks["Flux2SingleTransformerBlock"].inputs
+        assert single.axes()["rotary_seq"]["hidden_states"] == 1  # text + image tokens, with its rotary table
+        assert single.constants == {"encoder_hidden_states": None} and blocks["Flux2SingleTransformerBlock"].output == "tensor"
+        assert blocks["Flux2TransformerBlock"].inputs.axes()["image_seq"] == {"hidden_states": 1}
     assert manifest.recipe.name == family and family not in list_recipes()
     r = recipe_of(manifest.recipe)
     assert r.checkpoint == str(folder) and manifest.model.source == "local"
@@ -304,7 +319,7 @@ def test_g05_a_model_folder_builds_with_no_recipe_and_matches_eager_at_other_req
         pipe, want = eager_and_compiled(folder, out, call) if pipe is None else (pipe, latents(eager(folder, call)))
         got = latents(pipe(**{**call, "generator": torch.Generator("cpu").manual_seed(0)}))
         diff = (got - want).abs().max().item()
-        print(f"{family} derived whole-graph none at {call['height']}x{call['width']}: max |diff| vs eager {diff:.2e}")
+        print(f"{family} derived {build} none at {call['height']}x{call['width']}: max |diff| vs eager {diff:.2e}")
         assert got.shape == want.shape and diff < 1e-4
 
 

@@ -1,12 +1,17 @@
-"""The CUDA path: CUDA-graph replay, a LoRA swap under CUDA graphs, fp8's capability check, GPU memory.
+"""The CUDA path: the artifact in the real FluxPipeline against eager diffusers, CUDA-graph replay, a LoRA swap
+under CUDA graphs, fp8's capability check, GPU memory.
 
 Skipped by capability: no CUDA, no test; the fp8 tests need sm89+ (or, for the refusal, a GPU below it).
-scripts/gpu_check.py runs these on a lent GPU (``pytest -m gpu tests/test_gpu.py``).
+scripts/gpu_check.py runs these on a lent GPU (``pytest -m gpu tests/test_gpu.py``) with GPU_CHECK_ARTIFACTS
+set to the folder of its tiny-flux builds (``tiny-flux-SCHEME-DTYPE``), which the tests then use instead of
+building their own; without it, or for one that is missing there, they build it.
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +27,14 @@ requires_sm89 = pytest.mark.skipif(CAP < (8, 9), reason="fp8 needs a CUDA GPU of
 below_sm89 = pytest.mark.skipif(not CUDA or CAP >= (8, 9), reason="needs a CUDA GPU older than sm89")
 MAX_SEQ = tomllib.loads((REPO / "recipes" / "tiny-flux.toml").read_text())["shapes"]["max_sequence_length"]
 ULP = 2.0 ** -8  # bf16: the graph replays the plain call's kernels, so at most 1 ulp of the output's scale
+
+
+def built(artifacts, scheme: str, dtype: str) -> Path:
+    """tiny-flux in ``scheme`` and ``dtype``: scripts/gpu_check.py's build when it left one, else built here."""
+    from aotpack.artifact.files import is_artifact
+
+    shared = Path(os.environ.get("GPU_CHECK_ARTIFACTS", "/nonexistent")) / f"tiny-flux-{scheme}-{dtype}"
+    return shared if is_artifact(shared) else artifacts(scheme, dtype=dtype)
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +63,9 @@ def wide(artifacts, wide_folder):
 
 @pytest.fixture(scope="module")
 def wide_lora(wide_folder, tmp_path_factory):
-    import importlib.util
-    import sys
+    from aotpack.builder.tiny import random_lora
 
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
-    gc = sys.modules.setdefault("gpu_check", importlib.util.module_from_spec(spec))  # dataclasses look it up
-    spec.loader.exec_module(gc)
-    return gc.make_lora(wide_folder / "transformer", tmp_path_factory.mktemp("lora") / "wide.safetensors")
+    return random_lora(wide_folder / "transformer", tmp_path_factory.mktemp("lora") / "wide.safetensors")
 
 
 def captured_inputs(module, folder) -> dict:
@@ -97,6 +106,52 @@ def _replay_matches_plain(path, folder) -> None:
     want2 = out(plain, kw2)
     assert diff(want2, want) > 10 * tol  # the new values matter ...
     assert diff(out(graphs, kw2), want2) <= tol  # ... and the replay reads them from its static buffers
+
+
+def latents_tolerance(dtype: str, scheme: str, *, scale: float, rounding: float) -> float:
+    """Max |diff| of final latents allowed between the artifact and eager diffusers with the same scheme.
+
+    ``scale``: max |latents| of eager; ``rounding``: max |diff| between eager in ``dtype`` and in float32 (the
+    dtype's own error; 0 for float32). Compiled code rounds elsewhere than eager but not worse, so within 3x that;
+    at least 8 ulps (bf16) or 256 ulps (fp32: reordered long sums) of the scale. Dynamic activation quantization
+    can move an activation across one quantization step (1/127 of a row's max in int8, 2^-4 relative in fp8)."""
+    ulps = {"float32": 256 * 2.0 ** -23, "bfloat16": 8 * 2.0 ** -8}[dtype]
+    factor, step = {"int8dq": (2.0, 2 / 127), "fp8dqrow": (4.0, 2.0 ** -4)}.get(scheme, (1.0, 0.0))
+    return max(max(3 * rounding, ulps * scale) * factor, step * scale)
+
+
+@requires_cuda
+@pytest.mark.parametrize("scheme, dtype", [("none", "bfloat16"), ("int8wo", "bfloat16"), ("int8dq", "bfloat16"),
+                                           pytest.param("fp8dqrow", "bfloat16", marks=requires_sm89),
+                                           ("none", "float32")])
+def test_the_artifact_in_the_pipeline_matches_eager_diffusers(artifacts, scheme, dtype):
+    """Final latents of the real FluxPipeline (3 steps at 96x64, not the export's size): the artifact against
+    eager diffusers with the same torchao scheme (aotpack's own scheme -> config mapping)."""
+    import aotpack
+    from diffusers import FluxPipeline
+
+    from aotpack.builder.schemes import quantize_named
+    from aotpack.builder.tiny import ensure_builtin
+
+    def pipeline(dt):
+        pipe = FluxPipeline.from_pretrained(ensure_builtin("tiny-flux"), dtype=dt).to("cuda")
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def call(pipe) -> torch.Tensor:
+        with torch.no_grad():
+            return pipe("a dog surfing on the moon", height=96, width=64, num_inference_steps=3, guidance_scale=3.5,
+                        max_sequence_length=MAX_SEQ, output_type="latent",
+                        generator=torch.Generator("cpu").manual_seed(1)).images.float().cpu()
+
+    pipe = pipeline(getattr(torch, dtype))
+    eager = call(pipe)
+    rounding = 0.0 if dtype == "float32" else diff(eager, call(pipeline(torch.float32)))
+    quantize_named(pipe.transformer, scheme)
+    eager_q = call(pipe)
+    got = call(aotpack.load_into(pipe, built(artifacts, scheme, dtype)))
+    tol = latents_tolerance(dtype, scheme, scale=float(eager.abs().max()), rounding=rounding)
+    assert diff(got, eager_q) <= tol, (diff(got, eager_q), tol, rounding)
 
 
 @requires_cuda
@@ -150,4 +205,4 @@ def test_fp8_is_refused_below_sm89_with_a_clear_error(tmp_path):
 def test_fp8_artifact_replays_under_cuda_graphs(artifacts):
     from aotpack.builder.tiny import ensure_builtin
 
-    _replay_matches_plain(artifacts("fp8dqrow", dtype="bfloat16"), ensure_builtin("tiny-flux"))
+    _replay_matches_plain(built(artifacts, "fp8dqrow", "bfloat16"), ensure_builtin("tiny-flux"))

@@ -178,6 +178,9 @@ class InputSpec:
                 if bound.setdefault(w, size) != size:
                     raise InputError(f"{name} dim {axis} ({w}) is {size} but another input has {bound[w]}",
                                      "inputs disagree on one dynamic size")
+        for name, (lo, hi, *_) in self.dynamic.items():  # a fixed size no tensor carries (padded text)
+            if lo == hi:
+                bound.setdefault(name, lo)
         for rel in self.relations:
             if rel.dim in bound and all(d in bound for d in rel.of):
                 want_size = rel.expected(bound)
@@ -299,6 +302,9 @@ class CompiledModule:
     compiled: str | None = None     # "compiled", "compile cache" or "reused from DIR"
     config: dict | None = None      # the module's diffusers config, where it is not the component's
     block_class: str | None = None  # a regional block: the diffusers class whose instances run this code
+    # a block's output as its own forward returns it: "" a tuple of tensors, "tensor" one tensor, or the tuple's
+    # items ("none,tensor": SD3's last block); the compiled code returns the tensors only
+    output: str = field(default="", metadata={"omit_default": True})
 
     def key(self, instance: str, constant: str) -> str:
         if not self.root:
@@ -409,7 +415,7 @@ class Manifest(_Identity):
 # ---- reading -----------------------------------------------------------------------------------------------
 
 _DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool",
-           "float8_e4m3fn", "float8_e5m2"}
+           "float8_e4m3fn", "float8_e5m2", "complex64"}  # complex64: rotary tables (Qwen-Image)
 
 
 def _request_problems(req: Request) -> list[str]:
@@ -443,6 +449,9 @@ def _module_problems(m: Manifest) -> list[str]:
         if (mod.kind == "block") != (mod.block_class is not None) or not all(isinstance(s, str) and s for s in
                                                                                 mod.instances):
             problems.append(f"modules[{i}] must name its instances (and, as a block, its class)")
+        parts = mod.output.split(",") if mod.output else []
+        if mod.output not in ("", "tensor") and not (set(parts) <= {"none", "tensor"} and "tensor" in parts):
+            problems.append(f"modules[{i}].output must be '', 'tensor' or a list of 'none'/'tensor'")
         if not all(t.dtype in _DTYPES for t in mod.inputs.tensors):
             problems.append(f"modules[{i}] names an input dtype that is not a tensor dtype")
     return problems

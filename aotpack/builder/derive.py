@@ -412,8 +412,23 @@ def derive(source: str, opts: Options | None = None, *, device: str = "cpu") -> 
     finally:
         streamed.close()
     axes = name_axes(seen, info.model_class)
-    blocks = list(opts.blocks) or list(getattr(streamed.model, "_repeated_blocks", None) or [])
+    blocks = list(opts.blocks) or repeated_blocks(streamed.model)
     return recipe_dict(info, plan, axes, opts, blocks)
+
+
+def repeated_blocks(model: Any) -> list[str]:
+    """The block classes a regional build compiles: the model's ``_repeated_blocks``, else (SD3, Sana declare
+    none) the classes of the root's ModuleLists, in order."""
+    import torch
+
+    declared = list(getattr(model, "_repeated_blocks", None) or [])
+    if declared:
+        return declared
+    found: list[str] = []
+    for child in model.children():
+        if isinstance(child, torch.nn.ModuleList):
+            found += [type(b).__name__ for b in child if type(b).__name__ not in found]
+    return found
 
 
 @dataclass(frozen=True)

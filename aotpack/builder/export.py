@@ -62,9 +62,12 @@ def input_spec(example: Mapping[str, Any], axes: Mapping[str, Mapping[str, int]]
                 shape[table[name]] = dim
         tensors.append(TensorSpec(name=name, shape=tuple(shape), dtype=str(t.dtype).removeprefix("torch.")))
     used = {d for t in tensors for d in t.shape if isinstance(d, str)}
+    # a relation may name a fixed size no input carries (rotary_seq = a padded text length + image_seq)
+    fixed = {d for d in ranges if ranges[d][0] == ranges[d][1]}
+    kept = tuple(r for r in relations if r.dim in used and set(r.of) <= used | fixed)
+    used |= {d for r in kept for d in r.of}
     return InputSpec(tensors=tuple(tensors), dynamic={d: tuple(ranges[d]) for d in ranges if d in used},
-                     relations=tuple(r for r in relations if r.dim in used and set(r.of) <= used),
-                     constants=constants)
+                     relations=kept, constants=constants)
 
 
 def component_spec(example: Mapping[str, torch.Tensor], recipe: Recipe) -> InputSpec:

@@ -24,7 +24,7 @@ from aotpack._version import __version__
 from aotpack.artifact.files import MODEL, WEIGHTS, atomic_folder, file_entries, remember_folder
 from aotpack.artifact.manifest import (SCHEMA_VERSION, BuildInfo, CompiledModule, FileEntry, InputSpec, LoraRef, Manifest,
                                        ModelRef, PlanRef, QuantError, RecipeRef, SchemeRef, MANIFEST)
-from aotpack.builder.capture import capture_inputs
+from aotpack.builder.capture import capture_inputs, unflatten_inputs
 from aotpack.builder.compile import (CONSTANTS_KEY, compile_cached, compiler_settings, constant_values,
                                      constants_signature, crash_report, named_call)
 from aotpack.builder.export import COMPONENT_ROOT, ComponentWrapper, DecoderWrapper, component_spec, decoder_inputs, export_fitted
@@ -105,6 +105,7 @@ class Target:
     # regional: each instance's module and its eager (quantized) output on the example
     members: list[torch.nn.Module] | None = None
     references: list[torch.Tensor] | None = None
+    output: str = ""                      # a block's output form (CompiledModule.output)
 
 
 @dataclass
@@ -204,6 +205,26 @@ def pipeline_latents(spec: BuildSpec, pipe: Any) -> torch.Tensor:
     return (result.frames if r.is_video else result.images).float()
 
 
+def other_request(r: Any) -> Any:
+    """The recipe with its capture call moved to another request inside its bounds: another batch, frame count and
+    prompt length, and a height and width that both change, by different ratios (so rows, columns and tokens
+    move apart). Dims that cannot move (one allowed size) stay."""
+    cap = dict(r.capture)
+    step = r.size_step
+    heights = [h for h in range(r.height[0], r.height[1] + 1, step) if h != cap["height"]]
+    widths = [w for w in range(r.width[0], r.width[1] + 1, step) if w != cap["width"]]
+    pick = next(((h, w) for h in heights for w in widths if h * cap["width"] != w * cap["height"]), None)
+    if pick:
+        cap["height"], cap["width"] = pick
+    if r.batch[1] > r.batch[0]:
+        cap["batch"] = r.batch[0] if cap.get("batch") != r.batch[0] else r.batch[1]
+    if r.is_video and r.frames[1] > r.frames[0]:
+        frames = [f for f in range(r.frames[0], r.frames[1] + 1, r.temporal_compression) if f != cap["frames"]]
+        cap["frames"] = frames[0] if frames else cap["frames"]
+    cap["prompt"] = cap.get("prompt", "a photo") + ", seen from far away at night, in the rain"
+    return replace(r, capture=cap)
+
+
 def _schemes(spec: BuildSpec, plan: dict | None) -> set[str]:
     return {e["scheme"] for e in plan["layers"].values()} | {"none"} if plan else {spec.quant}
 
@@ -220,21 +241,35 @@ def component_target(spec: BuildSpec, q: Quantized, example: dict[str, torch.Ten
                   schemes=_schemes(spec, q.plan), reference=reference)
 
 
-def block_targets(spec: BuildSpec, q: Quantized, example: dict[str, torch.Tensor]) -> tuple[list[Target], Any]:
-    """Regional: one module per block class (and quantization pattern), each with its instances; returns the
-    targets and the whole component's eager output on the captured inputs (the end-to-end reference)."""
-    component = spec.recipe.component
+def block_targets(spec: BuildSpec, q: Quantized, example: dict[str, torch.Tensor],
+                  second: dict[str, Any] | None = None) -> tuple[list[Target], Any]:
+    """Regional: one module per block class (and quantization pattern, and structure), each with its instances;
+    returns the targets and the whole component's eager output on the captured inputs (the end-to-end
+    reference). ``second``: the component's inputs for another request, when the recipe has no [block_inputs]
+    (a derived recipe): the blocks' dims are named by how their inputs move between the two."""
+    component, r = spec.recipe.component, spec.recipe
     examples, reference = regional.capture_blocks(q.model, example, q.classes)
+    dims = None
+    if second is not None:
+        again, _ = regional.capture_blocks(q.model, second, q.classes)
+        outer = component_spec(example, r)
+        moved = {d: (example[n].shape[a], second[n].shape[a], list(outer.dynamic[d]))
+                 for d, table in outer.axes().items() for n, a in list(table.items())[:1]}
+        dims = {cls: regional.name_block_axes(cls, examples[cls], again[cls], moved, r) for cls in q.classes}
     targets = []
-    for g in regional.group(regional.instances(q.model, q.classes), q.schemes):
+    for g in regional.group(regional.instances(q.model, q.classes), q.schemes, q.model):
         members = [q.model.get_submodule(p) for p in g.instances]
-        refs = [regional.BlockWrapper(b).eval()(examples[g.block_class])[0] for b in members]
+        ex = examples[g.block_class]
+        constants = regional.constants_of(ex)
+        form = regional.output_form(members[0](**unflatten_inputs(ex)))
+        refs = [regional.BlockWrapper(b, constants).eval()(regional.tensors_of(ex))[0] for b in members]
         targets.append(Target(
             name=g.name, kind="block", code=f"{g.name}.pt2", root=regional.BLOCK_ROOT,
-            instances=tuple(f"{component}.{p}" for p in g.instances), wrapper=regional.BlockWrapper(members[0]).eval(),
-            example=examples[g.block_class], spec=regional.block_spec(examples[g.block_class], spec.recipe),
+            instances=tuple(f"{component}.{p}" for p in g.instances),
+            wrapper=regional.BlockWrapper(members[0], constants).eval(), example=ex,
+            spec=regional.block_spec(ex, r, dims[g.block_class] if dims else None),
             schemes=set(s for _, s in q.schemes.pattern(g.instances[0])) or {"none"}, reference=refs[0],
-            block_class=g.block_class, members=members, references=refs))
+            block_class=g.block_class, members=members, references=refs, output=form))
     if spec.quant != "none":  # every instance, after every reference was taken
         unwrap_tensor_subclass(q.model)
     return targets, reference
@@ -285,7 +320,7 @@ def compile_target(spec: BuildSpec, t: Target, out: Path, timings: dict[str, flo
     else:  # every instance's own weights, under the same compiled names
         values = {module.key(inst, f): v for inst, member in zip(t.instances, t.members)
                   for f, v in regional.instance_state(member, fqns).items()}
-    return Compiled(t, replace(module, block_class=t.block_class), values)
+    return Compiled(t, replace(module, block_class=t.block_class, output=t.output), values)
 
 
 def verify(spec: BuildSpec, out: Path, parts: list[Compiled], example: dict[str, torch.Tensor],
@@ -305,8 +340,8 @@ def verify(spec: BuildSpec, out: Path, parts: list[Compiled], example: dict[str,
         if t.kind == "vae_decoder":
             runs = [(t.name, lambda: loaded.vae_decoder.decode(t.example["z"], return_dict=False), t.reference)]
         elif t.kind == "block":  # each instance through its own (compiled) forward, with its own weights
-            runs = [(inst, lambda b=loaded.get_submodule(inst[len(component) + 1:]): b(**unflatten_inputs(t.example)),
-                     ref) for inst, ref in zip(t.instances, t.references)]
+            runs = [(inst, lambda b=loaded.get_submodule(inst[len(component) + 1:]):
+                     _tensors(b(**unflatten_inputs(t.example))), ref) for inst, ref in zip(t.instances, t.references)]
         else:
             runs = [(t.name, lambda: loaded(**unflatten_inputs(t.example), return_dict=False), t.reference)]
         error = tolerance = 0.0
@@ -325,6 +360,11 @@ def verify(spec: BuildSpec, out: Path, parts: list[Compiled], example: dict[str,
         schemes = {s for t in (c.target for c in parts) for s in t.schemes}
         check_close(component, component_out, whole_reference, schemes, spec.dtype)
     return loaded, modules, component_out
+
+
+def _tensors(out: Any) -> tuple:
+    """A block's output as the tensors it holds (one tensor, or a tuple with a None)."""
+    return (out,) if isinstance(out, torch.Tensor) else tuple(x for x in out if x is not None)
 
 
 def _tolerance(reference: torch.Tensor, schemes: set[str], dtype: str) -> float:
@@ -405,6 +445,9 @@ def run_build(spec: BuildSpec) -> Path:
                 setattr(pipe, r.component, streamed.model)
                 with stage("capture", timings):  # what reaches the component does not depend on its weights
                     example, _ = capture_inputs(pipe, r)
+                    # regional without [block_inputs] (a derived recipe): another request names the blocks' dims
+                    second = capture_inputs(pipe, other_request(r))[0] if (
+                        spec.options.regional and not r.block_inputs) else None
                 full = FullPrecision(forward=ComponentWrapper(streamed.model).eval()(example),
                                      latents=pipeline_latents(spec, pipe))
             finally:
@@ -415,7 +458,7 @@ def run_build(spec: BuildSpec) -> Path:
         setattr(pipe, r.component, q.model)
         with stage("eager", timings):  # the quantized eager outputs each compiled module is held to
             if q.classes:
-                targets, whole_reference = block_targets(spec, q, example)
+                targets, whole_reference = block_targets(spec, q, example, second)
             else:
                 targets, whole_reference = [component_target(spec, q, example)], None
             if spec.options.compile_vae:

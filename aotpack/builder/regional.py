@@ -25,15 +25,37 @@ BLOCK_ROOT = "block"   # the wrapper's attribute: every compiled block constant'
 
 
 class BlockWrapper(torch.nn.Module):
-    """One block called with a dict of tensors (rotary tuples spread as ``name.0``/``name.1``); returns its tuple."""
+    """One block called with a dict of tensors (rotary tuples spread as ``name.0``/``name.1``), its non-tensor
+    arguments (``constants``: Sana's ``height``/``width``, FLUX.2's ``encoder_hidden_states=None``) closed over;
+    returns the tensors of its output, in order (a ``None`` item, as SD3's last block returns, is left out: the
+    manifest's ``output`` puts it back)."""
 
-    def __init__(self, block: torch.nn.Module) -> None:
+    def __init__(self, block: torch.nn.Module, constants: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.block = block
+        self.constants = dict(constants or {})
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        out = self.block(**unflatten_inputs(inputs))
-        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        out = self.block(**unflatten_inputs({**self.constants, **inputs}))
+        items = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        return tuple(x for x in items if x is not None)
+
+
+def output_form(out: Any) -> str:
+    """How a block's forward returns (see ``CompiledModule.output``); BuildError for what compiled code cannot."""
+    if isinstance(out, torch.Tensor):
+        return "tensor"
+    if isinstance(out, (tuple, list)) and all(x is None or isinstance(x, torch.Tensor) for x in out) and \
+            any(x is not None for x in out):
+        return "" if all(x is not None for x in out) else ",".join("none" if x is None else "tensor" for x in out)
+    raise BuildError(f"a block returns {type(out).__name__}, which compiled code cannot return",
+                     "build with --whole-graph")
+
+
+def structure(block: torch.nn.Module) -> tuple:
+    """The names and shapes of a block's weights: instances of one class that differ (SD3's last block, which
+    has no context output) get their own compiled module."""
+    return tuple(sorted((n, tuple(p.shape)) for n, p in block.named_parameters()))
 
 
 @dataclass
@@ -89,36 +111,45 @@ class Schemes:
         return tuple(sorted((n[len(prefix):], s) for n, s in self.by_layer.items() if n.startswith(prefix)))
 
 
-def group(by_class: dict[str, list[str]], schemes: Schemes) -> list[Group]:
-    """Instances quantized alike (each linear at the same place with the same scheme) share a module."""
+def group(by_class: dict[str, list[str]], schemes: Schemes, model: Any = None) -> list[Group]:
+    """Instances quantized alike (each linear at the same place with the same scheme) and built alike (the same
+    weights: ``structure``) share a module."""
     groups: list[Group] = []
     for cls, paths in by_class.items():
         patterns: dict[tuple, list[str]] = {}
         for path in paths:
-            patterns.setdefault(schemes.pattern(path), []).append(path)
+            shape = structure(model.get_submodule(path)) if model is not None else ()
+            patterns.setdefault((schemes.pattern(path), shape), []).append(path)
         for i, members in enumerate(patterns.values()):
             groups.append(Group(cls if i == 0 else f"{cls}.{i}", cls, members))
     return groups
 
 
 def capture_blocks(component: Any, example: dict[str, torch.Tensor], classes: list[str]) -> tuple[dict, Any]:
-    """Run the component once on its captured inputs; returns ({class: the first instance's inputs}, the
-    component's output), both recorded from the real call."""
-    seen: dict[str, dict[str, torch.Tensor]] = {}
+    """Run the component once on its captured inputs; returns ({class: the first instance's arguments, bound by
+    name (positional calls too): tensors flattened, other values as they are}, the component's output), both
+    recorded from the real call."""
+    from aotpack.builder.capture import bind_call, constant, is_tensor_tuple
+
+    seen: dict[str, dict[str, Any]] = {}
     handles = []
 
     def hook(module: Any, args: tuple, kwargs: dict) -> None:
         cls = type(module).__name__
         if cls in seen:
             return
-        if args:
-            raise BuildError(f"{cls} was called with positional arguments",
-                             "aotpack captures keyword calls only; build with --whole-graph")
         for key in ("joint_attention_kwargs", "attention_kwargs"):
             if kwargs.get(key):
                 raise BuildError(f"{cls} was called with {key} {sorted(kwargs[key])}",
                                  "regional code cannot take attention kwargs; build with --whole-graph")
-        seen[cls] = {k: v.clone() for k, v in flatten_inputs(kwargs).items()}
+        named = bind_call(module, args, kwargs)
+        inputs: dict[str, Any] = {}
+        for k, v in named.items():
+            if isinstance(v, torch.Tensor) or is_tensor_tuple(v):
+                inputs.update({n: t.clone() for n, t in flatten_inputs({k: v}).items()})
+            else:
+                inputs[k] = constant(v, f"{cls}'s argument {k}")
+        seen[cls] = inputs
 
     by_class = instances(component, classes)
     for cls, paths in by_class.items():
@@ -135,12 +166,95 @@ def capture_blocks(component: Any, example: dict[str, torch.Tensor], classes: li
     return seen, out
 
 
-def block_spec(example: dict[str, torch.Tensor], recipe: Recipe) -> InputSpec:
-    """The InputSpec of a block's captured inputs, from the recipe's ``[block_inputs]`` dims."""
+def tensors_of(example: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in example.items() if isinstance(v, torch.Tensor)}
+
+
+def constants_of(example: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in example.items() if not isinstance(v, torch.Tensor)}
+
+
+def block_spec(example: dict[str, Any], recipe: Recipe, derived: "BlockDims | None" = None) -> InputSpec:
+    """The InputSpec of a block's captured inputs: from the recipe's ``[block_inputs]`` dims, or (a recipe
+    without them, as a derived one) from ``derived``, the dims named by ``name_block_axes``."""
+    if derived is not None:
+        return input_spec(example, derived.axes, derived.ranges, derived.relations)
     if not recipe.block_inputs:
         raise RecipeError(f"recipe {recipe.full_name} has no [block_inputs] table", "add one, or build --whole-graph")
     dims = recipe.block_inputs  # names the blocks are not called with (rotary tables of a variant without) are skipped
     return input_spec(example, dims, {d: recipe.dim_range(d) for d in dims}, tuple(recipe.relations()))
+
+
+@dataclass
+class BlockDims:
+    axes: dict[str, dict[str, int]]
+    ranges: dict[str, list[int]]
+    relations: tuple
+
+
+def name_block_axes(cls: str, first: dict[str, Any], second: dict[str, Any],
+                    dims: dict[str, tuple[int, int, list[int]]], recipe: Recipe) -> BlockDims:
+    """The dims of a block's inputs, from two captured calls of the component that differ in every dynamic dim
+    (``dims``: {dim: (size in the first, size in the second, [min, max(, step)])}). A block axis that moves is the
+    component dim that moved the same way; or the image tokens of latent rows x columns (SD3, Sana: 4-D latents,
+    tokens inside); or a sum of two (text + image tokens: a single-stream block, a rotary table). Each block
+    class gets its own table: a double-stream block sees image tokens, a single-stream one text + image."""
+    from aotpack.artifact.manifest import Relation
+
+    known = dict(dims)
+    patch = max(1, recipe.multiple // recipe.vae_scale)
+    if "latent_height" in dims and "latent_width" in dims and "image_seq" not in dims:
+        (h1, h2, _), (w1, w2, _) = dims["latent_height"], dims["latent_width"]
+        known["image_seq"] = (h1 * w1 // patch ** 2, h2 * w2 // patch ** 2, recipe.dim_range("image_seq"))
+    if "latent_frames" in dims and "video_seq" not in dims and "image_seq" in known:
+        f1, f2, _ = dims["latent_frames"]
+        known["video_seq"] = (f1 * known["image_seq"][0], f2 * known["image_seq"][1], recipe.dim_range("video_seq"))
+    axes: dict[str, dict[str, int]] = {}
+    ranges: dict[str, list[int]] = {}
+    relations = []
+    for name, t in first.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        u = second.get(name)
+        if not isinstance(u, torch.Tensor) or u.dim() != t.dim():
+            raise BuildError(f"{cls}'s input {name} differs in kind between two calls", "build with --whole-graph")
+        for axis, (a, b) in enumerate(zip(t.shape, u.shape)):
+            if a == b:
+                continue
+            same = [d for d, (x, y, _) in known.items() if (x, y) == (a, b)]
+            if same:
+                dim = same[0]
+                ranges[dim] = list(known[dim][2])
+            else:
+                pair = next(((p, q) for p in ("text_seq", "rotary_seq") for q in ("image_seq", "video_seq")
+                             if p in known and q in known and (known[p][0] + known[q][0], known[p][1] + known[q][1])
+                             == (a, b)), None)
+                statics = [(d, r) for d, r in recipe.ranges.items() if r[0] == r[1] and d == "text_seq"]
+                image = next((q for q in ("image_seq", "video_seq") if q in known), None)
+                if pair:
+                    dim = "rotary_seq"
+                    lo_p, hi_p = known[pair[0]][2][:2]
+                    lo_q, hi_q = known[pair[1]][2][:2]
+                    ranges[dim] = [lo_p + lo_q, hi_p + hi_q]
+                    relations.append(Relation(dim, pair, "sum"))
+                    for d in pair:
+                        ranges.setdefault(d, list(known[d][2]))
+                elif statics and image and (a - known[image][0], b - known[image][1]) == (statics[0][1][0],) * 2:
+                    dim = "rotary_seq"  # text (padded: one length) + image tokens
+                    text = statics[0][1][0]
+                    lo_q, hi_q = known[image][2][:2]
+                    ranges[dim] = [text + lo_q, text + hi_q]
+                    ranges.setdefault("text_seq", [text, text])
+                    ranges.setdefault(image, list(known[image][2]))
+                    relations.append(Relation(dim, ("text_seq", image), "sum"))
+                    axes.setdefault("text_seq", {})
+                else:
+                    raise BuildError(f"axis {axis} of {cls}'s input {name} moves in a way aotpack cannot name "
+                                     f"({a} -> {b})", "build with --whole-graph")
+            if name in axes.get(dim, {}) and axes[dim][name] != axis:
+                raise BuildError(f"{cls}'s input {name} has two axes that move as {dim}", "build with --whole-graph")
+            axes.setdefault(dim, {})[name] = axis
+    return BlockDims({d: a for d, a in axes.items() if a}, ranges, tuple(dict.fromkeys(relations)))
 
 
 def instance_state(block: torch.nn.Module, fqns: list[str]) -> dict[str, torch.Tensor]:

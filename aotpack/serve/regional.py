@@ -9,6 +9,7 @@ level (``enable_cache(FirstBlockCacheConfig(...))``, ...) keeps working: enable 
 
 from __future__ import annotations
 
+import inspect
 import threading
 import types
 from typing import Any, Callable
@@ -62,18 +63,28 @@ class SharedCode:
 
 
 class CompiledBlock:
-    """What a block instance's ``forward`` becomes: the same keywords in, the same tuple out."""
+    """What a block instance's ``forward`` becomes: the block's own arguments in (positional ones bound by its
+    forward's signature, the non-tensor ones checked against those baked in), its own output form out."""
 
     def __init__(self, code: SharedCode, instance: str, constants: dict[str, torch.Tensor], spec: InputSpec,
-                 device: torch.device, hint: Callable[[str], str]) -> None:
+                 device: torch.device, hint: Callable[[str], str], signature: inspect.Signature | None = None,
+                 output: str = "") -> None:
         self.code, self.instance, self.constants, self.spec = code, instance, constants, spec
-        self.device, self.hint = device, hint
+        self.device, self.hint, self.signature, self.output = device, hint, signature, output
 
-    def __call__(self, *args: Any, joint_attention_kwargs: Any = None, attention_kwargs: Any = None,
-                 **kwargs: Any) -> tuple[torch.Tensor, ...]:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args:
-            raise InputError("a compiled block takes keyword arguments only", "call it as the model does")
-        for extra in (joint_attention_kwargs, attention_kwargs):
+            if self.signature is None:
+                raise InputError("a compiled block takes keyword arguments only", "call it as the model does")
+            try:
+                named = self.signature.bind(*args, **kwargs).arguments
+            except TypeError as e:
+                raise InputError(f"a compiled block was called with arguments its forward does not take: {e}",
+                                 "call it as the model does") from None
+            kwargs = dict(named)
+        kwargs.pop("return_dict", None)
+        for key in ("joint_attention_kwargs", "attention_kwargs"):
+            extra = kwargs.pop(key, None)
             if extra and any(k != "scale" or v != 1.0 for k, v in extra.items()):
                 raise InputError(f"attention kwargs {sorted(extra)} cannot change compiled code",
                                  "swap a LoRA in with load_into(pipe, artifact, lora=FILE) instead")
@@ -81,7 +92,17 @@ class CompiledBlock:
         self.spec.check(inputs, self.device, self.hint)
         # AOTInductor code assumes the strides it was exported with: the blocks hand each other slices
         run = {n: inputs[n].contiguous() for n in self.spec.names}
-        return tuple(self.code.run(self.instance, self.constants, run))
+        return shaped(self.code.run(self.instance, self.constants, run), self.output)
+
+
+def shaped(outs: list, output: str) -> Any:
+    """The compiled block's tensors in the form its eager forward returns (``CompiledModule.output``)."""
+    if output == "tensor":
+        return outs[0]
+    if not output:
+        return tuple(outs)
+    it = iter(outs)
+    return tuple(None if part == "none" else next(it) for part in output.split(","))
 
 
 def build_model(manifest: Manifest, weights: dict[str, dict[str, torch.Tensor]], opened: dict[str, Any],
@@ -111,7 +132,7 @@ def build_model(manifest: Manifest, weights: dict[str, dict[str, torch.Tensor]],
         for instance in m.instances:
             block = model.get_submodule(instance[len(component) + 1:])
             block.forward = CompiledBlock(code, instance, constants_of(m, instance), m.inputs, torch.device(device),
-                                          hint)
+                                          hint, inspect.signature(block.forward), m.output)
             # the weights live in the compiled module's constants now; the block keeps its class, its place and
             # its forward (what diffusers hooks), and no children: an empty nn.Linear would break what walks the
             # model's linears (diffusers' LoRA loader reads every linear's weight before routing to the model)
