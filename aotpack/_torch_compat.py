@@ -28,6 +28,18 @@ def aoti_compile_and_package(ep: Any, path: Path, configs: dict[str, Any]) -> Pa
     return Path(torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs))
 
 
+# AOTInductor names a constant it computed from weights (a permuted bias, ...) with this prefix; with
+# RUNTIME_FOLDING it is computed again from the weights loaded, at the next call (load_constants marks it stale)
+FOLDED_PREFIX = "_FOLDED_CONST_"
+RUNTIME_FOLDING = "aot_inductor.use_runtime_constant_folding"
+
+
+def weight_fqns(compiled: Any) -> list[str]:
+    """The constants a compiled package takes from its weights: ``get_constant_fqns()`` without the ones it
+    folds itself (those are never loaded, and ``load_constants(check_full_update=True)`` does not ask for them)."""
+    return [f for f in compiled.get_constant_fqns() if not f.startswith(FOLDED_PREFIX)]
+
+
 def preload() -> None:
     """Import what ``open_package`` needs (a serving process has it imported before it loads: the bench counts
     that as process start, not load time)."""

@@ -57,9 +57,11 @@ for n in ("torch", "triton", "diffusers", "torchao", "transformers", "safetensor
     except Exception as e: info[n], errors[n] = None, f"{type(e).__name__}: {e}".split("\n")[0]
 if info["torch"] and info["aotpack"]:
     import torch; from aotpack.artifact.platform import describe, tag; here = describe(probe_isa=False)
-    info.update(cuda=torch.cuda.is_available(), gpu=here.gpu_name, tag=tag(here), where=sys.modules["aotpack"].__file__,
-                capability=torch.cuda.is_available() and torch.cuda.get_device_capability(), cuda_runtime=torch.version.cuda)
-print(json.dumps({**info, "errors": errors, "cxx": next(filter(None, map(shutil.which, ("g++", "c++", "clang++"))), None)}))"""
+    info.update(cuda=torch.cuda.is_available(), gpu=here.gpu_name, tag=tag(here), cuda_runtime=torch.version.cuda,
+                capability=torch.cuda.is_available() and torch.cuda.get_device_capability())
+cxx = next(filter(None, map(shutil.which, ("g++", "c++", "clang++"))), None)
+where = getattr(sys.modules.get("aotpack"), "__file__", None)
+print(json.dumps({**info, "errors": errors, "cxx": cxx, "where": where}))"""
 PREPARE_PY = """import sys; from pathlib import Path; from aotpack.builder.tiny import ensure_builtin, random_lora
 folders = [ensure_builtin(name) for name in sys.argv[2:]]
 random_lora(folders[0] / "transformer", Path(sys.argv[1]), rank=4, seed=5)
@@ -69,7 +71,8 @@ a = json.loads(sys.argv[1])
 out = run_bench("flux-blocks", [a["scheme"]], out=Path(a["out"]), images=a["images"], dtype=a["dtype"],
                 variants=tuple(a["variants"]), artifacts_dir=Path(a["artifacts"]))
 rows = json.loads((out / "results.json").read_text())["rows"]
-print("forward / first image: " + ", ".join(f"{r['variant']} {r['forward_s'] * 1e3:.1f} ms / {r['first_image_s']:.1f} s" for r in rows))"""
+print("forward / first image: " + ", ".join(f"{r['variant']} {r['forward_s'] * 1e3:.1f} ms / {r['first_image_s']:.1f} s"
+                                           for r in rows))"""
 
 
 @dataclasses.dataclass
@@ -111,32 +114,29 @@ class Check:
 
     def __init__(self, out: Path, work: Path, deadline_s: float) -> None:
         self.out, self.work, self.logs, self.site = out, work, work / "logs", work / "site"
-        for d in (out, self.logs):
+        for d in (out, self.logs, work / "images"):
             d.mkdir(parents=True, exist_ok=True)
         self.t0 = time.monotonic()
         self.deadline, self.results, self.info, self.prereqs = self.t0 + deadline_s, {}, {}, []
         self.lock = threading.Lock()
         path = [str(self.site), str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(path),  # the wheels, then aotpack from the tree
-                    "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                    "AOTPACK_CACHE": str(work / "cache"), "AOTPACK_STATE": str(work / "state"),
-                    "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"), "HF_HOME": str(work / "hf")}
+                    "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "AOTPACK_DEBUG": "1",  # tracebacks in the logs
+                    "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(work / "hf"), "AOTPACK_STATE": str(work / "st"),
+                    "AOTPACK_CACHE": str(work / "cache"), "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def command(self, cmd: list[str], *, log: str, end: float, env: dict | None = None, why_in: str = "stderr") -> str:
-        """Run ``cmd`` in its own process group until ``end`` (never past the deadline); returns its stdout,
-        keeps both streams in WORK/logs/<log>.log, raises StepFailed with one line. Output goes to files, not
-        pipes, and the whole group is killed when the command ends: compile workers that outlive it hold nothing."""
+    def command(self, cmd: list[str], *, log: str, end: float, env: dict | None = None) -> str:
+        """Run ``cmd`` in its own process group until ``end`` (never past the deadline): its stdout, both streams
+        kept in WORK/logs/<log>.log, or StepFailed with one line. Output goes to files, not pipes, and the whole
+        group is killed when the command ends: compile workers that outlive it hold nothing."""
         path, rc = self.logs / f"{re.sub(r'[^A-Za-z0-9._-]+', '-', log)}.log", None
         timeout = max(1.0, min(end - time.monotonic(), self.left()))
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            try:
-                proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=REPO, start_new_session=True,
-                                        env={**self.env, **(env or {})})
-            except OSError as e:
-                raise StepFailed(f"cannot start {cmd[0]}: {e.strerror or e}") from None
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=REPO, start_new_session=True,
+                                    env={**self.env, **(env or {})})
             with contextlib.suppress(subprocess.TimeoutExpired):
                 rc = proc.wait(timeout=timeout)
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -148,13 +148,13 @@ class Check:
         if rc is None:
             raise StepFailed(f"timed out after {timeout:.0f} s", str(path))
         if rc != 0:
-            raise StepFailed(failure_line(stdout if why_in == "stdout" else stderr, rc), str(path))
+            raise StepFailed(failure_line(stderr.strip() or stdout, rc), str(path))  # pytest: its stdout
         return stdout
 
 
 def execute(step: Step, check: Check) -> Result:
-    """Run one step; whatever it raises is a failed (or skipped) Result of one line. A failure and the end of
-    its log go to OUT/failures.log at once (it survives a kill)."""
+    """Run one step; whatever it raises is a failed Result of one line, written to OUT/failures.log at once with
+    the end of its log (that survives a kill)."""
     t0 = time.monotonic()
     try:
         return Result(step.name, "pass", step.fn(check, t0 + min(step.budget_s, check.left())), time.monotonic() - t0)
@@ -172,9 +172,8 @@ def execute(step: Step, check: Check) -> Result:
 def blocked(step: Step, check: Check) -> str | None:
     """Why ``step`` cannot start (a need that did not pass, the deadline); None when it can."""
     for n in step.needs:
-        status = check.results[n].status if n in check.results else "not in the plan"
-        if status != "pass":
-            return f"needs {n}, which " + {"fail": "failed", "skip": "was skipped"}.get(status, "is not in the plan")
+        if (r := check.results.get(n)) is None or r.status != "pass":
+            return f"needs {n}, which " + ({"fail": "failed", "skip": "was skipped"}[r.status] if r else "did not run")
     if (left := check.left()) < MIN_START_S or (step.optional and left < step.budget_s):
         return f"no time left ({max(left, 0):.0f} s before the deadline)"
     return None
@@ -201,8 +200,8 @@ def run_steps(steps: list[Step], check: Check, *, parallel: int = 1,
 
 
 def critical_path_s(phases: list[tuple[list[Step], int]]) -> float:
-    """Seconds the phases take when every step uses its whole budget (optional steps left out): one by one, a
-    phase takes the sum of its budgets; side by side, its longest chain of needs."""
+    """Seconds the phases take with every (not optional) step using its whole budget: one by one, the sum of the
+    budgets; side by side, the longest chain of needs."""
     total = 0.0
     for steps, parallel in phases:
         finish: dict[str, float] = {}
@@ -260,7 +259,8 @@ def prerequisites(i: dict, work: Path) -> list[tuple[str, str, str]]:
     """(level, what, detail), level "ok", "warn" or "FAIL"; ``i``: the probe's report."""
     errors, wheels, cap = i.get("errors", {}), find_wheels(REPO / ".whl"), "".join(map(str, i.get("capability") or ()))
     out = [("ok" if sys.version_info >= (3, 11) else "FAIL", "python", sys.version.split()[0]),
-           ("ok", "CUDA", f"{i['gpu']} sm{cap}, CUDA {i['cuda_runtime']}") if i.get("cuda") else ("warn", "CUDA", "none")]
+           ("ok", "CUDA", f"{i['gpu']} sm{cap}, CUDA {i['cuda_runtime']}") if i.get("cuda") else
+           ("warn", "CUDA", "none")]
     for name in ("torch", *WHEELS, "transformers", "safetensors", "click", "aotpack", "pytest"):
         ok = i.get(name) and i[name] == WHEELS.get(name, i[name]) and name not in errors
         level = "ok" if ok or name in wheels else "warn" if name == "pytest" else "FAIL"
@@ -269,15 +269,14 @@ def prerequisites(i: dict, work: Path) -> list[tuple[str, str, str]]:
                     f"{i.get(name) or 'does not import'} {errors.get(name, '')}".strip()
                     + f" (wants {WHEELS[name]}: make gpu-wheels, carry .whl)" * (name in WHEELS)))
     out.append(("ok", "C++ compiler", i["cxx"]) if i.get("cxx") else ("FAIL", "C++ compiler", "none found"))
-    work.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(work).free / 2**30
-    return out + [("ok" if free >= MIN_FREE_DISK_GB else "FAIL", "disk", f"{free:.0f} GiB free (needs {MIN_FREE_DISK_GB})")]
+    return out + [("ok" if free >= MIN_FREE_DISK_GB else "FAIL", "disk", f"{free:.0f} GiB, {MIN_FREE_DISK_GB} needed")]
 
 
 def step_build(recipe: str, scheme: str, dtype: str, out: Path, flags: list[str], runs: list[list[str]] = ()
                ) -> Callable[[Check, float], str]:
-    """``aotpack build`` into ``out``, ``aotpack inspect --json`` for the line, then ``aotpack run`` with each of
-    ``runs`` (extra options) in turn: an image from the artifact in its pipeline."""
+    """``aotpack build`` into ``out``, ``aotpack inspect --json`` for the step's line, then ``aotpack run`` with
+    each of ``runs`` (more options)."""
     def fn(check: Check, end: float) -> str:
         check.command([*AOTPACK, "build", recipe, "--quant", scheme, "--dtype", dtype, "--out", str(out),
                        "--overwrite", "--json", *flags], log=out.name, end=end)
@@ -292,54 +291,54 @@ def step_build(recipe: str, scheme: str, dtype: str, out: Path, flags: list[str]
             t, png = time.monotonic(), check.work / "images" / f"{out.name}-{n}.png"
             check.command([*AOTPACK, "run", str(out), "--prompt", "a dog surfing on the moon", "--seed", "1", "--out",
                            str(png), "--json", *extra], log=out.name, end=end)
-            line += f"; run {' '.join(x for x in extra if x.startswith('--'))} {time.monotonic() - t:.1f} s"
+            line += f"; {' '.join(['run'] + [x for x in extra if x.startswith('--')])} {time.monotonic() - t:.1f} s"
         return line
     return fn
 
 
 def step_python(code: str, *args: str, log: str) -> Callable[[Check, float], str]:
     """``python -c CODE ARGS`` (the library's own functions); the last line it prints is the step's line."""
-    return lambda check, end: check.command([sys.executable, "-c", code, *args], log=log, end=end).strip().split("\n")[-1]
+    def fn(check: Check, end: float) -> str:
+        return check.command([sys.executable, "-c", code, *args], log=log, end=end).strip().split("\n")[-1]
+    return fn
 
 
 def step_gpu_tests(check: Check, end: float) -> str:
     """tests/test_gpu.py, on the tiny-flux builds of this run (GPU_CHECK_ARTIFACTS; it builds what is missing)."""
     stdout = check.command([sys.executable, "-m", "pytest", "-q", "-rfE", "-m", "gpu", "-p", "no:cacheprovider",
-                            "tests/test_gpu.py"], log="gpu-tests", end=end, why_in="stdout",
+                            "tests/test_gpu.py"], log="gpu-tests", end=end,
                            env={"GPU_CHECK_ARTIFACTS": str(check.work / "artifacts")})
     return ([ln for ln in stdout.splitlines() if ln.strip()] or ["(no output)"])[-1].strip("= ")
 
 
 def make_plan(opts: argparse.Namespace, info: dict, work: Path) -> list[tuple[list[Step], int]]:
-    """The phases, as (steps, steps at a time), for the GPU in ``info``, the probe's report (fp8 on sm89+): the
-    first phase makes ``info``, the plan is then made again."""
-    k = opts.budget_scale
-    first = [Step("install wheels", "pinned diffusers + torchao (+ other wheels in .whl/) into WORK/site if missing",
-                  20 * k, step_install),
-             Step("environment", "probe versions, CUDA, compiler; aotpack --version", 40 * k, step_environment,
-                  needs=("install wheels",))]
-    cuda, arts, lora = bool(info.get("cuda")), work / "artifacts", work / "lora-rank4.safetensors"
+    """(steps, steps at a time) for the GPU in the probe's report ``info``, which the first phase makes."""
+    k, arts, lora, cuda = opts.budget_scale, work / "artifacts", work / "lora-rank4.safetensors", bool(info.get("cuda"))
     fp8 = cuda and tuple(info.get("capability") or ()) >= (8, 9)
+    first = [Step("install wheels", "diffusers, torchao, other wheels of .whl/ into WORK/site", 20 * k, step_install),
+             Step("environment", "probe; aotpack --version", 40 * k, step_environment, needs=("install wheels",))]
     schemes = opts.schemes.split(",") if opts.schemes else ["none", "int8wo", "int8dq"] + ["fp8dqrow"] * fp8
-    tiny = [(s, DTYPE, False) for s in schemes] + [("none", "float32", False)] + [("int8wo", DTYPE, True)] * (not opts.schemes)
-    bench = [] if opts.no_bench else ["fp8dqrow" if fp8 else "int8dq", "none"]
+    tiny = [(s, DTYPE, "") for s in schemes] + [("none", "float32", "")] + [("int8wo", DTYPE, "--regional")] * (
+        not opts.schemes)  # regional: one compiled block per class
     runs = [[]] + [["--cuda-graphs", "--lora", str(lora)]] * cuda
-    side = [Step(f"tiny-flux {t[0]}" + " float32" * (t[1] != DTYPE) + " regional" * t[2], f"aotpack build tiny-flux "
-                 f"--quant {t[0]} --dtype {t[1]}{' --regional' * t[2]}; inspect; run" + " (+ --cuda-graphs --lora)" * cuda,
-                 150 * k, step_build("tiny-flux", t[0], t[1], arts / f"tiny-flux-{t[0]}-{t[1]}{'-regional' * t[2]}",
-                            ["--regional"] * t[2], runs),
-                 needs=("prepare",)) for t in tiny]
+    side = []
+    for scheme, dtype, flag in tiny:  # WORK/artifacts/<name>: the folders tests/test_gpu.py looks for
+        name = f"tiny-flux-{scheme}-{dtype}" + flag.replace("--", "-")
+        side.append(Step(name, f"aotpack build tiny-flux --quant {scheme} --dtype {dtype} {flag}; inspect; run"
+                         + " (+ --cuda-graphs --lora)" * cuda, 150 * k,
+                         step_build("tiny-flux", scheme, dtype, arts / name, [flag] * bool(flag), runs), ("prepare",)))
+    bench = [] if opts.no_bench else ["fp8dqrow" if fp8 else "int8dq", "none"]
     side += [Step(f"build flux-blocks {s}", f"aotpack build flux-blocks --quant {s} --dtype {DTYPE}; inspect", 150 * k,
                   # into the folder run_bench looks for (else it builds one itself: slower, still right)
                   step_build("flux-blocks", s, DTYPE, arts / f"flux-blocks-{s}-{info.get('tag')}", ["--whole-graph"]),
                   needs=("prepare",)) for s in bench]
     variants = ("aotpack",) + ("aotpack+graphs",) * cuda + ("eager", "compile", "compile+cache")
+    args = {"dtype": DTYPE, "images": IMAGES, "variants": variants, "artifacts": str(arts)}
     last = [Step(f"bench {s}", f"run_bench flux-blocks in {DTYPE}: {', '.join(variants)}", 120 * k, step_python(
-        BENCH_PY, json.dumps({"scheme": s, "dtype": DTYPE, "images": IMAGES, "variants": variants, "artifacts": str(arts),
-                              "out": str(work / "bench" / s)}), log=f"bench-{s}"), needs=(f"build flux-blocks {s}",))
-            for s in bench]
-    last += [] if opts.no_tests else [Step("gpu tests", "pytest -m gpu tests/test_gpu.py (if its budget is left)",
-                                           150 * k, step_gpu_tests, ("environment",), True)]
+        BENCH_PY, json.dumps({**args, "scheme": s, "out": str(work / "bench" / s)}), log=f"bench-{s}"),
+                 needs=(f"build flux-blocks {s}",)) for s in bench]
+    last.append(Step("gpu tests", "pytest -m gpu tests/test_gpu.py (if its budget is left)", 150 * k, step_gpu_tests,
+                     ("environment",), optional=True))
     prepare = Step("prepare", "builtin pipelines, a random LoRA", 40 * k, step_python(
         PREPARE_PY, str(lora), "tiny-flux", *["flux-blocks"] * bool(bench), log="prepare"), needs=("environment",))
     return [(first, 1), ([prepare], 1), (side, PARALLEL), (last, 1)]
@@ -352,23 +351,22 @@ def summary(results: list[Result], *, header: str = "", footer: str = "", width:
         secs = f"{r.seconds:6.1f} s" if r.status != "skip" else "     -  "
         line = f" {r.status.upper():<4}  {r.name:<{name_w}}  {secs}  {r.detail}" + f"  [{r.log}]" * bool(r.log)
         lines.append(line if len(line) <= width else line[: width - 1] + "…")
-    n = {k: sum(r.status == k for r in results) for k in ("pass", "fail", "skip")}
-    return "\n".join(lines + [f"{n['pass']} passed, {n['fail']} failed, {n['skip']} skipped" + f" - {footer}" * bool(footer)])
+    n = [sum(r.status == k for r in results) for k in ("pass", "fail", "skip")]
+    return "\n".join(lines + [f"{n[0]} passed, {n[1]} failed, {n[2]} skipped" + f" - {footer}" * bool(footer)])
 
 
 def write_results(check: Check, text: str) -> None:
-    """results.md (the steps, the prerequisites, each bench's own results.md), results.json, summary.txt and
-    logs.tar.gz (WORK/logs, the benches' folders, the images)."""
-    i, benches = check.info, sorted((check.work / "bench").glob("*/results.json"))
-    md = ["# aotpack GPU check (scripts/gpu_check.py)", "", f"{i.get('gpu') or 'no GPU'}; python {i.get('python')}, "
-          f"torch {i.get('torch')}, diffusers {i.get('diffusers')}, torchao {i.get('torchao')}, triton {i.get('triton')};"
-          f" {time.monotonic() - check.t0:.0f} s in all.", "", "| step | status | seconds | detail |", "|---|---|---|---|"]
-    md += [f"| {r.name} | {r.status} | {r.seconds:.1f} | {r.detail.replace('|', '/')} |" for r in check.results.values()]
+    """results.md (steps, prerequisites, each bench's results.md), results.json, summary.txt, logs.tar.gz."""
+    i, benches, results = check.info, sorted((check.work / "bench").glob("*/results.json")), check.results.values()
+    versions = ", ".join(f"{n} {i.get(n)}" for n in ("python", "torch", "diffusers", "torchao", "triton"))
+    md = ["# aotpack GPU check (scripts/gpu_check.py)", "", f"{i.get('gpu') or 'no GPU'}; {versions}; "
+          f"{time.monotonic() - check.t0:.0f} s in all.", "", "| step | status | seconds | detail |", "|" + "---|" * 4]
+    md += [f"| {r.name} | {r.status} | {r.seconds:.1f} | {r.detail.replace('|', '/')} |" for r in results]
     md += ["", "Prerequisites:", ""] + [f"- {lv} {what}: {detail}" for lv, what, detail in check.prereqs]
     md += [re.sub(r"^#", "\n##", (b.parent / "results.md").read_text(), flags=re.M) for b in benches]
     (check.out / "results.md").write_text("\n".join(md) + "\n")
-    data = {"check": {"elapsed_s": round(time.monotonic() - check.t0, 1), "environment": i, "prerequisites": check.prereqs,
-                      "steps": [dataclasses.asdict(r) for r in check.results.values()]},
+    data = {"check": {"elapsed_s": round(time.monotonic() - check.t0, 1), "environment": i,
+                      "prerequisites": check.prereqs, "steps": [dataclasses.asdict(r) for r in results]},
             "bench": {b.parent.name: json.loads(b.read_text()) for b in benches}}
     (check.out / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     (check.out / "summary.txt").write_text(text + "\n")
@@ -388,7 +386,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--deadline", type=float, default=DEADLINE_S, help="seconds for all steps (default %(default)s)")
     ap.add_argument("--schemes", help="tiny-flux schemes, comma-separated (default: none,int8wo,int8dq[,fp8dqrow])")
     ap.add_argument("--no-bench", action="store_true", help="leave out flux-blocks (its builds and benches)")
-    ap.add_argument("--no-tests", action="store_true", help="leave out pytest tests/test_gpu.py")
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every step's budget (a CPU run: 3)")
     ap.add_argument("--allow-cpu", action="store_true", help="run on a machine without CUDA (a smoke run)")
     return ap.parse_args(argv)
@@ -427,7 +424,6 @@ def main(argv: list[str]) -> int:
     for old in OUT_FILES:
         (opts.out / old).unlink(missing_ok=True)
     check = Check(opts.out, opts.work, opts.deadline)
-    (check.work / "images").mkdir(exist_ok=True)
 
     def progress(r: Result) -> None:
         print(f"[{time.monotonic() - check.t0:5.0f} s] {r.status.upper():<4} {r.name}: {r.detail}", file=sys.stderr,

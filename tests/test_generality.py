@@ -20,7 +20,7 @@ from aotpack.builder.export import ComponentWrapper, component_spec, export
 from aotpack.builder.families import ensure_family
 from aotpack.builder.recipe import get_recipe
 from aotpack.builder.spec import resolve
-from aotpack.errors import AotpackError, BuildError, InputError, RecipeError
+from aotpack.errors import BuildError, InputError, RecipeError
 
 # One static size per family (non-tensor arguments such as Qwen-Image's img_shapes fix the size anyway).
 RECIPES = {
@@ -342,3 +342,17 @@ def test_g05_a_derived_build_runs_from_the_command_line_and_refuses_outside_its_
     assert (tmp_path / "owl.png").stat().st_size > 0
     proc = run_cli("run", str(out), "--prompt", "an owl", "--height", "80", "--out", str(tmp_path / "x.png"))
     assert proc.returncode == 1 and "not a multiple of 32" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_g06_a_block_argument_that_follows_the_request_is_refused_before_compiling(tmp_path):
+    """Sana's blocks take the latent height and width as ints: a regional build would bake one size into code
+    that claims a range. Refused in one line, before any compile (the whole graph builds: g05 covers it)."""
+    from conftest import no_partials, run_cli
+
+    out = tmp_path / "sana"
+    proc = run_cli("build", str(ensure_family("tiny-sana")), "--quant", "none", "--regional", "--max-size", "192",
+                   "--out", str(out))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    assert "SanaTransformerBlock is called with height=" in proc.stderr and "--whole-graph" in proc.stderr
+    assert "compile SanaTransformerBlock" not in proc.stderr and not out.exists() and no_partials(tmp_path)

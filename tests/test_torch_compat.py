@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 
+import pytest
 import torch
 
 from aotpack import _torch_compat as compat
@@ -143,3 +144,38 @@ def test_t35_a_loaded_package_takes_its_extraction_folder_with_it(artifacts, tmp
     del compiled
     gc.collect()
     assert os.listdir(tmp) == []
+
+
+class _Folds(torch.nn.Module):
+    """A bias inductor folds into the code (a constant computed from a weight) unless folding runs at run time."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Parameter(torch.randn(8, 3))
+
+    def forward(self, x):
+        return self.lin(x) * 2 + self.b.t().unsqueeze(0).sum(1, keepdim=True)
+
+
+@pytest.mark.slow  # two small AOTInductor compiles
+def test_runtime_folding_keeps_every_weight_a_constant_and_refolds_after_a_swap(tmp_path):
+    """What regional builds and LoRA swaps rely on: with RUNTIME_FOLDING every weight is a loadable constant
+    (weight_fqns), the folded ones carry FOLDED_PREFIX and are not asked for by a full update, and swapping in
+    another instance's weights gives that instance's output. Without it, torch bakes a weight into the code."""
+    a, b, x = _Folds(0).eval(), _Folds(1).eval(), torch.randn(3, 8)
+    ep = torch.export.export(a, (x,))
+    plain = compat.open_package(compat.aoti_compile_and_package(
+        ep, tmp_path / "plain.pt2", {"aot_inductor.package_constants_in_so": False}))
+    params = {n for n, _ in a.named_parameters()}
+    baked = params - set(compat.weight_fqns(plain))
+    code = compat.open_package(compat.aoti_compile_and_package(
+        ep, tmp_path / "fold.pt2", {"aot_inductor.package_constants_in_so": False, compat.RUNTIME_FOLDING: True}))
+    assert set(compat.weight_fqns(code)) == params
+    assert all(f.startswith(compat.FOLDED_PREFIX) for f in set(code.get_constant_fqns()) - params)
+    for model in (a, b, a):
+        state = {f: model.state_dict()[f].contiguous() for f in compat.weight_fqns(code)}
+        code.load_constants(state, check_full_update=True, user_managed=True)
+        assert torch.allclose(code(x)[0] if isinstance(code(x), (list, tuple)) else code(x), model(x), atol=1e-5)
+    print(f"weights baked into the code without runtime folding: {sorted(baked)}")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from aotpack import _torch_compat as compat
 from aotpack._torch_compat import unwrap_tensor_subclass
 from aotpack._version import __version__
 from aotpack.artifact.files import MODEL, WEIGHTS, atomic_folder, file_entries, remember_folder
@@ -306,10 +307,19 @@ def compile_target(spec: BuildSpec, t: Target, out: Path, timings: dict[str, flo
     metadata = {"aotpack.version": __version__, "aotpack.module": t.name,
                 CONSTANTS_KEY: constants_signature({**ep.state_dict, **ep.constants})}
     configs = compiler_settings(metadata, max_autotune=spec.options.max_autotune)
+    from aotpack.serve.load import constant_names
+
     with stage("compile", timings, label=f"compile {t.name} ({index} of {total})"):
         key, how = compile_cached(ep, out / t.code, configs=configs, platform=spec.platform, reuse=spec.reuse)
+        folded = sorted(set(ep.state_dict) | set(ep.constants)) if not configs.get(compat.RUNTIME_FOLDING) else []
+        folded = [n for n in folded if n not in set(constant_names(out / t.code))]
+        if folded:  # inductor computed constants from these weights into the code: the .pt2 must hold code only
+            log.warning("%s: the compiler folded %d weights into its code (%s, ...); compiling again with runtime "
+                        "constant folding, so every instance and every LoRA swap computes them from its own",
+                        t.name, len(folded), folded[0])
+            configs[compat.RUNTIME_FOLDING] = True
+            key, how = compile_cached(ep, out / t.code, configs=configs, platform=spec.platform, reuse=spec.reuse)
     log.info("%s: %s", t.code, how)
-    from aotpack.serve.load import constant_names
 
     module = CompiledModule(name=t.name, kind=t.kind, code=t.code, weights=WEIGHTS, root=t.root,
                             instances=t.instances, inputs=t.spec, scheme=",".join(sorted(t.schemes)),

@@ -214,6 +214,9 @@ def name_block_axes(cls: str, first: dict[str, Any], second: dict[str, Any],
     relations = []
     for name, t in first.items():
         if not isinstance(t, torch.Tensor):
+            if second.get(name) != t:  # baked into the code, but it follows the request (Sana's height/width)
+                raise BuildError(f"{cls} is called with {name}={t!r} here and {second.get(name)!r} for another "
+                                 "request: compiled code would bake one in", "build with --whole-graph")
             continue
         u = second.get(name)
         if not isinstance(u, torch.Tensor) or u.dim() != t.dim():

@@ -112,7 +112,7 @@ def check_memory(nbytes: int) -> None:
 
 def constant_names(code: Path) -> list[str]:
     """The constants a compiled package expects (opens it: call only on code that was verified or just built)."""
-    return list(compat.open_package(code).get_constant_fqns())
+    return compat.weight_fqns(compat.open_package(code))
 
 
 def _check_constants(compiled: Any, module: CompiledModule, weights: dict[str, torch.Tensor], instance: str) -> None:
@@ -129,7 +129,7 @@ def _check_constants(compiled: Any, module: CompiledModule, weights: dict[str, t
     if not isinstance(signature, dict):
         raise IntegrityError(f"{module.code} carries no constants signature (not built by aotpack)",
                              "do not load this artifact; rebuild it with aotpack")
-    expected = list(compiled.get_constant_fqns())
+    expected = compat.weight_fqns(compiled)
     names = {f: module.key(instance, f) for f in expected}
     missing = sorted(k for k in names.values() if k not in weights)
     unsigned = sorted(f for f in expected if f not in signature)
@@ -148,7 +148,7 @@ def instance_constants(compiled: Any, module: CompiledModule, weights: dict[str,
                        instance: str) -> dict[str, torch.Tensor]:
     """{constant name: tensor} of one instance of ``module``, checked against the compiled constants first."""
     _check_constants(compiled, module, weights, instance)
-    return {f: weights[module.key(instance, f)] for f in compiled.get_constant_fqns()}
+    return {f: weights[module.key(instance, f)] for f in compat.weight_fqns(compiled)}
 
 
 def open_compiled(code: Path, module: CompiledModule, weights: dict[str, torch.Tensor], instance: str) -> Any:
@@ -168,7 +168,7 @@ def _check_weights_cover(manifest: Manifest, weights: dict[str, dict[str, torch.
 
     for file, tensors in weights.items():
         used = {m.key(inst, f) for m in manifest.modules if m.weights == file
-                for inst in m.instances for f in compiled[m.name].get_constant_fqns()}
+                for inst in m.instances for f in compat.weight_fqns(compiled[m.name])}
         if manifest.options.regional:
             used |= glue_keys(manifest, tensors)
         extra = sorted(set(tensors) - used)

@@ -22,6 +22,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, FrozenDict
 from diffusers.models.modeling_utils import ModelMixin
 
+from aotpack import _torch_compat as compat
 from aotpack.artifact.manifest import CompiledModule, Manifest
 from aotpack.errors import InputError
 
@@ -235,7 +236,7 @@ class AotModule(_Pinned, ModelMixin, ConfigMixin):
 
     def _constants(self, keys: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         instance = self._module.instances[0]
-        return {f: keys[self._module.key(instance, f)] for f in self._compiled.get_constant_fqns()}
+        return {f: keys[self._module.key(instance, f)] for f in compat.weight_fqns(self._compiled)}
 
     def use_cuda_graphs(self, graphs: "CudaGraphs") -> None:
         self._graphs = graphs

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from aotpack import _torch_compat as compat
 from aotpack.artifact.manifest import CompiledModule, InputSpec, Manifest
 from aotpack.builder.capture import spread_tuples
 from aotpack.errors import InputError, IntegrityError, ManifestError, one_line
@@ -222,7 +223,7 @@ def apply_weights(model: Any, codes: dict[str, SharedCode], keys: dict[str, torc
     component = manifest.recipe.component
     blocks = [m for m in manifest.modules if m.kind == "block"]
     for m in blocks:
-        fqns = list(codes[m.name].compiled.get_constant_fqns())
+        fqns = compat.weight_fqns(codes[m.name].compiled)
         for instance in m.instances:
             block = model.get_submodule(instance[len(component) + 1:])
             block.forward.constants = {f: keys[m.key(instance, f)] for f in fqns}
