@@ -553,7 +553,7 @@ def write_results(out: Path, recipe, rows: list[dict], loads: dict, builds: dict
     (out / "results.csv").write_text(buf.getvalue())
     lines = [f"# aotpack bench: {recipe.full_name}", "", _machine_line(info),
              f"Workload: {recipe.pipeline} at {common['height']}x{common['width']}, {common['steps']} steps, "
-             f"batch {common['batch']}, {recipe.dtype}; each variant in a fresh process with the checkpoint and "
+             f"batch {common['batch']}, {common['dtype']}; each variant in a fresh process with the checkpoint and "
              f"artifact evicted from the page cache and an empty inductor cache.", "",
              "memory in GiB (RSS on CPU: model_memory when ready to serve, inference_memory the peak; "
              "max_memory_allocated on GPU), time = seconds per image (steady), cold_start = process start to the "
