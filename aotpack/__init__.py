@@ -26,7 +26,7 @@ _API = {
     "inspect": "aotpack.artifact.summary",   # the validated manifest
     "sign": "aotpack.signing",               # sign an artifact folder
     "load": "aotpack.serve.load",            # artifact -> drop-in module
-    "load_into": "aotpack.serve.load",       # ... put into a pipeline
+    "load_into": "aotpack.serve.pipe",       # ... put into a pipeline
     "from_pretrained": "aotpack.serve.pipe", # pipeline folder or Hub id + artifact -> the ready pipeline
     "run": "aotpack.serve.run",              # artifact -> image or video
     "push": "aotpack.hub",                   # artifact -> Hub repo

@@ -13,6 +13,7 @@ import click
 
 from aotpack._version import __version__
 from aotpack.errors import AotpackError, RecipeError, first_line
+from aotpack.options import build_options, derive_options, json_option, quiet_option
 
 
 def _debug() -> bool:
@@ -58,18 +59,6 @@ def _setup_logging(quiet: bool) -> None:
     log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
-
-
-def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    if value:
-        logging.getLogger("aotpack").setLevel(logging.WARNING)
-
-
-# Options several commands share, declared once: `-q` works before or after the command name.
-quiet_option = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet,
-                            help="Only errors on stderr.")
-json_option = click.option("--json", "as_json", is_flag=True,
-                           help="Print the result as one JSON object on stdout (progress stays on stderr).")
 
 
 def _result(as_json: bool, data: dict, text: str) -> None:
@@ -182,27 +171,6 @@ def schemes() -> None:
                f"{'chooses among':<36} {here}")
 
 
-def derive_options(f):
-    """The options of a recipe derived from a model folder or Hub id (``build SOURCE``, ``recipe SOURCE``)."""
-    for option in reversed([
-        click.option("--component", default=None,
-                     help="Model source: the pipeline component to compile (default: transformer)."),
-        click.option("--blocks", multiple=True, metavar="CLASS",
-                     help="Model source: a block class to compile regionally (repeatable; default: the model's "
-                          "_repeated_blocks)."),
-        click.option("--max-size", type=int, default=None,
-                     help="Model source: the largest height/width it accepts (default: the pipeline's default size)."),
-        click.option("--max-frames", type=int, default=None,
-                     help="Model source: the most frames (video; default: the pipeline's default num_frames)."),
-        click.option("--max-batch", type=int, default=None, help="Model source: outputs per prompt (default 4)."),
-        click.option("--revision", default=None,
-                     help="Hub repo id source: the branch, tag or commit (a branch is resolved and recorded)."),
-    ]):
-        f = option(f)
-    return f
-
-
-_DERIVE_KEYS = ("component", "blocks", "max_size", "max_frames", "max_batch", "revision")
 
 
 @cli.command()
@@ -239,48 +207,7 @@ def recipe(source, as_json, **derive_kwargs) -> None:
 
 @cli.command()
 @quiet_option
-@click.argument("recipe")
-@click.option("--quant", "quant", default=None,
-              help="Quantization scheme (default: the recipe's); 'auto' picks one per layer (see --error-budget).")
-@click.option("--plan", type=click.Path(), default=None,
-              help="Rebuild from the plan.json of an earlier --quant auto build, without timing again.")
-@click.option("--error-budget", type=float, default=None,
-              help="--quant auto: the largest relative output error a layer may get (default 0.05).")
-@click.option("--out", type=click.Path(), default=None, help="The artifact folder itself (default: artifacts/<recipe>-<scheme>-<platform>).")
-@click.option("--model", default=None, help="A local diffusers folder or Hub id instead of the recipe's checkpoint.")
-@click.option("--variant", default=None, help="A recipe variant, e.g. 'schnell' for flux.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Override the recipe's dtype (float32 is the fast choice on CPUs without bf16 units).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing artifact folder.")
-@click.option("--lora", type=click.Path(), default=None, help="A LoRA .safetensors to fuse into the weights before quantizing.")
-@click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Strength of --lora.")
-@click.option("--fuse-qkv", is_flag=True, help="Fuse each attention's q/k/v projections into one linear before quantizing.")
-@click.option("--quantize-text-encoder", default=None, metavar="SCHEME",
-              help="Quantize the pipeline's text encoders with SCHEME when the artifact is loaded (they stay eager).")
-@click.option("--quantize-vae", default=None, metavar="SCHEME",
-              help="Quantize the VAE with SCHEME (compiled in with --compile-vae, else applied at load).")
-@click.option("--compile-vae", is_flag=True, help="Compile the VAE decoder too, as a second module in the artifact.")
-@click.option("--max-autotune", is_flag=True,
-              help="Let inductor benchmark kernel choices while compiling (GPU; slow). The tuned code is the .pt2.")
-@click.option("--reuse", type=click.Path(), default=None,
-              help="Take the compiled code of this artifact instead of compiling, when the graph is the same "
-                   "(e.g. other weights or a LoRA).")
-@click.option("--sign-key", type=click.Path(), default=None,
-              help="Sign the artifact with this EC private key (PEM) as it is built (see 'aotpack sign').")
-@click.option("--regional/--whole-graph", default=None,
-              help="Compile each repeated block class once (build time flat in depth; the loaded model keeps its "
-                   "blocks) or the whole transformer as one graph. Default: the recipe's.")
-@click.option("--push", "push_to", metavar="OWNER/NAME", default=None,
-              help="Push the build into this Hub repo when it is done (as 'aotpack push'); prints its URL.")
-@click.option("--tag", "tag_name", default=None, help="With --push: tag the commit (a pin for serving boxes).")
-@click.option("--on", "on_flavor", metavar="FLAVOR", default=None,
-              help="Build on a Hugging Face Jobs machine of this flavor (l4x1, a100-large, h200, ...) instead of "
-                   "here, then push (needs --push); streams the job's log; Ctrl-C cancels the job.")
-@derive_options
-@json_option
-@click.option("--install", metavar="SPEC", default=None,
-              help="With --on: what the job installs as aotpack (default: aotpack==this version), with the "
-                   "versions of its dependencies installed here.")
+@build_options
 @click.pass_context
 def build(ctx, recipe, quant, plan, error_budget, out, model, variant, dtype, overwrite, lora, lora_scale, fuse_qkv,
           quantize_text_encoder, quantize_vae, compile_vae, max_autotune, reuse, sign_key, regional,

@@ -260,9 +260,12 @@ def _unprintable(where: str, values: dict[str, Any]) -> list[str]:
 # ---- options: what `aotpack build` in the job is given ------------------------------------------------------
 
 def _build_command():
-    from aotpack.cli import build  # the options a job is given are `aotpack build`'s: parse them with it
+    """A parser of `aotpack build`'s options (those a job is given), declared where the CLI's own are."""
+    import click
 
-    return build
+    from aotpack.options import build_options
+
+    return click.command("build")(build_options(lambda *args, **kwargs: None))
 
 
 def options_from_context(ctx: Any) -> list[str]:

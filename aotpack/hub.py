@@ -853,7 +853,7 @@ def _pull(repo_id: str, *, revision: str | None, quant: str | None, build: str |
                                      "pull again; if it persists the repo's files were altered: do not load them") \
                     from None
     folder = root / "builds" / name
-    from aotpack.serve.load import check_signature, trusted_keys_from_env
+    from aotpack.signing import check_signature, trusted_keys_from_env
 
     keys = trusted_keys_from_env() if trusted_keys is None else list(trusted_keys)
     if keys:  # the same check a load makes: before the folder is handed to anyone

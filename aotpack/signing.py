@@ -31,6 +31,8 @@ from aotpack.errors import ConfigError, SignatureError, first_line, one_line
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
+    from aotpack.artifact.manifest import Manifest
+
 SIGNATURE = "signature.sig"
 TRUSTED_KEYS_ENV = "AOTPACK_TRUSTED_KEYS"
 # A bundle holds ~150 bytes per file: 4 MiB is tens of thousands of files, and bounds what a hostile one costs.
@@ -416,3 +418,19 @@ def _verified_manifest(bundle, public_key) -> dict[str, str]:
                                  "sign the artifact again with 'aotpack sign'")
         digests[item.identifier] = item.digest.digest_hex
     return digests
+
+
+def check_signature(signature: bytes | None, manifest_bytes: bytes, manifest: "Manifest", trusted_keys: Sequence,
+                    where: Path) -> str:
+    """Require a signature from one of ``trusted_keys`` over exactly these manifest bytes and the files they
+    list; returns the signing key's fingerprint."""
+    from aotpack.artifact import manifest as mf
+
+    if signature is None:
+        raise SignatureError(f"{one_line(str(where))} is not signed, and trusted keys are required",
+                             "sign it with 'aotpack sign DIR --key KEY.pem', or load it without "
+                             "--trusted-key / AOTPACK_TRUSTED_KEYS")
+    signed = verify(signature, trusted_keys=list(trusted_keys))
+    check_covers(signed, manifest_sha256=mf.sha256(manifest_bytes),
+                 files={name: e.sha256 for name, e in manifest.files.items()})
+    return signed.fingerprint

@@ -212,7 +212,7 @@ def reusable_code(folder: Path) -> dict[str, Reusable]:
     is copied, against the manifest read now, so a swap in between is caught). Its code runs in this build (and
     is signed with it): with ``AOTPACK_TRUSTED_KEYS`` set, it must be signed by one of those keys."""
     from aotpack import signing
-    from aotpack.serve.load import check_signature, trusted_keys_from_env
+    from aotpack.signing import check_signature, trusted_keys_from_env
 
     data = mf.read_bytes(folder)
     manifest = mf.parse(data)

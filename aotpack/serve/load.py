@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from aotpack import _torch_compat as compat
+from aotpack.signing import check_signature, trusted_keys_from_env  # noqa: F401  (load's own names too)
 from aotpack.artifact import manifest as mf
 from aotpack.artifact.files import VerifiedFiles
 from aotpack.artifact.manifest import CompiledModule, Manifest
@@ -60,29 +61,6 @@ def resolve_location(path: str | os.PathLike, **hub_kwargs: Any) -> tuple[Path, 
         return resolve_for_load(text, **hub_kwargs)
     except HubError as e:
         raise HubError(f"{one_line(text)} is no folder here, and as a Hub repo: {e.cause}", e.hint) from None
-
-
-def trusted_keys_from_env() -> list:
-    """The keys ``AOTPACK_TRUSTED_KEYS`` names ([] when unset); a set value naming no key is a ConfigError."""
-    from aotpack import signing
-
-    return signing.trusted_keys_from_env()
-
-
-def check_signature(signature: bytes | None, manifest_bytes: bytes, manifest: Manifest, trusted_keys: Sequence,
-                    where: Path) -> str:
-    """Require a signature from one of ``trusted_keys`` over exactly these manifest bytes and the files they
-    list; returns the signing key's fingerprint."""
-    from aotpack import signing
-
-    if signature is None:
-        raise signing.SignatureError(f"{one_line(str(where))} is not signed, and trusted keys are required",
-                                     "sign it with 'aotpack sign DIR --key KEY.pem', or load it without "
-                                     "--trusted-key / AOTPACK_TRUSTED_KEYS")
-    signed = signing.verify(signature, trusted_keys=list(trusted_keys))
-    signing.check_covers(signed, manifest_sha256=mf.sha256(manifest_bytes),
-                         files={name: e.sha256 for name, e in manifest.files.items()})
-    return signed.fingerprint
 
 
 def memory_reserve() -> int:
@@ -272,22 +250,3 @@ def assemble(pipe: Any, module: AotModule, *, remake: bool = False) -> Any:
     if module.vae_decoder is not None:
         pipe.vae = module.vae_decoder
     return pipe
-
-
-def load_into(pipe: Any, path: str | os.PathLike, *, lora: str | os.PathLike | None = None, lora_scale: float = 1.0,
-              **kwargs: Any) -> Any:
-    """Replace the pipeline's component (e.g. ``pipe.transformer``) with the artifact; returns the pipeline.
-
-    ``lora``: a LoRA .safetensors swapped into the compiled module's weights at ``lora_scale`` (no recompile).
-    """
-    module = load(path, **kwargs)
-    if lora is not None:
-        module.swap_lora(lora, lora_scale)
-    component = module.manifest.recipe.component
-    if not hasattr(pipe, component):
-        raise InputError(f"{type(pipe).__name__} has no component '{component}'",
-                         f"this artifact is for a {module.manifest.recipe.pipeline}")
-    from aotpack.serve.pipe import check_pipeline_dtype, guard
-
-    check_pipeline_dtype(pipe, module)
-    return guard(assemble(pipe, module), module)

@@ -87,3 +87,22 @@ def from_pretrained(pipeline: str | os.PathLike | None, artifact: str | os.PathL
     pipe.to(manifest.platform.device)
     check_pipeline_dtype(pipe, module)
     return guard(assemble(pipe, module, remake=True), module)
+
+
+def load_into(pipe: Any, path: str | os.PathLike, *, lora: str | os.PathLike | None = None, lora_scale: float = 1.0,
+              **kwargs: Any) -> Any:
+    """Replace the pipeline's component (e.g. ``pipe.transformer``) with the artifact; returns the pipeline.
+
+    ``lora``: a LoRA .safetensors swapped into the compiled module's weights at ``lora_scale`` (no recompile).
+    """
+    from aotpack.serve.load import assemble, load
+
+    module = load(path, **kwargs)
+    if lora is not None:
+        module.swap_lora(lora, lora_scale)
+    component = module.manifest.recipe.component
+    if not hasattr(pipe, component):
+        raise InputError(f"{type(pipe).__name__} has no component '{component}'",
+                         f"this artifact is for a {module.manifest.recipe.pipeline}")
+    check_pipeline_dtype(pipe, module)
+    return guard(assemble(pipe, module), module)

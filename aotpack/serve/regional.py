@@ -18,6 +18,7 @@ import torch
 
 from aotpack import _torch_compat as compat
 from aotpack.artifact.manifest import CompiledModule, InputSpec, Manifest
+from aotpack.serve.runtime import CudaGraphs, SwapLock
 from aotpack.builder.capture import spread_tuples
 from aotpack.errors import InputError, IntegrityError, ManifestError, one_line
 
@@ -45,8 +46,6 @@ class SharedCode:
     def run(self, instance: str, constants: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> list:
         with self._lock:
             if self._graphs is not None:
-                from aotpack.serve.module import CudaGraphs
-
                 graphs = self._graphs.get(instance)
                 if graphs is None:
                     graphs = self._graphs[instance] = CudaGraphs(
@@ -111,7 +110,6 @@ def build_model(manifest: Manifest, weights: dict[str, dict[str, torch.Tensor]],
                 hint: Callable[[str], str], *, cuda_graphs: bool = False) -> tuple[Any, dict[str, SharedCode]]:
     """The diffusers model with its blocks running the compiled code; returns it and the shared code by module."""
     from aotpack.builder.weights import skeleton
-    from aotpack.serve.module import SwapLock
 
     component = manifest.recipe.component
     model = skeleton(dict(manifest.model.config), fuse_qkv=manifest.options.fuse_qkv)
