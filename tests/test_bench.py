@@ -116,3 +116,31 @@ def test_a_bench_build_starts_from_an_empty_compile_cache(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="stop here"):
         bench.build_artifact("tiny-flux", "int8wo", tmp_path / "a", regional=True)
     assert seen["cache"] == ["builtin"] and "--regional" in seen["cmd"] and "aotpack-bench-build-" in seen["inductor"]
+
+
+def test_targets_are_marked_met_or_missed():
+    from aotpack.bench import _target
+
+    assert _target("0.21", 0.25) == "0.21 met" and _target("1.31", 1.02) == "1.31 missed"
+    assert _target("1.02", 1.02) == "1.02 met" and _target("n/a", 1.0) == "n/a"
+
+
+def test_the_plan_is_printed_before_anything_runs_with_an_estimate_from_the_last_run(tmp_path, capsys):
+    import json
+
+    from aotpack.bench import print_plan
+
+    built = tmp_path / "built"
+    built.mkdir()
+    (built / "manifest.json").write_text("{}")
+    paths = {("none", False): built, ("int8wo", False): tmp_path / "missing"}
+    print_plan(tmp_path, "tiny-flux", ["none", "int8wo"], ("eager", "aotpack"), {"aotpack": False},
+               lambda q, r: paths[(q, r)], 2)
+    err = capsys.readouterr().err
+    assert "2 scheme(s) (none, int8wo) x 2 variants (eager, aotpack) = 4 runs" in err
+    assert "builds first: int8wo" in err and "no earlier run" in err
+    rows = [{"quant": "none", "variant": "eager", "cold_start_s": 30.0, "image_s": 10.0},
+            {"quant": "other", "variant": "eager", "cold_start_s": 999.0, "image_s": 1.0}]
+    (tmp_path / "results.json").write_text(json.dumps({"rows": rows}))
+    print_plan(tmp_path, "tiny-flux", ["none"], ("eager",), {"aotpack": False}, lambda q, r: built, 2)
+    assert "about 1 min of runs" in capsys.readouterr().err  # 30 + 3 x 10 s
