@@ -45,7 +45,7 @@ def test_open_package_matches_the_public_loader(artifacts):
     module = manifest.component
     weights = load_file(str(path / WEIGHTS))
     constants = {f: weights[module.key(module.instances[0], f)]
-                 for f in compat.open_package(path / MODEL).get_constant_fqns()}
+                 for f in compat.weight_fqns(compat.open_package(path / MODEL))}
     g = torch.Generator().manual_seed(0)
     sizes = module.inputs.sizes(lambda name, rng: rng[0] if name == "batch" else rng[1] // 2)
     x = {t.name: torch.randn([sizes[d] if isinstance(d, str) else d for d in t.shape], generator=g)

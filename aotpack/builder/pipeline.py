@@ -311,12 +311,14 @@ def compile_target(spec: BuildSpec, t: Target, out: Path, timings: dict[str, flo
 
     with stage("compile", timings, label=f"compile {t.name} ({index} of {total})"):
         key, how = compile_cached(ep, out / t.code, configs=configs, platform=spec.platform, reuse=spec.reuse)
-        folded = sorted(set(ep.state_dict) | set(ep.constants)) if not configs.get(compat.RUNTIME_FOLDING) else []
-        folded = [n for n in folded if n not in set(constant_names(out / t.code))]
-        if folded:  # inductor computed constants from these weights into the code: the .pt2 must hold code only
-            log.warning("%s: the compiler folded %d weights into its code (%s, ...); compiling again with runtime "
-                        "constant folding, so every instance and every LoRA swap computes them from its own",
-                        t.name, len(folded), folded[0])
+        # code shared by instances must not hold one instance's weights: when inductor computed constants from
+        # weights into the code, compile again with runtime folding (each instance folds its own at its call)
+        shared = t.kind == "block" and len(t.instances) > 1 and not configs.get(compat.RUNTIME_FOLDING)
+        folded = [n for n in sorted(set(ep.state_dict) | set(ep.constants))
+                  if n not in set(constant_names(out / t.code))] if shared else []
+        if folded:
+            log.warning("%s: the compiler folded %d weights into code its %d instances share (%s, ...); compiling "
+                        "again with runtime constant folding", t.name, len(folded), len(t.instances), folded[0])
             configs[compat.RUNTIME_FOLDING] = True
             key, how = compile_cached(ep, out / t.code, configs=configs, platform=spec.platform, reuse=spec.reuse)
     log.info("%s: %s", t.code, how)
