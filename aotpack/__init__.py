@@ -70,8 +70,24 @@ def set_progress(on: bool = True) -> None:
 set_progress(os.environ.get("AOTPACK_PROGRESS", "1") not in ("0", "false", "no"))
 
 
+# Loggers whose import-time lines say nothing to an aotpack user: torchao's CUDA kernels missing on a CPU box
+# ("Failed to load ..._C_mxfp8.so"), torch's pytree deprecations about torchao's enums. Quieted to errors when
+# the API is first used, unless AOTPACK_DEBUG is set or the application set their level itself.
+_NOISE = ("torchao", "torch.utils._pytree")
+
+
+def _quiet_noise() -> None:
+    if os.environ.get("AOTPACK_DEBUG", "") not in ("", "0"):
+        return
+    for name in _NOISE:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.ERROR)
+
+
 def __getattr__(name: str) -> Any:
     if name in _API:
+        _quiet_noise()
         return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'aotpack' has no attribute {name!r}")
 
