@@ -151,6 +151,8 @@ def recipes(as_json: bool) -> None:
                    f"{row['build']} build")
     click.echo(f"\nschemes usable on this machine ({device}): {', '.join(usable)}")
     click.echo("all schemes and what they need: aotpack schemes")
+    click.echo("any other diffusers model: aotpack build ./pipeline-folder (or OWNER/NAME); aotpack recipe SOURCE "
+               "shows the recipe derived for it")
 
 
 @cli.command()
