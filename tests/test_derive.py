@@ -245,3 +245,31 @@ def test_d07_a_hub_repo_id_is_derived_at_the_commit_its_branch_points_to_and_sta
     with pytest.raises(RecipeError) as e:
         recipe_for("me/nothing-here", None, None, {}, "cpu")
     assert e.value.cause.startswith("could not read me/nothing-here from the Hub") and "\n" not in str(e.value)
+
+
+@pytest.mark.slow  # the real command in a fresh process, one family's probe calls
+def test_d08_aotpack_recipe_prints_the_derived_recipe_as_toml_and_json(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    from aotpack.builder.families import ensure_family
+
+    folder = str(ensure_family("tiny-flux2-klein"))
+    proc = run_cli("recipe", folder, "--max-size", "192")
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    data = tomllib.loads(proc.stdout)
+    assert data["pipeline"] == "Flux2KleinPipeline" and data["checkpoint"] == folder
+    assert data == derive(folder, Options(max_size=192))
+    (tmp_path / "mine.toml").write_text(proc.stdout)
+    assert parse_recipe(tomllib.loads((tmp_path / "mine.toml").read_text()), pinned=False).name == data["name"]
+    as_json = run_cli("recipe", folder, "--max-size", "192", "--json")
+    assert json.loads(as_json.stdout) == data
+
+
+def test_d08_aotpack_recipe_refuses_what_is_no_model_source_in_one_line(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("recipe", str(tmp_path / "nope"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "is neither a diffusers pipeline folder nor a Hub repo id" in proc.stderr
