@@ -74,9 +74,11 @@ def test_bench_writes_table_csv_json_and_plot(built, tmp_path):
     md = (out / "results.md").read_text()
     assert "| ckpt_id | batch_size | fuse | compile | compile_vae | quantization | sparsify |" in md
     assert "Machine:" in md and "## Targets" in md and "## Artifact load" in md and "## Builds" in md
-    assert "forward regional / whole | cold start regional / whole |" in md
+    assert "forward regional / whole (<= 1.02) | cold start regional / whole |" in md
     target = next(ln for ln in md.splitlines() if ln.startswith("| int8wo |") and "n/a" in ln)
     assert target.count("n/a") == 2  # no compile rows; the regional ratios are there
+    cells = [c.strip() for c in target.strip("|").split("|")]
+    assert cells[5].endswith((" met", " missed")) and cells[3].split(" ")[-1] in ("met", "missed")  # marked
     assert "| int8wo regional |" in md and "(existed)" in md  # its own load row; the artifacts were reused
     data = json.loads((out / "results.json").read_text())
     arts_json = {a["mode"]: a for a in data["artifacts"]}
