@@ -314,8 +314,8 @@ def compile_target(spec: BuildSpec, t: Target, out: Path, timings: dict[str, flo
         # code shared by instances must not hold one instance's weights: when inductor computed constants from
         # weights into the code, compile again with runtime folding (each instance folds its own at its call)
         shared = t.kind == "block" and len(t.instances) > 1 and not configs.get(compat.RUNTIME_FOLDING)
-        folded = [n for n in sorted(set(ep.state_dict) | set(ep.constants))
-                  if n not in set(constant_names(out / t.code))] if shared else []
+        taken = set(constant_names(out / t.code)) if shared else set()  # opens the package once
+        folded = sorted((set(ep.state_dict) | set(ep.constants)) - taken) if shared else []
         if folded:
             log.warning("%s: the compiler folded %d weights into code its %d instances share (%s, ...); compiling "
                         "again with runtime constant folding", t.name, len(folded), len(t.instances), folded[0])
