@@ -40,7 +40,7 @@ def test_manifest_records_the_build(artifacts, scheme):
     assert set(m.files) == {MODEL, WEIGHTS}
     for name, entry in m.files.items():
         assert sha256_file(path / name) == entry.sha256
-    assert {"load", "capture", "quantize", "export", "compile", "verify"} <= set(m.build.stages)
+    assert {"load", "reference", "quantize", "export", "compile", "verify", "quant error"} <= set(m.build.stages)
     names = m.component.inputs.names
     assert {"hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
             "guidance"} == set(names)

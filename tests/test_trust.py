@@ -102,6 +102,24 @@ def test_t01_the_build_enforces_its_compiled_vs_eager_check(artifacts, tmp_path,
     assert not (tmp_path / "a").exists() and no_partials(tmp_path)
 
 
+def test_t01_a_regional_build_holds_its_blocks_end_to_end_to_eager(artifacts, tmp_path, monkeypatch):
+    """Each compiled block is checked alone in verify; the blocks handing each other their outputs are checked
+    in the quant-error stage's pipeline call (its first step runs the captured inputs): wrong there, no artifact."""
+    from aotpack.builder import pipeline
+
+    artifacts("int8wo", regional=True)  # its code is in the compile cache: this build compiles nothing
+    real = pipeline.block_targets
+
+    def wrong_whole(*a, **k):
+        targets, whole = real(*a, **k)
+        return targets, whole + 1.0
+
+    monkeypatch.setattr(pipeline, "block_targets", wrong_whole)
+    with pytest.raises(BuildError, match=r"compiled transformer differs from eager by .* \(tolerance"):
+        aotpack.build("tiny-flux", "int8wo", regional=True, out=tmp_path / "a")
+    assert not (tmp_path / "a").exists() and no_partials(tmp_path)
+
+
 def test_t02_reuse_folder_swapped_after_the_build_started_is_caught(artifacts, tmp_path, monkeypatch, opened):
     from aotpack.builder import pipeline
 

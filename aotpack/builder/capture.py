@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from aotpack.errors import BuildError
@@ -12,40 +13,78 @@ class _Captured(Exception):
     pass
 
 
+@dataclass
+class Call:
+    """One pipeline call at the recipe's capture settings, as the component saw it: ``example`` (every argument
+    of its first call bound to its parameter name: tensors flattened and made contiguous, non-tensor values as
+    constants), ``constants`` (those non-tensor values alone); for a call run to the end (``record_call``), the
+    component's first output and the final latents."""
+
+    example: dict[str, Any]
+    constants: dict[str, Any]
+    first_output: Any = None
+    latents: Any = None
+
+
 def capture_inputs(pipe: Any, recipe: Recipe) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one real pipeline call and stop it at the component's first forward.
 
-    Returns (example, constants). ``example`` holds every argument of that call bound to its parameter name
-    (positional ones too), in call order: the tensors (tuples spread, made contiguous: what export sees is what
-    a loaded artifact serves) and the non-tensor values (``None``, numbers, strings, lists of those), which the
-    export bakes in; ``constants`` is those non-tensor values alone. The batch is the recipe's capture batch (2),
-    so that export sees a batch that is not specialised away.
+    Returns (example, constants) (see :class:`Call`). The batch is the recipe's capture batch (2), so that export
+    sees a batch that is not specialised away.
     """
+    call = _call(pipe, recipe, finish=False)
+    return call.example, call.constants
+
+
+def record_call(pipe: Any, recipe: Recipe) -> Call:
+    """One real pipeline call at the capture settings run to its final latents, recording the component's first
+    call (the inputs ``capture_inputs`` stops at) and its output: what a build measures against, in one call
+    instead of a capture, a forward on the captured inputs and a second pipeline call."""
+    return _call(pipe, recipe, finish=True)
+
+
+def _call(pipe: Any, recipe: Recipe, *, finish: bool) -> Call:
     import torch
 
     component = getattr(pipe, recipe.component)
     seen: dict[str, Any] = {}
+    out: list[Any] = []
 
-    def hook(module, args, kwargs):
+    def before(module, args, kwargs):
+        if seen:
+            return
         seen.update(bind_call(module, args, kwargs))
-        raise _Captured
+        if not finish:
+            raise _Captured
+        # the call goes on: keep copies, not tensors the pipeline may write into in later steps
+        seen.update({k: v.clone() if isinstance(v, torch.Tensor) else type(v)(x.clone() for x in v)
+                     for k, v in seen.items() if isinstance(v, torch.Tensor) or is_tensor_tuple(v)})
 
+    def after(module, args, kwargs, output):
+        if not out:
+            out.append((output[0] if isinstance(output, tuple) else output.sample).clone())
+
+    handles = [component.register_forward_pre_hook(before, with_kwargs=True)]
+    if finish:
+        handles.append(component.register_forward_hook(after, with_kwargs=True))
     cap = recipe.capture
-    handle = component.register_forward_pre_hook(hook, with_kwargs=True)
+    latents = None
     try:
         with torch.no_grad():
             per_prompt = max(1, cap.get("batch", 2) // recipe.call.get("batch_divisor", 1))
-            pipe(
+            result = pipe(
                 prompt=cap.get("prompt", "a photo"),
                 **recipe.pipeline_kwargs(height=cap["height"], width=cap["width"], steps=cap["steps"],
                                          guidance_scale=cap.get("guidance_scale", 3.5), batch=per_prompt,
                                          frames=cap.get("frames")),
                 generator=torch.Generator("cpu").manual_seed(0), output_type="latent",
             )
+            latents = (result.frames if recipe.is_video else result.images).float()
     except _Captured:
         pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     if not seen:
         raise BuildError(f"the pipeline never called its {recipe.component}", "check the recipe's capture settings")
     name = type(component).__name__
@@ -55,7 +94,8 @@ def capture_inputs(pipe: Any, recipe: Recipe) -> tuple[dict[str, Any], dict[str,
             example.update(flatten_inputs({k: v}))
         else:
             example[k] = constant(v, f"{name}'s argument {k}")
-    return example, {k: v for k, v in example.items() if not isinstance(v, torch.Tensor)}
+    constants = {k: v for k, v in example.items() if not isinstance(v, torch.Tensor)}
+    return Call(example, constants, out[0] if out else None, latents)
 
 
 # Arguments the wrapper or the loaded module handle themselves: never captured as inputs.

@@ -1,9 +1,10 @@
-"""``build``: recipe -> load -> quantize -> capture -> export -> compile -> save -> verify -> artifact folder.
+"""``build``: recipe -> load -> reference (capture) -> quantize -> eager -> export -> compile -> save -> verify ->
+quant error -> artifact folder.
 
 Each stage is a small function that takes and returns typed values; ``run_build`` strings them together
 inside ``atomic_folder`` (the destination is the complete artifact or what was there before). Every module an
-artifact compiles (the transformer, the VAE decoder) goes through the same ``compile_target`` and
-``verify_targets``: one compile path.
+artifact compiles (the transformer or its blocks, the VAE decoder: ``aotpack.builder.targets``) goes through the
+same ``compile_target`` and ``aotpack.builder.verify``: one compile path.
 """
 
 from __future__ import annotations
@@ -20,27 +21,25 @@ import torch
 from safetensors.torch import save_file
 
 from aotpack import _torch_compat as compat
-from aotpack._torch_compat import unwrap_tensor_subclass
 from aotpack._version import __version__
-from aotpack.artifact.files import MODEL, WEIGHTS, atomic_folder, file_entries, remember_folder
-from aotpack.artifact.manifest import (SCHEMA_VERSION, BuildInfo, CompiledModule, FileEntry, InputSpec, LoraRef, Manifest,
-                                       ModelRef, PlanRef, QuantError, RecipeRef, SchemeRef, MANIFEST)
-from aotpack.builder.capture import capture_inputs, unflatten_inputs
-from aotpack.builder.compile import (CONSTANTS_KEY, compile_cached, compiler_settings, constant_values,
-                                     constants_signature, crash_report, named_call)
-from aotpack.builder.export import COMPONENT_ROOT, ComponentWrapper, DecoderWrapper, component_spec, decoder_inputs, export_fitted
+from aotpack.artifact.files import WEIGHTS, atomic_folder, file_entries, remember_folder
+from aotpack.artifact.manifest import SCHEMA_VERSION, BuildInfo, CompiledModule, FileEntry, LoraRef, Manifest, ModelRef, PlanRef, QuantError, RecipeRef, SchemeRef, MANIFEST
+from aotpack.builder.capture import capture_inputs, record_call
+from aotpack.builder.compile import CONSTANTS_KEY, compile_cached, compiler_settings, constant_values, constants_signature, crash_report
+from aotpack.builder.export import export_fitted
 from aotpack.builder.plan import PLAN_FILE, Planner, check_plan_covers, linear_quantizer, summary
-from aotpack.builder.schemes import compile_tolerance, config_to_json, get_scheme, quantize_named, torchao_config
+from aotpack.builder.schemes import config_to_json, get_scheme, quantize_named, torchao_config
 from aotpack.builder.source import component_files, component_folder, hub_commit, load_pipeline, torch_dtype
 from aotpack.builder.spec import BuildSpec, default_out, resolve
 from aotpack.builder import regional
-from aotpack.builder.regional import Schemes
+from aotpack.builder.targets import (Compiled, Quantized, Target, block_targets, component_target, glue_weights,
+                                     vae_target)
+from aotpack.builder.verify import FullPrecision, measure_quant_error, verify
 from aotpack.builder.weights import CheckpointReader, Lora, Streamed, materialize, read_lora, skeleton
 from aotpack.errors import BuildError
 from aotpack.stages import interrupts, peak_rss_bytes, stage
 
 log = logging.getLogger("aotpack")
-VAE_MODEL = "vae_decoder.pt2"
 __all__ = ["build", "run_build", "default_out"]
 
 
@@ -71,50 +70,6 @@ def build(recipe: str, quant: str | None = None, **kwargs: Any) -> Path:
 
 
 # ---- stages ---------------------------------------------------------------------------------------------------
-
-@dataclass
-class Quantized:
-    """The component streamed from its checkpoint and quantized, and what the manifest records of it."""
-
-    model: torch.nn.Module
-    config: dict
-    plan: dict | None
-    lora: Lora | None
-    commit: str | None
-    files: dict[str, FileEntry]
-    schemes: Schemes                      # the scheme each quantized linear got
-    classes: list[str]                    # regional: the block classes compiled once each
-
-
-@dataclass
-class Target:
-    """One module to compile: the wrapper export sees, its captured example and InputSpec, and where its
-    constants go in the weights file."""
-
-    name: str
-    kind: str
-    code: str
-    root: str
-    instances: tuple[str, ...]
-    wrapper: torch.nn.Module
-    example: dict[str, torch.Tensor]
-    spec: InputSpec
-    schemes: set[str]
-    reference: torch.Tensor
-    config: dict | None = None
-    block_class: str | None = None
-    # regional: each instance's module and its eager (quantized) output on the example
-    members: list[torch.nn.Module] | None = None
-    references: list[torch.Tensor] | None = None
-    output: str = ""                      # a block's output form (CompiledModule.output)
-
-
-@dataclass
-class Compiled:
-    target: Target
-    module: CompiledModule
-    constants: dict[str, torch.Tensor]      # weights-file key -> tensor
-
 
 @dataclass
 class Checkpoint:
@@ -186,26 +141,6 @@ def quantize_component(spec: BuildSpec, ckpt: Checkpoint, out: Path) -> Quantize
                      lora=ckpt.lora, commit=ckpt.commit, files=ckpt.files, schemes=schemes, classes=classes)
 
 
-@dataclass
-class FullPrecision:
-    """What the quantized build is measured against: the full-precision eager model's output on the captured
-    inputs, and the final latents of one pipeline call with it."""
-
-    forward: torch.Tensor
-    latents: torch.Tensor
-
-
-def pipeline_latents(spec: BuildSpec, pipe: Any) -> torch.Tensor:
-    """The final latents of one pipeline call at the recipe's capture settings, fixed seed."""
-    r, cap = spec.recipe, spec.recipe.capture
-    per_prompt = max(1, cap.get("batch", 2) // r.call.get("batch_divisor", 1))
-    kwargs = r.pipeline_kwargs(height=cap["height"], width=cap["width"], steps=cap["steps"],
-                               guidance_scale=cap.get("guidance_scale", 3.5), batch=per_prompt, frames=cap.get("frames"))
-    result = pipe(prompt=cap.get("prompt", "a photo"), **kwargs, output_type="latent",
-                  generator=torch.Generator("cpu").manual_seed(0))
-    return (result.frames if r.is_video else result.images).float()
-
-
 def other_request(r: Any) -> Any:
     """The recipe with its capture call moved to another request inside its bounds: another batch, frame count and
     prompt length, and a height and width that both change, by different ratios (so rows, columns and tokens
@@ -224,79 +159,6 @@ def other_request(r: Any) -> Any:
         cap["frames"] = frames[0] if frames else cap["frames"]
     cap["prompt"] = cap.get("prompt", "a photo") + ", seen from far away at night, in the rain"
     return replace(r, capture=cap)
-
-
-def _schemes(spec: BuildSpec, plan: dict | None) -> set[str]:
-    return {e["scheme"] for e in plan["layers"].values()} | {"none"} if plan else {spec.quant}
-
-
-def component_target(spec: BuildSpec, q: Quantized, example: dict[str, torch.Tensor]) -> Target:
-    """The whole component as one module; its eager (quantized) output on the captured inputs is the reference."""
-    wrapper = ComponentWrapper(q.model).eval()
-    reference = wrapper(example)
-    if spec.quant != "none":  # torchao subclasses -> plain tensors for export
-        unwrap_tensor_subclass(wrapper)
-    component = spec.recipe.component
-    return Target(name=component, kind="component", code=MODEL, root=COMPONENT_ROOT, instances=(component,),
-                  wrapper=wrapper, example=example, spec=component_spec(example, spec.recipe),
-                  schemes=_schemes(spec, q.plan), reference=reference)
-
-
-def block_targets(spec: BuildSpec, q: Quantized, example: dict[str, torch.Tensor],
-                  second: dict[str, Any] | None = None) -> tuple[list[Target], Any]:
-    """Regional: one module per block class (and quantization pattern, and structure), each with its instances;
-    returns the targets and the whole component's eager output on the captured inputs (the end-to-end
-    reference). ``second``: the component's inputs for another request, when the recipe has no [block_inputs]
-    (a derived recipe): the blocks' dims are named by how their inputs move between the two."""
-    component, r = spec.recipe.component, spec.recipe
-    examples, reference = regional.capture_blocks(q.model, example, q.classes)
-    dims = None
-    if second is not None:
-        again, _ = regional.capture_blocks(q.model, second, q.classes)
-        outer = component_spec(example, r)
-        moved = {d: (example[n].shape[a], second[n].shape[a], list(outer.dynamic[d]))
-                 for d, table in outer.axes().items() for n, a in list(table.items())[:1]}
-        dims = {cls: regional.name_block_axes(cls, examples[cls], again[cls], moved, r) for cls in q.classes}
-    targets = []
-    for g in regional.group(regional.instances(q.model, q.classes), q.schemes, q.model):
-        members = [q.model.get_submodule(p) for p in g.instances]
-        ex = examples[g.block_class]
-        constants = regional.constants_of(ex)
-        form = regional.output_form(members[0](**unflatten_inputs(ex)))
-        refs = [regional.BlockWrapper(b, constants).eval()(regional.tensors_of(ex))[0] for b in members]
-        targets.append(Target(
-            name=g.name, kind="block", code=f"{g.name}.pt2", root=regional.BLOCK_ROOT,
-            instances=tuple(f"{component}.{p}" for p in g.instances),
-            wrapper=regional.BlockWrapper(members[0], constants).eval(), example=ex,
-            spec=regional.block_spec(ex, r, dims[g.block_class] if dims else None),
-            schemes=set(s for _, s in q.schemes.pattern(g.instances[0])) or {"none"}, reference=refs[0],
-            block_class=g.block_class, members=members, references=refs, output=form))
-    if spec.quant != "none":  # every instance, after every reference was taken
-        unwrap_tensor_subclass(q.model)
-    return targets, reference
-
-
-def glue_weights(spec: BuildSpec, q: Quantized, targets: list[Target]) -> dict[str, torch.Tensor]:
-    """Regional: the component's weights outside its blocks, under the pipeline's names (they run eager)."""
-    component = spec.recipe.component
-    inside = tuple(i[len(component) + 1:] + "." for t in targets if t.kind == "block" for i in t.instances)
-    return {f"{component}.{k}": v.detach().contiguous() for k, v in q.model.state_dict().items()
-            if not k.startswith(inside)}
-
-
-def vae_target(spec: BuildSpec, vae: Any) -> Target:
-    """The VAE's decoder (quantized with ``--quantize-vae``) as a second module."""
-    wrapper = DecoderWrapper(vae).eval()
-    dtype = next(vae.parameters()).dtype
-    example, input_spec = decoder_inputs(vae, spec.recipe, dtype, spec.device)
-    scheme = spec.options.quantize_vae or "none"
-    quantized = quantize_named(vae, scheme)
-    reference = wrapper(example)
-    if quantized:
-        unwrap_tensor_subclass(wrapper)
-    return Target(name="vae_decoder", kind="vae_decoder", code=VAE_MODEL, root="vae", instances=("vae",),
-                  wrapper=wrapper, example=example, spec=input_spec, schemes={scheme}, reference=reference,
-                  config=json.loads(json.dumps(dict(vae.config), default=list)))
 
 
 def compile_target(spec: BuildSpec, t: Target, out: Path, timings: dict[str, float], *, index: int = 1,
@@ -333,81 +195,6 @@ def compile_target(spec: BuildSpec, t: Target, out: Path, timings: dict[str, flo
         values = {module.key(inst, f): v for inst, member in zip(t.instances, t.members)
                   for f, v in regional.instance_state(member, fqns).items()}
     return Compiled(t, replace(module, block_class=t.block_class, output=t.output), values)
-
-
-def verify(spec: BuildSpec, out: Path, parts: list[Compiled], example: dict[str, torch.Tensor],
-           whole_reference: torch.Tensor | None) -> tuple[Any, list[CompiledModule], torch.Tensor]:
-    """Load the artifact just written as a serving box does, and hold every compiled module (each instance of a
-    regional block, and the whole regional model, whose blocks hand each other their outputs) to its tolerance
-    against eager on the captured inputs. Returns the loaded model, the modules with their measured errors, and
-    the component's output. One load: AOTInductor keeps a package's constants mapped while the process lives."""
-    from aotpack.builder.capture import unflatten_inputs
-    from aotpack.serve.load import load
-
-    loaded = load(out, trusted_keys=[])
-    component = spec.recipe.component
-    modules, component_out = [], None
-    for c in parts:
-        t = c.target
-        if t.kind == "vae_decoder":
-            runs = [(t.name, lambda: loaded.vae_decoder.decode(t.example["z"], return_dict=False), t.reference)]
-        elif t.kind == "block":  # each instance through its own (compiled) forward, with its own weights
-            runs = [(inst, lambda b=loaded.get_submodule(inst[len(component) + 1:]):
-                     _tensors(b(**unflatten_inputs(t.example))), ref) for inst, ref in zip(t.instances, t.references)]
-        else:
-            runs = [(t.name, lambda: loaded(**unflatten_inputs(t.example), return_dict=False), t.reference)]
-        error = tolerance = 0.0
-        for i, (what, run, reference) in enumerate(runs):
-            # the module's first call: a crash in its native code names it (faulthandler, see crash_report)
-            got = (named_call(f"module {c.module.name} ({what})", run) if i == 0 else run())[0]
-            error = max(error, check_close(what, got, reference, t.schemes, spec.dtype))
-            tolerance = max(tolerance, _tolerance(reference, t.schemes, spec.dtype))
-            if t.kind == "component":
-                component_out = got
-        log.info("%s: compiled vs eager max |diff| %.2e (tolerance %.1e)", c.module.name, error, tolerance)
-        modules.append(_with_error(c.module, error, tolerance))
-    if whole_reference is not None:
-        component_out = named_call(f"blocks of {component}, called by the model",
-                                   lambda: loaded(**unflatten_inputs(example), return_dict=False))[0]
-        schemes = {s for t in (c.target for c in parts) for s in t.schemes}
-        check_close(component, component_out, whole_reference, schemes, spec.dtype)
-    return loaded, modules, component_out
-
-
-def _tensors(out: Any) -> tuple:
-    """A block's output as the tensors it holds (one tensor, or a tuple with a None)."""
-    return (out,) if isinstance(out, torch.Tensor) else tuple(x for x in out if x is not None)
-
-
-def _tolerance(reference: torch.Tensor, schemes: set[str], dtype: str) -> float:
-    return compile_tolerance(schemes, dtype) * max(1.0, float(reference.float().abs().max()))
-
-
-def check_close(what: str, got: torch.Tensor, reference: torch.Tensor, schemes: set[str], dtype: str) -> float:
-    """max |got - reference|, or a BuildError when it is beyond the tolerance of ``schemes`` in ``dtype``."""
-    error = float((got.float() - reference.float()).abs().max())
-    tolerance = _tolerance(reference, schemes, dtype)
-    if not error <= tolerance:
-        raise BuildError(f"compiled {what} differs from eager by {error:.3g} (tolerance {tolerance:.3g})",
-                         "the compiled code is wrong for this model; set AOTPACK_DEBUG=1 and report it")
-    return error
-
-
-def _with_error(m: CompiledModule, error: float, tolerance: float) -> CompiledModule:
-    return replace(m, max_abs_error=error, tolerance=tolerance)
-
-
-def measure_quant_error(spec: BuildSpec, pipe: Any, full: FullPrecision, loaded: Any,
-                        component_out: torch.Tensor) -> QuantError:
-    """The quantized compiled model, as it will be served, against the full-precision eager model: on the
-    captured inputs, and on the final latents of one pipeline call at the capture settings."""
-    setattr(pipe, spec.recipe.component, loaded)
-    aot = pipeline_latents(spec, pipe)
-    setattr(pipe, spec.recipe.component, None)
-    return QuantError(forward_max_abs=float((component_out.float() - full.forward.float()).abs().max()),
-                      forward_ref_max=float(full.forward.float().abs().max()),
-                      latents_max_abs=float((aot - full.latents).abs().max()),
-                      latents_ref_max=float(full.latents.abs().max()))
 
 
 def make_manifest(spec: BuildSpec, q: Quantized, modules: list[CompiledModule], out: Path,
@@ -455,13 +242,13 @@ def run_build(spec: BuildSpec) -> Path:
                                 dtype=torch_dtype(spec.dtype), device=spec.device, lora=ckpt.lora)
             try:
                 setattr(pipe, r.component, streamed.model)
-                with stage("capture", timings):  # what reaches the component does not depend on its weights
-                    example, _ = capture_inputs(pipe, r)
-                    # regional without [block_inputs] (a derived recipe): another request names the blocks' dims
-                    second = capture_inputs(pipe, other_request(r))[0] if (
-                        spec.options.regional and not r.block_inputs) else None
-                full = FullPrecision(forward=ComponentWrapper(streamed.model).eval()(example),
-                                     latents=pipeline_latents(spec, pipe))
+                # one pipeline call: what reaches the component (it does not depend on the component's weights:
+                # export captures it), the component's full-precision output on it, and the final latents
+                call = record_call(pipe, r)
+                example, full = call.example, FullPrecision(forward=call.first_output, latents=call.latents)
+                # regional without [block_inputs] (a derived recipe): another request names the blocks' dims
+                second = capture_inputs(pipe, other_request(r))[0] if (
+                    spec.options.regional and not r.block_inputs) else None
             finally:
                 streamed.close()
                 setattr(pipe, r.component, None)
@@ -491,10 +278,10 @@ def run_build(spec: BuildSpec) -> Path:
         (tmp / MANIFEST).write_text(manifest.dumps())  # errors to come: verify loads the artifact as written
         remember_folder(tmp, manifest.files)
         with stage("verify", timings), crash_report():
-            loaded, modules, component_out = verify(spec, tmp, parts, example, whole_reference)
+            loaded, modules, component_out = verify(spec, tmp, parts)
+        with stage("quant error", timings), crash_report():
+            quant_error = measure_quant_error(spec, pipe, full, loaded, parts, component_out, whole_reference)
         del parts, targets
-        with stage("quant error", timings):
-            quant_error = measure_quant_error(spec, pipe, full, loaded, component_out)
         manifest = manifest.replace(modules=tuple(modules))
         log.info("quantized vs full precision: max |diff| %.2e on one forward, %.2e on the final latents",
                  quant_error.forward_max_abs, quant_error.latents_max_abs)
