@@ -21,6 +21,7 @@ from aotpack import hub as aothub
 from aotpack.artifact.files import MODEL, sha256_file
 from aotpack.cli import cli as cli_group
 from aotpack.errors import HubError, IntegrityError
+from aotpack.hub import download as hub_download  # where pull looks _verify_pulled up
 
 from test_hub import TOKEN, env, files_at, head, hub, online, refused, unique_copy  # noqa: F401  (fixtures)
 
@@ -36,14 +37,14 @@ def swap(folder: Path, other: Path) -> None:
 
 def swap_after_pull(monkeypatch, other: Path) -> None:
     """The attacker wins the race: the folder is swapped right after the pull's last check of it."""
-    real = aothub._verify_pulled
+    real = hub_download._verify_pulled
 
     def verified_then_swapped(root, name, *args):
         result = real(root, name, *args)
         swap(root / "builds" / name, other)
         return result
 
-    monkeypatch.setattr(aothub, "_verify_pulled", verified_then_swapped)
+    monkeypatch.setattr(hub_download, "_verify_pulled", verified_then_swapped)
 
 
 def test_t16_a_pulled_folder_swapped_after_the_pull_is_never_loaded(hub, online, artifacts, opened, monkeypatch,

@@ -1,9 +1,11 @@
 """manifest.json: the typed contract between build and load. Versioned, written once, checked on load.
 
-Every value that crosses from the build to a serving box is a frozen dataclass here; the JSON schema and its
+Every value that crosses from the build to a serving box is a frozen dataclass; the JSON schema and its
 validation are derived from them (``schema.decode``), so the structure is described once. An artifact is a
 list of compiled modules (the transformer, the VAE decoder, one per block class in a regional build) that
-share one weights file. Schema 1 manifests (aotpack 0.1) are read through ``_from_v1``.
+share one weights file. This module holds ``Manifest`` and its reading and checks; its parts live beside it
+(``records``: refs, compiled modules, build info; ``input_spec``: what a compiled module accepts) and are
+re-exported here. Schema 1 manifests (aotpack 0.1) are read through ``manifest_v1``.
 """
 
 from __future__ import annotations
@@ -12,13 +14,25 @@ import dataclasses
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
+from aotpack.artifact import manifest_v1 as v1
+from aotpack.artifact.input_spec import InputSpec, Relation, TensorSpec
 from aotpack.artifact.platform import Platform, mismatches
+from aotpack.artifact.records import (BuildInfo, CompiledModule, FileEntry, Identity, LoraRef, ModelRef, Options,
+                                      PlanRef, QuantError, RecipeRef, Request, SchemeRef)
 from aotpack.artifact.schema import decode, encode
-from aotpack.errors import IncompatibleArtifactError, InputError, ManifestError, one_line
+from aotpack.errors import IncompatibleArtifactError, ManifestError, one_line
+
+__all__ = [
+    "SCHEMA_VERSION", "MANIFEST", "MAX_MANIFEST_BYTES", "is_safe_name", "Manifest", "validate", "parse", "read_bytes",
+    "no_manifest", "read", "sha256", "check_compatible",
+    # the parts, from input_spec and records
+    "TensorSpec", "Relation", "InputSpec", "FileEntry", "RecipeRef", "ModelRef", "SchemeRef", "Request",
+    "CompiledModule", "QuantError", "BuildInfo", "Options", "LoraRef", "PlanRef",
+]
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
@@ -35,343 +49,7 @@ def is_safe_name(name: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class FileEntry:
-    size: int
-    sha256: str
-
-
-# ---- the input signature of a compiled module -------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input of a compiled module: its shape (ints, or the names of dynamic dims) and dtype."""
-
-    name: str
-    shape: tuple[int | str, ...]
-    dtype: str
-
-
-@dataclass(frozen=True)
-class Relation:
-    """A tie between dims that export cannot express and the loader checks itself:
-    ``dim == product(of) / divisor`` (``op="product"``) or ``dim == sum(of)`` (``op="sum"``)."""
-
-    dim: str
-    of: tuple[str, ...]
-    op: str = "product"
-    divisor: int = 1
-
-    def expected(self, sizes: Mapping[str, int]) -> int:
-        if self.op == "sum":
-            return sum(sizes[d] for d in self.of)
-        n = 1
-        for d in self.of:
-            n *= sizes[d]
-        return n // self.divisor
-
-    def describe(self) -> str:
-        if self.op == "sum":
-            return " + ".join(self.of)
-        return " x ".join(self.of) + (f" / {self.divisor}" if self.divisor != 1 else "")
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a compiled module accepts: its tensors in call order, the dynamic dims' [min, max(, multiple)]
-    and the relations between dims. Export, capture, the call-time check, the bench and run all use it."""
-
-    tensors: tuple[TensorSpec, ...]
-    dynamic: dict[str, tuple[int, ...]]
-    relations: tuple[Relation, ...] = ()
-    # non-tensor arguments baked into the compiled code ({name: None, a number, a string or a list of those});
-    # left out of the JSON when empty, so manifests without any read (and are written) as before
-    constants: dict[str, Any] = field(default_factory=dict, metadata={"omit_default": True})
-
-    @property
-    def names(self) -> list[str]:
-        return [t.name for t in self.tensors]
-
-    def axes(self) -> dict[str, dict[str, int]]:
-        """{dim: {input: axis}}: where each dynamic dim appears."""
-        out: dict[str, dict[str, int]] = {}
-        for t in self.tensors:
-            for axis, d in enumerate(t.shape):
-                if isinstance(d, str):
-                    out.setdefault(d, {})[t.name] = axis
-        return out
-
-    def problems(self) -> list[str]:
-        out = []
-        for name, rng in self.dynamic.items():
-            if not (len(rng) in (2, 3) and 0 <= rng[0] <= rng[1] and (len(rng) == 2 or rng[2] >= 1)):
-                out.append(f"inputs.dynamic.{name!r} must be [min, max] or [min, max, multiple]")
-        for t in self.tensors:
-            if not all((isinstance(d, int) and d >= 0) or d in self.dynamic for d in t.shape):
-                out.append(f"input {t.name!r} must have a shape of ints >= 0 or dynamic dims")
-        for r in self.relations:
-            if r.dim not in self.dynamic or not r.of or not all(d in self.dynamic for d in r.of) \
-                    or r.op not in ("product", "sum") or r.divisor < 1:
-                out.append(f"relation of {r.dim!r} must name dynamic dims, op product or sum, divisor >= 1")
-        for name, value in self.constants.items():
-            if name in self.names or not _plain(value):
-                out.append(f"inputs.constants.{name!r} must be null, a number, a string or a list of those, "
-                           "and not name a tensor input")
-        return out
-
-    def check_constants(self, inputs: Mapping[str, Any]) -> None:
-        """Raise InputError if an argument baked into the compiled code is passed with another value (one left
-        out takes the baked value)."""
-        for name, want in self.constants.items():
-            if name not in inputs or _same(inputs[name], want):
-                continue
-            got = inputs[name]
-            shown = f"a {type(got).__name__}" if hasattr(got, "shape") else _show(got)
-            raise InputError(f"{name} is {shown}, but the artifact was compiled with {name}={_show(want)} baked in",
-                             f"pass {name}={_show(want)} (the build's capture settings), or rebuild with a recipe "
-                             f"whose capture call uses the size, frames and batch that give this {name}")
-
-    def check(self, inputs: Mapping[str, Any], device: Any, hint: Callable[[str], str] | None = None) -> None:
-        """Raise InputError unless every input matches the exported names, dtypes, devices and ranges.
-
-        AOTInductor does not check shapes itself: a wrong size would read out of bounds.
-        """
-        import torch
-
-        hint = hint or (lambda dim: "rebuild with a wider range")
-        self.check_constants(inputs)  # first: a baked size (img_shapes) says more than the tensor it shapes
-        names = self.names
-        missing = [n for n in names if inputs.get(n) is None]
-        if missing:
-            raise InputError(f"missing input(s): {', '.join(missing)}", "pass every input the artifact was exported with")
-        extra = sorted(str(k) for k, v in inputs.items() if k not in names and k not in self.constants
-                       and v is not None)
-        if extra:
-            raise InputError(f"unexpected input(s): {', '.join(extra)}", "this artifact was exported without them")
-        bound: dict[str, int] = {}
-        for spec in self.tensors:
-            name, t = spec.name, inputs[spec.name]
-            if not isinstance(t, torch.Tensor):
-                raise InputError(f"{name} must be a tensor, got {type(t).__name__}", "pass a torch.Tensor")
-            dtype = str(t.dtype).removeprefix("torch.")
-            if dtype != spec.dtype:
-                raise InputError(f"{name} has dtype {dtype}, the artifact expects {spec.dtype}",
-                                 f"cast it, or build with --dtype {dtype}")
-            if t.device.type != torch.device(device).type:
-                raise InputError(f"{name} is on {t.device.type}, the artifact runs on {torch.device(device).type}",
-                                 f"move the inputs (and the pipeline) to {torch.device(device).type}")
-            want = spec.shape
-            if t.dim() != len(want):
-                raise InputError(f"{name} has {t.dim()} dims {list(t.shape)}, the artifact expects {len(want)} "
-                                 f"({list(want)})", "check the pipeline and the artifact match")
-            for axis, (size, w) in enumerate(zip(t.shape, want)):
-                if isinstance(w, int):
-                    if size != w:
-                        raise InputError(f"{name} dim {axis} is {size}, the artifact was exported with {w}",
-                                         "use the recipe's settings (e.g. max_sequence_length) or rebuild")
-                    continue
-                lo, hi, *step = self.dynamic[w]
-                if not lo <= size <= hi:
-                    raise InputError(f"{name} dim {axis} ({w}) is {size}, outside the artifact's range [{lo}, {hi}]",
-                                     hint(w))
-                if step and size % step[0]:
-                    raise InputError(f"{name} dim {axis} ({w}) is {size}, not a multiple of {step[0]}", hint(w))
-                if bound.setdefault(w, size) != size:
-                    raise InputError(f"{name} dim {axis} ({w}) is {size} but another input has {bound[w]}",
-                                     "inputs disagree on one dynamic size")
-        for name, (lo, hi, *_) in self.dynamic.items():  # a fixed size no tensor carries (padded text)
-            if lo == hi:
-                bound.setdefault(name, lo)
-        for rel in self.relations:
-            if rel.dim in bound and all(d in bound for d in rel.of):
-                want_size = rel.expected(bound)
-                if bound[rel.dim] != want_size:
-                    raise InputError(f"{rel.dim} is {bound[rel.dim]} but {rel.describe()} is {want_size}",
-                                     "inputs disagree (e.g. rotary embeddings made for another size)")
-
-    def sizes(self, choose: Callable[[str, tuple[int, ...]], int]) -> dict[str, int]:
-        """One size per dynamic dim (``choose(dim, range)``), with the relations applied."""
-        sizes = {name: choose(name, rng) for name, rng in self.dynamic.items()}
-        for rel in self.relations:
-            sizes[rel.dim] = rel.expected(sizes)
-        return sizes
-
-
-def _plain(value: Any, depth: int = 0) -> bool:
-    """A value a manifest may record as a baked-in argument: null, bool, int, finite float, string, or a list of
-    those (bounded depth)."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return True
-    if isinstance(value, float):
-        return value == value and abs(value) != float("inf")
-    return isinstance(value, (list, tuple)) and depth < 8 and all(_plain(v, depth + 1) for v in value)
-
-
-def _same(got: Any, want: Any) -> bool:
-    """``got`` equals the recorded ``want``, a tuple matching a list (JSON has lists only) and a bool never a
-    number."""
-    if isinstance(want, (list, tuple)):
-        return isinstance(got, (list, tuple)) and len(got) == len(want) and all(map(_same, got, want))
-    if isinstance(want, bool) or isinstance(got, bool) or want is None or isinstance(want, str):
-        return type(got) is type(want) and got == want
-    import numbers
-
-    return isinstance(got, numbers.Real) and got == want
-
-
-def _show(value: Any) -> str:
-    """A value as a request shows it (tuples as lists, as the manifest holds them), cut to one short line."""
-    def plain(v: Any) -> Any:
-        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
-
-    text = repr(plain(value))
-    return one_line(text if len(text) <= 80 else text[:77] + "...")
-
-
-# ---- what the artifact is ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RecipeRef:
-    name: str
-    variant: str | None
-    family: str
-    pipeline: str
-    component: str
-    # the recipe as built (the TOML table, parsed): the artifact is served from it, so a recipe file or a
-    # derived recipe needs no file at serving time; left out of the JSON when empty (older manifests)
-    data: dict[str, Any] = field(default_factory=dict, metadata={"omit_default": True})
-
-    @property
-    def full_name(self) -> str:
-        return f"{self.name}-{self.variant}" if self.variant else self.name
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """The checkpoint read: ``revision`` as asked, ``commit`` as resolved on the Hub, and for local and builtin
-    folders the sha256 of the component's high-precision files (a LoRA swap re-reads and checks them)."""
-
-    checkpoint: str
-    revision: str | None
-    source: str             # "builtin", "local" or "hub"
-    config: dict
-    commit: str | None = None
-    files: dict[str, FileEntry] = field(default_factory=dict)   # the component folder's files
-
-
-@dataclass(frozen=True)
-class SchemeRef:
-    name: str
-    torchao_config: dict | None
-
-
-@dataclass(frozen=True)
-class Request:
-    """What a serving request may ask of the artifact's pipeline (checked before any native call)."""
-
-    batch: tuple[int, int]
-    height: tuple[int, int]
-    width: tuple[int, int]
-    multiple: int
-    max_sequence_length: int
-    max_steps: int
-    output: str = "image"                       # "image" or "video"
-    frames: tuple[int, int] | None = None
-    temporal_compression: int = 1
-
-
-@dataclass(frozen=True)
-class CompiledModule:
-    """One compiled program of the artifact and where its constants live in the weights file.
-
-    The constant ``f`` of instance ``i`` is the weights entry ``key(instances[i], f)``: the constant's name
-    with the wrapper's ``root`` replaced by the instance's path in the pipeline (``transformer``,
-    ``vae``, ``transformer.transformer_blocks.3``). A whole-graph component has one instance.
-    """
-
-    name: str
-    kind: str                       # "component", "vae_decoder" or "block"
-    code: str                       # the .pt2 file
-    weights: str                    # the safetensors file holding its constants
-    root: str                       # first part of every constant name ("" keeps names as they are)
-    instances: tuple[str, ...]
-    inputs: InputSpec
-    scheme: str
-    max_abs_error: float
-    tolerance: float
-    compile_key: str | None = None
-    compiled: str | None = None     # "compiled", "compile cache" or "reused from DIR"
-    config: dict | None = None      # the module's diffusers config, where it is not the component's
-    block_class: str | None = None  # a regional block: the diffusers class whose instances run this code
-    # a block's output as its own forward returns it: "" a tuple of tensors, "tensor" one tensor, or the tuple's
-    # items ("none,tensor": SD3's last block); the compiled code returns the tensors only
-    output: str = field(default="", metadata={"omit_default": True})
-
-    def key(self, instance: str, constant: str) -> str:
-        if not self.root:
-            return constant
-        rest = constant[len(self.root) + 1:] if constant.startswith(self.root + ".") else constant
-        return f"{instance}.{rest}" if instance else rest
-
-
-@dataclass(frozen=True)
-class QuantError:
-    """The quantized compiled model against the full-precision eager model: on the captured inputs (one
-    forward) and on the final latents of one whole pipeline call."""
-
-    forward_max_abs: float
-    forward_ref_max: float
-    latents_max_abs: float | None = None
-    latents_ref_max: float | None = None
-
-
-@dataclass(frozen=True)
-class BuildInfo:
-    date: str
-    stages: dict[str, float]
-    peak_rss_bytes: int
-    quant_error: QuantError | None = None
-
-
-@dataclass(frozen=True)
-class Options:
-    fuse_qkv: bool = False
-    quantize_text_encoder: str | None = None
-    quantize_vae: str | None = None
-    compile_vae: bool = False
-    max_autotune: bool = False
-    regional: bool = False
-
-
-@dataclass(frozen=True)
-class LoraRef:
-    file: str
-    sha256: str
-    scale: float
-    modules: int
-
-
-@dataclass(frozen=True)
-class PlanRef:
-    file: str
-    budget: float | None
-    counts: dict[str, int]
-    layers: dict[str, str]
-
-
-@dataclass(frozen=True)
-class _Identity:
-    """What a manifest of every schema starts with: which aotpack wrote it, and what it is a build of."""
-
-    schema_version: int
-    aotpack_version: str
-    recipe: RecipeRef
-    model: ModelRef
-    scheme: SchemeRef
-    dtype: str
-
-
-@dataclass(frozen=True)
-class Manifest(_Identity):
+class Manifest(Identity):
     request: Request
     platform: Platform
     files: dict[str, FileEntry]
@@ -580,104 +258,14 @@ def check_compatible(manifest: Manifest, here: Platform) -> None:
 
 # ---- schema 1 (aotpack 0.1) ----------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _V1Image:
-    height: tuple[int, int]
-    width: tuple[int, int]
-    multiple: int
-    frames: tuple[int, int] | None = None
-    output: str = "image"
-
-
-@dataclass(frozen=True)
-class _V1Relation:
-    dim: str
-    product: tuple[str, ...]
-    divisor: int
-
-
-@dataclass(frozen=True)
-class _V1Inputs:
-    tensors: tuple[TensorSpec, ...]
-    dynamic: dict[str, tuple[int, ...]]
-    image: _V1Image
-    max_sequence_length: int
-    relations: tuple[_V1Relation, ...] = ()
-
-
-@dataclass(frozen=True)
-class _V1ModuleInputs:
-    tensors: tuple[TensorSpec, ...]
-    dynamic: dict[str, tuple[int, ...]]
-
-
-@dataclass(frozen=True)
-class _V1Module:
-    component: str
-    model: str
-    weights: str
-    scheme: str
-    config: dict
-    inputs: _V1ModuleInputs
-    max_abs_error: float
-
-
-@dataclass(frozen=True)
-class _V1Build:
-    date: str
-    stages: dict[str, float]
-    peak_rss_bytes: int
-    max_abs_error: float
-    quant_abs_error: float | None
-    compile_key: str | None = None
-    compiled: str | None = None
-
-
-@dataclass(frozen=True)
-class _V1(_Identity):
-    inputs: _V1Inputs
-    platform: Platform
-    files: dict[str, FileEntry]
-    build: _V1Build
-    options: dict | None = None
-    lora: LoraRef | None = None
-    modules: dict[str, _V1Module] | None = None
-    plan: PlanRef | None = None
-
-
-def _v1_spec(tensors, dynamic, relations=()) -> InputSpec:
-    return InputSpec(tensors=tuple(tensors), dynamic=dict(dynamic),
-                     relations=tuple(Relation(r.dim, r.product, "product", r.divisor) for r in relations))
-
-
 def _from_v1(data: dict) -> Manifest:
-    """A schema-1 manifest as today's Manifest: model.pt2 + weights.safetensors keyed by the compiled names,
-    and (with --compile-vae) vae_decoder.pt2 + its own weights file."""
+    """A schema-1 manifest as today's Manifest (``manifest_v1`` holds its layout and converts its parts)."""
     problems: list[str] = []
-    old = decode(_V1, data, "", problems)
+    old = decode(v1.V1, data, "", problems)
     _raise(problems)
-    opts = {k: v for k, v in (old.options or {}).items() if k in {f.name for f in dataclasses.fields(Options)}}
-    image = old.inputs.image
-    main = CompiledModule(
-        name=old.recipe.component, kind="component", code="model.pt2", weights="weights.safetensors", root="",
-        instances=(old.recipe.component,), inputs=_v1_spec(old.inputs.tensors, old.inputs.dynamic, old.inputs.relations),
-        scheme=old.scheme.name, max_abs_error=old.build.max_abs_error, tolerance=float("inf"),
-        compile_key=old.build.compile_key, compiled=old.build.compiled)
-    modules = [main]
-    for name, m in (old.modules or {}).items():
-        modules.append(CompiledModule(
-            name=name, kind="vae_decoder", code=m.model, weights=m.weights, root="", instances=(m.component,),
-            inputs=_v1_spec(m.inputs.tensors, m.inputs.dynamic), scheme=m.scheme, max_abs_error=m.max_abs_error,
-            tolerance=float("inf"), config=m.config))
-    batch = tuple(old.inputs.dynamic.get("batch", (1, 1))[:2])
     manifest = Manifest(
         schema_version=1, aotpack_version=old.aotpack_version, recipe=old.recipe, model=old.model, scheme=old.scheme,
-        dtype=old.dtype,
-        request=Request(batch=batch, height=image.height, width=image.width, multiple=image.multiple,
-                        max_sequence_length=old.inputs.max_sequence_length, max_steps=1000, output=image.output,
-                        frames=image.frames, temporal_compression=4 if image.output == "video" else 1),
-        platform=old.platform, files=old.files, modules=tuple(modules),
-        build=BuildInfo(date=old.build.date, stages=old.build.stages, peak_rss_bytes=old.build.peak_rss_bytes),
-        options=Options(**opts), lora=old.lora, plan=old.plan)
+        dtype=old.dtype, request=v1.request_of(old), platform=old.platform, files=old.files,
+        modules=v1.modules_of(old), build=v1.build_of(old), options=v1.options_of(old), lora=old.lora, plan=old.plan)
     _raise(_semantic_problems(manifest))
     return manifest

@@ -193,34 +193,14 @@ def recipe_dict(info: Pipeline, plan: Plan, axes: Axes, opts: Options, blocks: l
     q, d = plan.quantum, plan.defaults
     s = axes.sizes
     base_h = 2 * q
-    if "image_seq" in s:
-        multiple = round((base_h * base_h / s["image_seq"]["base"]) ** 0.5)
-    elif "video_seq" in s:  # the base call's frames, tc + 1, are 2 latent frames
-        multiple = round((base_h * base_h * 2 / s["video_seq"]["base"]) ** 0.5)
-    elif "latent_height" in s:
-        multiple = base_h // s["latent_height"]["base"] * plan.patch
-    else:
-        multiple = q
-    vae = base_h // s["latent_height"]["base"] if "latent_height" in s else plan.spatial
-    if multiple % vae:  # a token is a whole number of latent pixels
-        multiple = math.lcm(multiple, vae)
-    # requests step by what the model needs and by the quantum every call used (the pipeline's own checks passed)
-    step = math.lcm(multiple, q)
+    multiple, vae, step = _token_sizes(plan, s)
     video = bool(plan.frames)
     sized = "size" not in axes.fixed
     limit = opts.max_size or max(d["height"], d["width"])
     top = max(step, limit - limit % step)
     run_h = _clip(d["height"], step, top)
     run_w = _clip(d["width"], step, top)
-    if not sized:  # a baked-in argument follows the size: one size, the run's
-        capture_h, capture_w = run_h, run_w
-    elif base_h * W_RATIO <= top:  # the size call: rows and columns of different sizes
-        capture_h, capture_w = base_h * H_RATIO, base_h * W_RATIO
-    elif base_h <= top:
-        capture_h = capture_w = base_h
-    else:
-        raise RecipeError(f"--max-size {limit} is below the smallest size the pipeline was called at ({base_h})",
-                          f"pass --max-size {base_h} or more")
+    capture_h, capture_w = _capture_size(sized, run_h, run_w, base_h, top, limit)
     name = re.sub(r"[^a-z0-9-]+", "-", Path(info.checkpoint).name.lower()).strip("-") or "model"
     recipe: dict[str, Any] = {
         "name": name, "family": info.pipeline.lower().removesuffix("pipeline") or "custom",
@@ -252,14 +232,60 @@ def recipe_dict(info: Pipeline, plan: Plan, axes: Axes, opts: Options, blocks: l
     if plan.guidance:
         capture["guidance_scale"] = run["guidance_scale"] = float(d["guidance"])
     if video:
-        framed = "frames" not in axes.fixed
-        default_frames = d["frames"] or 4 * plan.tc + 1
-        most = min(default_frames, opts.max_frames) if opts.max_frames else default_frames
-        most -= (most - 1) % plan.tc
-        run["frames"] = most
-        capture["frames"] = 2 * plan.tc + 1 if framed else most
-        shapes["frames"] = [plan.tc + 1, max(most, capture["frames"])] if framed else [most, most]
-        shapes["temporal_compression"] = plan.tc
+        _add_frames(plan, axes, opts, shapes, capture, run)
+    inputs = {dim: table for dim, table in axes.inputs.items() if dim != "batch" or batched}
+    inputs.setdefault("batch", {})
+    recipe.update({"shapes": shapes, "capture": capture, "run": run, "call": _call_table(plan, div),
+                   "inputs": inputs, "ranges": _ranges(axes, plan, shapes, sized)})
+    return recipe
+
+
+def _token_sizes(plan: Plan, s: dict) -> tuple[int, int, int]:
+    """(multiple, vae scale, step): pixels per token, pixels per latent pixel, and what request sizes step by."""
+    q = plan.quantum
+    base_h = 2 * q
+    if "image_seq" in s:
+        multiple = round((base_h * base_h / s["image_seq"]["base"]) ** 0.5)
+    elif "video_seq" in s:  # the base call's frames, tc + 1, are 2 latent frames
+        multiple = round((base_h * base_h * 2 / s["video_seq"]["base"]) ** 0.5)
+    elif "latent_height" in s:
+        multiple = base_h // s["latent_height"]["base"] * plan.patch
+    else:
+        multiple = q
+    vae = base_h // s["latent_height"]["base"] if "latent_height" in s else plan.spatial
+    if multiple % vae:  # a token is a whole number of latent pixels
+        multiple = math.lcm(multiple, vae)
+    # requests step by what the model needs and by the quantum every call used (the pipeline's own checks passed)
+    return multiple, vae, math.lcm(multiple, q)
+
+
+def _capture_size(sized: bool, run_h: int, run_w: int, base_h: int, top: int, limit: int) -> tuple[int, int]:
+    """(height, width) of the capture call."""
+    if not sized:  # a baked-in argument follows the size: one size, the run's
+        return run_h, run_w
+    if base_h * W_RATIO <= top:  # the size call: rows and columns of different sizes
+        return base_h * H_RATIO, base_h * W_RATIO
+    if base_h <= top:
+        return base_h, base_h
+    raise RecipeError(f"--max-size {limit} is below the smallest size the pipeline was called at ({base_h})",
+                      f"pass --max-size {base_h} or more")
+
+
+def _add_frames(plan: Plan, axes: Axes, opts: Options, shapes: dict, capture: dict, run: dict) -> None:
+    """A video recipe's frames: the run's and the capture's, and shapes.frames (in place)."""
+    d = plan.defaults
+    framed = "frames" not in axes.fixed
+    default_frames = d["frames"] or 4 * plan.tc + 1
+    most = min(default_frames, opts.max_frames) if opts.max_frames else default_frames
+    most -= (most - 1) % plan.tc
+    run["frames"] = most
+    capture["frames"] = 2 * plan.tc + 1 if framed else most
+    shapes["frames"] = [plan.tc + 1, max(most, capture["frames"])] if framed else [most, most]
+    shapes["temporal_compression"] = plan.tc
+
+
+def _call_table(plan: Plan, div: int) -> dict[str, Any]:
+    """[call]: the pipeline's own parameter names, as the probe found them."""
     call: dict[str, Any] = {"batch": plan.batch, "text": plan.text, "guidance": plan.guidance,
                             "batch_divisor": div}
     if plan.frames:
@@ -268,11 +294,7 @@ def recipe_dict(info: Pipeline, plan: Plan, axes: Axes, opts: Options, blocks: l
         call["area"] = plan.area
     if plan.fixed:
         call["fixed"] = dict(plan.fixed)
-    inputs = {dim: table for dim, table in axes.inputs.items() if dim != "batch" or batched}
-    inputs.setdefault("batch", {})
-    recipe.update({"shapes": shapes, "capture": capture, "run": run, "call": call, "inputs": inputs,
-                   "ranges": _ranges(axes, plan, shapes, sized)})
-    return recipe
+    return call
 
 
 def _clip(v: int, multiple: int, top: int) -> int:

@@ -199,19 +199,10 @@ def name_block_axes(cls: str, first: dict[str, Any], second: dict[str, Any],
     component dim that moved the same way; or the image tokens of latent rows x columns (SD3, Sana: 4-D latents,
     tokens inside); or a sum of two (text + image tokens: a single-stream block, a rotary table). Each block
     class gets its own table: a double-stream block sees image tokens, a single-stream one text + image."""
-    from aotpack.artifact.manifest import Relation
-
-    known = dict(dims)
-    patch = max(1, recipe.multiple // recipe.vae_scale)
-    if "latent_height" in dims and "latent_width" in dims and "image_seq" not in dims:
-        (h1, h2, _), (w1, w2, _) = dims["latent_height"], dims["latent_width"]
-        known["image_seq"] = (h1 * w1 // patch ** 2, h2 * w2 // patch ** 2, recipe.dim_range("image_seq"))
-    if "latent_frames" in dims and "video_seq" not in dims and "image_seq" in known:
-        f1, f2, _ = dims["latent_frames"]
-        known["video_seq"] = (f1 * known["image_seq"][0], f2 * known["image_seq"][1], recipe.dim_range("video_seq"))
+    known = _known_dims(dims, recipe)
     axes: dict[str, dict[str, int]] = {}
     ranges: dict[str, list[int]] = {}
-    relations = []
+    relations: list = []
     for name, t in first.items():
         if not isinstance(t, torch.Tensor):
             if second.get(name) != t:  # baked into the code, but it follows the request (Sana's height/width)
@@ -229,35 +220,59 @@ def name_block_axes(cls: str, first: dict[str, Any], second: dict[str, Any],
                 dim = same[0]
                 ranges[dim] = list(known[dim][2])
             else:
-                pair = next(((p, q) for p in ("text_seq", "rotary_seq") for q in ("image_seq", "video_seq")
-                             if p in known and q in known and (known[p][0] + known[q][0], known[p][1] + known[q][1])
-                             == (a, b)), None)
-                statics = [(d, r) for d, r in recipe.ranges.items() if r[0] == r[1] and d == "text_seq"]
-                image = next((q for q in ("image_seq", "video_seq") if q in known), None)
-                if pair:
-                    dim = "rotary_seq"
-                    lo_p, hi_p = known[pair[0]][2][:2]
-                    lo_q, hi_q = known[pair[1]][2][:2]
-                    ranges[dim] = [lo_p + lo_q, hi_p + hi_q]
-                    relations.append(Relation(dim, pair, "sum"))
-                    for d in pair:
-                        ranges.setdefault(d, list(known[d][2]))
-                elif statics and image and (a - known[image][0], b - known[image][1]) == (statics[0][1][0],) * 2:
-                    dim = "rotary_seq"  # text (padded: one length) + image tokens
-                    text = statics[0][1][0]
-                    lo_q, hi_q = known[image][2][:2]
-                    ranges[dim] = [text + lo_q, text + hi_q]
-                    ranges.setdefault("text_seq", [text, text])
-                    ranges.setdefault(image, list(known[image][2]))
-                    relations.append(Relation(dim, ("text_seq", image), "sum"))
-                    axes.setdefault("text_seq", {})
-                else:
-                    raise BuildError(f"axis {axis} of {cls}'s input {name} moves in a way aotpack cannot name "
-                                     f"({a} -> {b})", "build with --whole-graph")
+                dim = _sum_dim(f"axis {axis} of {cls}'s input {name}", a, b, known, recipe, axes, ranges, relations)
             if name in axes.get(dim, {}) and axes[dim][name] != axis:
                 raise BuildError(f"{cls}'s input {name} has two axes that move as {dim}", "build with --whole-graph")
             axes.setdefault(dim, {})[name] = axis
     return BlockDims({d: a for d, a in axes.items() if a}, ranges, tuple(dict.fromkeys(relations)))
+
+
+def _known_dims(dims: dict[str, tuple[int, int, list[int]]], recipe: Recipe) -> dict[str, tuple[int, int, list[int]]]:
+    """``dims`` and the token dims that follow from them where the component has none of its own: image tokens
+    of latent rows x columns, video tokens of latent frames x image tokens."""
+    known = dict(dims)
+    patch = max(1, recipe.multiple // recipe.vae_scale)
+    if "latent_height" in dims and "latent_width" in dims and "image_seq" not in dims:
+        (h1, h2, _), (w1, w2, _) = dims["latent_height"], dims["latent_width"]
+        known["image_seq"] = (h1 * w1 // patch ** 2, h2 * w2 // patch ** 2, recipe.dim_range("image_seq"))
+    if "latent_frames" in dims and "video_seq" not in dims and "image_seq" in known:
+        f1, f2, _ = dims["latent_frames"]
+        known["video_seq"] = (f1 * known["image_seq"][0], f2 * known["image_seq"][1], recipe.dim_range("video_seq"))
+    return known
+
+
+def _sum_dim(what: str, a: int, b: int, known: dict, recipe: Recipe, axes: dict[str, dict[str, int]],
+             ranges: dict[str, list[int]], relations: list) -> str:
+    """The dim of a block axis (``what``) that moves from ``a`` to ``b`` as no component dim does: text + image
+    tokens (a rotary table, a single-stream block), the text part moving or padded to one length. Its range
+    and its relation to the parts are added to ``ranges`` and ``relations`` (and ``axes``) in place."""
+    from aotpack.artifact.manifest import Relation
+
+    pair = next(((p, q) for p in ("text_seq", "rotary_seq") for q in ("image_seq", "video_seq")
+                 if p in known and q in known and (known[p][0] + known[q][0], known[p][1] + known[q][1])
+                 == (a, b)), None)
+    statics = [(d, r) for d, r in recipe.ranges.items() if r[0] == r[1] and d == "text_seq"]
+    image = next((q for q in ("image_seq", "video_seq") if q in known), None)
+    if pair:
+        dim = "rotary_seq"
+        lo_p, hi_p = known[pair[0]][2][:2]
+        lo_q, hi_q = known[pair[1]][2][:2]
+        ranges[dim] = [lo_p + lo_q, hi_p + hi_q]
+        relations.append(Relation(dim, pair, "sum"))
+        for d in pair:
+            ranges.setdefault(d, list(known[d][2]))
+        return dim
+    if statics and image and (a - known[image][0], b - known[image][1]) == (statics[0][1][0],) * 2:
+        dim = "rotary_seq"  # text (padded: one length) + image tokens
+        text = statics[0][1][0]
+        lo_q, hi_q = known[image][2][:2]
+        ranges[dim] = [text + lo_q, text + hi_q]
+        ranges.setdefault("text_seq", [text, text])
+        ranges.setdefault(image, list(known[image][2]))
+        relations.append(Relation(dim, ("text_seq", image), "sum"))
+        axes.setdefault("text_seq", {})
+        return dim
+    raise BuildError(f"{what} moves in a way aotpack cannot name ({a} -> {b})", "build with --whole-graph")
 
 
 def instance_state(block: torch.nn.Module, fqns: list[str]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,266 @@
+"""The bench's results: the machine it ran on, the results table (results.md/.csv/.json/.png) with its targets
+marked met or missed, the build table (builds.md/.csv/.json, gathered over runs), and the plan printed first."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform as _platform
+import sys
+from pathlib import Path
+from typing import Callable
+
+from aotpack.bench.variants import REGIONAL, SHOWN
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import torch
+
+    from aotpack.artifact.platform import describe, tag
+
+    here = describe()
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import psutil
+
+    return {"platform": tag(here), "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "gpu": here.gpu_name,
+            "torch": torch.__version__, "python": _platform.python_version(), "os": _platform.platform()}
+
+
+
+COLUMNS = ["ckpt_id", "batch_size", "fuse", "compile", "compile_vae", "quantization", "sparsify", "model_memory",
+           "inference_memory", "time", "variant", "cold_start", "first_image", "forward", "weights", "threads",
+           "build_export", "build_compile", "build_total", "pt2"]
+
+
+def _round(value: float | None, digits: int) -> float | str:
+    return "" if value is None else round(value, digits)
+
+
+def _records(recipe, rows: list[dict], common: dict) -> list[dict]:
+    out = []
+    for r in rows:
+        out.append({
+            "ckpt_id": recipe.checkpoint, "batch_size": common["batch"], "fuse": False,
+            "compile": r["variant"] != "eager", "compile_vae": False, "quantization": r["quant"],
+            "sparsify": r["quant"] == "sparsify",
+            "model_memory": round(r["model_memory"] / 2**30, 3), "inference_memory": round(r["inference_memory"] / 2**30, 3),
+            "time": round(r["image_s"], 3), "variant": r["variant"], "cold_start": round(r["cold_start_s"], 2),
+            "first_image": round(r["first_image_s"], 2), "forward": round(r["forward_s"], 4),
+            "weights": round(r["weights_bytes"] / 2**20, 1), "threads": r["threads"],
+            # the artifact's build (its manifest): eager and torch.compile rows have none
+            "build_export": _round(r.get("export_s"), 1), "build_compile": _round(r.get("compile_s"), 1),
+            "build_total": _round(r.get("total_s"), 1),
+            "pt2": _round(r["pt2_bytes"] / 2**20 if r.get("pt2_bytes") is not None else None, 2),
+        })
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "n/a"
+
+
+def _machine_line(info: dict) -> str:
+    return (f"Machine: {info['cpu']}, {info['cores']} cores ({info['threads']} torch threads), "
+            f"{info['memory_gb']} GiB" + (f", GPU {info['gpu']}" if info["gpu"] else "") +
+            f"; platform {info['platform']}; torch {info['torch']}, python {info['python']}; {info['os']}.")
+
+
+BUILD_COLUMNS = ["recipe", "blocks", "quant", "dtype", "mode", "modules", "export_s", "compile_s", "total_s",
+                 "wall_s", "pt2_mib", "weights_mib", "peak_rss_gib", "code"]
+_BUILD_NOTE = ("Build time by stage from each artifact's manifest (`build.stages`): export and compile summed over "
+               "its compiled modules (one per block class in a regional build), total = every stage (load, "
+               "quantize, capture, reference, export, compile, save, verify, quant error); wall = the build "
+               "process from start to exit (empty when the artifact existed); .pt2 = the compiled code, all "
+               "modules; peak RSS of the build process. `code` says where the compiled code came from: "
+               "'compiled' is a cold compile.")
+
+
+def _build_rows(records: list[dict]) -> list[dict]:
+    def r(v: float | None, d: int = 1) -> float | str:
+        return "" if v is None else round(v, d)
+
+    return [{"recipe": b["recipe"], "blocks": b["blocks"], "quant": b["quant"], "dtype": b["dtype"], "mode": b["mode"],
+             "modules": b["modules"], "export_s": r(b["export_s"]), "compile_s": r(b["compile_s"]),
+             "total_s": r(b["total_s"]), "wall_s": r(b["wall_s"]), "pt2_mib": r(b["pt2_bytes"] / 2**20, 2),
+             "weights_mib": r(b["weights_bytes"] / 2**20), "peak_rss_gib": r(b["peak_rss_bytes"] / 2**30, 2),
+             "code": b["code"]} for b in records]
+
+
+def _build_table(records: list[dict]) -> list[str]:
+    lines = ["| " + " | ".join(BUILD_COLUMNS) + " |", "|" + "---|" * len(BUILD_COLUMNS)]
+    lines += ["| " + " | ".join(str(row[c]) for c in BUILD_COLUMNS) + " |" for row in _build_rows(records)]
+    pairs = {}
+    for b in records:
+        pairs.setdefault((b["recipe"], b["quant"], b["dtype"]), {})[b["mode"]] = b
+    ratios = [(key, p["regional"], p["whole"]) for key, p in pairs.items() if {"regional", "whole"} <= set(p)]
+    if ratios:
+        lines += ["", "| recipe | quant | compile regional / whole | total regional / whole | .pt2 regional / whole |",
+                  "|---|---|---|---|---|"]
+        for (recipe, quant, _), reg, whole in ratios:
+            lines.append(f"| {recipe} | {quant} | {_ratio(reg['compile_s'], whole['compile_s'])} | "
+                         f"{_ratio(reg['total_s'], whole['total_s'])} | {_ratio(reg['pt2_bytes'], whole['pt2_bytes'])} |")
+    return lines
+
+
+def write_builds(out: Path, records: list[dict], info: dict) -> None:
+    """builds.md, builds.csv and builds.json in ``out``: the build table. Rows already in builds.json for
+    other (recipe, scheme, dtype, mode) and the same platform are kept: several runs gather one table."""
+    key = lambda b: (b["recipe"], b["quant"], b["dtype"], b["mode"])  # noqa: E731
+    merged: dict[tuple, dict] = {}
+    try:
+        old = json.loads((out / "builds.json").read_text())
+        if old.get("machine", {}).get("platform") == info["platform"]:
+            merged = {key(b): b for b in old.get("builds", [])}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        pass
+    merged.update({key(b): b for b in records})
+    records = sorted(merged.values(), key=lambda b: (b["recipe"], b["quant"], b["dtype"], b["mode"] != "whole"))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=BUILD_COLUMNS)
+    w.writeheader()
+    w.writerows(_build_rows(records))
+    (out / "builds.csv").write_text(buf.getvalue())
+    lines = ["# aotpack builds", "", _machine_line(info), "", _BUILD_NOTE, ""] + _build_table(records)
+    (out / "builds.md").write_text("\n".join(lines) + "\n")
+    (out / "builds.json").write_text(json.dumps({"machine": info, "builds": records}, indent=2) + "\n")
+
+
+def print_plan(out: Path, name: str, quants: list[str], variants: tuple, wanted: dict, path_of: Callable,
+               images: int) -> None:
+    """The bench's plan on stderr before anything runs: the runs, the builds missing, and an estimate from an
+    earlier run in ``out`` (its cold starts and images), where there is one."""
+    missing = [f"{q}{' regional' if r else ''}" for q in quants for r in wanted.values()
+               if not (path_of(q, r) / "manifest.json").is_file()]
+    runs = len(quants) * len(variants)
+    print(f"bench {name}: {len(quants)} scheme(s) ({', '.join(quants)}) x {len(variants)} variants "
+          f"({', '.join(variants)}) = {runs} runs, each in a fresh process, {images} image(s) after the first; "
+          f"then 2 loads per artifact; builds first: {', '.join(missing) or 'none (all exist)'}", file=sys.stderr)
+    try:
+        earlier = json.loads((out / "results.json").read_text())["rows"]
+        seconds = sum(r["cold_start_s"] + (1 + images) * r["image_s"] for r in earlier
+                      if r.get("quant") in quants and r.get("variant") in variants)
+        print(f"  estimate from the last run in {out}: about {seconds / 60:.0f} min of runs, plus builds",
+              file=sys.stderr)
+    except (OSError, ValueError, KeyError, TypeError):
+        print("  no earlier run in this folder to estimate the time from", file=sys.stderr)
+
+
+def _target(ratio: str, limit: float) -> str:
+    """A ratio cell marked against its target: '0.21 met', '1.31 missed' ('n/a' stays)."""
+    try:
+        return f"{ratio} {'met' if float(ratio) <= limit else 'missed'}"
+    except ValueError:
+        return ratio
+
+
+def write_results(out: Path, recipe, rows: list[dict], loads: dict, builds: dict, info: dict, common: dict, *,
+                  artifacts: list[dict] = ()) -> None:
+    """results.md/.csv/.json/.png. ``loads`` and ``builds`` (seconds of builds run here) are keyed by artifact
+    label (the scheme; 'SCHEME regional' for a regional one); ``artifacts``: their ``build_record``s."""
+    records = _records(recipe, rows, common)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(records)
+    (out / "results.csv").write_text(buf.getvalue())
+    lines = _results_head(recipe, info, common)
+    for rec in records:
+        lines.append("| " + " | ".join(str(rec[c]) for c in COLUMNS) + " |")
+    lines += _targets_table(rows, loads) + _loads_table(loads, builds)
+    if artifacts:
+        lines += ["", "## Builds", "", _BUILD_NOTE, ""] + _build_table(list(artifacts))
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps({"machine": info, "workload": common, "rows": rows,
+                                                   "loads": loads, "builds": builds,
+                                                   "artifacts": list(artifacts)}, indent=2) + "\n")
+    _plot(out / "results.png", records, recipe.full_name)
+
+
+def _results_head(recipe, info: dict, common: dict) -> list[str]:
+    """results.md down to the results table's header: the machine, the workload, what each column means."""
+    return [f"# aotpack bench: {recipe.full_name}", "", _machine_line(info),
+            f"Workload: {recipe.pipeline} at {common['height']}x{common['width']}, {common['steps']} steps, "
+            f"batch {common['batch']}, {common['dtype']}; each variant in a fresh process with the checkpoint and "
+            f"artifact evicted from the page cache and an empty inductor cache.", "",
+            "memory in GiB (RSS on CPU: model_memory when ready to serve, inference_memory the peak; "
+            "max_memory_allocated on GPU), time = seconds per image (steady), cold_start = process start to the "
+            "first transformer output, first_image = process start to the first image, forward = seconds per "
+            "transformer forward (steady, median), weights in MiB; for the artifacts (aotpack, aotpack-regional: "
+            "one compiled module per block class, every block instance runs it with its own weights) "
+            "build_export, build_compile and build_total (every stage) in seconds from the manifest, "
+            "pt2 = the compiled code in MiB.", "",
+            "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+
+
+def _targets_table(rows: list[dict], loads: dict) -> list[str]:
+    """The '## Targets' section: one line a scheme, each ratio marked against its target."""
+    lines = ["", "## Targets", "", "Each ratio is marked met or missed against its target.", "",
+             "| scheme | cold start aotpack / compile+cache (<= 0.25) | forward aotpack / compile "
+             "(<= 1.0) | RSS after load and one forward / weights (<= 1.15) | load / read floor (<= 2): "
+             "first, later | forward regional / whole (<= 1.02) | cold start regional / whole |",
+             "|---|---|---|---|---|---|---|"]
+    by = {(r["quant"], r["variant"]): r for r in rows}
+    for quant in dict.fromkeys(r["quant"] for r in rows):
+        a, c, cc = by.get((quant, "aotpack")), by.get((quant, "compile")), by.get((quant, "compile+cache"))
+        reg, ld = by.get((quant, REGIONAL)), loads.get(quant)
+        rss = _target(_ratio(ld["rss_after_forward"], ld["weights_bytes"]), 1.15) if ld else "n/a"
+        load = (f"{_target(_ratio(ld['first_load_s'], ld['read_s']), 2)}, "
+                f"{_target(_ratio(ld['load_s'], ld['read_s']), 2)}") if ld else "n/a"
+        lines.append(
+            f"| {quant} | {_target(_ratio(a and a['cold_start_s'], cc and cc['cold_start_s']), 0.25)} | "
+            f"{_target(_ratio(a and a['forward_s'], c and c['forward_s']), 1.0)} | {rss} | {load} | "
+            f"{_target(_ratio(reg and reg['forward_s'], a and a['forward_s']), 1.02)} | "
+            f"{_ratio(reg and reg['cold_start_s'], a and a['cold_start_s'])} |")
+    return lines
+
+
+def _loads_table(loads: dict, builds: dict) -> list[str]:
+    """The '## Artifact load' section: one line an artifact, its reads and loads from a cold page cache."""
+    lines = ["", "## Artifact load", "", "Each figure in a fresh process with a cold page cache (torch, diffusers "
+             "and safetensors imported: a serving process has them). A first load hashes every byte; later "
+             "loads of the same files skip the hash (file identity remembered, see README) and map the "
+             "weights lazily, so their bytes are read by the first forward.", "",
+             "| artifact | artifact MiB | read s (cold, floor) | first aotpack.load s | later aotpack.load s | "
+             "RSS added by load MiB | RSS after one forward MiB | build s |", "|---|---|---|---|---|---|---|---|"]
+    for label, ld in loads.items():
+        built = f"{builds[label]:.1f}" if label in builds else "(existed)"
+        lines.append(f"| {label} | {ld['artifact_bytes'] / 2**20:.1f} | {ld['read_s']:.2f} | "
+                     f"{ld['first_load_s']:.2f} | {ld['load_s']:.2f} | "
+                     f"{ld['rss_added_by_load'] / 2**20:.0f} | {ld['rss_after_forward'] / 2**20:.0f} | {built} |")
+    return lines
+
+
+def _plot(path: Path, records: list[dict], title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # optional: pip install 'aotpack[bench]'
+        return
+    quants = sorted({r["quantization"] for r in records}, key=[r["quantization"] for r in records].index)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, key, label in zip(axes, ("cold_start", "time", "inference_memory"),
+                              ("cold start, s", "seconds per image", "peak memory, GiB")):
+        shown = [v for v in SHOWN if any(r["variant"] == v for r in records)]
+        width = 0.8 / len(shown)
+        for i, v in enumerate(shown):
+            ys = [next((r[key] for r in records if r["variant"] == v and r["quantization"] == q), 0) for q in quants]
+            ax.bar([j + i * width for j in range(len(quants))], ys, width, label=v)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(quants))], quants)
+        ax.set_title(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"aotpack bench: {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,5 @@
+"""``python -m aotpack.cli``: the same command as the ``aotpack`` script."""
+
+from aotpack.cli import main
+
+main()
