@@ -1,6 +1,7 @@
-"""The command-line options more than one module needs, declared once: ``-q``/``--json`` (every command), the
-options of a derived recipe (``build SOURCE``, ``recipe SOURCE``) and ``aotpack build``'s whole set, which the
-build farm also parses a matrix cell's options with (so farm.py never imports the CLI)."""
+"""The command-line options more than one module needs, declared once: ``-q``/``--json`` (every command),
+``--token`` and ``--trusted-key`` (the commands that reach the Hub or load an artifact), the options of a derived
+recipe (``build SOURCE``, ``recipe SOURCE``) and ``aotpack build``'s whole set, which the build farm also parses a
+matrix cell's options with (so farm.py never imports the CLI)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, expose_value=False, c
                             help="Only errors on stderr.")
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print the result as one JSON object on stdout (progress stays on stderr).")
+token_option = click.option("--token", default=None,
+                            help="Hub token (default: HF_TOKEN or the one saved by 'hf auth login').")
+trusted_key_option = click.option(
+    "--trusted-key", "trusted_keys", multiple=True, type=click.Path(),
+    help="Require a signature by this public key (PEM; repeatable; default: AOTPACK_TRUSTED_KEYS).")
 
 
 def derive_options(f):
@@ -55,8 +61,9 @@ def build_options(f):
     @click.option("--out", type=click.Path(), default=None, help="The artifact folder itself (default: artifacts/<recipe>-<scheme>-<platform>).")
     @click.option("--model", default=None, help="A local diffusers folder or Hub id instead of the recipe's checkpoint.")
     @click.option("--variant", default=None, help="A recipe variant, e.g. 'schnell' for flux.")
-    @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-                  help="Override the recipe's dtype (float32 is the fast choice on CPUs without bf16 units).")
+    @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default=None,
+                  help="Override the recipe's dtype; auto: what this machine computes fastest (bf16 on a CPU with "
+                       "AMX or AVX512-BF16 and on GPUs, float32 on other CPUs).")
     @click.option("--overwrite", is_flag=True, help="Replace an existing artifact folder.")
     @click.option("--lora", type=click.Path(), default=None, help="A LoRA .safetensors to fuse into the weights before quantizing.")
     @click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Strength of --lora.")

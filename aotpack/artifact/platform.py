@@ -51,6 +51,26 @@ class Platform:
         return int(major), int(minor or 0)
 
 
+# The CPU flags of bf16 matrix units: AMX tiles (Sapphire Rapids and later) or AVX512-BF16 dot products (Cooper
+# Lake, Zen 4 and later). Without them oneDNN runs bf16 matmuls by widening to fp32, several times slower than fp32.
+BF16_UNITS = ("amx_bf16", "avx512_bf16")
+
+
+def compute_dtype(info: "Platform | Mapping[str, Any]") -> tuple[str, str]:
+    """The dtype ``--dtype auto`` builds in on ``info``, and why: bf16 on a GPU with bf16 tensor cores (sm80+) and
+    on a CPU with bf16 matrix units, fp16 on an older GPU, fp32 on any other CPU."""
+    p = Platform.coerce(info)
+    if p.device == "cuda":
+        if (p.capability or (0, 0)) >= (8, 0):
+            return "bfloat16", f"this GPU (sm{p.cuda_capability}) has bf16 tensor cores"
+        return "float16", f"this GPU (sm{p.cuda_capability}) has fp16 but no bf16 tensor cores"
+    units = [f for f in BF16_UNITS if f in p.cpu_flags]
+    if units:
+        return "bfloat16", f"this CPU has bf16 matrix units ({', '.join(units)})"
+    return "float32", ("this CPU has no bf16 matrix units (neither amx_bf16 nor avx512_bf16): bf16 would run "
+                       "widened to fp32, several times slower than fp32")
+
+
 def cpu_flags() -> tuple[str, ...]:
     """The CPU features that matter to compiled kernels, read from /proc/cpuinfo (empty elsewhere)."""
     try:

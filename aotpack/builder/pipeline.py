@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from aotpack import _torch_compat as compat
 from aotpack._version import __version__
+from aotpack.artifact.aligned import save_aligned
 from aotpack.artifact.files import WEIGHTS, atomic_folder, file_entries, remember_folder
 from aotpack.artifact.manifest import SCHEMA_VERSION, BuildInfo, CompiledModule, FileEntry, LoraRef, Manifest, ModelRef, PlanRef, QuantError, RecipeRef, SchemeRef, MANIFEST
 from aotpack.builder.capture import capture_inputs, record_call
@@ -226,6 +226,24 @@ def _request(r: Any, modules: list[CompiledModule]) -> Any:
         else request
 
 
+def reference(spec: BuildSpec, pipe: Any, ckpt: Checkpoint) -> tuple[dict[str, Any], FullPrecision, Any]:
+    """One pipeline call with the component streamed in full precision: what reaches the component (it does not
+    depend on the component's weights: export captures it), the component's output on it and the final latents;
+    for a regional build without [block_inputs] (a derived recipe), the inputs of another request, which name
+    the blocks' dims."""
+    r = spec.recipe
+    streamed = Streamed(skeleton(ckpt.config, fuse_qkv=spec.options.fuse_qkv), CheckpointReader(ckpt.folder),
+                        dtype=torch_dtype(spec.dtype), device=spec.device, lora=ckpt.lora)
+    try:
+        setattr(pipe, r.component, streamed.model)
+        call = record_call(pipe, r)
+        second = capture_inputs(pipe, other_request(r))[0] if spec.options.regional and not r.block_inputs else None
+    finally:
+        streamed.close()
+        setattr(pipe, r.component, None)
+    return call.example, FullPrecision(forward=call.first_output, latents=call.latents), second
+
+
 def run_build(spec: BuildSpec) -> Path:
     """Run every stage of ``spec`` and publish the artifact folder; returns its path."""
     r = spec.recipe
@@ -238,20 +256,7 @@ def run_build(spec: BuildSpec) -> Path:
             pipe.to(spec.device)
         ckpt = read_checkpoint(spec, pipe)
         with stage("reference", timings):  # full precision, one unit of weights in memory at a time
-            streamed = Streamed(skeleton(ckpt.config, fuse_qkv=spec.options.fuse_qkv), CheckpointReader(ckpt.folder),
-                                dtype=torch_dtype(spec.dtype), device=spec.device, lora=ckpt.lora)
-            try:
-                setattr(pipe, r.component, streamed.model)
-                # one pipeline call: what reaches the component (it does not depend on the component's weights:
-                # export captures it), the component's full-precision output on it, and the final latents
-                call = record_call(pipe, r)
-                example, full = call.example, FullPrecision(forward=call.first_output, latents=call.latents)
-                # regional without [block_inputs] (a derived recipe): another request names the blocks' dims
-                second = capture_inputs(pipe, other_request(r))[0] if (
-                    spec.options.regional and not r.block_inputs) else None
-            finally:
-                streamed.close()
-                setattr(pipe, r.component, None)
+            example, full, second = reference(spec, pipe, ckpt)
         with stage("quantize", timings):
             q = quantize_component(spec, ckpt, tmp)
         setattr(pipe, r.component, q.model)
@@ -267,7 +272,7 @@ def run_build(spec: BuildSpec) -> Path:
             tensors = {k: v for c in parts for k, v in c.constants.items()}
             if q.classes:
                 tensors.update(glue_weights(spec, q, targets))
-            save_file(tensors, str(tmp / WEIGHTS))
+            save_aligned(tensors, tmp / WEIGHTS)  # 64-byte aligned: kernels get them as mapped
             del tensors
         for c in parts:  # the eager model is no longer needed: verify reads the weights file only
             c.constants, c.target.wrapper, c.target.members = {}, None, None

@@ -113,7 +113,8 @@ class Planner:
         return best
 
     def plan(self) -> dict:
-        return {"version": PLAN_VERSION, "device": self.device, "tokens": self.tokens, "budget": self.budget,
+        return {"version": PLAN_VERSION, "device": self.device, "dtype": str(self.dtype).removeprefix("torch."),
+                "tokens": self.tokens, "budget": self.budget,
                 "timings": self.timings, "layers": self.layers, "torchao": fqn_to_config(self.layers)}
 
 
@@ -182,7 +183,8 @@ def parse_plan(text: bytes, name: str, device: str, cap: tuple[int, int] | None 
     return data
 
 
-_TOP_KEYS = {"version", "device", "tokens", "budget", "timings", "layers", "torchao"}
+_TOP_KEYS = {"version", "device", "dtype", "tokens", "budget", "timings", "layers", "torchao"}
+PLAN_DTYPES = ("float32", "bfloat16", "float16")  # the dtype the plan's errors and timings were measured in
 _LAYER_KEYS = {"scheme", "error", "errors"}
 
 
@@ -213,6 +215,8 @@ def check_plan(data: Any, name: str) -> None:
         raise bad(f"'version' must be one of {', '.join(map(str, _READABLE_VERSIONS))}")
     if "device" in data and not isinstance(data["device"], str):
         raise bad("'device' must be a string")
+    if "dtype" in data and data["dtype"] not in PLAN_DTYPES:
+        raise bad(f"'dtype' must be one of {', '.join(PLAN_DTYPES)}")
     if "tokens" in data and (type(data["tokens"]) is not int or data["tokens"] < 1):
         raise bad("'tokens' must be a positive integer")
     if data.get("budget") is not None and not (_number(data["budget"]) and data["budget"] < 1):

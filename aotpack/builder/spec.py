@@ -8,13 +8,14 @@ must not be replaced, a signing key that cannot sign, a cache that cannot be wri
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
 from aotpack.artifact import manifest as mf
 from aotpack.artifact.files import check_output, verify_files
 from aotpack.artifact.manifest import Options
-from aotpack.artifact.platform import Platform, default_device, describe, tag
+from aotpack.artifact.platform import Platform, compute_dtype, default_device, describe, tag
 from aotpack.builder.compile import Reusable
 from aotpack.builder.plan import DEFAULT_BUDGET, read_plan
 from aotpack.builder.recipe import _COMMIT, DTYPES, Recipe, get_recipe, is_local_checkpoint
@@ -22,6 +23,8 @@ from aotpack.builder.schemes import check_max_autotune, check_scheme
 from aotpack.builder.source import Source, resolve_source
 from aotpack.errors import RecipeError
 from aotpack.paths import check_cache_writable
+
+log = logging.getLogger("aotpack")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +103,7 @@ def resolve(
 ) -> BuildSpec:
     """Resolve and check a build request; see :func:`aotpack.builder.pipeline.build` for the arguments.
 
-    One function on purpose (~65 lines): the checks read top to bottom in the order they run, cheapest first,
+    One function on purpose (~70 lines): the checks read top to bottom in the order they run, cheapest first,
     each raising its own one-line error before any model is loaded (a model folder or Hub id as ``recipe``
     is the exception: its recipe is derived from real pipeline calls first, see ``aotpack.builder.derive``)."""
     here = describe(device or default_device())
@@ -109,21 +112,8 @@ def resolve(
                    if v not in (None, ())}
     r = recipe_for(recipe, variant, model, derive_opts, here.device)
     model = model or _recipe_model(r)
-    if plan is not None:
-        if quant not in (None, "auto"):
-            raise RecipeError(f"--plan and --quant {quant} contradict each other", "leave --quant out with --plan")
-        quant = "auto"
-    quant = quant or r.default_quant
-    plan_data = None
-    if quant == "auto":
-        plan_data = read_plan(plan, here.device, here.capability) if plan is not None else None
-        if error_budget is not None and not 0 <= error_budget < 1:
-            raise RecipeError(f"--error-budget {error_budget} must be in [0, 1)", "e.g. --error-budget 0.05")
-    else:
-        check_scheme(quant, here.device, here.capability)
-    dtype = dtype or r.dtype
-    if dtype not in DTYPES:
-        raise RecipeError(f"unknown dtype '{dtype}'", f"choose one of: {', '.join(DTYPES)}")
+    quant, plan_data = _scheme(quant, plan, error_budget, r, here)
+    dtype = build_dtype(_plan_dtype(plan_data, dtype) or dtype or r.dtype, here)
     for what, side in (("--quantize-text-encoder", quantize_text_encoder), ("--quantize-vae", quantize_vae)):
         if side is not None:
             try:
@@ -152,6 +142,46 @@ def resolve(
     return BuildSpec(recipe=r, quant=quant, plan=plan_data, error_budget=DEFAULT_BUDGET if error_budget is None
                      else error_budget, dtype=dtype, platform=here, source=source, out=final, overwrite=overwrite,
                      options=options, lora=lora_request, reuse=reusable, sign_key=key)
+
+
+def _scheme(quant: str | None, plan: str | os.PathLike | None, error_budget: float | None, r: Recipe,
+            here: Platform) -> tuple[str, dict | None]:
+    """The scheme (``auto`` with a --plan) and the checked plan, or a one-line error."""
+    if plan is not None:
+        if quant not in (None, "auto"):
+            raise RecipeError(f"--plan and --quant {quant} contradict each other", "leave --quant out with --plan")
+        quant = "auto"
+    quant = quant or r.default_quant
+    if quant != "auto":
+        check_scheme(quant, here.device, here.capability)
+        return quant, None
+    plan_data = read_plan(plan, here.device, here.capability) if plan is not None else None
+    if error_budget is not None and not 0 <= error_budget < 1:
+        raise RecipeError(f"--error-budget {error_budget} must be in [0, 1)", "e.g. --error-budget 0.05")
+    return quant, plan_data
+
+
+def build_dtype(dtype: str, here: Platform) -> str:
+    """The dtype a build runs in: ``auto`` (``--dtype auto``, or a recipe's ``dtype = "auto"``) is what this machine
+    computes fastest (``aotpack.artifact.platform.compute_dtype``: bf16 where it has bf16 matrix units, fp32 on a
+    CPU without them); any other name is checked."""
+    if dtype == "auto":
+        chosen, why = compute_dtype(here)
+        log.info("dtype auto: %s (%s)", chosen, why)
+        return chosen
+    if dtype not in DTYPES:
+        raise RecipeError(f"unknown dtype '{dtype}'", f"choose one of: {', '.join(DTYPES)}, auto")
+    return dtype
+
+
+def _plan_dtype(plan: dict | None, asked: str | None) -> str | None:
+    """The dtype a --plan was measured in (its errors and timings hold for that dtype only); a --dtype that
+    contradicts it is refused. None for a plan made before plans recorded their dtype."""
+    made_in = (plan or {}).get("dtype")
+    if made_in and asked and asked != made_in:
+        raise RecipeError(f"the plan was measured in {made_in}, not --dtype {asked}",
+                          f"leave --dtype out (the build runs in {made_in}), or make a plan in {asked} (--quant auto)")
+    return made_in
 
 
 def recipe_for(recipe: "str | os.PathLike | Recipe", variant: str | None, model: str | None, opts: dict,

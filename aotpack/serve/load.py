@@ -155,21 +155,14 @@ def _check_weights_cover(manifest: Manifest, weights: dict[str, dict[str, torch.
                                  "the weights file belongs to another build; rebuild or download it again")
 
 
-def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = False, token: str | None = None,
-         quant: str | None = None, cuda_graphs: bool = False, trusted_keys: Sequence | None = None,
-         refresh_pins: bool = False) -> AotModule:
-    """Load an artifact folder, or the build of a Hub repo ("owner/name") that fits this machine.
-
-    ``trusted_keys``: public keys (paths, PEM bytes or key objects) one of which must have signed the artifact
-    (default: the ``AOTPACK_TRUSTED_KEYS`` variable; ``[]`` requires none). ``cuda_graphs``: replay the compiled
-    module as CUDA graphs (CUDA artifacts only). A repo id needs a pinned ``revision`` (tag or commit) or
-    ``trust=True``: the .pt2 is native code.
-    """
-    t0 = time.perf_counter()
-    keys = trusted_keys_from_env() if trusted_keys is None else list(trusted_keys)
-    hub = {"revision": revision, "trust": trust, "token": token, "quant": quant, "refresh_pins": refresh_pins}
-    folder, pulled = resolve_location(path, **{k: v for k, v in hub.items() if v})
+def _open_verified(folder: Path, pulled: Any, keys: list, *, cuda_graphs: bool
+                   ) -> tuple[Manifest, Any, dict[str, dict[str, torch.Tensor]], dict[str, Any], Any]:
+    """(manifest, signer, weights by file, opened packages by module, plan) of the artifact in ``folder``: each
+    step checked before the next, in the order the module docstring gives, up to opening the code (no constants
+    loaded yet)."""
     from safetensors.torch import load_file
+
+    from aotpack.artifact.aligned import aligned
 
     from aotpack import signing
 
@@ -192,12 +185,33 @@ def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = 
         mf.check_compatible(manifest, describe(device if device == "cpu" else None, probe_isa=False))
         files.check_all()
         check_memory(manifest.weights_bytes())
-        weights = {name: load_file(files.data(name), device=device) for name in {m.weights for m in manifest.modules}}
+        # mapped from the verified bytes; a tensor not 64-byte aligned (files of older builds) gets an aligned copy
+        weights = {name: aligned(load_file(files.data(name), device=device))
+                   for name in {m.weights for m in manifest.modules}}
         opened = {m.name: compat.open_package(files.code(m.code), single_threaded=cuda_graphs)
                   for m in manifest.modules}
         _check_weights_cover(manifest, weights, opened)
         plan = files.read(manifest.plan.file) if manifest.plan is not None and manifest.plan.file in manifest.files \
             else None
+    return manifest, signer, weights, opened, plan
+
+
+def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = False, token: str | None = None,
+         quant: str | None = None, cuda_graphs: bool = False, trusted_keys: Sequence | None = None,
+         refresh_pins: bool = False) -> AotModule:
+    """Load an artifact folder, or the build of a Hub repo ("owner/name") that fits this machine.
+
+    ``trusted_keys``: public keys (paths, PEM bytes or key objects) one of which must have signed the artifact
+    (default: the ``AOTPACK_TRUSTED_KEYS`` variable; ``[]`` requires none). ``cuda_graphs``: replay the compiled
+    module as CUDA graphs (CUDA artifacts only). A repo id needs a pinned ``revision`` (tag or commit) or
+    ``trust=True``: the .pt2 is native code.
+    """
+    t0 = time.perf_counter()
+    keys = trusted_keys_from_env() if trusted_keys is None else list(trusted_keys)
+    hub = {"revision": revision, "trust": trust, "token": token, "quant": quant, "refresh_pins": refresh_pins}
+    folder, pulled = resolve_location(path, **{k: v for k, v in hub.items() if v})
+    manifest, signer, weights, opened, plan = _open_verified(folder, pulled, keys, cuda_graphs=cuda_graphs)
+    device = manifest.platform.device
 
     def constants_of(m: CompiledModule, instance: str) -> dict[str, torch.Tensor]:
         return instance_constants(opened[m.name], m, weights[m.weights], instance)

@@ -1,0 +1,121 @@
+"""Issue 21: the compute dtype follows the machine. ``--dtype auto`` (and a recipe's ``dtype = "auto"``) builds
+bf16 where the CPU has bf16 matrix units (AMX, AVX512-BF16) or the GPU bf16 tensor cores, fp32 on a CPU without
+them (bf16 there runs widened to fp32, several times slower); the dtype is part of the build's name and of the
+plan, and a pull prefers the build in the dtype this machine computes fastest.
+
+No compile here: ``run_build`` is replaced by a recorder, so what is checked is the resolved request."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from aotpack.artifact import platform as plat
+from aotpack.artifact.platform import Platform, compute_dtype
+from aotpack.builder import pipeline, spec as spec_mod
+from aotpack.cli import cli
+
+BASE = dict(device="cpu", arch="x86_64", isa="avx2", cuda_capability=None, gpu_name=None, torch="2.13.0+cpu",
+            torchao="0.18.0", diffusers="0.42.1", python="3.11.7")
+
+AVX2 = Platform(cpu_flags=("avx2", "fma", "f16c"), **BASE)
+AVX512 = ("avx2", "fma", "f16c", "avx512f", "avx512dq", "avx512vl", "avx512bw", "avx512_vnni")
+ZEN4 = Platform(cpu_flags=AVX512 + ("avx512_bf16",), **{**BASE, "isa": "avx512_vnni"})
+SPR = Platform(cpu_flags=AVX512 + ("avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"), **{**BASE, "isa": "amx_tile"})
+CASCADE = Platform(cpu_flags=AVX512, **{**BASE, "isa": "avx512_vnni"})
+
+
+def gpu(cap: str) -> Platform:
+    return Platform(cpu_flags=(), **{**BASE, "device": "cuda", "isa": None, "cuda_capability": cap})
+
+
+@pytest.mark.parametrize("here,dtype,why", [
+    (AVX2, "float32", "no bf16 matrix units"),
+    (CASCADE, "float32", "no bf16 matrix units"),   # AVX-512 and VNNI, but no bf16 dot products
+    (ZEN4, "bfloat16", "avx512_bf16"),
+    (SPR, "bfloat16", "amx_bf16, avx512_bf16"),
+    (gpu("9.0"), "bfloat16", "bf16 tensor cores"),
+    (gpu("7.5"), "float16", "no bf16"),
+], ids=["avx2", "avx512-no-bf16", "avx512-bf16", "amx", "sm90", "sm75"])
+def test_compute_dtype_follows_the_matrix_units(here, dtype, why):
+    chosen, reason = compute_dtype(here)
+    assert chosen == dtype and why in reason
+    assert compute_dtype(dataclasses.asdict(here)) == (chosen, reason)  # the Hub index's JSON form too
+
+
+@pytest.fixture
+def built(monkeypatch):
+    """The BuildSpec a build would run, recorded instead of run."""
+    seen = []
+
+    def record(spec):
+        seen.append(spec)
+        return spec.out
+
+    monkeypatch.setattr(pipeline, "run_build", record)
+    return seen
+
+
+def on(monkeypatch, here: Platform) -> None:
+    monkeypatch.setattr(spec_mod, "describe", lambda device=None, **kw: here)
+
+
+@pytest.mark.parametrize("here,dtype,suffix", [(AVX2, "float32", ""), (ZEN4, "bfloat16", "-bf16")],
+                         ids=["avx2", "avx512-bf16"])
+def test_dtype_auto_resolves_per_machine_and_names_the_build(here, dtype, suffix, monkeypatch, tmp_path, built):
+    on(monkeypatch, here)
+    monkeypatch.chdir(tmp_path)  # the default folder: artifacts/ here
+    result = CliRunner().invoke(cli, ["build", "tiny-flux", "--dtype", "auto"])
+    assert result.exit_code == 0, result.output
+    (spec,) = built
+    assert spec.dtype == dtype
+    # tiny-flux's own dtype is float32: a bf16 build is another build, with its own folder (and Hub name)
+    assert spec.out.name == f"tiny-flux-int8wo-{plat.tag(here)}{suffix}"
+
+
+def test_a_recipe_may_ask_for_the_machines_dtype(monkeypatch, tmp_path, built):
+    from aotpack.builder.recipe import get_recipe
+
+    assert get_recipe("flux-blocks").dtype == "auto"  # the CPU bench recipe: each box gets its fastest dtype
+    for here, dtype, name in ((AVX2, "float32", "fp32"), (ZEN4, "bfloat16", "bf16")):
+        on(monkeypatch, here)
+        spec = spec_mod.resolve("flux-blocks", "none", artifacts_dir=tmp_path)
+        assert spec.dtype == dtype and spec.out.name.endswith(f"-{name}")  # named: it differs between boxes
+
+
+def test_a_plan_keeps_the_dtype_it_was_measured_in(monkeypatch, tmp_path, built):
+    import torch
+
+    from aotpack.builder.plan import Planner
+
+    planner = Planner("cpu", 4, torch.bfloat16, repeats=1)
+    planner.choose("blocks.0.proj", torch.nn.Linear(32, 32).to(torch.bfloat16))
+    written = planner.plan()
+    assert written["dtype"] == "bfloat16"
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(written))
+    on(monkeypatch, AVX2)
+    assert spec_mod.resolve("tiny-flux", plan=path, artifacts_dir=tmp_path).dtype == "bfloat16"  # not the box's
+    result = CliRunner().invoke(cli, ["build", "tiny-flux", "--plan", str(path), "--dtype", "float32",
+                                      "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "the plan was measured in bfloat16, not --dtype float32" in result.output
+    assert "Traceback" not in result.output
+    path.write_text(json.dumps({**written, "dtype": "float64"}))
+    result = CliRunner().invoke(cli, ["build", "tiny-flux", "--plan", str(path), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "'dtype' must be one of float32, bfloat16, float16" in result.output
+
+
+def test_a_pull_prefers_the_build_in_the_dtype_this_machine_computes_fastest():
+    from aotpack.hub import choose_build
+
+    def entry(platform: Platform, dtype: str, size: int) -> dict:
+        return {"scheme": "int8wo", "dtype": dtype, "size": size, "platform": dataclasses.asdict(platform)}
+
+    # one repo, both built on the same kind of box (the same platform tag): bf16 is the smaller build
+    index = {"builds": {"int8wo-fp32-cpu": entry(ZEN4, "float32", 600), "int8wo-bf16-cpu": entry(ZEN4, "bfloat16", 400)}}
+    no_bf16 = CASCADE  # the same ISA tag, no bf16 units
+    assert choose_build(index, dataclasses.asdict(ZEN4)) == "int8wo-bf16-cpu"
+    assert choose_build(index, dataclasses.asdict(no_bf16)) == "int8wo-fp32-cpu"  # not the smallest: the fastest
