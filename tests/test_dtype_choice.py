@@ -119,3 +119,13 @@ def test_a_pull_prefers_the_build_in_the_dtype_this_machine_computes_fastest():
     no_bf16 = CASCADE  # the same ISA tag, no bf16 units
     assert choose_build(index, dataclasses.asdict(ZEN4)) == "int8wo-bf16-cpu"
     assert choose_build(index, dataclasses.asdict(no_bf16)) == "int8wo-fp32-cpu"  # not the smallest: the fastest
+
+
+def test_int8_matmuls_stay_in_float32_on_cpu(monkeypatch, tmp_path, built):
+    """int8dq multiplies in int8: float32 carries the rest faster and closer than bf16 (measured, see
+    platform.INT8_MATMUL); flux-blocks' default scheme is int8dq, so its default build is fp32 on every CPU."""
+    assert compute_dtype(ZEN4, "int8dq")[0] == compute_dtype(AVX2, "int8dq")[0] == "float32"
+    assert compute_dtype(ZEN4, "int8wo")[0] == "bfloat16" and compute_dtype(gpu("9.0"), "int8dq")[0] == "bfloat16"
+    on(monkeypatch, ZEN4)
+    spec = spec_mod.resolve("flux-blocks", artifacts_dir=tmp_path)
+    assert (spec.quant, spec.dtype) == ("int8dq", "float32") and spec.out.name.endswith("-fp32")

@@ -36,7 +36,8 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
     recipe = get_recipe(recipe_name, variant)
     device = default_device()
     here = describe(device)
-    dtype = build_dtype(dtype or recipe.dtype, here)  # "auto" (flux-blocks): this machine's fastest
+    # "auto" (flux-blocks): what this machine computes each scheme fastest in
+    dtypes = {q: build_dtype(dtype or recipe.dtype, here, q) for q in quants}
     out.mkdir(parents=True, exist_ok=True)
     source = resolve_source(recipe, None, device)  # builtins are made here, once, outside any timed build
     if regional is None:
@@ -46,31 +47,38 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
     wanted = {"aotpack": False} | ({REGIONAL: True} if REGIONAL in variants or (build_only and regional) else {})
 
     def path_of(quant: str, is_regional: bool) -> Path:
-        return default_out(recipe.full_name, quant, tag(here), artifacts_dir, regional=is_regional, dtype=dtype,
-                           default_dtype=recipe.dtype)
+        return default_out(recipe.full_name, quant, tag(here), artifacts_dir, regional=is_regional,
+                           dtype=dtypes[quant], default_dtype=recipe.dtype)
 
-    build = {"variant": variant, "dtype": dtype, "cold": cold_builds}  # how a missing artifact is built
+    build = {"variant": variant, "dtypes": dtypes, "cold": cold_builds}  # how a missing artifact is built
     if build_only:
         write_builds(out, _build_all(recipe, quants, wanted, path_of, **build), machine())
         return out
     print_plan(out, recipe.full_name, quants, variants, wanted, path_of, images)
     rows, loads, builds, records = [], {}, {}, []
     checkpoint_dir = Path(source.location) if source.kind != "hub" else None
-    common = {"recipe": recipe.name, "recipe_variant": variant, "device": device, "dtype": dtype,
+    common = {"recipe": recipe.name, "recipe_variant": variant, "device": device, "dtype": _dtypes_line(dtypes),
               "height": recipe.capture["height"], "width": recipe.capture["width"],
               "steps": steps or recipe.run["steps"], "images": images, "batch": 1, "max_autotune": max_autotune}
     for quant in quants:
         paths = {v: path_of(quant, r) for v, r in wanted.items()}
         facts = _ensure_artifacts(recipe, quant, paths, wanted, builds, records, **build)
-        rows += _run_variants(common, quant, variants, paths, facts, checkpoint_dir)
+        rows += _run_variants({**common, "dtype": dtypes[quant]}, quant, variants, paths, facts, checkpoint_dir)
         loads.update(_load_artifacts(quant, paths))
     info = machine()
     write_results(out, recipe, rows, loads, builds, info, common, artifacts=records)
     return out
 
 
+def _dtypes_line(dtypes: dict[str, str]) -> str:
+    """The dtype(s) the bench ran: one, or each scheme's when ``auto`` chose differently per scheme."""
+    if len(set(dtypes.values())) <= 1:
+        return next(iter(dtypes.values()), "")
+    return ", ".join(f"{d} ({q})" for q, d in dtypes.items())
+
+
 def _build_all(recipe: Any, quants: list[str], wanted: dict, path_of: Callable, *, variant: str | None,
-               dtype: str | None, cold: bool) -> list[dict]:
+               dtypes: dict[str, str], cold: bool) -> list[dict]:
     """``build_only``: every artifact built afresh, one after the other; their ``build_record``s."""
     records = []
     for quant in quants:
@@ -78,8 +86,8 @@ def _build_all(recipe: Any, quants: list[str], wanted: dict, path_of: Callable, 
             path = path_of(quant, is_regional)
             print(f"  building {recipe.full_name} {quant} {'regional' if is_regional else 'whole graph'} ...",
                   file=sys.stderr)
-            wall = build_artifact(recipe.name, quant, path, regional=is_regional, variant=variant, dtype=dtype,
-                                  cold=cold)
+            wall = build_artifact(recipe.name, quant, path, regional=is_regional, variant=variant,
+                                  dtype=dtypes[quant], cold=cold)
             records.append(build_record(path, recipe_name=recipe.full_name, wall_s=wall))
             r = records[-1]
             print(f"  {quant:<8} {r['mode']:<8} export {r['export_s']:.1f} s, compile {r['compile_s']:.1f} s, "
@@ -88,7 +96,7 @@ def _build_all(recipe: Any, quants: list[str], wanted: dict, path_of: Callable, 
 
 
 def _ensure_artifacts(recipe: Any, quant: str, paths: dict, wanted: dict, builds: dict, records: list[dict], *,
-                      variant: str | None, dtype: str | None, cold: bool) -> dict:
+                      variant: str | None, dtypes: dict[str, str], cold: bool) -> dict:
     """Build the artifacts of ``quant`` that are missing (their seconds into ``builds``), record every one's
     build into ``records``; returns the build facts of each artifact variant, for its row."""
     facts = {}
@@ -96,7 +104,7 @@ def _ensure_artifacts(recipe: Any, quant: str, paths: dict, wanted: dict, builds
         label = _label(quant, v)
         if not (path / "manifest.json").is_file():
             builds[label] = build_artifact(recipe.name, quant, path, regional=wanted[v], variant=variant, cold=cold,
-                                           dtype=dtype)
+                                           dtype=dtypes[quant])
         records.append(build_record(path, recipe_name=recipe.full_name, wall_s=builds.get(label)))
         facts[v] = {k: records[-1][k] for k in ("export_s", "compile_s", "total_s", "pt2_bytes")}
     return facts

@@ -113,7 +113,7 @@ def resolve(
     r = recipe_for(recipe, variant, model, derive_opts, here.device)
     model = model or _recipe_model(r)
     quant, plan_data = _scheme(quant, plan, error_budget, r, here)
-    dtype = build_dtype(_plan_dtype(plan_data, dtype) or dtype or r.dtype, here)
+    dtype = build_dtype(_plan_dtype(plan_data, dtype) or dtype or r.dtype, here, quant)
     for what, side in (("--quantize-text-encoder", quantize_text_encoder), ("--quantize-vae", quantize_vae)):
         if side is not None:
             try:
@@ -161,12 +161,12 @@ def _scheme(quant: str | None, plan: str | os.PathLike | None, error_budget: flo
     return quant, plan_data
 
 
-def build_dtype(dtype: str, here: Platform) -> str:
+def build_dtype(dtype: str, here: Platform, scheme: str | None = None) -> str:
     """The dtype a build runs in: ``auto`` (``--dtype auto``, or a recipe's ``dtype = "auto"``) is what this machine
-    computes fastest (``aotpack.artifact.platform.compute_dtype``: bf16 where it has bf16 matrix units, fp32 on a
-    CPU without them); any other name is checked."""
+    computes fastest for ``scheme`` (``aotpack.artifact.platform.compute_dtype``: bf16 where it has bf16 matrix
+    units, fp32 on a CPU without them and for int8 matmuls on CPU); any other name is checked."""
     if dtype == "auto":
-        chosen, why = compute_dtype(here)
+        chosen, why = compute_dtype(here, scheme)
         log.info("dtype auto: %s (%s)", chosen, why)
         return chosen
     if dtype not in DTYPES:
