@@ -34,10 +34,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -n 2
 
-# Real-width side-by-side bench (eager / torch.compile / compile + portable cache / aotpack / aotpack-regional): ~30 minutes
+# Real-width side-by-side bench (eager / torch.compile / compile + portable cache / aotpack / aotpack-regional): ~40 minutes
 # on 2 cores (builds included); results in artifacts/bench/flux-blocks-<platform>/ (.md, .csv, .json, .png).
 bench: install
-	$(BIN)/aotpack bench flux-blocks --quant none --quant int8wo --quant auto
+	$(BIN)/aotpack bench flux-blocks --quant none --quant int8dq --quant int8wo --quant auto
 
 test-fast: install
 	$(BIN)/python -m pytest -q -n 2 -m "not slow"

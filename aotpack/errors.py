@@ -1,6 +1,6 @@
 """Errors that aotpack raises: one line naming the cause, one line naming the fix.
 
-The library never prints or exits; only ``cli.py`` turns these into ``Error: ...`` / ``Hint: ...``.
+The library never prints or exits; only the CLI (``aotpack/cli/app.py``) turns these into ``Error: ...`` / ``Hint: ...``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The command-line options more than one module needs, declared once: ``-q``/``--json`` (every command),
 ``--token`` and ``--trusted-key`` (the commands that reach the Hub or load an artifact), the options of a derived
 recipe (``build SOURCE``, ``recipe SOURCE``) and ``aotpack build``'s whole set, which the build farm also parses a
-matrix cell's options with (so farm.py never imports the CLI)."""
+matrix cell's options with (so the farm never imports the CLI)."""
 
 from __future__ import annotations
 

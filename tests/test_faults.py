@@ -277,7 +277,7 @@ def test_f37_disk_full_during_build(tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(28, "No space left on device", str(tmp_path / "w"))
 
-    monkeypatch.setattr(pipeline, "save_file", full)
+    monkeypatch.setattr(pipeline, "save_aligned", full)
     out = tmp_path / "a"
     assert_one_clear_error(invoke("build", "tiny-flux", "--quant", "none", "--out", str(out)),
                            "could not write the artifact: No space left on device", "free disk space")

@@ -106,3 +106,17 @@ def test_l03_every_package_folder_ships_in_the_wheel():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = {".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")}
     assert folders <= listed, sorted(folders - listed)
+
+
+def test_l04_the_readme_layout_is_the_tree():
+    """README's Layout table has one line a module (a package's __main__ and the version file aside), and names
+    nothing that is not there."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Layout"):text.index("## What it cannot do yet")]
+    named = set(re.findall(r"^\| `(aotpack/[\w/]+\.py)`", section, re.M))
+    tree = {str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")
+            if p.name not in ("__main__.py", "_version.py") and not (p.name == "__init__.py" and p.stat().st_size < 200)}
+    assert not tree - named, ("modules the Layout does not list", sorted(tree - named))
+    assert not named - tree, ("the Layout lists what is not there", sorted(named - tree))

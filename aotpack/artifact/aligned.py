@@ -23,7 +23,7 @@ from aotpack.artifact.formats import SAFETENSORS_DTYPES
 
 log = logging.getLogger("aotpack")
 ALIGN = 64
-_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
+_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()} | {"complex64": "C64"}  # rotary tables
 
 
 def _nbytes(t: Any) -> int:
