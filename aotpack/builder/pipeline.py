@@ -172,7 +172,7 @@ def compile_target(spec: BuildSpec, t: Target, out: Path, timings: dict[str, flo
     from aotpack.serve.load import constant_names
 
     with stage("compile", timings, label=f"compile {t.name} ({index} of {total})"):
-        key, how = compile_cached(ep, out / t.code, configs=configs, platform=spec.platform, reuse=spec.reuse)
+        key, how = _compile(spec, t, ep, out, configs)
         # code shared by instances must not hold one instance's weights: when inductor computed constants from
         # weights into the code, compile again with runtime folding (each instance folds its own at its call)
         shared = t.kind == "block" and len(t.instances) > 1 and not configs.get(compat.RUNTIME_FOLDING)
@@ -195,6 +195,24 @@ def compile_target(spec: BuildSpec, t: Target, out: Path, timings: dict[str, flo
         values = {module.key(inst, f): v for inst, member in zip(t.instances, t.members)
                   for f, v in regional.instance_state(member, fqns).items()}
     return Compiled(t, replace(module, block_class=t.block_class, output=t.output), values)
+
+
+def _compile(spec: BuildSpec, t: Target, ep: Any, out: Path, configs: dict[str, Any]) -> tuple[str, str]:
+    """Compile ``t`` (or take its code from --reuse / the compile cache). Quantized block code shared by several
+    instances is compiled with runtime constant folding from the start: inductor folds constants it derives from
+    quantized weights into the code (every block class of flux-depth int8wo did), and finding that out after a
+    plain compile cost a second compile (flux-depth at 512x512: 44 s of compile, half of it wasted). Should that
+    compile fail, the plain compile and the check after it decide, as for any other code."""
+    if t.kind == "block" and len(t.instances) > 1 and t.schemes - {"none"} and not configs.get(compat.RUNTIME_FOLDING):
+        folding = {**configs, compat.RUNTIME_FOLDING: True}
+        try:
+            done = compile_cached(ep, out / t.code, configs=folding, platform=spec.platform, reuse=spec.reuse)
+        except BuildError as e:
+            log.warning("%s: compiling with runtime constant folding failed (%s); compiling without", t.name, e.cause)
+        else:
+            configs.update(folding)  # what the code was compiled with: the folded-weights check is not needed
+            return done
+    return compile_cached(ep, out / t.code, configs=configs, platform=spec.platform, reuse=spec.reuse)
 
 
 def make_manifest(spec: BuildSpec, q: Quantized, modules: list[CompiledModule], out: Path,
