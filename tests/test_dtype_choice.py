@@ -129,3 +129,14 @@ def test_int8_matmuls_stay_in_float32_on_cpu(monkeypatch, tmp_path, built):
     on(monkeypatch, ZEN4)
     spec = spec_mod.resolve("flux-blocks", artifacts_dir=tmp_path)
     assert (spec.quant, spec.dtype) == ("int8dq", "float32") and spec.out.name.endswith("-fp32")
+
+
+def test_the_pull_preference_follows_the_scheme_too():
+    """int8dq is built in float32 by `--dtype auto` on any CPU: a pull on a bf16 box prefers that build of it."""
+    from aotpack.hub import choose_build
+
+    def entry(dtype: str, size: int) -> dict:
+        return {"scheme": "int8dq", "dtype": dtype, "size": size, "platform": dataclasses.asdict(ZEN4)}
+
+    index = {"builds": {"int8dq-cpu": entry("float32", 600), "int8dq-bf16-cpu": entry("bfloat16", 400)}}
+    assert choose_build(index, dataclasses.asdict(ZEN4)) == "int8dq-cpu"

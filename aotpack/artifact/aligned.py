@@ -26,16 +26,12 @@ ALIGN = 64
 _CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()} | {"complex64": "C64"}  # rotary tables
 
 
-def _nbytes(t: Any) -> int:
-    return t.numel() * t.element_size()
-
-
 def save_aligned(tensors: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write ``tensors`` as a safetensors file (any safetensors reader loads it) in which every tensor whose size
     is a multiple of 64 bytes starts on a 64-byte boundary of the file; the data starts on one."""
     import torch
 
-    order = sorted(tensors, key=lambda k: (_nbytes(tensors[k]) % ALIGN != 0, k))
+    order = sorted(tensors, key=lambda k: (tensors[k].nbytes % ALIGN != 0, k))
     header: dict[str, Any] = {}
     offset = 0
     for name in order:
@@ -43,8 +39,8 @@ def save_aligned(tensors: Mapping[str, Any], path: str | os.PathLike) -> None:
         dtype = str(t.dtype).removeprefix("torch.")
         if dtype not in _CODES:
             raise ValueError(f"tensor {name} has dtype {dtype}, which safetensors cannot store")
-        header[name] = {"dtype": _CODES[dtype], "shape": list(t.shape), "data_offsets": [offset, offset + _nbytes(t)]}
-        offset += _nbytes(t)
+        header[name] = {"dtype": _CODES[dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * ((-(8 + len(text))) % ALIGN)
     with open(path, "wb") as f:
@@ -64,7 +60,7 @@ def aligned(tensors: dict[str, Any]) -> dict[str, Any]:
     for name, t in tensors.items():
         if t.device.type == "cpu" and t.numel() and t.data_ptr() % ALIGN:
             t = t.clone()
-            moved += _nbytes(t)
+            moved += t.nbytes
         out[name] = t
     if moved:
         log.debug("copied %.1f MiB of weights to 64-byte aligned memory", moved / 2**20)

@@ -24,7 +24,7 @@ from aotpack._version import __version__
 from aotpack.artifact.aligned import save_aligned
 from aotpack.artifact.files import WEIGHTS, atomic_folder, file_entries, remember_folder
 from aotpack.artifact.manifest import SCHEMA_VERSION, BuildInfo, CompiledModule, FileEntry, LoraRef, Manifest, ModelRef, PlanRef, QuantError, RecipeRef, SchemeRef, MANIFEST
-from aotpack.builder.capture import capture_inputs, record_call
+from aotpack.builder.capture import Call, capture_inputs, record_call
 from aotpack.builder.compile import CONSTANTS_KEY, compile_cached, compiler_settings, constant_values, constants_signature, crash_report
 from aotpack.builder.export import export_fitted
 from aotpack.builder.plan import PLAN_FILE, Planner, check_plan_covers, linear_quantizer, summary
@@ -34,7 +34,7 @@ from aotpack.builder.spec import BuildSpec, default_out, resolve
 from aotpack.builder import regional
 from aotpack.builder.targets import (Compiled, Quantized, Target, block_targets, component_target, glue_weights,
                                      vae_target)
-from aotpack.builder.verify import FullPrecision, measure_quant_error, verify
+from aotpack.builder.verify import measure_quant_error, verify
 from aotpack.builder.weights import CheckpointReader, Lora, Streamed, materialize, read_lora, skeleton
 from aotpack.errors import BuildError
 from aotpack.stages import interrupts, peak_rss_bytes, stage
@@ -175,7 +175,7 @@ def compile_target(spec: BuildSpec, t: Target, out: Path, timings: dict[str, flo
         key, how = _compile(spec, t, ep, out, configs)
         # code shared by instances must not hold one instance's weights: when inductor computed constants from
         # weights into the code, compile again with runtime folding (each instance folds its own at its call)
-        shared = t.kind == "block" and len(t.instances) > 1 and not configs.get(compat.RUNTIME_FOLDING)
+        shared = _shared(t) and not configs.get(compat.RUNTIME_FOLDING)
         taken = set(constant_names(out / t.code)) if shared else set()  # opens the package once
         folded = sorted((set(ep.state_dict) | set(ep.constants)) - taken) if shared else []
         if folded:
@@ -197,13 +197,18 @@ def compile_target(spec: BuildSpec, t: Target, out: Path, timings: dict[str, flo
     return Compiled(t, replace(module, block_class=t.block_class, output=t.output), values)
 
 
+def _shared(t: Target) -> bool:
+    """Block code several instances share: it must hold no instance's weights."""
+    return t.kind == "block" and len(t.instances) > 1
+
+
 def _compile(spec: BuildSpec, t: Target, ep: Any, out: Path, configs: dict[str, Any]) -> tuple[str, str]:
     """Compile ``t`` (or take its code from --reuse / the compile cache). Quantized block code shared by several
     instances is compiled with runtime constant folding from the start: inductor folds constants it derives from
     quantized weights into the code (every block class of flux-depth int8wo did), and finding that out after a
     plain compile cost a second compile (flux-depth at 512x512: 44 s of compile, half of it wasted). Should that
     compile fail, the plain compile and the check after it decide, as for any other code."""
-    if t.kind == "block" and len(t.instances) > 1 and t.schemes - {"none"} and not configs.get(compat.RUNTIME_FOLDING):
+    if _shared(t) and t.schemes - {"none"} and not configs.get(compat.RUNTIME_FOLDING):
         folding = {**configs, compat.RUNTIME_FOLDING: True}
         try:
             done = compile_cached(ep, out / t.code, configs=folding, platform=spec.platform, reuse=spec.reuse)
@@ -244,11 +249,11 @@ def _request(r: Any, modules: list[CompiledModule]) -> Any:
         else request
 
 
-def reference(spec: BuildSpec, pipe: Any, ckpt: Checkpoint) -> tuple[dict[str, Any], FullPrecision, Any]:
-    """One pipeline call with the component streamed in full precision: what reaches the component (it does not
-    depend on the component's weights: export captures it), the component's output on it and the final latents;
-    for a regional build without [block_inputs] (a derived recipe), the inputs of another request, which name
-    the blocks' dims."""
+def reference(spec: BuildSpec, pipe: Any, ckpt: Checkpoint) -> tuple[Call, Any]:
+    """One pipeline call with the component streamed in full precision (a ``Call``): what reaches the component
+    (it does not depend on the component's weights: export captures it), the component's output on it and the
+    final latents; and for a regional build without [block_inputs] (a derived recipe), the inputs of another
+    request, which name the blocks' dims."""
     r = spec.recipe
     streamed = Streamed(skeleton(ckpt.config, fuse_qkv=spec.options.fuse_qkv), CheckpointReader(ckpt.folder),
                         dtype=torch_dtype(spec.dtype), device=spec.device, lora=ckpt.lora)
@@ -259,7 +264,7 @@ def reference(spec: BuildSpec, pipe: Any, ckpt: Checkpoint) -> tuple[dict[str, A
     finally:
         streamed.close()
         setattr(pipe, r.component, None)
-    return call.example, FullPrecision(forward=call.first_output, latents=call.latents), second
+    return call, second
 
 
 def run_build(spec: BuildSpec) -> Path:
@@ -274,7 +279,8 @@ def run_build(spec: BuildSpec) -> Path:
             pipe.to(spec.device)
         ckpt = read_checkpoint(spec, pipe)
         with stage("reference", timings):  # full precision, one unit of weights in memory at a time
-            example, full, second = reference(spec, pipe, ckpt)
+            full, second = reference(spec, pipe, ckpt)
+            example = full.example
         with stage("quantize", timings):
             q = quantize_component(spec, ckpt, tmp)
         setattr(pipe, r.component, q.model)

@@ -4,14 +4,14 @@ quantized compiled model against the full-precision one (one forward and the fin
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from aotpack.artifact.manifest import CompiledModule, QuantError
-from aotpack.builder.capture import record_call
+from aotpack.builder.capture import Call, record_call, unflatten_inputs
 from aotpack.builder.compile import named_call
 from aotpack.builder.schemes import compile_tolerance
 from aotpack.builder.spec import BuildSpec
@@ -21,15 +21,6 @@ from aotpack.errors import BuildError
 log = logging.getLogger("aotpack")
 
 
-@dataclass
-class FullPrecision:
-    """What the quantized build is measured against: the full-precision eager model's output on the captured
-    inputs, and the final latents of one pipeline call with it."""
-
-    forward: torch.Tensor
-    latents: torch.Tensor
-
-
 def verify(spec: BuildSpec, out: Path, parts: list[Compiled]) -> tuple[Any, list[CompiledModule], torch.Tensor | None]:
     """Load the artifact just written as a serving box does, and hold every compiled module (each instance of a
     regional block on the block inputs captured) to its tolerance against eager on the captured inputs. Returns
@@ -37,7 +28,6 @@ def verify(spec: BuildSpec, out: Path, parts: list[Compiled]) -> tuple[Any, list
     regional build: the whole regional model, whose blocks hand each other their outputs, is checked end to end
     by ``measure_quant_error``'s pipeline call). One load: AOTInductor keeps a package's constants mapped while
     the process lives."""
-    from aotpack.builder.capture import unflatten_inputs
     from aotpack.serve.load import load
 
     loaded = load(out, trusted_keys=[])
@@ -88,7 +78,7 @@ def _with_error(m: CompiledModule, error: float, tolerance: float) -> CompiledMo
     return replace(m, max_abs_error=error, tolerance=tolerance)
 
 
-def measure_quant_error(spec: BuildSpec, pipe: Any, full: FullPrecision, loaded: Any, parts: list[Compiled],
+def measure_quant_error(spec: BuildSpec, pipe: Any, full: Call, loaded: Any, parts: list[Compiled],
                         component_out: torch.Tensor | None, whole_reference: torch.Tensor | None) -> QuantError:
     """The quantized compiled model, as it will be served, against the full-precision eager model: on the
     captured inputs, and on the final latents of one pipeline call at the capture settings. That call's first
@@ -105,8 +95,8 @@ def measure_quant_error(spec: BuildSpec, pipe: Any, full: FullPrecision, loaded:
         schemes = {s for c in parts for s in c.target.schemes}
         check_close(component, call.first_output, whole_reference, schemes, spec.dtype)
     forward = component_out if component_out is not None else call.first_output
-    return QuantError(forward_max_abs=float((forward.float() - full.forward.float()).abs().max()),
-                      forward_ref_max=float(full.forward.float().abs().max()),
+    return QuantError(forward_max_abs=float((forward.float() - full.first_output.float()).abs().max()),
+                      forward_ref_max=float(full.first_output.float().abs().max()),
                       latents_max_abs=float((call.latents - full.latents).abs().max()),
                       latents_ref_max=float(full.latents.abs().max()))
 

@@ -128,7 +128,6 @@ def choose_build(index: dict, here: dict, quant: str | None = None, build: str |
     else:
         candidates = index["builds"]
     fits = []
-    fastest, _ = compute_dtype(here)
     for name, entry in candidates.items():
         if quant and entry.get("scheme") != quant:
             continue
@@ -138,6 +137,7 @@ def choose_build(index: dict, here: dict, quant: str | None = None, build: str |
                 continue
         except (KeyError, TypeError, AttributeError):
             continue
+        fastest = compute_dtype(here, entry.get("scheme"))[0]  # what `--dtype auto` builds this scheme in here
         fits.append((tag(platform) != tag(here), entry.get("dtype") != fastest, entry.get("size", 0), name))
     if fits:
         fits.sort()
@@ -145,7 +145,7 @@ def choose_build(index: dict, here: dict, quant: str | None = None, build: str |
         why = ("the one named" if build else
                f"{'a compatible' if other else 'the exact'} platform for this machine ({tag(here)})"
                + (f", scheme {quant}" if quant else "")
-               + ("" if slower or len(fits) == 1 else f", {fastest} (what it computes fastest)")
+               + ("" if slower or len(fits) == 1 else ", in the dtype it computes that scheme fastest in")
                + (f", the smallest of {len(fits)} that fit" if len(fits) > 1 else "")
                + (f"; {len(index['builds']) - len(fits)} other build(s) do not fit" if len(index["builds"]) > len(fits)
                   else ""))
