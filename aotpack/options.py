@@ -63,7 +63,7 @@ def build_options(f):
     @click.option("--variant", default=None, help="A recipe variant, e.g. 'schnell' for flux.")
     @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default=None,
                   help="Override the recipe's dtype; auto: what this machine computes fastest (bf16 on a CPU with "
-                       "AMX or AVX512-BF16 and on GPUs, float32 on other CPUs).")
+                       "AMX or AVX512-BF16 and on GPUs, float32 on other CPUs and for int8dq on any CPU).")
     @click.option("--overwrite", is_flag=True, help="Replace an existing artifact folder.")
     @click.option("--lora", type=click.Path(), default=None, help="A LoRA .safetensors to fuse into the weights before quantizing.")
     @click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Strength of --lora.")

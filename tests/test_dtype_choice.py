@@ -140,3 +140,12 @@ def test_the_pull_preference_follows_the_scheme_too():
 
     index = {"builds": {"int8dq-cpu": entry("float32", 600), "int8dq-bf16-cpu": entry("bfloat16", 400)}}
     assert choose_build(index, dataclasses.asdict(ZEN4)) == "int8dq-cpu"
+
+
+def test_a_hostile_dtype_in_the_index_neither_crashes_the_choice_nor_wins_it():
+    from aotpack.hub import choose_build
+
+    good = {"scheme": "none", "dtype": "bfloat16", "size": 900, "platform": dataclasses.asdict(ZEN4)}
+    for hostile in ({"x": 1}, ["bfloat16"], None, 7, "bfloat16\n"):
+        index = {"builds": {"a-good": good, "b-odd": {**good, "dtype": hostile, "size": 1}}}
+        assert choose_build(index, dataclasses.asdict(ZEN4)) == "a-good"

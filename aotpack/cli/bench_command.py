@@ -44,7 +44,7 @@ def bench(recipe, quants, variant, steps, images, out, max_autotune, dtype, regi
       aotpack bench tiny-flux --quant int8wo
       aotpack bench flux-blocks --quant none --quant int8wo --quant auto   # real width: `make bench`
       aotpack bench flux-blocks --quant int8wo --no-regional     # whole graph only
-      aotpack bench flux-blocks --quant int8dq --dtype float32   # beside the default (bf16 where the CPU has bf16 units)
+      aotpack bench flux-blocks --quant none --dtype float32     # beside the default (bf16 where the CPU has bf16 units)
       aotpack bench flux-depth --quant int8wo --build-only --variant shallow   # 1 + 1 blocks
       aotpack bench flux-depth --quant int8wo --build-only       # 19 + 38 blocks, same table
     """
