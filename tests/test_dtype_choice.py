@@ -79,10 +79,14 @@ def test_dtype_auto_resolves_per_machine_and_names_the_build(here, dtype, suffix
 def test_a_recipe_may_ask_for_the_machines_dtype(monkeypatch, tmp_path, built):
     from aotpack.builder.recipe import get_recipe
 
+    from aotpack.builder.recipe_parse import parse_recipe
+
     assert get_recipe("flux-blocks").dtype == "auto"  # the CPU bench recipe: each box gets its fastest dtype
+    # the same kind of recipe at tiny size (flux-blocks' 2 GB checkpoint would be written just to be resolved)
+    auto = parse_recipe({**get_recipe("tiny-flux").data, "name": "tiny-flux-auto", "dtype": "auto"})
     for here, dtype, name in ((AVX2, "float32", "fp32"), (ZEN4, "bfloat16", "bf16")):
         on(monkeypatch, here)
-        spec = spec_mod.resolve("flux-blocks", "none", artifacts_dir=tmp_path)
+        spec = spec_mod.resolve(auto, "none", artifacts_dir=tmp_path)
         assert spec.dtype == dtype and spec.out.name.endswith(f"-{name}")  # named: it differs between boxes
 
 
@@ -126,8 +130,13 @@ def test_int8_matmuls_stay_in_float32_on_cpu(monkeypatch, tmp_path, built):
     platform.INT8_MATMUL); flux-blocks' default scheme is int8dq, so its default build is fp32 on every CPU."""
     assert compute_dtype(ZEN4, "int8dq")[0] == compute_dtype(AVX2, "int8dq")[0] == "float32"
     assert compute_dtype(ZEN4, "int8wo")[0] == "bfloat16" and compute_dtype(gpu("9.0"), "int8dq")[0] == "bfloat16"
+    from aotpack.builder.recipe import get_recipe
+    from aotpack.builder.recipe_parse import parse_recipe
+
     on(monkeypatch, ZEN4)
-    spec = spec_mod.resolve("flux-blocks", artifacts_dir=tmp_path)
+    # flux-blocks' own fields on tiny-flux's checkpoint (its 2 GB one would be written just to be resolved)
+    blocks = parse_recipe({**get_recipe("flux-blocks").data, "checkpoint": "builtin:tiny-flux"})
+    spec = spec_mod.resolve(blocks, artifacts_dir=tmp_path)
     assert (spec.quant, spec.dtype) == ("int8dq", "float32") and spec.out.name.endswith("-fp32")
 
 

@@ -282,12 +282,13 @@ def served_call(r, *, height: int, width: int, batch: int = 1, frames: int | Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,build", [("tiny-sd3", "whole"), ("tiny-wan", "whole"), ("tiny-flux2-klein", "whole"),
-                                          ("tiny-sd3", "regional"), ("tiny-wan", "regional"),
+# One derived whole graph compiled (SD3); Wan's and FLUX.2 klein's whole-graph exports are checked against eager
+# without a compile in test_derive's d05, their derived block builds compiled and served here.
+@pytest.mark.parametrize("family,build", [("tiny-sd3", "whole"), ("tiny-sd3", "regional"), ("tiny-wan", "regional"),
                                           ("tiny-flux2-klein", "regional")])
 def test_g05_a_model_folder_builds_with_no_recipe_and_matches_eager_at_other_requests(family, build, derived_build):
-    """SD3 (CFG doubles the batch; 4-D latents), Wan (video: frames, rows and columns; root parameters) and FLUX.2
-    klein (packed tokens, non-contiguous input): the recipe derived from the folder, recorded in the manifest,
+    """SD3 (CFG doubles the batch; 4-D latents), Wan (video: frames, rows and columns; root parameters, eager
+    around the blocks) and FLUX.2 klein (packed tokens): the recipe derived from the folder, recorded in the manifest,
     served from there (no recipe of that name ships), matched against eager diffusers at sizes, frames and a
     batch other than the capture's. Regional (g06): each block class's dims named from two calls (FLUX.2's
     single-stream block sees text + image tokens, its double-stream one image tokens), Wan's blocks called
@@ -347,7 +348,7 @@ def test_g05_a_derived_build_runs_from_the_command_line_and_refuses_outside_its_
 @pytest.mark.slow
 def test_g06_a_block_argument_that_follows_the_request_is_refused_before_compiling(tmp_path):
     """Sana's blocks take the latent height and width as ints: a regional build would bake one size into code
-    that claims a range. Refused in one line, before any compile (the whole graph builds: g05 covers it)."""
+    that claims a range. Refused in one line, before any compile (its whole graph exports: test_derive's d05)."""
     from conftest import no_partials, run_cli
 
     out = tmp_path / "sana"
