@@ -34,7 +34,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -n 2
 
-# Real-width side-by-side bench (eager / torch.compile / compile + portable cache / aotpack / aotpack-regional): ~40 minutes
+# Real-width side-by-side bench (eager / torch.compile / + freezing / + portable cache / aotpack / aotpack-regional): ~50 minutes
 # on 2 cores (builds included); results in artifacts/bench/flux-blocks-<platform>/ (.md, .csv, .json, .png).
 bench: install
 	$(BIN)/aotpack bench flux-blocks --quant none --quant int8dq --quant int8wo --quant auto

@@ -86,6 +86,14 @@ def test_bench_writes_table_csv_json_and_plot(built, tmp_path):
     assert arts_json["regional"]["path"].endswith("-regional") and arts_json["whole"]["wall_s"] is None
     assert data["builds"] == {} and set(data["loads"]) == {"int8wo", "int8wo regional"}
     assert (out / "results.png").stat().st_size > 1000
+    # the matmul bound: the machine's rate per dtype, the eager row's linear FLOPs, each row's share
+    assert set(data["machine"]["matmul_gflops"]) >= {"float32", "bfloat16"}
+    assert eager["variant"] == "eager" and data["rows"][0]["linear_flops"] > 0
+    assert all(r["linear_flops"] is None for r in data["rows"][1:])  # counted once, on eager
+    bound = md.split("## Matmul bound", 1)[1].split("##", 1)[0]
+    assert "float32" in bound and "GFLOP/s" in bound
+    assert [ln.split("|")[2].strip() for ln in bound.splitlines() if ln.startswith("| int8wo |")] == \
+        ["eager", "aotpack", "aotpack-regional"]
 
 
 def test_regional_is_the_default_where_the_model_has_repeated_blocks():
@@ -125,6 +133,25 @@ def test_targets_are_marked_met_or_missed():
 
     assert _target("0.21", 0.25) == "0.21 met" and _target("1.31", 1.02) == "1.31 missed"
     assert _target("1.02", 1.02) == "1.02 met" and _target("n/a", 1.0) == "n/a"
+
+
+def test_the_forward_target_is_against_the_fastest_torch_compile_variant():
+    from aotpack.bench.bound import bound_table, rate_dtype
+    from aotpack.bench.results import _targets_table
+
+    def row(variant, forward, **kw):
+        return {"quant": "int8dq", "variant": variant, "forward_s": forward, "cold_start_s": 5.0, "dtype": "float32",
+                **kw}
+
+    rows = [row("eager", 1.2, linear_flops=int(150e9)), row("compile", 0.165), row("compile+freezing", 0.150),
+            row("compile+cache", 0.170), row("aotpack", 0.160)]
+    line = next(ln for ln in _targets_table(rows, {}) if ln.startswith("| int8dq |"))
+    assert "1.07 missed (compile+freezing)" in line  # 0.160 / 0.150, not / 0.165
+    table = bound_table(rows, {"float32": 150.0, "int8": 1000.0})
+    assert rate_dtype("int8dq", "float32") == "int8" and rate_dtype("int8wo", "bfloat16") == "bfloat16"
+    aot = next(ln for ln in table if "| aotpack |" in ln)
+    assert "| int8 | 0.160 | 150.0 | 938 | 94% |" in aot  # 150 GFLOP in 0.16 s against 1000 GFLOP/s
+    assert bound_table(rows, {}) == []  # no rates measured: no section
 
 
 def test_the_plan_is_printed_before_anything_runs_with_an_estimate_from_the_last_run(tmp_path, capsys):

@@ -51,6 +51,7 @@ def worker(args: dict) -> dict:
     t0 = args["t0"]
     import torch
 
+    from aotpack.bench.bound import LinearFlops
     from aotpack.bench.variants import load_variant
     from aotpack.builder.recipe import get_recipe
 
@@ -69,7 +70,10 @@ def worker(args: dict) -> dict:
 
     forwards = _forward_clock(transformer, sync)
     image = _image_clock(pipe, recipe, args, sync)
+    # the eager row counts the forward's linear FLOPs (hooks on its nn.Linear calls, first image only)
+    counter = LinearFlops(transformer) if variant == "eager" else None
     first_image_s = image()
+    linear_flops = counter.per_forward(len(forwards)) if counter else None
     first_forward_end = forwards[0][1]
     first_output_s = (first_forward_end - time.perf_counter()) + (time.time() - t0)
     first_image_total_s = time.time() - t0
@@ -92,6 +96,7 @@ def worker(args: dict) -> dict:
         "inference_memory": torch.cuda.max_memory_allocated() if cuda else _peak_rss(),
         "rss_start": rss_start,
         "threads": torch.get_num_threads(),
+        "linear_flops": linear_flops,
     }
     return result
 

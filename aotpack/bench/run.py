@@ -11,6 +11,7 @@ from typing import Any, Callable
 from aotpack.bench.builds import build_artifact, build_record, weights_bytes
 from aotpack.bench.measure import spawn
 from aotpack.bench.results import machine, print_plan, write_builds, write_results
+from aotpack.bench.bound import matmul_rates
 from aotpack.bench.variants import REGIONAL, VARIANTS, has_repeated_blocks
 
 
@@ -20,7 +21,8 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
               artifacts_dir: Path = Path("artifacts"), cold_builds: bool = True) -> Path:
     """Build (or reuse) the artifacts, run every variant for every scheme, write results; returns ``out``.
 
-    ``variants``: default eager, compile, compile+cache, aotpack, plus aotpack-regional when ``regional``
+    ``variants``: default eager, compile, compile+freezing, compile+cache, aotpack, plus aotpack-regional when
+    ``regional``
     (default: when the model has repeated blocks). Artifacts that are missing are built from scratch (see
     ``build_artifact``); existing ones are reused and their manifests say how they were built.
     ``build_only``: build every artifact afresh (whole graph, and regional when ``regional``), run nothing, and
@@ -55,6 +57,7 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
         write_builds(out, _build_all(recipe, quants, wanted, path_of, **build), machine())
         return out
     print_plan(out, recipe.full_name, quants, variants, wanted, path_of, images)
+    rates = matmul_rates(device)  # the machine's matmul bound, before anything else runs
     rows, loads, builds, records = [], {}, {}, []
     checkpoint_dir = Path(source.location) if source.kind != "hub" else None
     common = {"recipe": recipe.name, "recipe_variant": variant, "device": device, "dtype": _dtypes_line(dtypes),
@@ -65,7 +68,7 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
         facts = _ensure_artifacts(recipe, quant, paths, wanted, builds, records, **build)
         rows += _run_variants({**common, "dtype": dtypes[quant]}, quant, variants, paths, facts, checkpoint_dir)
         loads.update(_load_artifacts(quant, paths))
-    info = machine()
+    info = {**machine(), "matmul_gflops": {k: round(v, 1) for k, v in rates.items()}}
     write_results(out, recipe, rows, loads, builds, info, common, artifacts=records)
     return out
 
@@ -130,7 +133,7 @@ def _run_variants(common: dict, quant: str, variants: tuple, paths: dict, facts:
             args = {**common, "variant": v, "quant": quant, "artifact": str(path),
                     "save_cache": str(cache_file) if v == "compile" else None, "cache_file": str(cache_file)}
             r = spawn("worker", args, env=env, evict_folders=tuple(cold))
-            r.update({"quant": quant, "weights_bytes": weights_bytes(path), **facts.get(v, {})})
+            r.update({"quant": quant, "dtype": common["dtype"], "weights_bytes": weights_bytes(path), **facts.get(v, {})})
             rows.append(r)
             print(f"  {quant:<8} {v:<16} cold start {r['cold_start_s']:6.1f} s, forward {r['forward_s']:.3f} s, "
                   f"image {r['image_s']:.2f} s", file=sys.stderr)

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("eager", "compile", "compile+cache", "aotpack")
+VARIANTS = ("eager", "compile", "compile+freezing", "compile+cache", "aotpack")
+COMPILES = ("compile", "compile+freezing", "compile+cache")  # torch.compile rows: the aotpack forward's bar
 REGIONAL = "aotpack-regional"                   # the regional artifact, run exactly as "aotpack"
 GPU_VARIANTS = VARIANTS + ("aotpack+graphs",)   # CUDA graphs replay of the artifact (GPU only)
 SHOWN = VARIANTS + (REGIONAL, "aotpack+graphs")  # the order of the plot's bars
@@ -39,8 +40,9 @@ def has_repeated_blocks(recipe, source) -> bool:
 
 def load_variant(args: dict, recipe: Any) -> tuple[Any, Any]:
     """The pipeline of ``args['variant']`` and its transformer, ready to serve: the artifact's (``aotpack*``),
-    or the checkpoint's with the transformer quantized by ``args['quant']`` (and ``torch.compile``d, from the
-    portable cache ``args['cache_file']`` for ``compile+cache``)."""
+    or the checkpoint's with the transformer quantized by ``args['quant']`` (and ``torch.compile``d: with
+    inductor's freezing for ``compile+freezing``, from the portable cache ``args['cache_file']`` for
+    ``compile+cache``)."""
     import torch
 
     from aotpack.builder.source import load_pipeline, resolve_source
@@ -59,6 +61,8 @@ def load_variant(args: dict, recipe: Any) -> tuple[Any, Any]:
     if variant.startswith("compile"):
         if variant == "compile+cache":
             torch.compiler.load_cache_artifacts(Path(args["cache_file"]).read_bytes())
+        if variant == "compile+freezing":  # weights folded in as constants (inductor freezes under no_grad,
+            torch._inductor.config.freezing = True  # which a diffusers pipeline call is)
         mode = "max-autotune" if args.get("max_autotune") else None
         transformer = torch.compile(transformer, mode=mode)
         setattr(pipe, recipe.component, transformer)

@@ -33,11 +33,12 @@ from aotpack.options import json_option, quiet_option
                    "the same folder are kept.")
 @json_option
 def bench(recipe, quants, variant, steps, images, out, max_autotune, dtype, regional, build_only, as_json) -> None:
-    """Compare eager, torch.compile (cold), torch.compile + its portable cache and the aotpack artifacts.
+    """Compare eager, torch.compile (cold; and with inductor's freezing), torch.compile + its portable cache and
+    the aotpack artifacts.
 
     Each variant runs in a fresh process with the checkpoint and artifact evicted from the page cache and an
-    empty compiler cache. Writes results.md (table), results.csv, results.json and results.png; prints the
-    folder. Artifacts are built first when missing (into artifacts/, from an empty compile cache).
+    empty compiler cache. Writes results.md (table, targets, each forward's share of the machine's matmul
+    rate), results.csv, results.json and results.png; prints the folder. Artifacts are built first when missing (into artifacts/, from an empty compile cache).
 
     \b
     Examples:
