@@ -40,6 +40,23 @@ def weight_fqns(compiled: Any) -> list[str]:
     return [f for f in compiled.get_constant_fqns() if not f.startswith(FOLDED_PREFIX)]
 
 
+def input_names(compiled: Any) -> list[str] | None:
+    """The names of the dict a compiled package takes, in the order its code reads them (its exported input spec:
+    the runner feeds a dict's values in the dict's own order, so a call in another order feeds wrong tensors);
+    ``None`` when the package takes no single dict (not an aotpack package)."""
+    import json
+
+    try:
+        spec = json.loads(compiled.loader.get_call_spec()[0])[1]
+        first = spec["children_spec"][0]["children_spec"][0]  # (args, kwargs) -> args -> the one dict
+        if first.get("type") != "builtins.dict":
+            return None
+        names = json.loads(first["context"])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
+    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+
 def preload() -> None:
     """Import what ``open_package`` needs (a serving process has it imported before it loads: the bench counts
     that as process start, not load time)."""

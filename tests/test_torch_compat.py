@@ -61,6 +61,34 @@ def test_open_package_matches_the_public_loader(artifacts):
     assert torch.equal(outs[0], outs[1])
 
 
+def test_input_names_are_the_order_the_compiled_code_reads_its_dict_in(artifacts):
+    """``input_names`` reads the package's exported call spec; the runner feeds a dict's values in the dict's
+    own order, so the same tensors in another order give another (wrong) result and no error."""
+    path = artifacts("none")
+    module = mf.read(path).component
+    compiled = torch._inductor.aoti_load_package(str(path / MODEL))
+    assert compat.input_names(compiled) == list(module.inputs.names)  # the order the manifest records
+    assert compat.input_names(object()) is None  # not a package: no order, no crash
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / WEIGHTS))
+    compiled.load_constants({f: weights[module.key(module.instances[0], f)] for f in compat.weight_fqns(compiled)},
+                            check_full_update=True, user_managed=True)
+    g = torch.Generator().manual_seed(0)
+    sizes = module.inputs.sizes(lambda name, rng: rng[0] if name == "batch" else rng[1] // 2)
+    x = {t.name: torch.randn([sizes[d] if isinstance(d, str) else d for d in t.shape], generator=g)
+         for t in module.inputs.tensors}
+    names = list(x)
+    shuffled = {n: x[n] for n in names[1:] + names[:1]}
+    with torch.no_grad():
+        want = compiled(x)[0]
+        try:
+            got = compiled(shuffled)[0]
+        except RuntimeError:  # the wrong tensor in a slot may also fail inside the code
+            got = None
+    assert got is None or not torch.equal(got, want)  # why every call builds its dict in the spec's order
+
+
 def test_open_package_falls_back_loudly_when_the_private_loader_changes(artifacts, monkeypatch, caplog):
     real = torch._C._aoti.AOTIModelPackageLoader
     calls = []

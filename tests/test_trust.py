@@ -470,3 +470,20 @@ def test_build_signs_and_run_requires_the_key_on_the_command_line(artifacts, key
     one_error(invoke(*args, "--trusted-key", str(keys["stranger"][1])), "not signed by any trusted key")
     one_error(invoke("build", "tiny-flux", "--out", str(tmp_path / "b"), "--sign-key", str(keys["builder"][1])),
               "is not an unencrypted PEM private key")
+
+
+def test_t40_a_manifest_listing_the_inputs_in_another_order_is_refused_at_load(artifacts, tmp_path, opened):
+    """The compiled code reads its dict by position and checks nothing: a manifest whose inputs are reordered
+    (edited, or another build's) would feed hidden_states into the timestep slot. Refused at load, one line,
+    before any compiled call; the same check holds for each block of a regional artifact."""
+    for options in ({}, {"regional": True}):
+        art = artifacts.copy("none" if not options else "int8wo", tmp_path / f"a{len(options)}", **options)
+        data = json.loads((art / mf.MANIFEST).read_text())
+        tensors = data["modules"][0]["inputs"]["tensors"]
+        tensors.insert(0, tensors.pop(1))
+        (art / mf.MANIFEST).write_text(json.dumps(data))
+        with pytest.raises(IntegrityError) as e:
+            aotpack.load(art, trusted_keys=[])
+        assert "the manifest lists [" in e.value.cause and "takes [" in e.value.cause, e.value.cause
+        assert "\n" not in e.value.cause and "edited" in e.value.hint
+        one_error(invoke("run", str(art), "--prompt", "x", "--out", str(tmp_path / "x.png")), "the manifest lists")

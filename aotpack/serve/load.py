@@ -122,6 +122,22 @@ def _check_constants(compiled: Any, module: CompiledModule, weights: dict[str, t
                                  hint)
 
 
+def check_input_order(compiled: Any, module: CompiledModule) -> None:
+    """The manifest's inputs must be the compiled code's, in its order: every call builds its dict in the
+    manifest's order, and the code reads values by position (AOTInductor checks neither names nor shapes)."""
+    names, listed = compat.input_names(compiled), list(module.inputs.names)
+    if names != listed:
+        code = "takes no dict of inputs" if names is None else f"takes {_names(names)}"
+        raise IntegrityError(f"{module.code} {code}; the manifest lists {_names(listed)}",
+                             "the manifest was edited or belongs to another build; rebuild the artifact, or "
+                             "download it again")
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(one_line(n, 40) for n in names[:8])
+    return f"[{shown}{', ...' if len(names) > 8 else ''}]"
+
+
 def instance_constants(compiled: Any, module: CompiledModule, weights: dict[str, torch.Tensor],
                        instance: str) -> dict[str, torch.Tensor]:
     """{constant name: tensor} of one instance of ``module``, checked against the compiled constants first."""
@@ -191,6 +207,8 @@ def _open_verified(folder: Path, pulled: Any, keys: list, *, cuda_graphs: bool
         opened = {m.name: compat.open_package(files.code(m.code), single_threaded=cuda_graphs)
                   for m in manifest.modules}
         _check_weights_cover(manifest, weights, opened)
+        for m in manifest.modules:
+            check_input_order(opened[m.name], m)
         plan = files.read(manifest.plan.file) if manifest.plan is not None and manifest.plan.file in manifest.files \
             else None
     return manifest, signer, weights, opened, plan
