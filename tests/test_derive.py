@@ -252,7 +252,7 @@ def test_d07_a_hub_repo_id_is_derived_at_the_commit_its_branch_points_to_and_sta
 
 
 @pytest.mark.slow  # the real command in a fresh process, one family's probe calls
-def test_d08_aotpack_recipe_prints_the_derived_recipe_as_toml_and_json(tmp_path):
+def test_d08_aotpack_recipe_prints_the_derived_recipe_as_toml_and_json(tmp_path, derived):
     import json
 
     from conftest import run_cli
@@ -264,7 +264,7 @@ def test_d08_aotpack_recipe_prints_the_derived_recipe_as_toml_and_json(tmp_path)
     assert proc.returncode == 0, proc.stderr[-1500:]
     data = tomllib.loads(proc.stdout)
     assert data["pipeline"] == "Flux2KleinPipeline" and data["checkpoint"] == folder
-    assert data == derive(folder, Options(max_size=192))
+    assert data == derived("tiny-flux2-klein")  # derive(folder, Options(max_size=192, max_frames=17)), in-process
     (tmp_path / "mine.toml").write_text(proc.stdout)
     assert parse_recipe(tomllib.loads((tmp_path / "mine.toml").read_text()), pinned=False).name == data["name"]
     as_json = run_cli("recipe", folder, "--max-size", "192", "--json")
