@@ -173,3 +173,22 @@ def test_the_plan_is_printed_before_anything_runs_with_an_estimate_from_the_last
     (tmp_path / "results.json").write_text(json.dumps({"rows": rows}))
     print_plan(tmp_path, "tiny-flux", ["none"], ("eager",), {"aotpack": False}, lambda q, r: built, 2)
     assert "about 1 min of runs" in capsys.readouterr().err  # 30 + 3 x 10 s
+
+
+def test_interleaved_forwards_run_every_artifact_in_one_process_and_mark_the_target(built):
+    """The forward target measured where the box's drift cancels: every variant once a round, one process."""
+    from aotpack.bench.interleaved import interleaved
+    from aotpack.bench.results import interleaved_table
+
+    _, arts = built
+    paths = sorted(str(p) for p in arts.iterdir())  # tiny-flux int8wo: whole, regional
+    res = interleaved(paths, compile_rows=False, rounds=2)
+    assert [r["variant"] for r in res["rows"]] == ["aotpack", "aotpack-regional"]
+    assert all(0 < r["min_s"] <= r["median_s"] for r in res["rows"]) and res["what"] == "tiny-flux int8wo float32"
+    fake = {"rows": [{"variant": "aotpack", "median_s": 0.162, "min_s": 0.156},
+                     {"variant": "compile", "median_s": 0.159, "min_s": 0.155},
+                     {"variant": "compile+freezing", "median_s": 0.161, "min_s": 0.155}]}
+    table = interleaved_table({"int8dq": fake})
+    assert any(ln.startswith("| int8dq | aotpack |") and ln.endswith("1.02 missed |") for ln in table), table
+    assert interleaved_table({"int8wo": res})[-1].endswith("n/a |")  # no torch.compile row: nothing to hold it to
+    assert interleaved_table({}) == []

@@ -14,7 +14,7 @@ from aotpack.artifact.platform import INT8_MATMUL
 M, K, N = 512, 3072, 3072
 
 
-def matmul_rates(device: str = "cpu", repeats: int = 5) -> dict[str, float]:
+def matmul_rates(device: str = "cpu", repeats: int = 10) -> dict[str, float]:
     """GFLOP/s of a plain (M x K) @ (K x N) matmul on ``device``, per dtype; the best of ``repeats``."""
     import torch
 
@@ -78,7 +78,8 @@ def bound_table(rows: list[dict], rates: dict[str, float]) -> list[str]:
         return []
     flops = {r["quant"]: r["linear_flops"] for r in rows if r.get("linear_flops")}
     lines = ["", "## Matmul bound", "",
-             "Plain matmul on this machine (%d x %d @ %d x %d, best of 5): " % (M, K, K, N) +
+             "Plain matmul on this machine (%d x %d @ %d x %d, best of 10, before and after the runs): "
+             % (M, K, K, N) +
              ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()) + ". Linear FLOPs of one forward "
              "counted on the eager row (every nn.Linear call: 2 x tokens x in x out; attention not counted); "
              "share = those FLOPs per forward second / the rate of the dtype the matmuls run in.", "",

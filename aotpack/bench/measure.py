@@ -218,10 +218,16 @@ def spawn(kind: str, args: dict, env: dict | None = None, evict_folders: tuple =
 
 
 def main(argv: list[str]) -> None:
-    """``python -m aotpack.bench worker|load ARGS_JSON``: one measurement, its result as the last line of stdout."""
+    """``python -m aotpack.bench worker|load|interleaved ARGS_JSON``: one measurement, its result as the last line
+    of stdout."""
     kind, args = argv[0], json.loads(argv[1])
     import logging
 
     logging.disable(logging.WARNING)
-    result = worker(args) if kind == "worker" else load_worker(args)
+    if kind == "interleaved":
+        from aotpack.bench.interleaved import interleaved
+
+        result = interleaved(args["paths"], compile_rows=args["compile"], rounds=args.get("rounds", 15))
+    else:
+        result = worker(args) if kind == "worker" else load_worker(args)
     print(json.dumps(result))

@@ -166,7 +166,7 @@ def _target(ratio: str, limit: float) -> str:
 
 
 def write_results(out: Path, recipe, rows: list[dict], loads: dict, builds: dict, info: dict, common: dict, *,
-                  artifacts: list[dict] = ()) -> None:
+                  artifacts: list[dict] = (), interleaved: dict | None = None) -> None:
     """results.md/.csv/.json/.png. ``loads`` and ``builds`` (seconds of builds run here) are keyed by artifact
     label (the scheme; 'SCHEME regional' for a regional one); ``artifacts``: their ``build_record``s."""
     records = _records(recipe, rows, common)
@@ -179,13 +179,14 @@ def write_results(out: Path, recipe, rows: list[dict], loads: dict, builds: dict
     for rec in records:
         lines.append("| " + " | ".join(str(rec[c]) for c in COLUMNS) + " |")
     lines += _targets_table(rows, loads) + bound_table(rows, info.get("matmul_gflops") or {})
-    lines += _loads_table(loads, builds)
+    lines += interleaved_table(interleaved or {}) + _loads_table(loads, builds)
     if artifacts:
         lines += ["", "## Builds", "", _BUILD_NOTE, ""] + _build_table(list(artifacts))
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({"machine": info, "workload": common, "rows": rows,
                                                    "loads": loads, "builds": builds,
-                                                   "artifacts": list(artifacts)}, indent=2) + "\n")
+                                                   "artifacts": list(artifacts),
+                                                   "interleaved": interleaved or {}}, indent=2) + "\n")
     _plot(out / "results.png", records, recipe.full_name)
 
 
@@ -270,3 +271,23 @@ def _plot(path: Path, records: list[dict], title: str) -> None:
     fig.suptitle(f"aotpack bench: {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def interleaved_table(results: dict[str, dict]) -> list[str]:
+    """The '## Forward, interleaved in one process' section: a line a scheme and variant, against the fastest
+    torch.compile row of that scheme (the forward target, measured where the box's drift cancels)."""
+    if not results:
+        return []
+    lines = ["", "## Forward, interleaved in one process", "",
+             "Every variant once per round, in rotating order, in one process (the inputs: the transformer's own "
+             "arguments in a pipeline call at the recipe's run size); s a forward; the target: aotpack at most "
+             "the fastest torch.compile variant.", "",
+             "| scheme | variant | median s | min s | / fastest torch.compile (aotpack <= 1.0) |",
+             "|---|---|---|---|---|"]
+    for quant, res in results.items():
+        compiled = [r["median_s"] for r in res["rows"] if r["variant"].startswith("compile")]
+        for r in res["rows"]:
+            ratio = f"{r['median_s'] / min(compiled):.2f}" if compiled else "n/a"
+            cell = _target(ratio, 1.0) if r["variant"] == "aotpack" else ratio
+            lines.append(f"| {quant} | {r['variant']} | {r['median_s']:.4f} | {r['min_s']:.4f} | {cell} |")
+    return lines
