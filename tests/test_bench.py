@@ -192,3 +192,21 @@ def test_interleaved_forwards_run_every_artifact_in_one_process_and_mark_the_tar
     assert any(ln.startswith("| int8dq | aotpack |") and ln.endswith("1.02 missed |") for ln in table), table
     assert interleaved_table({"int8wo": res})[-1].endswith("n/a |")  # no torch.compile row: nothing to hold it to
     assert interleaved_table({}) == []
+
+
+def test_the_interleaved_run_loads_artifacts_under_the_trust_policy(built, tmp_path, monkeypatch):
+    """A bench is no way around AOTPACK_TRUSTED_KEYS: with a key required, an unsigned artifact is refused
+    before its code is opened, as any load refuses it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from aotpack.bench.interleaved import interleaved
+    from aotpack.errors import SignatureError
+
+    pub = tmp_path / "builder.pub"
+    pub.write_bytes(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    monkeypatch.setenv("AOTPACK_TRUSTED_KEYS", str(pub))
+    _, arts = built
+    with pytest.raises(SignatureError, match="is not signed, and trusted keys are required"):
+        interleaved(sorted(str(p) for p in arts.iterdir()), compile_rows=False, rounds=1)

@@ -8,7 +8,6 @@ the bench's rows do (default, and with inductor's freezing)."""
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any, Callable
 
@@ -42,8 +41,8 @@ def _runs(paths: list[str], compile_rows: bool) -> tuple[dict[str, Callable[[], 
     import torch
 
     import aotpack
+    from aotpack.bench.variants import _quantize
     from aotpack.builder.recipe import recipe_of
-    from aotpack.builder.schemes import quantize_named
     from aotpack.builder.source import load_pipeline, source_of
 
     manifest = aotpack.inspect(paths[0])
@@ -52,21 +51,23 @@ def _runs(paths: list[str], compile_rows: bool) -> tuple[dict[str, Callable[[], 
     pipe.set_progress_bar_config(disable=True)
     kwargs = captured_kwargs(pipe, recipe)
     runs: dict[str, Callable[[], Any]] = {}
-    for path in paths:
-        module = aotpack.load(path, trusted_keys=[])
+    for path in paths:  # the keys AOTPACK_TRUSTED_KEYS asks for, as any load: a bench is no way around them
+        module = aotpack.load(path)
         runs["aotpack-regional" if module.manifest.options.regional else "aotpack"] = \
             (lambda m: lambda: m(**kwargs))(module)
-    if compile_rows and manifest.scheme.name != "auto":  # a per-layer plan: the bench's own rows apply it
-        quantize_named(pipe.transformer, manifest.scheme.name)
+    if compile_rows:
+        # quantized as the bench's own rows are (an auto artifact: by its per-layer plan)
+        _quantize(pipe.transformer, {"quant": manifest.scheme.name, "artifact": paths[0]})
         for name, freezing in COMPILE_ROWS:
-            # dynamo would reuse the first compiled graph for a second instance of the module class (parameters
-            # are graph inputs), and inductor reads `freezing` from its global config, not torch.compile's
-            # options (measured: the same code either way, no oneDNN-packed weight): a reset, and the global flag
-            # while it compiles (an earlier compile recompiles at its next call, with the flag it had: off)
+            # dynamo would reuse the first compiled graph on the next torch.compile of the module, and inductor
+            # reads `freezing` from its global config, not torch.compile's options (measured: the same code either
+            # way, no oneDNN-packed weight): a reset, and the global flag while it compiles (an earlier compile
+            # recompiles at its next call, with the flag it had: off). One model for both: freezing folds copies
+            # of the weights into its code and leaves the module's own as they are
             torch._dynamo.reset()
             torch._inductor.config.freezing = freezing
             try:
-                compiled = torch.compile(copy.deepcopy(pipe.transformer))
+                compiled = torch.compile(pipe.transformer)
                 with torch.no_grad():
                     compiled(**kwargs)
             finally:
