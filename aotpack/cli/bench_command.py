@@ -37,8 +37,9 @@ def bench(recipe, quants, variant, steps, images, out, max_autotune, dtype, regi
     the aotpack artifacts.
 
     Each variant runs in a fresh process with the checkpoint and artifact evicted from the page cache and an
-    empty compiler cache. Writes results.md (table, targets, each forward's share of the machine's matmul
-    rate), results.csv, results.json and results.png; prints the folder. Artifacts are built first when missing (into artifacts/, from an empty compile cache).
+    empty compiler cache; then, per scheme, the artifacts and torch.compile run interleaved in one process (the
+    forward target is marked there). Writes results.md (table, targets, each forward's share of the machine's
+    matmul rate), results.csv, results.json and results.png; prints the folder. Artifacts are built first when missing (into artifacts/, from an empty compile cache).
 
     \b
     Examples:
