@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 import shutil
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def test_t01_the_build_enforces_its_compiled_vs_eager_check(artifacts, tmp_path,
 
 def test_t01_a_regional_build_holds_its_blocks_end_to_end_to_eager(artifacts, tmp_path, monkeypatch):
     """Each compiled block is checked alone in verify; the blocks handing each other their outputs are checked
-    in the quant-error stage's pipeline call (its first step runs the captured inputs): wrong there, no artifact."""
+    end to end at the smallest request: wrong there, no artifact."""
     from aotpack.builder import pipeline
 
     artifacts("int8wo", regional=True)  # its code is in the compile cache: this build compiles nothing
@@ -112,12 +113,43 @@ def test_t01_a_regional_build_holds_its_blocks_end_to_end_to_eager(artifacts, tm
 
     def wrong_whole(*a, **k):
         targets, whole = real(*a, **k)
-        return targets, whole + 1.0
+        return targets, replace(whole, reference=whole.reference + 1.0)
 
     monkeypatch.setattr(pipeline, "block_targets", wrong_whole)
     with pytest.raises(BuildError, match=r"compiled transformer differs from eager by .* \(tolerance"):
         aotpack.build("tiny-flux", "int8wo", regional=True, out=tmp_path / "a")
     assert not (tmp_path / "a").exists() and no_partials(tmp_path)
+
+
+def test_t01_a_regional_build_holds_every_instance_to_its_own_eager_block(artifacts, tmp_path, monkeypatch):
+    """Every instance runs the shared code with its own weights at the smallest request and is held to its own
+    eager output there: one instance's reference wrong (as if its weights were not the ones swapped in), no
+    artifact, and the error names that instance; so are the first instance's inputs at the capture size."""
+    from aotpack.builder import pipeline
+
+    artifacts("int8wo", regional=True)
+    real = pipeline.block_targets
+
+    def one_wrong(*a, **k):
+        targets, whole = real(*a, **k)
+        t = next(t for t in targets if len(t.instances) > 1) if any(len(t.instances) > 1 for t in targets) \
+            else targets[0]
+        t.references = [*t.references[:-1], t.references[-1] + 1.0]
+        return targets, whole
+
+    monkeypatch.setattr(pipeline, "block_targets", one_wrong)
+    with pytest.raises(BuildError, match=r"compiled transformer\.\S+ at the smallest request differs from eager"):
+        aotpack.build("tiny-flux", "int8wo", regional=True, out=tmp_path / "a")
+    assert not (tmp_path / "a").exists() and no_partials(tmp_path)
+
+    def first_wrong(*a, **k):
+        targets, whole = real(*a, **k)
+        targets[0].reference = targets[0].reference + 1.0
+        return targets, whole
+
+    monkeypatch.setattr(pipeline, "block_targets", first_wrong)
+    with pytest.raises(BuildError, match=r"compiled transformer\.transformer_blocks\.0 differs from eager"):
+        aotpack.build("tiny-flux", "int8wo", regional=True, out=tmp_path / "b")
 
 
 def test_t02_reuse_folder_swapped_after_the_build_started_is_caught(artifacts, tmp_path, monkeypatch, opened):

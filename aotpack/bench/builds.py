@@ -56,6 +56,7 @@ def build_record(path: Path, *, recipe_name: str, wall_s: float | None = None) -
     return {
         "recipe": recipe_name, "blocks": blocks, "quant": m.scheme.name, "dtype": m.dtype,
         "mode": "regional" if m.options.regional else "whole", "modules": len(m.modules),
+        "capture": _capture(m.recipe.data), "stages": dict(stages),
         "export_s": stages.get("export"), "compile_s": stages.get("compile"),
         "total_s": round(sum(stages.values()), 3), "wall_s": None if wall_s is None else round(wall_s, 3),
         "pt2_bytes": sum(e.size for name, e in m.files.items() if name.endswith(".pt2")),
@@ -64,6 +65,15 @@ def build_record(path: Path, *, recipe_name: str, wall_s: float | None = None) -
         "path": str(path),
     }
 
+
+def _capture(data: dict | None) -> str:
+    """The recipe's capture call as the manifest recorded it: '512x512, 512 tokens, batch 2, 2 steps'."""
+    data = data or {}
+    cap, tokens = data.get("capture") or {}, (data.get("shapes") or {}).get("max_sequence_length")
+    if not cap:
+        return ""
+    return (f"{cap.get('height')}x{cap.get('width')}" + (f", {tokens} tokens" if tokens else "")
+            + f", batch {cap.get('batch', 2)}, {cap.get('steps')} steps")
 
 
 def weights_bytes(path: Path) -> int:

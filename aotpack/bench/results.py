@@ -77,11 +77,16 @@ def _machine_line(info: dict) -> str:
             f"; platform {info['platform']}; torch {info['torch']}, python {info['python']}; {info['os']}.")
 
 
-BUILD_COLUMNS = ["recipe", "blocks", "quant", "dtype", "mode", "modules", "export_s", "compile_s", "total_s",
-                 "wall_s", "pt2_mib", "weights_mib", "peak_rss_gib", "code"]
+# the stages whose time grows with depth (the eager passes), each a column beside export and compile
+PASS_STAGES = ("reference", "quantize", "eager", "verify", "quant error")
+BUILD_COLUMNS = ["recipe", "blocks", "quant", "dtype", "mode", "modules", "capture", "reference_s", "quantize_s",
+                 "eager_s", "export_s", "compile_s", "verify_s", "quant_error_s", "total_s", "wall_s", "pt2_mib",
+                 "weights_mib", "peak_rss_gib", "code"]
+DEPTH_TARGET = 1.5   # a deep regional build's wall time against the same width at 1 + 1 blocks
 _BUILD_NOTE = ("Build time by stage from each artifact's manifest (`build.stages`): export and compile summed over "
-               "its compiled modules (one per block class in a regional build), total = every stage (load, "
-               "quantize, capture, reference, export, compile, save, verify, quant error); wall = the build "
+               "its compiled modules (one per block class in a regional build); reference, quantize, eager, "
+               "verify and quant error are the passes over the model; `capture` is the recipe's capture call "
+               "(height x width, text tokens, batch, steps); total = every stage (load and save too); wall = the build "
                "process from start to exit (empty when the artifact existed); .pt2 = the compiled code, all "
                "modules; peak RSS of the build process. `code` says where the compiled code came from: "
                "'compiled' is a cold compile.")
@@ -92,7 +97,9 @@ def _build_rows(records: list[dict]) -> list[dict]:
         return "" if v is None else round(v, d)
 
     return [{"recipe": b["recipe"], "blocks": b["blocks"], "quant": b["quant"], "dtype": b["dtype"], "mode": b["mode"],
-             "modules": b["modules"], "export_s": r(b["export_s"]), "compile_s": r(b["compile_s"]),
+             "modules": b["modules"], "capture": b.get("capture", ""),
+             **{f"{k.replace(' ', '_')}_s": r((b.get("stages") or {}).get(k)) for k in PASS_STAGES},
+             "export_s": r(b["export_s"]), "compile_s": r(b["compile_s"]),
              "total_s": r(b["total_s"]), "wall_s": r(b["wall_s"]), "pt2_mib": r(b["pt2_bytes"] / 2**20, 2),
              "weights_mib": r(b["weights_bytes"] / 2**20), "peak_rss_gib": r(b["peak_rss_bytes"] / 2**30, 2),
              "code": b["code"]} for b in records]
@@ -111,7 +118,30 @@ def _build_table(records: list[dict]) -> list[str]:
         for (recipe, quant, _), reg, whole in ratios:
             lines.append(f"| {recipe} | {quant} | {_ratio(reg['compile_s'], whole['compile_s'])} | "
                          f"{_ratio(reg['total_s'], whole['total_s'])} | {_ratio(reg['pt2_bytes'], whole['pt2_bytes'])} |")
+    return lines + _depth_table(records)
+
+
+def _depth_table(records: list[dict]) -> list[str]:
+    """Deep against shallow: each row of recipe X beside the same scheme, dtype and mode of X-shallow (flux-depth's
+    1 + 1 variant), wall time and every pass's sum, the regional wall marked against ``DEPTH_TARGET``."""
+    by = {(b["recipe"], b["quant"], b["dtype"], b["mode"]): b for b in records}
+    pairs = [(b, by[(b["recipe"] + "-shallow", *key)]) for (_, *key), b in by.items()
+             if (b["recipe"] + "-shallow", *key) in by]
+    if not pairs:
+        return []
+    lines = ["", f"| recipe | quant | mode | blocks deep / shallow | wall deep / shallow (target <= {DEPTH_TARGET} "
+             "regional) | passes s deep / shallow | compile s deep / shallow |", "|---|---|---|---|---|---|---|"]
+    for deep, shallow in pairs:
+        passes = [sum((b.get("stages") or {}).get(k, 0.0) for k in PASS_STAGES) for b in (deep, shallow)]
+        wall = _ratio(deep["wall_s"], shallow["wall_s"])
+        lines.append(f"| {deep['recipe']} | {deep['quant']} | {deep['mode']} | {deep['blocks']} / {shallow['blocks']} | "
+                     f"{_target(wall, DEPTH_TARGET) if deep['mode'] == 'regional' else wall} | "
+                     f"{passes[0]:.1f} / {passes[1]:.1f} | {_r1(deep['compile_s'])} / {_r1(shallow['compile_s'])} |")
     return lines
+
+
+def _r1(v: float | None) -> str:
+    return "" if v is None else f"{v:.1f}"
 
 
 def write_builds(out: Path, records: list[dict], info: dict) -> None:

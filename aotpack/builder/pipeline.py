@@ -249,22 +249,50 @@ def _request(r: Any, modules: list[CompiledModule]) -> Any:
         else request
 
 
-def reference(spec: BuildSpec, pipe: Any, ckpt: Checkpoint) -> tuple[Call, Any]:
-    """One pipeline call with the component streamed in full precision (a ``Call``): what reaches the component
-    (it does not depend on the component's weights: export captures it), the component's output on it and the
-    final latents; and for a regional build without [block_inputs] (a derived recipe), the inputs of another
-    request, which name the blocks' dims."""
+@dataclass
+class Reference:
+    """What the full-precision reference call recorded: the ``Call`` (the component's first inputs and output, the
+    final latents); for a regional build each block class's first inputs in that call (``blocks``), the
+    component's inputs at the smallest request (``small``: the end-to-end and per-instance checks run there) and,
+    without [block_inputs] (a derived recipe), at another request (``second``: it names the blocks' dims)."""
+
+    call: Call
+    blocks: dict[str, dict[str, Any]] | None = None
+    small: dict[str, Any] | None = None
+    second: dict[str, Any] | None = None
+
+
+def reference(spec: BuildSpec, pipe: Any, ckpt: Checkpoint) -> Reference:
+    """One pipeline call with the component streamed in full precision: what reaches the component (it does not
+    depend on the component's weights: export captures it), its output on it and the final latents, and for a
+    regional build what reaches each block class first. The other requests' inputs stop at the component's first
+    call (only the pipeline's encoders run): no second pass of the full-precision weights."""
     r = spec.recipe
     streamed = Streamed(skeleton(ckpt.config, fuse_qkv=spec.options.fuse_qkv), CheckpointReader(ckpt.folder),
                         dtype=torch_dtype(spec.dtype), device=spec.device, lora=ckpt.lora)
     try:
         setattr(pipe, r.component, streamed.model)
-        call = record_call(pipe, r)
-        second = capture_inputs(pipe, other_request(r))[0] if spec.options.regional and not r.block_inputs else None
+        if not spec.options.regional:
+            return Reference(record_call(pipe, r))
+        with regional.first_inputs(streamed.model, regional.block_classes(streamed.model, r)) as blocks:
+            call = record_call(pipe, r)
+        low = smallest_request(r)
+        small = call.example if low.capture == r.capture else capture_inputs(pipe, low)[0]
+        second = capture_inputs(pipe, other_request(r))[0] if not r.block_inputs else None
+        return Reference(call, blocks, small, second)
     finally:
         streamed.close()
         setattr(pipe, r.component, None)
-    return call, second
+
+
+def smallest_request(r: Any) -> Any:
+    """The recipe with its capture call moved to the smallest size it serves (height, width, frames) at the
+    capture's batch and prompt: the batch stays, as the blocks' hand-over at batch > 1 is what an end-to-end check
+    is for (a strided slice between blocks was wrong only at batch 2)."""
+    cap = dict(r.capture, height=r.height[0], width=r.width[0])
+    if r.is_video and cap.get("frames") is not None:
+        cap["frames"] = r.frames[0]
+    return replace(r, capture=cap)
 
 
 def run_build(spec: BuildSpec) -> Path:
@@ -279,16 +307,17 @@ def run_build(spec: BuildSpec) -> Path:
             pipe.to(spec.device)
         ckpt = read_checkpoint(spec, pipe)
         with stage("reference", timings):  # full precision, one unit of weights in memory at a time
-            full, second = reference(spec, pipe, ckpt)
-            example = full.example
+            ref = reference(spec, pipe, ckpt)
+            full, example = ref.call, ref.call.example
         with stage("quantize", timings):
             q = quantize_component(spec, ckpt, tmp)
         setattr(pipe, r.component, q.model)
         with stage("eager", timings):  # the quantized eager outputs each compiled module is held to
             if q.classes:
-                targets, whole_reference = block_targets(spec, q, example, second)
+                targets, end_to_end = block_targets(spec, q, example, ref.blocks, ref.small, ref.second)
             else:
-                targets, whole_reference = [component_target(spec, q, example)], None
+                targets, end_to_end = [component_target(spec, q, example)], None
+            ref.blocks = ref.small = ref.second = None
             if spec.options.compile_vae:
                 targets.append(vae_target(spec, pipe.vae))
         parts = [compile_target(spec, t, tmp, timings, index=i, total=len(targets)) for i, t in enumerate(targets, 1)]
@@ -307,10 +336,10 @@ def run_build(spec: BuildSpec) -> Path:
         (tmp / MANIFEST).write_text(manifest.dumps())  # errors to come: verify loads the artifact as written
         remember_folder(tmp, manifest.files)
         with stage("verify", timings), crash_report():
-            loaded, modules, component_out = verify(spec, tmp, parts)
+            loaded, modules, component_out = verify(spec, tmp, parts, end_to_end)
         with stage("quant error", timings), crash_report():
-            quant_error = measure_quant_error(spec, pipe, full, loaded, parts, component_out, whole_reference)
-        del parts, targets
+            quant_error = measure_quant_error(spec, pipe, full, loaded, component_out)
+        del parts, targets, end_to_end
         manifest = manifest.replace(modules=tuple(modules))
         log.info("quantized vs full precision: max |diff| %.2e on one forward, %.2e on the final latents",
                  quant_error.forward_max_abs, quant_error.latents_max_abs)

@@ -10,8 +10,9 @@ The parts outside the blocks (embedders, final norm and projection) stay eager i
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -125,14 +126,19 @@ def group(by_class: dict[str, list[str]], schemes: Schemes, model: Any = None) -
     return groups
 
 
-def capture_blocks(component: Any, example: dict[str, torch.Tensor], classes: list[str]) -> tuple[dict, Any]:
-    """Run the component once on its captured inputs; returns ({class: the first instance's arguments, bound by
-    name (positional calls too): tensors flattened, other values as they are}, the component's output), both
-    recorded from the real call."""
+class _AllSeen(Exception):
+    pass
+
+
+@contextmanager
+def first_inputs(component: Any, classes: list[str], *, stop: bool = False) -> Iterator[dict[str, dict[str, Any]]]:
+    """While inside, record the arguments of the first call of each block class in ``component`` ({class: bound by
+    name (positional calls too): tensors flattened and copied, other values as they are}), into the dict it
+    yields. ``stop``: end the component's call as soon as every class was seen (its output is not wanted); the
+    caller catches nothing, the call just returns early from the ``with``."""
     from aotpack.builder.capture import bind_call, constant, is_tensor_tuple
 
     seen: dict[str, dict[str, Any]] = {}
-    handles = []
 
     def hook(module: Any, args: tuple, kwargs: dict) -> None:
         cls = type(module).__name__
@@ -150,19 +156,31 @@ def capture_blocks(component: Any, example: dict[str, torch.Tensor], classes: li
             else:
                 inputs[k] = constant(v, f"{cls}'s argument {k}")
         seen[cls] = inputs
+        if stop and len(seen) == len(classes):
+            raise _AllSeen
 
-    by_class = instances(component, classes)
-    for cls, paths in by_class.items():
-        handles.append(component.get_submodule(paths[0]).register_forward_pre_hook(hook, with_kwargs=True))
+    handles = [component.get_submodule(paths[0]).register_forward_pre_hook(hook, with_kwargs=True)
+               for paths in instances(component, classes).values() if paths]
     try:
-        with torch.no_grad():
-            out = component(**unflatten_inputs(example), return_dict=False)[0]
+        yield seen
+    except _AllSeen:
+        pass
     finally:
         for h in handles:
             h.remove()
     missing = [c for c in classes if c not in seen]
     if missing:
         raise BuildError(f"the model never called its {', '.join(missing)} blocks", "check the recipe's `blocks`")
+
+
+def capture_blocks(component: Any, example: dict[str, torch.Tensor], classes: list[str], *,
+                   stop: bool = False) -> tuple[dict, Any]:
+    """Run the component on ``example``; returns ({class: its first instance's arguments (``first_inputs``)}, the
+    component's output), both recorded from the real call. ``stop``: only the arguments are wanted; the call ends
+    once every class was seen (the output is None)."""
+    out = None
+    with torch.no_grad(), first_inputs(component, classes, stop=stop) as seen:
+        out = component(**unflatten_inputs(example), return_dict=False)[0]
     return seen, out
 
 

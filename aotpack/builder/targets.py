@@ -19,6 +19,7 @@ from aotpack.builder.regional import Schemes
 from aotpack.builder.schemes import quantize_named
 from aotpack.builder.spec import BuildSpec
 from aotpack.builder.weights import Lora
+from aotpack.errors import BuildError
 
 VAE_MODEL = "vae_decoder.pt2"
 
@@ -56,7 +57,8 @@ class Target:
     block_class: str | None = None
     # regional: each instance's module and its eager (quantized) output on the example
     members: list[torch.nn.Module] | None = None
-    references: list[torch.Tensor] | None = None
+    references: list[torch.Tensor] | None = None   # each instance's, on ``check``
+    check: dict[str, Any] | None = None            # the block inputs at the smallest request
     output: str = ""                      # a block's output form (CompiledModule.output)
 
 
@@ -83,38 +85,58 @@ def component_target(spec: BuildSpec, q: Quantized, example: dict[str, torch.Ten
                   schemes=_schemes(spec, q.plan), reference=reference)
 
 
-def block_targets(spec: BuildSpec, q: Quantized, example: dict[str, torch.Tensor],
-                  second: dict[str, Any] | None = None) -> tuple[list[Target], Any]:
-    """Regional: one module per block class (and quantization pattern, and structure), each with its instances;
-    returns the targets and the whole component's eager output on the captured inputs (the end-to-end
-    reference). ``second``: the component's inputs for another request, when the recipe has no [block_inputs]
-    (a derived recipe): the blocks' dims are named by how their inputs move between the two."""
+@dataclass
+class EndToEnd:
+    """A regional build's end-to-end check: the component's inputs at the smallest request the recipe allows (the
+    capture's batch), and the quantized eager model's output on them, which the compiled blocks, handing each
+    other their outputs, are held to."""
+
+    example: dict[str, Any]
+    reference: torch.Tensor
+
+
+def block_targets(spec: BuildSpec, q: Quantized, example: dict[str, Any], blocks: dict[str, dict[str, Any]],
+                  small: dict[str, Any], second: dict[str, Any] | None = None) -> tuple[list[Target], EndToEnd]:
+    """Regional: one module per block class (and quantization pattern, and structure), each with its instances.
+
+    ``example``: the component's captured inputs; ``blocks``: each class's first instance's arguments at the capture request (recorded in the full-precision
+    reference call: the export example); ``small``: the component's inputs at the smallest request. One
+    quantized eager pass at ``small`` gives the end-to-end reference and each class's block inputs there, on
+    which every instance's own eager output is taken (every instance is checked through the shared code at
+    that size; the first also at the export size). ``second``: the component's inputs for another request,
+    when the recipe has no [block_inputs] (a derived recipe): the blocks' dims are named by how their inputs
+    move between the two."""
     component, r = spec.recipe.component, spec.recipe
-    examples, reference = regional.capture_blocks(q.model, example, q.classes)
+    at_small, whole = regional.capture_blocks(q.model, small, q.classes)
     dims = None
     if second is not None:
-        again, _ = regional.capture_blocks(q.model, second, q.classes)
+        again, _ = regional.capture_blocks(q.model, second, q.classes, stop=True)
         outer = component_spec(example, r)
         moved = {d: (example[n].shape[a], second[n].shape[a], list(outer.dynamic[d]))
                  for d, table in outer.axes().items() for n, a in list(table.items())[:1]}
-        dims = {cls: regional.name_block_axes(cls, examples[cls], again[cls], moved, r) for cls in q.classes}
+        dims = {cls: regional.name_block_axes(cls, blocks[cls], again[cls], moved, r) for cls in q.classes}
     targets = []
     for g in regional.group(regional.instances(q.model, q.classes), q.schemes, q.model):
         members = [q.model.get_submodule(p) for p in g.instances]
-        ex = examples[g.block_class]
+        ex, check = blocks[g.block_class], at_small[g.block_class]
         constants = regional.constants_of(ex)
+        if regional.constants_of(check) != constants:
+            raise BuildError(f"{g.block_class} is called with {regional.constants_of(check)} at the smallest "
+                             f"request and {constants} at the capture's: compiled code would bake one in",
+                             "build with --whole-graph")
         form = regional.output_form(members[0](**unflatten_inputs(ex)))
-        refs = [regional.BlockWrapper(b, constants).eval()(regional.tensors_of(ex))[0] for b in members]
+        first = regional.BlockWrapper(members[0], constants).eval()(regional.tensors_of(ex))[0]
+        refs = [regional.BlockWrapper(b, constants).eval()(regional.tensors_of(check))[0] for b in members]
         targets.append(Target(
             name=g.name, kind="block", code=f"{g.name}.pt2", root=regional.BLOCK_ROOT,
             instances=tuple(f"{component}.{p}" for p in g.instances),
             wrapper=regional.BlockWrapper(members[0], constants).eval(), example=ex,
             spec=regional.block_spec(ex, r, dims[g.block_class] if dims else None),
-            schemes=set(s for _, s in q.schemes.pattern(g.instances[0])) or {"none"}, reference=refs[0],
-            block_class=g.block_class, members=members, references=refs, output=form))
+            schemes=set(s for _, s in q.schemes.pattern(g.instances[0])) or {"none"}, reference=first,
+            block_class=g.block_class, members=members, references=refs, check=check, output=form))
     if spec.quant != "none":  # every instance, after every reference was taken
         unwrap_tensor_subclass(q.model)
-    return targets, reference
+    return targets, EndToEnd(small, whole)
 
 
 def glue_weights(spec: BuildSpec, q: Quantized, targets: list[Target]) -> dict[str, torch.Tensor]:

@@ -149,6 +149,9 @@ def materialize(
     if _direct(model) and (only is None or "" in only):  # the root's own parameters
         fill(model, "")
     for prefix, unit in units(model):
+        root = prefix.rstrip(".")
+        if only is not None and not any(n == root or n.startswith(prefix) for n in only):
+            continue  # none of this unit is asked for: not even its modules are looked at
         # Leaf by leaf: each linear is quantized as soon as it is read, so at most one high-precision
         # weight is alive at a time (fused projections and LoRA deltas are made from the reader per weight).
         for local, module in unit.named_modules():
