@@ -3,7 +3,8 @@
 
     python scripts/interleaved_forward.py ARTIFACT [ARTIFACT ...] [--rounds N] [--no-compile]
 
-Every artifact must be of the same model (say its whole-graph and its regional build). Prints a table.
+Every artifact must be of the same model (say its whole-graph and its regional build, or its schemes and dtypes:
+the inputs are cast to each artifact's dtype; the torch.compile rows take the first's). Prints a table.
 """
 
 from __future__ import annotations

@@ -210,3 +210,36 @@ def test_the_interleaved_run_loads_artifacts_under_the_trust_policy(built, tmp_p
     _, arts = built
     with pytest.raises(SignatureError, match="is not signed, and trusted keys are required"):
         interleaved(sorted(str(p) for p in arts.iterdir()), compile_rows=False, rounds=1)
+
+
+def test_the_compile_matrix_holds_the_default_artifact_to_every_torch_compile_variant(built):
+    """bench --compile-matrix: the artifact and torch.compile rows in one process (here one dtype, one scheme, one
+    mode: a compile of tiny-flux); a variant inductor cannot compile is a row with its error, not a crash."""
+    from aotpack.bench.interleaved import matrix
+    from aotpack.bench.results import matrix_table
+
+    _, arts = built
+    whole = next(str(p) for p in arts.iterdir() if not p.name.endswith("-regional"))
+    res = matrix(whole, rounds=2, dtypes=("float32",), schemes=("int8wo",), modes=("default",))
+    assert [(r["variant"], r["mode"]) for r in res["rows"]] == [("aotpack", "artifact"),
+                                                               ("compile float32 int8wo", "default")]
+    assert all(0 < r["min_s"] <= r["median_s"] for r in res["rows"])
+    table = matrix_table(res)
+    assert any(ln.startswith("Target: the default artifact at most the fastest torch.compile variant "
+                             "(compile float32 int8wo): ") for ln in table), table
+    with pytest.raises(ValueError, match="dtype float32 is not among"):
+        matrix(whole, rounds=1, dtypes=("bfloat16",), schemes=(), modes=("default",))
+    fake = {"what": "flux-blocks int8dq float32", "rounds": 2, "threads": 2, "rows": [
+        {"variant": "aotpack", "dtype": "float32", "scheme": "int8dq", "mode": "artifact", "median_s": 0.30,
+         "min_s": 0.29},
+        {"variant": "compile bfloat16 none", "dtype": "bfloat16", "scheme": "none", "mode": "default",
+         "median_s": 0.33, "min_s": 0.31},
+        {"variant": "compile bfloat16 none +max-autotune+freezing", "dtype": "bfloat16", "scheme": "none",
+         "mode": "max-autotune+freezing", "error": "InductorError: IndexError"}]}
+    table = matrix_table(fake)
+    assert "(compile bfloat16 none): 0.91 met." in "\n".join(table)
+    assert table[-1].startswith("| compile bfloat16 none +max-autotune+freezing | bfloat16 | none | "
+                                "max-autotune+freezing | fails: InductorError: IndexError |"), table[-1]
+    fake["rows"][1]["median_s"] = 0.25
+    assert "(compile bfloat16 none): 1.20 missed." in "\n".join(matrix_table(fake))
+    assert matrix_table({}) == []

@@ -53,8 +53,12 @@ def _runs(paths: list[str], compile_rows: bool) -> tuple[dict[str, Callable[[], 
     runs: dict[str, Callable[[], Any]] = {}
     for path in paths:  # the keys AOTPACK_TRUSTED_KEYS asks for, as any load: a bench is no way around them
         module = aotpack.load(path)
-        runs["aotpack-regional" if module.manifest.options.regional else "aotpack"] = \
-            (lambda m: lambda: m(**kwargs))(module)
+        name = "aotpack-regional" if module.manifest.options.regional else "aotpack"
+        if module.manifest.dtype != manifest.dtype:  # another dtype of the same model: its inputs cast once
+            name += f"-{module.manifest.dtype}"
+        if module.manifest.scheme.name != manifest.scheme.name:
+            name += f"-{module.manifest.scheme.name}"
+        runs[name] = (lambda m, kw: lambda: m(**kw))(module, _cast(kwargs, module.manifest))
     if compile_rows:
         # quantized as the bench's own rows are (an auto artifact: by its per-layer plan)
         _quantize(pipe.transformer, {"quant": manifest.scheme.name, "artifact": paths[0]})
@@ -76,6 +80,16 @@ def _runs(paths: list[str], compile_rows: bool) -> tuple[dict[str, Callable[[], 
     return runs, manifest
 
 
+def _cast(kwargs: dict[str, Any], manifest: Any) -> dict[str, Any]:
+    """``kwargs`` with each floating-point tensor in the dtype the artifact takes it in (its exported input's, else
+    the artifact's dtype: a regional model's own forward takes those)."""
+    import torch
+
+    want = {t.name: t.dtype for m in manifest.modules if m.kind != "block" for t in m.inputs.tensors}
+    return {k: v.to(getattr(torch, want.get(k, manifest.dtype)))
+            if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+
+
 def interleaved(paths: list[str], *, compile_rows: bool = True, rounds: int = 15) -> dict[str, Any]:
     """{"what": model scheme dtype, "rounds": N, "rows": [{"variant", "median_s", "min_s"}]} of the artifacts at
     ``paths`` (the first one's model) and, with ``compile_rows``, torch.compile of it."""
@@ -93,5 +107,90 @@ def interleaved(paths: list[str], *, compile_rows: bool = True, rounds: int = 15
                 runs[n]()
                 times[n].append(time.perf_counter() - t)
     rows = [{"variant": n, "median_s": sorted(v)[len(v) // 2], "min_s": min(v)} for n, v in times.items()]
+    return {"what": f"{manifest.recipe.name} {manifest.scheme.name} {manifest.dtype}", "rounds": rounds,
+            "threads": torch.get_num_threads(), "rows": rows}
+
+
+MATRIX_DTYPES = ("float32", "bfloat16")
+MATRIX_SCHEMES = ("none", "int8dq", "int8wo")
+MATRIX_MODES = ("default", "freezing")      # with max_autotune also "max-autotune+freezing"
+
+
+def _compiled(transformer: Any, kwargs: dict[str, Any], mode: str) -> Callable[[], Any]:
+    """torch.compile of ``transformer`` in ``mode``, compiled by a first call. Each mode gets its own inductor
+    options, so dynamo keeps one compiled graph per mode of one module (equal options would reuse the first), and
+    the global freezing flag while it compiles (inductor reads that one, see ``_runs``)."""
+    import torch
+
+    freezing = mode != "default"
+    options = {"freezing": freezing, **({"max_autotune": True} if mode.startswith("max-autotune") else {})}
+    torch._inductor.config.freezing = freezing
+    try:
+        compiled = torch.compile(transformer, options=options)
+        with torch.no_grad():
+            compiled(**kwargs)
+    finally:
+        torch._inductor.config.freezing = False
+    return lambda: compiled(**kwargs)
+
+
+def matrix(path: str, *, rounds: int = 10, max_autotune: bool = False, dtypes: tuple = MATRIX_DTYPES,
+           schemes: tuple = MATRIX_SCHEMES, modes: tuple | None = None) -> dict[str, Any]:
+    """The artifact at ``path`` (a box's default: its recipe's scheme in the dtype ``auto`` chose) against
+    torch.compile of its checkpoint in every dtype x scheme x mode, interleaved in one process: is the default
+    at least as fast as the fastest way torch.compile runs this model here? Each torch.compile row's inputs are
+    the transformer's arguments in a pipeline call of its own dtype; a variant that fails to compile is a row with
+    its error. Returns {"what", "rounds", "threads", "rows": [{"variant", "dtype", "scheme", "mode", "median_s",
+    "min_s"} or {..., "error"}]}."""
+    import torch
+
+    import aotpack
+    from aotpack.bench.variants import _quantize
+    from aotpack.builder.recipe import recipe_of
+    from aotpack.builder.source import load_pipeline, source_of
+    from aotpack.errors import one_line
+
+    modes = modes or MATRIX_MODES + (("max-autotune+freezing",) if max_autotune else ())
+    manifest = aotpack.inspect(path)
+    recipe = recipe_of(manifest.recipe)
+    module = aotpack.load(path)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(modes) * len(schemes))
+    runs: dict[str, Callable[[], Any]] = {}
+    rows: list[dict[str, Any]] = []
+    for dtype in dtypes:
+        pipe = load_pipeline(recipe, source_of(manifest.model), dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = captured_kwargs(pipe, recipe)
+        if dtype == manifest.dtype:
+            runs["aotpack"] = (lambda kw: lambda: module(**kw))(_cast(kwargs, manifest))
+            rows.insert(0, {"variant": "aotpack", "dtype": dtype, "scheme": manifest.scheme.name, "mode": "artifact"})
+        del pipe
+        for scheme in schemes:
+            transformer = load_pipeline(recipe, source_of(manifest.model), dtype=dtype).transformer.eval()
+            _quantize(transformer, {"quant": scheme, "artifact": path})
+            for mode in modes:
+                name = f"compile {dtype} {scheme}" + ("" if mode == "default" else f" +{mode}")
+                row = {"variant": name, "dtype": dtype, "scheme": scheme, "mode": mode}
+                try:
+                    runs[name] = _compiled(transformer, kwargs, mode)
+                except Exception as e:  # inductor's own failure (bf16 max-autotune on CPU): a row that says so
+                    row["error"] = one_line(f"{type(e).__name__}: {e}", 200)
+                rows.append(row)
+    if "aotpack" not in runs:
+        raise ValueError(f"the artifact's dtype {manifest.dtype} is not among {dtypes}")
+    times: dict[str, list[float]] = {n: [] for n in runs}
+    names = list(runs)
+    with torch.no_grad():
+        for f in runs.values():
+            f(), f()
+        for i in range(rounds):
+            for n in names[i % len(names):] + names[:i % len(names)]:
+                t = time.perf_counter()
+                runs[n]()
+                times[n].append(time.perf_counter() - t)
+    for row in rows:
+        v = times.get(row["variant"])
+        if v:
+            row.update(median_s=sorted(v)[len(v) // 2], min_s=min(v))
     return {"what": f"{manifest.recipe.name} {manifest.scheme.name} {manifest.dtype}", "rounds": rounds,
             "threads": torch.get_num_threads(), "rows": rows}

@@ -218,7 +218,7 @@ def spawn(kind: str, args: dict, env: dict | None = None, evict_folders: tuple =
 
 
 def main(argv: list[str]) -> None:
-    """``python -m aotpack.bench worker|load|interleaved ARGS_JSON``: one measurement, its result as the last line
+    """``python -m aotpack.bench worker|load|interleaved|matrix ARGS_JSON``: one measurement, its result as the last line
     of stdout."""
     kind, args = argv[0], json.loads(argv[1])
     import logging
@@ -228,6 +228,10 @@ def main(argv: list[str]) -> None:
         from aotpack.bench.interleaved import interleaved
 
         result = interleaved(args["paths"], compile_rows=args["compile"], rounds=args.get("rounds", 15))
+    elif kind == "matrix":
+        from aotpack.bench.interleaved import matrix
+
+        result = matrix(args["path"], rounds=args.get("rounds", 10), max_autotune=args.get("max_autotune", False))
     else:
         result = worker(args) if kind == "worker" else load_worker(args)
     print(json.dumps(result))

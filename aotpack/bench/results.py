@@ -196,7 +196,7 @@ def _target(ratio: str, limit: float) -> str:
 
 
 def write_results(out: Path, recipe, rows: list[dict], loads: dict, builds: dict, info: dict, common: dict, *,
-                  artifacts: list[dict] = (), interleaved: dict | None = None) -> None:
+                  artifacts: list[dict] = (), interleaved: dict | None = None, matrix: dict | None = None) -> None:
     """results.md/.csv/.json/.png. ``loads`` and ``builds`` (seconds of builds run here) are keyed by artifact
     label (the scheme; 'SCHEME regional' for a regional one); ``artifacts``: their ``build_record``s."""
     records = _records(recipe, rows, common)
@@ -209,14 +209,15 @@ def write_results(out: Path, recipe, rows: list[dict], loads: dict, builds: dict
     for rec in records:
         lines.append("| " + " | ".join(str(rec[c]) for c in COLUMNS) + " |")
     lines += _targets_table(rows, loads) + bound_table(rows, info.get("matmul_gflops") or {})
-    lines += interleaved_table(interleaved or {}) + _loads_table(loads, builds)
+    lines += interleaved_table(interleaved or {}) + matrix_table(matrix or {}) + _loads_table(loads, builds)
     if artifacts:
         lines += ["", "## Builds", "", _BUILD_NOTE, ""] + _build_table(list(artifacts))
     (out / "results.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({"machine": info, "workload": common, "rows": rows,
                                                    "loads": loads, "builds": builds,
                                                    "artifacts": list(artifacts),
-                                                   "interleaved": interleaved or {}}, indent=2) + "\n")
+                                                   "interleaved": interleaved or {},
+                                                   "compile_matrix": matrix or {}}, indent=2) + "\n")
     _plot(out / "results.png", records, recipe.full_name)
 
 
@@ -320,4 +321,31 @@ def interleaved_table(results: dict[str, dict]) -> list[str]:
             ratio = f"{r['median_s'] / min(compiled):.2f}" if compiled else "n/a"
             cell = _target(ratio, 1.0) if r["variant"] == "aotpack" else ratio
             lines.append(f"| {quant} | {r['variant']} | {r['median_s']:.4f} | {r['min_s']:.4f} | {cell} |")
+    return lines
+
+
+def matrix_table(res: dict) -> list[str]:
+    """The '## The default artifact against every torch.compile variant' section (``bench --compile-matrix``):
+    one interleaved process, a line a variant, each against the artifact; the target: the artifact at most the
+    fastest torch.compile variant that compiled."""
+    if not res.get("rows"):
+        return []
+    art = next(r for r in res["rows"] if r["variant"] == "aotpack")
+    compiled = [r for r in res["rows"] if r["variant"] != "aotpack" and "median_s" in r]
+    best = min(compiled, key=lambda r: r["median_s"]) if compiled else None
+    ratio = f"{art['median_s'] / best['median_s']:.2f}" if best else "n/a"
+    lines = ["", "## The default artifact against every torch.compile variant", "",
+             f"The recipe's default artifact ({res['what']}) and torch.compile of the checkpoint in every dtype, "
+             "scheme and inductor mode, once each per round in rotating order in one process "
+             f"({res['rounds']} rounds, {res['threads']} threads; each torch.compile row's inputs from a pipeline "
+             "call in its own dtype); s a forward.", "",
+             "Target: the default artifact at most the fastest torch.compile variant"
+             + (f" ({best['variant']}): {_target(ratio, 1.0)}." if best else ": n/a (none compiled)."), "",
+             "| variant | dtype | scheme | mode | median s | min s | / aotpack |", "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if "median_s" in r:
+            cells = f"{r['median_s']:.4f} | {r['min_s']:.4f} | {r['median_s'] / art['median_s']:.2f}"
+        else:
+            cells = f"fails: {r.get('error', 'no timing')} | | "
+        lines.append(f"| {r['variant']} | {r['dtype']} | {r['scheme']} | {r['mode']} | {cells} |")
     return lines

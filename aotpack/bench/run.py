@@ -18,7 +18,7 @@ from aotpack.bench.variants import REGIONAL, VARIANTS, has_repeated_blocks
 def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | None = None, images: int = 2,
               variants: tuple[str, ...] | None = None, variant: str | None = None, max_autotune: bool = False,
               dtype: str | None = None, regional: bool | None = None, build_only: bool = False,
-              artifacts_dir: Path = Path("artifacts"), cold_builds: bool = True) -> Path:
+              artifacts_dir: Path = Path("artifacts"), cold_builds: bool = True, compile_matrix: bool = False) -> Path:
     """Build (or reuse) the artifacts, run every variant for every scheme, write results; returns ``out``.
 
     ``variants``: default eager, compile, compile+freezing, compile+cache, aotpack, plus aotpack-regional when
@@ -27,7 +27,9 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
     ``build_artifact``); existing ones are reused and their manifests say how they were built.
     ``build_only``: build every artifact afresh (whole graph, and regional when ``regional``), run nothing, and
     write the build table to ``out/builds.md``, ``.csv`` and ``.json``; rows of other recipes, variants or
-    schemes already in ``out/builds.json`` (same platform) are kept, so that one folder gathers a table."""
+    schemes already in ``out/builds.json`` (same platform) are kept, so that one folder gathers a table.
+    ``compile_matrix``: also the recipe's default artifact (its default scheme, in the dtype ``auto`` or ``dtype``
+    gives it here) against torch.compile in every dtype x scheme x mode, interleaved in one process (``matrix``)."""
     from aotpack.builder.spec import default_out
     from aotpack.artifact.platform import default_device, describe, tag
     from aotpack.builder.recipe import get_recipe
@@ -70,10 +72,20 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
         loads.update(_load_artifacts(quant, paths))
         if any(v.startswith("compile") for v in variants):  # the forward target, where the box's drift cancels
             inter[quant] = _interleaved(paths)
+    matrix = None
+    if compile_matrix:
+        quant = recipe.default_quant
+        dtypes.setdefault(quant, build_dtype(dtype or recipe.dtype, here, quant))
+        path = path_of(quant, False)
+        if not (path / "manifest.json").is_file():
+            builds[quant] = build_artifact(recipe.name, quant, path, regional=False, variant=variant, cold=cold_builds,
+                                           dtype=dtypes[quant])
+        matrix = _matrix(path, max_autotune)
     after = matmul_rates(device)  # a busy neighbour for a few seconds halves one reading, never both
     rates = {k: max(v, after.get(k, 0.0)) for k, v in rates.items()}
     info = {**machine(), "matmul_gflops": {k: round(v, 1) for k, v in rates.items()}}
-    write_results(out, recipe, rows, loads, builds, info, common, artifacts=records, interleaved=inter)
+    write_results(out, recipe, rows, loads, builds, info, common, artifacts=records, interleaved=inter,
+                  matrix=matrix)
     return out
 
 
@@ -152,6 +164,16 @@ def _interleaved(paths: dict) -> dict:
                   env={"TORCHINDUCTOR_CACHE_DIR": tmp})
     shown = ", ".join(f"{x['variant']} {x['median_s']:.3f} s" for x in r["rows"])
     print(f"  interleaved: {shown}", file=sys.stderr)
+    return r
+
+
+def _matrix(path: Path, max_autotune: bool) -> dict:
+    """The default artifact against every torch.compile variant, interleaved in one fresh process."""
+    print(f"  compile matrix: {path.name} against torch.compile in every dtype, scheme and mode ...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="aotpack-bench-") as tmp:
+        r = spawn("matrix", {"path": str(path), "max_autotune": max_autotune}, env={"TORCHINDUCTOR_CACHE_DIR": tmp})
+    shown = ", ".join(f"{x['variant']} {x['median_s']:.3f} s" for x in r["rows"] if "median_s" in x)
+    print(f"  compile matrix: {shown}", file=sys.stderr)
     return r
 
 
