@@ -90,23 +90,31 @@ def _cast(kwargs: dict[str, Any], manifest: Any) -> dict[str, Any]:
             if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
 
 
-def interleaved(paths: list[str], *, compile_rows: bool = True, rounds: int = 15) -> dict[str, Any]:
-    """{"what": model scheme dtype, "rounds": N, "rows": [{"variant", "median_s", "min_s"}]} of the artifacts at
-    ``paths`` (the first one's model) and, with ``compile_rows``, torch.compile of it."""
+def _rounds(runs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, dict[str, float]]:
+    """{name: {"median_s", "min_s"}} of every run, each once per round in rotating order (after two first calls:
+    page faults, lazy setup)."""
     import torch
 
-    runs, manifest = _runs([str(p) for p in paths], compile_rows)
     names = list(runs)
     times: dict[str, list[float]] = {n: [] for n in names}
     with torch.no_grad():
-        for f in runs.values():  # first calls, page faults
+        for f in runs.values():
             f(), f()
         for i in range(rounds):
             for n in names[i % len(names):] + names[:i % len(names)]:
                 t = time.perf_counter()
                 runs[n]()
                 times[n].append(time.perf_counter() - t)
-    rows = [{"variant": n, "median_s": sorted(v)[len(v) // 2], "min_s": min(v)} for n, v in times.items()]
+    return {n: {"median_s": sorted(v)[len(v) // 2], "min_s": min(v)} for n, v in times.items()}
+
+
+def interleaved(paths: list[str], *, compile_rows: bool = True, rounds: int = 15) -> dict[str, Any]:
+    """{"what": model scheme dtype, "rounds": N, "rows": [{"variant", "median_s", "min_s"}]} of the artifacts at
+    ``paths`` (the first one's model) and, with ``compile_rows``, torch.compile of it."""
+    import torch
+
+    runs, manifest = _runs([str(p) for p in paths], compile_rows)
+    rows = [{"variant": n, **t} for n, t in _rounds(runs, rounds).items()]
     return {"what": f"{manifest.recipe.name} {manifest.scheme.name} {manifest.dtype}", "rounds": rounds,
             "threads": torch.get_num_threads(), "rows": rows}
 
@@ -178,19 +186,8 @@ def matrix(path: str, *, rounds: int = 10, max_autotune: bool = False, dtypes: t
                 rows.append(row)
     if "aotpack" not in runs:
         raise ValueError(f"the artifact's dtype {manifest.dtype} is not among {dtypes}")
-    times: dict[str, list[float]] = {n: [] for n in runs}
-    names = list(runs)
-    with torch.no_grad():
-        for f in runs.values():
-            f(), f()
-        for i in range(rounds):
-            for n in names[i % len(names):] + names[:i % len(names)]:
-                t = time.perf_counter()
-                runs[n]()
-                times[n].append(time.perf_counter() - t)
+    times = _rounds(runs, rounds)
     for row in rows:
-        v = times.get(row["variant"])
-        if v:
-            row.update(median_s=sorted(v)[len(v) // 2], min_s=min(v))
+        row.update(times.get(row["variant"], {}))
     return {"what": f"{manifest.recipe.name} {manifest.scheme.name} {manifest.dtype}", "rounds": rounds,
             "threads": torch.get_num_threads(), "rows": rows}

@@ -22,26 +22,21 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
     """Build (or reuse) the artifacts, run every variant for every scheme, write results; returns ``out``.
 
     ``variants``: default eager, compile, compile+freezing, compile+cache, aotpack, plus aotpack-regional when
-    ``regional``
-    (default: when the model has repeated blocks). Artifacts that are missing are built from scratch (see
+    ``regional`` (default: when the model has repeated blocks). Artifacts that are missing are built from scratch (see
     ``build_artifact``); existing ones are reused and their manifests say how they were built.
     ``build_only``: build every artifact afresh (whole graph, and regional when ``regional``), run nothing, and
     write the build table to ``out/builds.md``, ``.csv`` and ``.json``; rows of other recipes, variants or
     schemes already in ``out/builds.json`` (same platform) are kept, so that one folder gathers a table.
     ``compile_matrix``: also the recipe's default artifact (its default scheme, in the dtype ``auto`` or ``dtype``
     gives it here) against torch.compile in every dtype x scheme x mode, interleaved in one process (``matrix``)."""
-    from aotpack.builder.spec import default_out
     from aotpack.artifact.platform import default_device, describe, tag
     from aotpack.builder.recipe import get_recipe
     from aotpack.builder.source import resolve_source
-
-    from aotpack.builder.spec import build_dtype
+    from aotpack.builder.spec import build_dtype, default_out
 
     recipe = get_recipe(recipe_name, variant)
-    device = default_device()
-    here = describe(device)
-    # "auto" (flux-blocks): what this machine computes each scheme fastest in
-    dtypes = {q: build_dtype(dtype or recipe.dtype, here, q) for q in quants}
+    here = describe(device := default_device())
+    dtypes = {q: build_dtype(dtype or recipe.dtype, here, q) for q in [*quants, recipe.default_quant]}
     out.mkdir(parents=True, exist_ok=True)
     source = resolve_source(recipe, None, device)  # builtins are made here, once, outside any timed build
     if regional is None:
@@ -62,8 +57,9 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
     rates = matmul_rates(device)  # the machine's matmul bound: before the runs and after, the higher of each
     rows, loads, builds, records, inter = [], {}, {}, [], {}
     checkpoint_dir = Path(source.location) if source.kind != "hub" else None
-    common = {"recipe": recipe.name, "recipe_variant": variant, "device": device, "dtype": _dtypes_line(dtypes),
-              "height": recipe.capture["height"], "width": recipe.capture["width"],
+    common = {"recipe": recipe.name, "recipe_variant": variant, "device": device,
+              "dtype": _dtypes_line({q: dtypes[q] for q in quants}), "height": recipe.capture["height"],
+              "width": recipe.capture["width"],
               "steps": steps or recipe.run["steps"], "images": images, "batch": 1, "max_autotune": max_autotune}
     for quant in quants:
         paths = {v: path_of(quant, r) for v, r in wanted.items()}
@@ -72,15 +68,7 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
         loads.update(_load_artifacts(quant, paths))
         if any(v.startswith("compile") for v in variants):  # the forward target, where the box's drift cancels
             inter[quant] = _interleaved(paths)
-    matrix = None
-    if compile_matrix:
-        quant = recipe.default_quant
-        dtypes.setdefault(quant, build_dtype(dtype or recipe.dtype, here, quant))
-        path = path_of(quant, False)
-        if not (path / "manifest.json").is_file():
-            builds[quant] = build_artifact(recipe.name, quant, path, regional=False, variant=variant, cold=cold_builds,
-                                           dtype=dtypes[quant])
-        matrix = _matrix(path, max_autotune)
+    matrix = _matrix(recipe, path_of, builds, max_autotune, **build) if compile_matrix else None
     after = matmul_rates(device)  # a busy neighbour for a few seconds halves one reading, never both
     rates = {k: max(v, after.get(k, 0.0)) for k, v in rates.items()}
     info = {**machine(), "matmul_gflops": {k: round(v, 1) for k, v in rates.items()}}
@@ -167,8 +155,15 @@ def _interleaved(paths: dict) -> dict:
     return r
 
 
-def _matrix(path: Path, max_autotune: bool) -> dict:
-    """The default artifact against every torch.compile variant, interleaved in one fresh process."""
+def _matrix(recipe: Any, path_of: Callable, builds: dict, max_autotune: bool, *, variant: str | None,
+            dtypes: dict[str, str], cold: bool) -> dict:
+    """The recipe's default artifact (built first when missing) against every torch.compile variant,
+    interleaved in one fresh process."""
+    quant = recipe.default_quant
+    path = path_of(quant, False)
+    if not (path / "manifest.json").is_file():
+        builds[quant] = build_artifact(recipe.name, quant, path, regional=False, variant=variant, cold=cold,
+                                       dtype=dtypes[quant])
     print(f"  compile matrix: {path.name} against torch.compile in every dtype, scheme and mode ...", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="aotpack-bench-") as tmp:
         r = spawn("matrix", {"path": str(path), "max_autotune": max_autotune}, env={"TORCHINDUCTOR_CACHE_DIR": tmp})
