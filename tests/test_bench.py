@@ -243,3 +243,22 @@ def test_the_compile_matrix_holds_the_default_artifact_to_every_torch_compile_va
     fake["rows"][1]["median_s"] = 0.25
     assert "(compile bfloat16 none): 1.20 missed." in "\n".join(matrix_table(fake))
     assert matrix_table({}) == []
+
+
+def test_the_compile_matrix_builds_its_default_only_when_missing_and_records_it_once(built, monkeypatch):
+    """The matrix's artifact is the recipe's default scheme: a scheme the bench already ran is not built or put
+    in the build table again; another one is recorded (here it exists: reused, not built)."""
+    from aotpack.bench import run
+    from aotpack.builder.recipe import get_recipe
+
+    _, arts = built
+    whole = next(p for p in arts.iterdir() if not p.name.endswith("-regional"))
+    recipe = get_recipe("tiny-flux")
+    monkeypatch.setattr(run, "spawn", lambda kind, args, env=None: {"rows": [], "kind": kind, "path": args["path"]})
+    monkeypatch.setattr(run, "build_artifact", lambda *a, **k: pytest.fail("built an artifact that exists"))
+    build = {"variant": None, "dtypes": {recipe.default_quant: "float32"}, "cold": False}
+    records: list[dict] = []
+    r = run._matrix(recipe, lambda q, regional: whole, {}, records, False, **build)
+    assert r["kind"] == "matrix" and r["path"] == str(whole) and [x["path"] for x in records] == [str(whole)]
+    run._matrix(recipe, lambda q, regional: whole, {}, records, False, **build)
+    assert len(records) == 1  # already in the table: not recorded twice

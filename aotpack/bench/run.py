@@ -68,7 +68,7 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
         loads.update(_load_artifacts(quant, paths))
         if any(v.startswith("compile") for v in variants):  # the forward target, where the box's drift cancels
             inter[quant] = _interleaved(paths)
-    matrix = _matrix(recipe, path_of, builds, max_autotune, **build) if compile_matrix else None
+    matrix = _matrix(recipe, path_of, builds, records, max_autotune, **build) if compile_matrix else None
     after = matmul_rates(device)  # a busy neighbour for a few seconds halves one reading, never both
     rates = {k: max(v, after.get(k, 0.0)) for k, v in rates.items()}
     info = {**machine(), "matmul_gflops": {k: round(v, 1) for k, v in rates.items()}}
@@ -155,15 +155,13 @@ def _interleaved(paths: dict) -> dict:
     return r
 
 
-def _matrix(recipe: Any, path_of: Callable, builds: dict, max_autotune: bool, *, variant: str | None,
-            dtypes: dict[str, str], cold: bool) -> dict:
-    """The recipe's default artifact (built first when missing) against every torch.compile variant,
-    interleaved in one fresh process."""
-    quant = recipe.default_quant
-    path = path_of(quant, False)
-    if not (path / "manifest.json").is_file():
-        builds[quant] = build_artifact(recipe.name, quant, path, regional=False, variant=variant, cold=cold,
-                                       dtype=dtypes[quant])
+def _matrix(recipe: Any, path_of: Callable, builds: dict, records: list[dict], max_autotune: bool,
+            **build: Any) -> dict:
+    """The recipe's default artifact (built first when missing, and in the build table once) against every
+    torch.compile variant, interleaved in one fresh process."""
+    path = path_of(recipe.default_quant, False)
+    if not any(r.get("path") == str(path) for r in records):  # not a scheme the bench ran
+        _ensure_artifacts(recipe, recipe.default_quant, {"aotpack": path}, {"aotpack": False}, builds, records, **build)
     print(f"  compile matrix: {path.name} against torch.compile in every dtype, scheme and mode ...", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="aotpack-bench-") as tmp:
         r = spawn("matrix", {"path": str(path), "max_autotune": max_autotune}, env={"TORCHINDUCTOR_CACHE_DIR": tmp})
