@@ -15,7 +15,7 @@ COMPILE_ROWS = (("compile", False), ("compile+freezing", True))  # (variant, ind
 
 
 def captured_kwargs(pipe: Any, recipe: Any) -> dict[str, Any]:
-    """The transformer's keyword arguments in its first call of a one-step pipeline call at the run size."""
+    """The component's keyword arguments in its first call of a one-step pipeline call at the run size."""
     import torch
 
     seen: dict[str, Any] = {}
@@ -24,7 +24,7 @@ def captured_kwargs(pipe: Any, recipe: Any) -> dict[str, Any]:
         if not seen:
             seen.update({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
 
-    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = getattr(pipe, recipe.component).register_forward_pre_hook(hook, with_kwargs=True)
     kwargs = recipe.pipeline_kwargs(height=recipe.run["height"], width=recipe.run["width"], steps=1,
                                     guidance_scale=recipe.run.get("guidance_scale", 3.5),
                                     frames=recipe.run.get("frames") if recipe.is_video else None)
@@ -61,7 +61,7 @@ def _runs(paths: list[str], compile_rows: bool) -> tuple[dict[str, Callable[[], 
         runs[name] = (lambda m, kw: lambda: m(**kw))(module, _cast(kwargs, module.manifest))
     if compile_rows:
         # quantized as the bench's own rows are (an auto artifact: by its per-layer plan)
-        _quantize(pipe.transformer, {"quant": manifest.scheme.name, "artifact": paths[0]})
+        _quantize(getattr(pipe, recipe.component), {"quant": manifest.scheme.name, "artifact": paths[0]})
         for name, freezing in COMPILE_ROWS:
             # dynamo would reuse the first compiled graph on the next torch.compile of the module, and inductor
             # reads `freezing` from its global config, not torch.compile's options (measured: the same code either
@@ -71,7 +71,7 @@ def _runs(paths: list[str], compile_rows: bool) -> tuple[dict[str, Callable[[], 
             torch._dynamo.reset()
             torch._inductor.config.freezing = freezing
             try:
-                compiled = torch.compile(pipe.transformer)
+                compiled = torch.compile(getattr(pipe, recipe.component))
                 with torch.no_grad():
                     compiled(**kwargs)
             finally:
@@ -174,7 +174,8 @@ def matrix(path: str, *, rounds: int = 10, max_autotune: bool = False, dtypes: t
             rows.insert(0, {"variant": "aotpack", "dtype": dtype, "scheme": manifest.scheme.name, "mode": "artifact"})
         del pipe
         for scheme in schemes:
-            transformer = load_pipeline(recipe, source_of(manifest.model), dtype=dtype).transformer.eval()
+            fresh = load_pipeline(recipe, source_of(manifest.model), dtype=dtype)
+            transformer = getattr(fresh, recipe.component).eval()
             _quantize(transformer, {"quant": scheme, "artifact": path})
             for mode in modes:
                 name = f"compile {dtype} {scheme}" + ("" if mode == "default" else f" +{mode}")
