@@ -170,3 +170,26 @@ def unwrap_tensor_subclass(module: Any) -> Any:
     from torchao.utils import unwrap_tensor_subclass as unwrap
 
     return unwrap(module)
+
+
+# ---- eager kernels ----------------------------------------------------------------------------------------------
+
+# ``aten._weight_int8pack_mm`` (the CPU kernel of int8 weight-only matmuls) read past its weight and crashed the
+# process (SIGSEGV, torch 2.13 CPU) for inner sizes that are not a multiple of 8 (100 and 257 crashed, 8 ... 4096
+# in steps of 8 ran): aotpack asks for a multiple of 64, which every large linear of a diffusers model is.
+INT8_MM_MULTIPLE = 64
+
+
+def int8_weight_mm(x: Any, weight: Any, scales: Any) -> Any:
+    """``x @ (weight * scales[:, None]).T`` for a 2-D ``x`` (bf16, fp16 or fp32), an int8 ``weight`` [N, K] and
+    per-row ``scales`` [N] in ``x``'s dtype: ``aten._weight_int8pack_mm``, which reads the int8 weight as it is
+    (a quarter of fp32's bytes) instead of widening it first."""
+    import torch
+
+    if weight.dtype != torch.int8 or weight.dim() != 2 or x.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"int8_weight_mm takes x [M, K] and an int8 weight [N, K], got {tuple(x.shape)} and "
+                         f"{weight.dtype} {tuple(weight.shape)}")
+    if weight.shape[1] % INT8_MM_MULTIPLE:
+        raise ValueError(f"int8_weight_mm needs an inner size that is a multiple of {INT8_MM_MULTIPLE}, got "
+                         f"{weight.shape[1]}")
+    return torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight.contiguous(), scales.to(x.dtype).contiguous())

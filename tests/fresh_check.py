@@ -75,6 +75,9 @@ def compare(argv: list[str]) -> dict:
             classes = sorted({m.block_class for m in manifest.modules if m.kind == "block"})
             quantize_all(args.scheme, [pipe.transformer.get_submodule(p)
                                        for paths in instances(pipe.transformer, classes).values() for p in paths])
+            from aotpack.serve.glue import pack
+
+            pack(pipe.transformer, list(manifest.glue_int8))  # and the linears it gave int8 weights
         else:
             quantize_all(args.scheme, [pipe.transformer])
         eager_q = call()

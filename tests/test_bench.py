@@ -187,10 +187,15 @@ def test_interleaved_forwards_run_every_artifact_in_one_process_and_mark_the_tar
     assert all(0 < r["min_s"] <= r["median_s"] for r in res["rows"]) and res["what"] == "tiny-flux int8wo float32"
     fake = {"rows": [{"variant": "aotpack", "median_s": 0.162, "min_s": 0.156},
                      {"variant": "compile", "median_s": 0.159, "min_s": 0.155},
-                     {"variant": "compile+freezing", "median_s": 0.161, "min_s": 0.155}]}
+                     {"variant": "compile+freezing", "median_s": 0.161, "min_s": 0.155},
+                     {"variant": "aotpack-regional", "median_s": 0.170, "min_s": 0.160}]}
     table = interleaved_table({"int8dq": fake})
-    assert any(ln.startswith("| int8dq | aotpack |") and ln.endswith("1.02 missed |") for ln in table), table
-    assert interleaved_table({"int8wo": res})[-1].endswith("n/a |")  # no torch.compile row: nothing to hold it to
+    assert any(ln.startswith("| int8dq | aotpack |") and ln.endswith("| 1.02 missed | 1.00 |") for ln in table), table
+    assert any(ln.startswith("| int8dq | aotpack-regional |") and ln.endswith("| 1.07 | 1.05 missed |")
+               for ln in table), table   # regional held to the whole graph, measured in the same rounds
+    last = interleaved_table({"int8wo": res})[-1]  # no torch.compile row: nothing to hold the whole graph to
+    assert last.startswith("| int8wo | aotpack-regional | ") and "| n/a |" in last
+    assert last.endswith((" met |", " missed |")), last
     assert interleaved_table({}) == []
 
 

@@ -207,3 +207,23 @@ def test_runtime_folding_keeps_every_weight_a_constant_and_refolds_after_a_swap(
         code.load_constants(state, check_full_update=True, user_managed=True)
         assert torch.allclose(code(x)[0] if isinstance(code(x), (list, tuple)) else code(x), model(x), atol=1e-5)
     print(f"weights baked into the code without runtime folding: {sorted(baked)}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_int8_weight_mm_is_the_dequantized_matmul(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 128, generator=g).to(dtype)
+    w = torch.randint(-127, 128, (48, 128), dtype=torch.int8, generator=g)
+    scales = (torch.rand(48, generator=g) / 100).to(dtype)
+    got = compat.int8_weight_mm(x, w, scales)
+    want = x.float() @ (w.float() * scales.float()[:, None]).T
+    assert got.dtype == dtype and got.shape == (3, 48)
+    assert float((got.float() - want).abs().max() / want.abs().max()) < 1e-2
+
+
+def test_int8_weight_mm_refuses_what_crashed_the_kernel_before_calling_it():
+    # K = 100 killed the process inside aten._weight_int8pack_mm (SIGSEGV, torch 2.13 CPU): never reaches it
+    with pytest.raises(ValueError, match="multiple of 64"):
+        compat.int8_weight_mm(torch.randn(2, 100), torch.zeros(32, 100, dtype=torch.int8), torch.ones(32))
+    with pytest.raises(ValueError, match="int8 weight"):
+        compat.int8_weight_mm(torch.randn(2, 64), torch.zeros(32, 64), torch.ones(32))

@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,8 @@ class Manifest(Identity):
     options: Options = Options()
     lora: LoraRef | None = None
     plan: PlanRef | None = None
+    # regional, CPU: the linears outside the blocks that run with int8 weights (aotpack.serve.glue)
+    glue_int8: tuple[str, ...] = field(default=(), metadata={"omit_default": True})
 
     @property
     def component(self) -> CompiledModule:
@@ -158,6 +160,10 @@ def _semantic_problems(m: Manifest) -> list[str]:
         if mod.kind not in ("component", "vae_decoder", "block") or not mod.instances:
             problems.append(f"modules[{i}] must be a component, vae_decoder or block with instances")
         problems.extend(f"modules[{i}]: {p}" for p in mod.inputs.problems())
+    glue = m.glue_int8 or ()
+    if glue and (not (m.options is not None and m.options.regional) or len(set(glue)) != len(glue)
+                 or not all(isinstance(n, str) and n for n in glue)):
+        problems.append("glue_int8 must list distinct linear names, in a regional artifact only")
     if m.request is not None and m.request.output not in ("image", "video"):
         problems.append("request.output must be 'image' or 'video'")
     return problems

@@ -9,6 +9,7 @@ the bench's rows do (default, and with inductor's freezing)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 COMPILE_ROWS = (("compile", False), ("compile+freezing", True))  # (variant, inductor freezing)
@@ -58,6 +59,8 @@ def _runs(paths: list[str], compile_rows: bool) -> tuple[dict[str, Callable[[], 
             name += f"-{module.manifest.dtype}"
         if module.manifest.scheme.name != manifest.scheme.name:
             name += f"-{module.manifest.scheme.name}"
+        if name in runs:  # two builds alike (say one before a change, one after): told apart by their folders
+            name += f" ({Path(path).name})"
         runs[name] = (lambda m, kw: lambda: m(**kw))(module, _cast(kwargs, module.manifest))
     if compile_rows:
         # quantized as the bench's own rows are (an auto artifact: by its per-layer plan)

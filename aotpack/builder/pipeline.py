@@ -37,6 +37,7 @@ from aotpack.builder.targets import (Compiled, Quantized, Target, block_targets,
 from aotpack.builder.verify import measure_quant_error, verify
 from aotpack.builder.weights import CheckpointReader, Lora, Streamed, materialize, read_lora, skeleton
 from aotpack.errors import BuildError
+from aotpack.serve import glue
 from aotpack.stages import interrupts, peak_rss_bytes, stage
 
 log = logging.getLogger("aotpack")
@@ -141,6 +142,15 @@ def quantize_component(spec: BuildSpec, ckpt: Checkpoint, out: Path) -> Quantize
                      lora=ckpt.lora, commit=ckpt.commit, files=ckpt.files, schemes=schemes, classes=classes)
 
 
+def int8_glue(spec: BuildSpec, q: Quantized, rows: dict[str, int]) -> None:
+    """Regional, on a CPU with bf16 units: the large linears outside the blocks that saw few rows in the capture
+    call get int8 weights (``aotpack.serve.glue``), before the eager pass that the compiled blocks are held to."""
+    if q.classes and glue.applies(spec.platform, spec.quant):
+        q.glue_int8 = glue.chosen(q.model, rows, {p for ps in regional.instances(q.model, q.classes).values()
+                                                  for p in ps})
+        glue.pack(q.model, q.glue_int8)
+
+
 def other_request(r: Any) -> Any:
     """The recipe with its capture call moved to another request inside its bounds: another batch, frame count and
     prompt length, and a height and width that both change, by different ratios (so rows, columns and tokens
@@ -237,6 +247,7 @@ def make_manifest(spec: BuildSpec, q: Quantized, modules: list[CompiledModule], 
         options=spec.options,
         lora=LoraRef(**q.lora.describe()) if q.lora is not None else None,
         plan=PlanRef(**summary(q.plan)) if q.plan is not None else None,
+        glue_int8=tuple(q.glue_int8),
     )
 
 
@@ -260,6 +271,7 @@ class Reference:
     blocks: dict[str, dict[str, Any]] | None = None
     small: dict[str, Any] | None = None
     second: dict[str, Any] | None = None
+    glue_rows: dict[str, int] | None = None    # regional: rows of each linear outside the blocks, first call
 
 
 def reference(spec: BuildSpec, pipe: Any, ckpt: Checkpoint) -> Reference:
@@ -274,12 +286,14 @@ def reference(spec: BuildSpec, pipe: Any, ckpt: Checkpoint) -> Reference:
         setattr(pipe, r.component, streamed.model)
         if not spec.options.regional:
             return Reference(record_call(pipe, r))
-        with regional.first_inputs(streamed.model, regional.block_classes(streamed.model, r)) as blocks:
+        classes = regional.block_classes(streamed.model, r)
+        paths = {p for ps in regional.instances(streamed.model, classes).values() for p in ps}
+        with regional.first_inputs(streamed.model, classes) as blocks, glue.first_rows(streamed.model, paths) as rows:
             call = record_call(pipe, r)
         low = smallest_request(r)
         small = call.example if low.capture == r.capture else capture_inputs(pipe, low)[0]
         second = capture_inputs(pipe, other_request(r))[0] if not r.block_inputs else None
-        return Reference(call, blocks, small, second)
+        return Reference(call, blocks, small, second, dict(rows))
     finally:
         streamed.close()
         setattr(pipe, r.component, None)
@@ -311,6 +325,7 @@ def run_build(spec: BuildSpec) -> Path:
             full, example = ref.call, ref.call.example
         with stage("quantize", timings):
             q = quantize_component(spec, ckpt, tmp)
+            int8_glue(spec, q, ref.glue_rows or {})
         setattr(pipe, r.component, q.model)
         with stage("eager", timings):  # the quantized eager outputs each compiled module is held to
             if q.classes:

@@ -4,7 +4,7 @@ each with the wrapper export sees, its captured example and InputSpec, and its e
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ class Quantized:
     files: dict[str, FileEntry]
     schemes: Schemes                      # the scheme each quantized linear got
     classes: list[str]                    # regional: the block classes compiled once each
+    glue_int8: list[str] = field(default_factory=list)  # regional: the linears outside the blocks made int8
 
 
 @dataclass

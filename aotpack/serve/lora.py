@@ -23,6 +23,7 @@ from aotpack.builder.regional import only_in_blocks
 from aotpack.builder.source import component_folder, source_of, torch_dtype
 from aotpack.builder.weights import CheckpointReader, Lora, materialize, read_lora, skeleton, touched_modules
 from aotpack.errors import InputError, IntegrityError, ManifestError
+from aotpack.serve.glue import Int8Linear
 
 
 def _read_touched(manifest: Manifest, model: Any, only: set[str], lora: Any, quantize_unit: Any, device: str) -> None:
@@ -85,6 +86,8 @@ def lora_constants(manifest: Manifest, base: dict[str, torch.Tensor], lora: "str
             holder = torch.nn.Module()  # unwrap_tensor_subclass works on a module's children
             holder.add_module("leaf", leaf)
             unwrap_tensor_subclass(holder)
+        if module_name in manifest.glue_int8:  # as the build made it (aotpack.serve.glue)
+            leaf = Int8Linear.of(leaf)
         # schema 1 named the weights by the compiled constants (component.*), schema 2 by the pipeline's names
         prefix = f"{component if manifest.schema_version >= 2 else COMPONENT_ROOT}.{module_name}."
         fresh = {prefix + k: v for k, v in leaf.state_dict().items()}

@@ -18,6 +18,7 @@ import torch
 
 from aotpack import _torch_compat as compat
 from aotpack.artifact.manifest import CompiledModule, InputSpec, Manifest
+from aotpack.serve import glue as int8
 from aotpack.serve.runtime import CudaGraphs, SwapLock
 from aotpack.builder.capture import spread_tuples
 from aotpack.errors import InputError, IntegrityError, ManifestError, one_line
@@ -117,6 +118,8 @@ def build_model(manifest: Manifest, weights: dict[str, dict[str, torch.Tensor]],
     check_instances(manifest, model)
     block_paths = {inst[len(component) + 1:] for m in blocks for inst in m.instances}
     tensors = weights[blocks[0].weights]
+    # the linears the build gave int8 weights become int8 linears first: the weights are checked against those
+    int8.place(model, manifest.glue_int8, block_paths, getattr(torch, manifest.dtype))
     glue = {k[len(component) + 1:]: tensors[k] for k in glue_keys(manifest, tensors)}
     check_glue(manifest, model, glue)
     missing, unexpected = model.load_state_dict(glue, strict=False, assign=True)
