@@ -88,11 +88,44 @@ def test_the_loader_places_empty_int8_linears():
 
 def test_int8_glue_applies_to_quantized_cpu_builds_with_bf16_units():
     box = lambda *flags, device="cpu": SimpleNamespace(device=device, cpu_flags=flags)  # noqa: E731
-    assert glue.applies(box("avx2", "avx512f", "amx_bf16"), "int8dq")
-    assert glue.applies(box("avx2", "avx512f", "avx512_bf16"), "int8wo")
-    assert not glue.applies(box("avx2", "avx512f", "avx512_bf16"), "none")   # full precision asked for
-    assert not glue.applies(box("avx2", "fma"), "int8dq")                      # bf16 would run widened
-    assert not glue.applies(box(device="cuda"), "int8dq")
+    assert glue.applies(box("avx2", "avx512f", "amx_bf16"), "int8dq", "float32")
+    assert glue.applies(box("avx2", "avx512f", "avx512_bf16"), "int8wo", "bfloat16")
+    assert not glue.applies(box("avx2", "avx512f", "avx512_bf16"), "none", "float32")  # full precision asked for
+    assert not glue.applies(box("avx2", "avx512f", "amx_bf16"), "int8dq", "float16")   # the kernel is slow there
+    assert not glue.applies(box("avx2", "fma"), "int8dq", "float32")                    # bf16 would run widened
+    assert not glue.applies(box(device="cuda"), "int8dq", "bfloat16")
+
+
+class _Reads(torch.nn.Module):
+    """A model whose forward reads a glue linear's weight dtype (as some diffusers models do): int8 weights there
+    would cast its input to int8."""
+
+    def __init__(self, reads: bool) -> None:
+        super().__init__()
+        self.reads = reads
+        self.embed = torch.nn.Linear(256, 512)
+        self.blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(512, 512))])
+
+    def forward(self, x: torch.Tensor, return_dict: bool = False) -> tuple:
+        h = self.embed(x.to(self.embed.weight.dtype) if self.reads else x)
+        return (self.blocks[0](h),)
+
+
+@pytest.mark.parametrize("reads", [False, True])
+def test_the_build_keeps_int8_glue_only_where_the_model_still_runs_as_before(monkeypatch, reads, caplog):
+    from aotpack.builder.pipeline import int8_glue
+
+    monkeypatch.setattr(glue, "MIN_WEIGHT", 1)
+    box = SimpleNamespace(device="cpu", cpu_flags=("amx_bf16",))
+    q = SimpleNamespace(model=_Reads(reads), classes=["Sequential"], glue_int8=[])
+    with torch.no_grad():
+        int8_glue(SimpleNamespace(platform=box, quant="int8wo", dtype="float32"), q, {"embed": 2},
+                  {"x": torch.randn(2, 256)})
+    if reads:
+        assert q.glue_int8 == [] and type(q.model.embed) is torch.nn.Linear   # put back, with a warning
+        assert "left out" in caplog.text and "embed" in caplog.text
+    else:
+        assert q.glue_int8 == ["embed"] and isinstance(q.model.embed, glue.Int8Linear)
 
 
 # ---- end to end: a regional tiny-flux build whose time embedders get int8 weights -------------------------------
@@ -106,7 +139,7 @@ def packed(tmp_path_factory):
     (the blocks come from the compile cache the other regional builds filled)."""
     mp = pytest.MonkeyPatch()
     mp.setattr(glue, "MIN_WEIGHT", 0)
-    mp.setattr(glue, "applies", lambda platform, quant: quant != "none")
+    mp.setattr(glue, "applies", lambda platform, quant, dtype: quant != "none")
     try:
         return aotpack.build("tiny-flux", "int8wo", regional=True, out=tmp_path_factory.mktemp("glue") / "a")
     finally:

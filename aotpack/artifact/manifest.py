@@ -162,8 +162,9 @@ def _semantic_problems(m: Manifest) -> list[str]:
         problems.extend(f"modules[{i}]: {p}" for p in mod.inputs.problems())
     glue = m.glue_int8 or ()
     if glue and (not (m.options is not None and m.options.regional) or len(set(glue)) != len(glue)
-                 or not all(isinstance(n, str) and n for n in glue)):
-        problems.append("glue_int8 must list distinct linear names, in a regional artifact only")
+                 or not all(isinstance(n, str) and n for n in glue)
+                 or getattr(m.platform, "device", None) != "cpu"):
+        problems.append("glue_int8 must list distinct linear names, in a regional CPU artifact only")
     if m.request is not None and m.request.output not in ("image", "video"):
         problems.append("request.output must be 'image' or 'video'")
     return problems

@@ -24,7 +24,7 @@ from aotpack._version import __version__
 from aotpack.artifact.aligned import save_aligned
 from aotpack.artifact.files import WEIGHTS, atomic_folder, file_entries, remember_folder
 from aotpack.artifact.manifest import SCHEMA_VERSION, BuildInfo, CompiledModule, FileEntry, LoraRef, Manifest, ModelRef, PlanRef, QuantError, RecipeRef, SchemeRef, MANIFEST
-from aotpack.builder.capture import Call, capture_inputs, record_call
+from aotpack.builder.capture import Call, capture_inputs, record_call, unflatten_inputs
 from aotpack.builder.compile import CONSTANTS_KEY, compile_cached, compiler_settings, constant_values, constants_signature, crash_report
 from aotpack.builder.export import export_fitted
 from aotpack.builder.plan import PLAN_FILE, Planner, check_plan_covers, linear_quantizer, summary
@@ -142,13 +142,30 @@ def quantize_component(spec: BuildSpec, ckpt: Checkpoint, out: Path) -> Quantize
                      lora=ckpt.lora, commit=ckpt.commit, files=ckpt.files, schemes=schemes, classes=classes)
 
 
-def int8_glue(spec: BuildSpec, q: Quantized, rows: dict[str, int]) -> None:
+def int8_glue(spec: BuildSpec, q: Quantized, rows: dict[str, int], small: dict[str, Any] | None) -> None:
     """Regional, on a CPU with bf16 units: the large linears outside the blocks that saw few rows in the capture
-    call get int8 weights (``aotpack.serve.glue``), before the eager pass that the compiled blocks are held to."""
-    if q.classes and glue.applies(spec.platform, spec.quant):
-        q.glue_int8 = glue.chosen(q.model, rows, {p for ps in regional.instances(q.model, q.classes).values()
-                                                  for p in ps})
-        glue.pack(q.model, q.glue_int8)
+    call get int8 weights (``aotpack.serve.glue``), before the eager pass that the compiled blocks are held to —
+    kept only if the model, run at the smallest request, still runs and moves by at most ``glue.TOLERANCE`` (a
+    model that reads such a linear's weight dtype, or its parent's parameters, would not)."""
+    if not (q.classes and glue.applies(spec.platform, spec.quant, spec.dtype) and small is not None):
+        return
+    names = glue.chosen(q.model, rows, {p for ps in regional.instances(q.model, q.classes).values() for p in ps})
+    if not names:
+        return
+    run = lambda: q.model(**unflatten_inputs(small), return_dict=False)[0].float()  # noqa: E731
+    before = run()
+    originals = glue.pack(q.model, names)
+    try:
+        after = run()
+        moved = float((after - before).abs().max() / before.abs().max().clamp(min=1e-12))
+        problem = "" if moved <= glue.TOLERANCE else f"the output moved by {moved:.3g} of its largest magnitude"
+    except Exception as e:  # noqa: BLE001 — any failure means: not this model
+        problem = f"{type(e).__name__}: {e}"
+    if problem:
+        log.warning("int8 weights for the linears around the blocks (%s) left out: %s", ", ".join(names), problem)
+        glue.unpack(q.model, originals)
+        return
+    q.glue_int8 = names
 
 
 def other_request(r: Any) -> Any:
@@ -325,7 +342,7 @@ def run_build(spec: BuildSpec) -> Path:
             full, example = ref.call, ref.call.example
         with stage("quantize", timings):
             q = quantize_component(spec, ckpt, tmp)
-            int8_glue(spec, q, ref.glue_rows or {})
+            int8_glue(spec, q, ref.glue_rows or {}, ref.small)
         setattr(pipe, r.component, q.model)
         with stage("eager", timings):  # the quantized eager outputs each compiled module is held to
             if q.classes:

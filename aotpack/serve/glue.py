@@ -4,14 +4,17 @@ ones that see one row per image.
 A regional artifact runs the model's own forward around its compiled blocks. On CPU the linears there that see
 one row per image (Flux's time, guidance and text embedders, its output norm's modulation: rows = batch) read
 their whole weight for those few rows: memory-bound. In fp32 that was ~7 ms of a 0.15 s flux-blocks forward
-(2-core Xeon with AMX) and all of regional's lag behind the whole graph, which compiles them in int8. A quantized
-regional build for a CPU with bf16 units gives each such linear int8 weights (one scale per output row,
-symmetric: torchao's int8 weight-only) run by the int8 weight-only CPU kernel with bf16 activations: a quarter
-of the bytes (flux-blocks: regional 1.03x -> 1.01x the whole graph, in one process).
+(2-core Xeon with AMX) and most of regional's lag behind the whole graph, which compiles them in int8. A
+quantized regional build in float32 or bfloat16 for a CPU with bf16 units gives each such linear int8 weights
+(one scale per output row, symmetric: torchao's int8 weight-only) run by the int8 weight-only CPU kernel with
+bf16 activations: a quarter of fp32's bytes (flux-blocks: regional 1.03x -> 1.01x the whole graph on a quiet
+box, 1.08x -> 1.04x on a busier one, in one process).
 
 Which linears, the build decides from the full-precision capture call (at most ``ONE_ROW_MAX`` rows, at least
-``MIN_WEIGHT`` weights, an inner size the kernel takes) and the manifest lists them (``glue_int8``): the
-loader makes exactly those, and checks each, before any weight is placed.
+``MIN_WEIGHT`` weights, an inner size the kernel takes), keeping them only if the model still runs and moves by
+at most ``TOLERANCE`` at the smallest request; the manifest lists them (``glue_int8``): the loader makes exactly
+those, and checks each, before any weight is placed. A later call with more than ``KERNEL_ROWS`` rows (a larger
+batch than the capture's) still computes right, dequantizing the weight for that call.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from aotpack import _torch_compat as compat
 MIN_WEIGHT = 1 << 20  # smaller weights read fast enough; the kernel's fixed cost (casts, a launch) loses there
 ONE_ROW_MAX = 8       # rows in the capture call: its batch (x2 with classifier-free guidance)
 KERNEL_ROWS = 32      # a call with more rows dequantizes and multiplies in its own dtype (the kernel lost at 64)
+TOLERANCE = 2e-2      # how far the model's output may move when they are made int8 (flux-blocks: ~1e-3)
 
 
 class Int8Linear(torch.nn.Module):
@@ -75,12 +79,14 @@ def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def applies(platform: Any, quant: str) -> bool:
-    """A quantized regional build for a CPU with bf16 units (the kernel's activations are bf16; without the
-    units bf16 runs widened, several times slower, and the linears stay as they are)."""
+def applies(platform: Any, quant: str, dtype: str) -> bool:
+    """A quantized regional build for a CPU with bf16 units, in float32 or bfloat16 (the kernel's activations are
+    bf16; without the units bf16 runs widened, several times slower; with float16 activations the kernel ran
+    19 ms against 1.7 ms for the float16 linear, 3072 x 3072 at one row). Otherwise the linears stay as they are."""
     from aotpack.artifact.platform import BF16_UNITS
 
-    return platform.device == "cpu" and quant != "none" and any(f in platform.cpu_flags for f in BF16_UNITS)
+    return (platform.device == "cpu" and quant != "none" and dtype in ("float32", "bfloat16")
+            and any(f in platform.cpu_flags for f in BF16_UNITS))
 
 
 def _outside(name: str, blocks: set[str]) -> bool:
@@ -119,10 +125,18 @@ def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def pack(model: torch.nn.Module, names: list[str]) -> None:
-    """Build: each named linear (with its real weights) becomes an ``Int8Linear``."""
-    for name in names:
-        _replace(model, name, Int8Linear.of(model.get_submodule(name)))
+def pack(model: torch.nn.Module, names: list[str]) -> dict[str, torch.nn.Module]:
+    """Build: each named linear (with its real weights) becomes an ``Int8Linear``; returns the linears replaced."""
+    originals = {name: model.get_submodule(name) for name in names}
+    for name, linear in originals.items():
+        _replace(model, name, Int8Linear.of(linear))
+    return originals
+
+
+def unpack(model: torch.nn.Module, originals: dict[str, torch.nn.Module]) -> None:
+    """``pack`` undone: the linears it replaced put back."""
+    for name, linear in originals.items():
+        _replace(model, name, linear)
 
 
 def place(model: torch.nn.Module, names: tuple[str, ...], blocks: set[str], dtype: torch.dtype) -> None:
