@@ -227,7 +227,7 @@ def main(argv: list[str]) -> None:
     if kind == "interleaved":
         from aotpack.bench.interleaved import interleaved
 
-        result = interleaved(args["paths"], compile_rows=args["compile"], rounds=args.get("rounds", 15))
+        result = interleaved(args["paths"], compile_rows=args["compile"], rounds=args.get("rounds", 30))
     elif kind == "matrix":
         from aotpack.bench.interleaved import matrix
 

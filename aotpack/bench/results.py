@@ -310,7 +310,8 @@ def interleaved_table(results: dict[str, dict]) -> list[str]:
     if not results:
         return []
     lines = ["", "## Forward, interleaved in one process", "",
-             "Every variant once per round, in rotating order, in one process (the inputs: the transformer's own "
+             f"Every variant once per round ({next(iter(results.values())).get('rounds', '?')} rounds), in "
+             "rotating order, in one process (the inputs: the transformer's own "
              "arguments in a pipeline call at the recipe's run size); s a forward; the target: aotpack at most "
              "the fastest torch.compile variant, and the regional artifact at most 1.02x the whole graph (the "
              "fresh-process rows above drift by more than that between processes).", "",
