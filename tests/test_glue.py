@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import aotpack
-from aotpack.errors import ManifestError
+from aotpack.errors import IntegrityError, ManifestError
 from aotpack.serve import glue
 
 
@@ -192,6 +192,11 @@ def test_a_manifest_that_lists_a_block_linear_is_refused(packed, tmp_path):
     with pytest.raises(ManifestError, match="glue_int8 names transformer_blocks.0.attn.to_q, which is not a linear"):
         aotpack.load(bad)
     assert json.loads((packed / "manifest.json").read_text())["glue_int8"] == PACKED
+    # the list dropped (the int8 weights then meet float linears): refused at the weights check, before any call
+    none = shutil.copytree(packed, tmp_path / "none")
+    edit_manifest(none, lambda d: d.pop("glue_int8"))
+    with pytest.raises(IntegrityError, match=r"is int8 \[32, 256\], the model expects float32 \[32, 256\]"):
+        aotpack.load(none)
     from aotpack.artifact import manifest as mf
 
     data = json.loads((packed / "manifest.json").read_text())

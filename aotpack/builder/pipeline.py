@@ -130,8 +130,7 @@ def quantize_component(spec: BuildSpec, ckpt: Checkpoint, out: Path) -> Quantize
 
         quantize_unit = record
         if classes:  # regional: the blocks only; the parts around them stay eager in the model dtype
-            quantize_unit = regional.only_in_blocks(record, [p for paths in regional.instances(
-                model, classes).values() for p in paths])
+            quantize_unit = regional.only_in_blocks(record, sorted(regional.instance_paths(model, classes)))
     model = stream(spec, ckpt, quantize_unit)
     plan = None
     if spec.quant == "auto":
@@ -149,7 +148,7 @@ def int8_glue(spec: BuildSpec, q: Quantized, rows: dict[str, int], small: dict[s
     model that reads such a linear's weight dtype, or its parent's parameters, would not)."""
     if not (q.classes and glue.applies(spec.platform, spec.quant, spec.dtype) and small is not None):
         return
-    names = glue.chosen(q.model, rows, {p for ps in regional.instances(q.model, q.classes).values() for p in ps})
+    names = glue.chosen(q.model, rows, regional.instance_paths(q.model, q.classes))
     if not names:
         return
     run = lambda: q.model(**unflatten_inputs(small), return_dict=False)[0].float()  # noqa: E731
@@ -304,7 +303,7 @@ def reference(spec: BuildSpec, pipe: Any, ckpt: Checkpoint) -> Reference:
         if not spec.options.regional:
             return Reference(record_call(pipe, r))
         classes = regional.block_classes(streamed.model, r)
-        paths = {p for ps in regional.instances(streamed.model, classes).values() for p in ps}
+        paths = regional.instance_paths(streamed.model, classes)
         with regional.first_inputs(streamed.model, classes) as blocks, glue.first_rows(streamed.model, paths) as rows:
             call = record_call(pipe, r)
         low = smallest_request(r)

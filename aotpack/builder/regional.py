@@ -91,6 +91,11 @@ def instances(model: Any, classes: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def instance_paths(model: Any, classes: list[str]) -> set[str]:
+    """The module paths of every instance of every class in ``classes``."""
+    return {p for paths in instances(model, classes).values() for p in paths}
+
+
 def only_in_blocks(quantize_unit: Callable[[str, Any], Any], paths: list[str]) -> Callable[[str, Any], Any]:
     """``quantize_unit`` for the linears inside the block instances ``paths``; the others stay as they are."""
     prefixes = tuple(p + "." for p in paths)

@@ -89,9 +89,14 @@ def applies(platform: Any, quant: str, dtype: str) -> bool:
             and any(f in platform.cpu_flags for f in BF16_UNITS))
 
 
-def _outside(name: str, blocks: set[str]) -> bool:
+def inside(name: str, paths: set[str]) -> bool:
+    """``name`` (a module, parameter or weights key) lies under one of the module ``paths``."""
     parts = name.split(".")
-    return not any(".".join(parts[:i]) in blocks for i in range(1, len(parts) + 1))
+    return any(".".join(parts[:i]) in paths for i in range(1, len(parts)))
+
+
+def _outside(name: str, blocks: set[str]) -> bool:
+    return name not in blocks and not inside(name, blocks)
 
 
 @contextmanager

@@ -19,6 +19,7 @@ import torch
 from aotpack import _torch_compat as compat
 from aotpack.artifact.manifest import CompiledModule, InputSpec, Manifest
 from aotpack.serve import glue as int8
+from aotpack.serve.glue import inside
 from aotpack.serve.runtime import CudaGraphs, SwapLock
 from aotpack.builder.capture import spread_tuples
 from aotpack.errors import InputError, IntegrityError, ManifestError, one_line
@@ -123,7 +124,7 @@ def build_model(manifest: Manifest, weights: dict[str, dict[str, torch.Tensor]],
     glue = {k[len(component) + 1:]: tensors[k] for k in glue_keys(manifest, tensors)}
     check_glue(manifest, model, glue)
     missing, unexpected = model.load_state_dict(glue, strict=False, assign=True)
-    outside = sorted(k for k in missing if not _inside(k, block_paths))
+    outside = sorted(k for k in missing if not inside(k, block_paths))
     if unexpected or outside:
         raise IntegrityError(f"weights do not match the model outside its blocks: missing {outside[:3]}, "
                              f"unexpected {sorted(unexpected)[:3]}", "rebuild the artifact, or download it again")
@@ -203,18 +204,13 @@ def glue_keys(manifest: Manifest, tensors: dict[str, Any]) -> set[str]:
     """The weights of the component that lie outside its compiled blocks (they run eager)."""
     component = manifest.recipe.component
     paths = {inst[len(component) + 1:] for m in manifest.modules if m.kind == "block" for inst in m.instances}
-    return {k for k in tensors if k.startswith(component + ".") and not _inside(k[len(component) + 1:], paths)}
+    return {k for k in tensors if k.startswith(component + ".") and not inside(k[len(component) + 1:], paths)}
 
 
 def _locked_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     """The model's own forward, as one call that a LoRA swap never splits."""
     with self._aotpack_lock.call():
         return type(self).forward(self, *args, **kwargs)
-
-
-def _inside(name: str, paths: set[str]) -> bool:
-    parts = name.split(".")
-    return any(".".join(parts[:i]) in paths for i in range(1, len(parts)))
 
 
 def apply_weights(model: Any, codes: dict[str, SharedCode], keys: dict[str, torch.Tensor]) -> None:
