@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-COMPILE_ROWS = (("compile", False), ("compile+freezing", True))  # (variant, inductor freezing)
+COMPILE_ROWS = (("compile", "default"), ("compile+freezing", "freezing"))  # (variant, mode of _compiled)
 
 
 def captured_kwargs(pipe: Any, recipe: Any) -> dict[str, Any]:
@@ -65,21 +65,8 @@ def _runs(paths: list[str], compile_rows: bool) -> tuple[dict[str, Callable[[], 
     if compile_rows:
         # quantized as the bench's own rows are (an auto artifact: by its per-layer plan)
         _quantize(getattr(pipe, recipe.component), {"quant": manifest.scheme.name, "artifact": paths[0]})
-        for name, freezing in COMPILE_ROWS:
-            # dynamo would reuse the first compiled graph on the next torch.compile of the module, and inductor
-            # reads `freezing` from its global config, not torch.compile's options (measured: the same code either
-            # way, no oneDNN-packed weight): a reset, and the global flag while it compiles (an earlier compile
-            # recompiles at its next call, with the flag it had: off). One model for both: freezing folds copies
-            # of the weights into its code and leaves the module's own as they are
-            torch._dynamo.reset()
-            torch._inductor.config.freezing = freezing
-            try:
-                compiled = torch.compile(getattr(pipe, recipe.component))
-                with torch.no_grad():
-                    compiled(**kwargs)
-            finally:
-                torch._inductor.config.freezing = False
-            runs[name] = (lambda f: lambda: f(**kwargs))(compiled)
+        for name, mode in COMPILE_ROWS:  # one model, a graph per mode (see _compiled)
+            runs[name] = _compiled(getattr(pipe, recipe.component), kwargs, mode)
     return runs, manifest
 
 
