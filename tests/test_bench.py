@@ -219,34 +219,45 @@ def test_the_interleaved_run_loads_artifacts_under_the_trust_policy(built, tmp_p
 
 def test_the_compile_matrix_holds_the_default_artifact_to_every_torch_compile_variant(built):
     """bench --compile-matrix: the artifact and torch.compile rows in one process (here one dtype, one scheme, one
-    mode: a compile of tiny-flux); a variant inductor cannot compile is a row with its error, not a crash."""
+    mode: a compile of tiny-flux), each with its forward error against the float32 eager model; a variant inductor
+    cannot compile is a row with its error, not a crash."""
     from aotpack.bench.interleaved import matrix
     from aotpack.bench.results import matrix_table
 
     _, arts = built
     whole = next(str(p) for p in arts.iterdir() if not p.name.endswith("-regional"))
-    res = matrix(whole, rounds=2, dtypes=("float32",), schemes=("int8wo",), modes=("default",))
-    assert [(r["variant"], r["mode"]) for r in res["rows"]] == [("aotpack", "artifact"),
-                                                               ("compile float32 int8wo", "default")]
+    res = matrix(whole, rounds=2, dtypes=("float32",), schemes=("int8wo", "none"), modes=("default",))
+    assert [(r["variant"], r["mode"]) for r in res["rows"]] == [
+        ("aotpack", "artifact"), ("compile float32 int8wo", "default"), ("compile float32 none", "default")]
     assert all(0 < r["min_s"] <= r["median_s"] for r in res["rows"])
+    art, int8wo, none = (r["error"] for r in res["rows"])
+    assert none < 1e-4 < art  # unquantized: the reference itself, up to the compiler's rounding; int8wo is not
+    assert abs(art - int8wo) <= 0.25 * art  # the same scheme in the same dtype: the same error, compiled either way
     table = matrix_table(res)
-    assert any(ln.startswith("Target: the default artifact at most the fastest torch.compile variant "
-                             "(compile float32 int8wo): ") for ln in table), table
+    assert any(ln.startswith("Target: the default artifact at most the fastest torch.compile variant (")
+               for ln in table), table
+    assert any(ln.startswith("Target: the default artifact at most the fastest as accurate (error <= 1.25 x the "
+                             "artifact's) (compile float32 ") for ln in table), table
     with pytest.raises(ValueError, match="dtype float32 is not among"):
         matrix(whole, rounds=1, dtypes=("bfloat16",), schemes=(), modes=("default",))
     fake = {"what": "flux-blocks int8dq float32", "rounds": 2, "threads": 2, "rows": [
         {"variant": "aotpack", "dtype": "float32", "scheme": "int8dq", "mode": "artifact", "median_s": 0.30,
-         "min_s": 0.29},
+         "min_s": 0.29, "error": 0.004},
         {"variant": "compile bfloat16 none", "dtype": "bfloat16", "scheme": "none", "mode": "default",
-         "median_s": 0.33, "min_s": 0.31},
+         "median_s": 0.33, "min_s": 0.31, "error": 0.015},
+        {"variant": "compile float32 int8dq", "dtype": "float32", "scheme": "int8dq", "mode": "default",
+         "median_s": 0.31, "min_s": 0.30, "error": 0.0045},
         {"variant": "compile bfloat16 none +max-autotune+freezing", "dtype": "bfloat16", "scheme": "none",
-         "mode": "max-autotune+freezing", "error": "InductorError: IndexError"}]}
+         "mode": "max-autotune+freezing", "fails": "InductorError: IndexError"}]}
     table = matrix_table(fake)
-    assert "(compile bfloat16 none): 0.91 met." in "\n".join(table)
+    assert "variant (compile float32 int8dq): 0.97 met." in "\n".join(table)
     assert table[-1].startswith("| compile bfloat16 none +max-autotune+freezing | bfloat16 | none | "
                                 "max-autotune+freezing | fails: InductorError: IndexError |"), table[-1]
-    fake["rows"][1]["median_s"] = 0.25
-    assert "(compile bfloat16 none): 1.20 missed." in "\n".join(matrix_table(fake))
+    assert table[-4].endswith("| 0.40% |") and table[-2].endswith("| 0.45% |"), table
+    fake["rows"][1]["median_s"] = 0.25  # faster, and 4x less accurate: the first target only
+    text = "\n".join(matrix_table(fake))
+    assert "variant (compile bfloat16 none): 1.20 missed." in text
+    assert "artifact's) (compile float32 int8dq): 0.97 met." in text
     assert matrix_table({}) == []
 
 

@@ -39,8 +39,6 @@ def captured_kwargs(pipe: Any, recipe: Any) -> dict[str, Any]:
 
 
 def _runs(paths: list[str], compile_rows: bool) -> tuple[dict[str, Callable[[], Any]], Any]:
-    import torch
-
     import aotpack
     from aotpack.bench.variants import _quantize
     from aotpack.builder.recipe import recipe_of
@@ -136,10 +134,11 @@ def matrix(path: str, *, rounds: int = 10, max_autotune: bool = False, dtypes: t
            schemes: tuple = MATRIX_SCHEMES, modes: tuple | None = None) -> dict[str, Any]:
     """The artifact at ``path`` (a box's default: its recipe's scheme in the dtype ``auto`` chose) against
     torch.compile of its checkpoint in every dtype x scheme x mode, interleaved in one process: is the default
-    at least as fast as the fastest way torch.compile runs this model here? Each torch.compile row's inputs are
-    the transformer's arguments in a pipeline call of its own dtype; a variant that fails to compile is a row with
-    its error. Returns {"what", "rounds", "threads", "rows": [{"variant", "dtype", "scheme", "mode", "median_s",
-    "min_s"} or {..., "error"}]}."""
+    at least as fast as the fastest way torch.compile runs this model here, and as the fastest that is as accurate?
+    Every row runs on one set of inputs (the transformer's arguments in a float32 pipeline call, cast to the row's
+    dtype) and its forward error is measured against the float32 eager model, unquantized, on them. A variant that
+    fails to compile is a row with its error. Returns {"what", "rounds", "threads", "rows": [{"variant", "dtype",
+    "scheme", "mode", "median_s", "min_s", "error"} or {..., "fails"}]}."""
     import torch
 
     import aotpack
@@ -150,19 +149,17 @@ def matrix(path: str, *, rounds: int = 10, max_autotune: bool = False, dtypes: t
 
     modes = modes or MATRIX_MODES + (("max-autotune+freezing",) if max_autotune else ())
     manifest = aotpack.inspect(path)
+    if manifest.dtype not in dtypes:
+        raise ValueError(f"the artifact's dtype {manifest.dtype} is not among {dtypes}")
     recipe = recipe_of(manifest.recipe)
+    kwargs, reference = _reference(recipe, source_of(manifest.model))
     module = aotpack.load(path)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(modes) * len(schemes))
-    runs: dict[str, Callable[[], Any]] = {}
-    rows: list[dict[str, Any]] = []
+    runs: dict[str, Callable[[], Any]] = {"aotpack": (lambda kw: lambda: module(**kw))(_cast(kwargs, manifest))}
+    rows: list[dict[str, Any]] = [{"variant": "aotpack", "dtype": manifest.dtype, "scheme": manifest.scheme.name,
+                                   "mode": "artifact"}]
     for dtype in dtypes:
-        pipe = load_pipeline(recipe, source_of(manifest.model), dtype=dtype)
-        pipe.set_progress_bar_config(disable=True)
-        kwargs = captured_kwargs(pipe, recipe)
-        if dtype == manifest.dtype:
-            runs["aotpack"] = (lambda kw: lambda: module(**kw))(_cast(kwargs, manifest))
-            rows.insert(0, {"variant": "aotpack", "dtype": dtype, "scheme": manifest.scheme.name, "mode": "artifact"})
-        del pipe
+        inputs = _in_dtype(kwargs, getattr(torch, dtype))
         for scheme in schemes:
             fresh = load_pipeline(recipe, source_of(manifest.model), dtype=dtype)
             transformer = getattr(fresh, recipe.component).eval()
@@ -171,14 +168,45 @@ def matrix(path: str, *, rounds: int = 10, max_autotune: bool = False, dtypes: t
                 name = f"compile {dtype} {scheme}" + ("" if mode == "default" else f" +{mode}")
                 row = {"variant": name, "dtype": dtype, "scheme": scheme, "mode": mode}
                 try:
-                    runs[name] = _compiled(transformer, kwargs, mode)
+                    runs[name] = _compiled(transformer, inputs, mode)
                 except Exception as e:  # inductor's own failure (bf16 max-autotune on CPU): a row that says so
-                    row["error"] = one_line(f"{type(e).__name__}: {e}", 200)
+                    row["fails"] = one_line(f"{type(e).__name__}: {e}", 200)
                 rows.append(row)
-    if "aotpack" not in runs:
-        raise ValueError(f"the artifact's dtype {manifest.dtype} is not among {dtypes}")
+    with torch.no_grad():
+        errors = {name: _error(run(), reference) for name, run in runs.items()}
     times = _rounds(runs, rounds)
     for row in rows:
         row.update(times.get(row["variant"], {}))
+        if row["variant"] in errors:
+            row["error"] = errors[row["variant"]]
     return {"what": f"{manifest.recipe.name} {manifest.scheme.name} {manifest.dtype}", "rounds": rounds,
             "threads": torch.get_num_threads(), "rows": rows}
+
+
+def _reference(recipe: Any, source: Any) -> tuple[dict[str, Any], Any]:
+    """The transformer's arguments in a float32 pipeline call, and the float32 eager model's output on them."""
+    import torch
+
+    from aotpack.builder.source import load_pipeline
+
+    pipe = load_pipeline(recipe, source, dtype="float32")
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = captured_kwargs(pipe, recipe)
+    with torch.no_grad():
+        reference = _first(getattr(pipe, recipe.component)(**kwargs)).float()
+    return kwargs, reference
+
+
+def _in_dtype(kwargs: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """``kwargs`` with every floating-point tensor in ``dtype``, as a pipeline of that dtype passes them."""
+    return {k: v.to(dtype) if hasattr(v, "is_floating_point") and v.is_floating_point() else v
+            for k, v in kwargs.items()}
+
+
+def _first(out: Any) -> Any:
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def _error(out: Any, reference: Any) -> float:
+    """The largest difference of a forward's output from the reference's, relative to the reference's largest."""
+    return float((_first(out).float() - reference).abs().max() / reference.abs().max())
