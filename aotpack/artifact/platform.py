@@ -61,7 +61,9 @@ BF16_UNITS = ("amx_bf16", "avx512_bf16")
 # and with less error (flux-blocks, 4 steps at 256x256, 2-core AMD EPYC with AVX512-BF16/VNNI: 0.194 s a step in
 # fp32 vs 0.238 s in bf16; final-latents error 0.4 % vs 1.5 %), so ``auto`` keeps them in float32 there. With AMX
 # (2-core Intel Xeon, AMX int8/bf16 + AVX512-BF16) bf16 gains nothing either: 0.333 vs 0.335 s a forward in one
-# process, at 4x the error (1.6 % vs 0.42 %).
+# process, at 4x the error (1.6 % vs 0.42 %). A second AMX box (480 MiB L3) ran bf16 3 % faster (torch.compile 0.138
+# vs 0.143 s, forward error against the fp32 eager model 1.25 vs 1.28 %): too little, against the AMD box's loss,
+# to split the rule by ISA.
 INT8_MATMUL = ("int8dq",)
 
 
