@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("recipe", nargs="?", default="flux-blocks")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--dynamic", action="store_true", help="export the image and text lengths as dynamic dims (the "
+                    "recipe's [inputs] image_seq and text_seq), as aotpack's builds do")
     args = ap.parse_args()
     recipe = get_recipe(args.recipe)
     source = resolve_source(recipe)
@@ -40,15 +42,18 @@ def main() -> None:
     kwargs = _in_dtype(kwargs32, getattr(torch, args.dtype))
     model = getattr(load_pipeline(recipe, source, dtype=args.dtype), recipe.component).eval()
 
-    class Forward(torch.nn.Module):  # keyword inputs, one tensor out: what export and the AOTI runner take
+    inputs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    names, args_in = list(inputs), tuple(inputs.values())
+
+    class Forward(torch.nn.Module):  # positional tensors in, one tensor out: what export and the AOTI runner take
         def __init__(self, m: torch.nn.Module) -> None:
             super().__init__()
             self.m = m
 
-        def forward(self, **kw):
-            return self.m(**kw, return_dict=False)[0]
+        def forward(self, *xs):
+            return self.m(**dict(zip(names, xs)), return_dict=False)[0]
 
-    wrapper, inputs = Forward(model), {k: v for k, v in kwargs.items() if k != "return_dict"}
+    wrapper = Forward(model)
     seen: dict[str, torch.Tensor] = {}
     original = inductor_graph.GraphLowering.codegen_with_cpp_wrapper
 
@@ -58,7 +63,9 @@ def main() -> None:
 
     runs = {}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        ep = torch.export.export(wrapper, (), inputs, strict=False)
+        dims = _dims(recipe, inputs)
+        ep = torch.export.export(wrapper, args_in, strict=False,
+                                 dynamic_shapes=(tuple(dims[n] for n in names),) if args.dynamic else None)
         for in_so in (True, False):
             configs = {"freezing": True, "aot_inductor.package_constants_in_so": in_so, **CPU_THREADING}
             inductor_graph.GraphLowering.codegen_with_cpp_wrapper = keep_constants
@@ -73,15 +80,28 @@ def main() -> None:
                 constants = {f: state[f] if f in state else seen[f] for f in compiled.get_constant_fqns()}
                 compiled.load_constants(constants, check_full_update=True, user_managed=True)
             name = "aoti + freezing, " + ("constants in the .so" if in_so else "packed constants handed at load")
-            runs[name] = (lambda c: lambda: c(**inputs))(compiled)
+            runs[name] = (lambda c: lambda: c(*args_in))(compiled)
         runs["compile + freezing"] = _compiled(model, kwargs, "freezing")
         runs["compile"] = _compiled(model, kwargs, "default")
         errors = {n: _error(_first(f()), reference) for n, f in runs.items()}
         times = _rounds(runs, args.rounds)
-    print(f"{args.recipe} none {args.dtype}, {args.rounds} interleaved rounds, {torch.get_num_threads()} threads\n")
+    print(f"{args.recipe} none {args.dtype}{', dynamic lengths' if args.dynamic else ''}, {args.rounds} interleaved rounds, {torch.get_num_threads()} threads\n")
     print("| variant | median s | min s | forward error vs fp32 eager |\n|---|---|---|---|")
     for n, t in times.items():
         print(f"| {n} | {t['median_s']:.4f} | {t['min_s']:.4f} | {errors[n]:.2%} |")
+
+
+def _dims(recipe, inputs: dict) -> dict:
+    """torch.export dynamic shapes for the recipe's image and text lengths (one Dim each, shared by its inputs)."""
+    import torch
+
+    spec = {k: None for k in inputs}
+    for group in ("image_seq", "text_seq"):
+        dim = torch.export.Dim(group, min=2, max=8192)
+        for name, axis in recipe.data.get("inputs", {}).get(group, {}).items():
+            if name in spec:
+                spec[name] = {**(spec[name] or {}), axis: dim}
+    return spec
 
 
 if __name__ == "__main__":
