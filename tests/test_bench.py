@@ -258,6 +258,10 @@ def test_the_compile_matrix_holds_the_default_artifact_to_every_torch_compile_va
     text = "\n".join(matrix_table(fake))
     assert "variant (compile bfloat16 none): 1.20 missed." in text
     assert "artifact's) (compile float32 int8dq): 0.97 met." in text
+    fake["rows"][0]["error"], fake["rows"][2]["error"] = 1e-7, 8e-7  # unquantized fp32: rounding, not a 8x worse
+    assert "artifact's) (compile float32 int8dq): 0.97 met." in "\n".join(matrix_table(fake))
+    del fake["rows"][0]["error"]
+    assert "artifact's): n/a (the artifact's error not measured)." in "\n".join(matrix_table(fake))
     assert matrix_table({}) == []
 
 

@@ -44,3 +44,27 @@ def test_cpu_kernels_share_the_threads_of_the_box_they_run_on(tmp_path):
     x1, s1 = torch.randn(1, 40, 256), torch.randn(1, 256)  # a batch-1 request on all of this box's threads
     out = compiled(x1, s1)
     assert torch.allclose(out, Modulated()(x1, s1), atol=1e-5)
+
+
+class FlexAttention(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v)
+
+
+@pytest.mark.slow  # one small AOTInductor compile
+def test_cpu_code_with_buffers_sized_for_a_thread_count_is_refused(tmp_path):
+    """Inductor's C++ flex-attention template allocates scratch for `cpp.threads` threads and indexes it by the
+    run-time thread number: with the threads left to the serving process, a bigger box would write past it."""
+    from aotpack.errors import BuildError
+
+    q = torch.randn(1, 2, 128, 64)
+    ep = torch.export.export(FlexAttention(), (q, q, q))
+    with pytest.raises(BuildError, match="sizes per-thread buffers for 64 threads") as e:
+        compile_package(ep, tmp_path / "m.pt2", compiler_settings({}))
+    assert "set_attention_backend('native')" in e.value.hint
+
+
+def test_gpu_builds_leave_inductor_threading_alone():
+    assert "cpp.threads" in compiler_settings({}) and "cpp.threads" not in compiler_settings({}, cpu=False)

@@ -59,11 +59,11 @@ BF16_UNITS = ("amx_bf16", "avx512_bf16")
 # Schemes whose linears multiply in int8 (activations quantized at run time): the float dtype only carries the
 # glue (norms, attention, the quantize/dequantize around each matmul). On CPU, float32 ran them faster than bf16
 # and with less error (flux-blocks, 4 steps at 256x256, 2-core AMD EPYC with AVX512-BF16/VNNI: 0.194 s a step in
-# fp32 vs 0.238 s in bf16; final-latents error 0.4 % vs 1.5 %), so ``auto`` keeps them in float32 there. With AMX
-# (2-core Intel Xeon, AMX int8/bf16 + AVX512-BF16) bf16 gains nothing either: 0.333 vs 0.335 s a forward in one
-# process, at 4x the error (1.6 % vs 0.42 %). A second AMX box (480 MiB L3) ran bf16 3 % faster (torch.compile 0.138
-# vs 0.143 s, forward error against the fp32 eager model 1.25 vs 1.28 %): too little, against the AMD box's loss,
-# to split the rule by ISA.
+# fp32 vs 0.238 s in bf16; final-latents error against the eager model of the same dtype 0.4 % vs 1.5 %), so
+# ``auto`` keeps them in float32 there. With AMX (2-core Intel Xeon, AMX int8/bf16 + AVX512-BF16) bf16 gains nothing
+# either: 0.333 vs 0.335 s a forward in one process, at 4x that error (1.6 % vs 0.42 %). A second AMX box (480 MiB
+# L3) ran bf16 3 % faster (torch.compile 0.138 vs 0.143 s; one forward's error against the fp32 eager model, a
+# different measure: 1.25 vs 1.28 %): too little, against the AMD box's loss, to split the rule by ISA.
 INT8_MATMUL = ("int8dq",)
 
 

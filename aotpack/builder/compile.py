@@ -13,8 +13,10 @@ import faulthandler
 import hashlib
 import json
 import logging
+import re
 import shutil
 import types
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -37,9 +39,12 @@ CONSTANTS_KEY = "aotpack.constants"   # .pt2 metadata: {constant: [dtype, shape]
 # and the capture's sizes: built on 2 cores at capture batch 2, a kernel over (batch, tokens, hidden) shared only
 # the batch loop, so a batch-1 request ran it on one thread (measured, flux-blocks int8dq bf16 at 256x256 on 2
 # cores: layer-norm kernels 2x torch.compile's, the forward 1.07x; with these settings 1.00-1.02x). `threads` is
-# the count the parallel-depth choice plans for (loops are shared until they give 2x that many chunks, so a
-# 64-core server has enough); at run time OpenMP uses the threads the process has.
+# the count the parallel-depth choice plans for (loops are shared until they give 64 or 128 chunks, or until a
+# chunk would be under 512 elements); at run time OpenMP uses the threads the process has. Inductor's C++ templates
+# (CPU flex attention; the GEMM templates of max-autotune, refused on CPU) size per-thread scratch by `threads` and
+# index it by the run-time thread number: `compile_package` refuses code that holds one (THREAD_SIZED).
 CPU_THREADING: dict[str, Any] = {"cpp.dynamic_threads": True, "cpp.threads": 64}
+THREAD_SIZED = re.compile(rb"\bnum_threads? = \d+;")  # `int64_t num_thread = 64;` in a template's code
 
 
 @dataclass(frozen=True)
@@ -52,13 +57,14 @@ class Reusable:
     entry: FileEntry
 
 
-def compiler_settings(metadata: dict[str, str], *, max_autotune: bool = False) -> dict[str, Any]:
-    """The inductor configs of an aotpack compile: weights outside the .so, aotpack's metadata inside."""
+def compiler_settings(metadata: dict[str, str], *, max_autotune: bool = False, cpu: bool = True) -> dict[str, Any]:
+    """The inductor configs of an aotpack compile: weights outside the .so, aotpack's metadata inside; on a CPU the
+    kernels' threads left to the serving process (``CPU_THREADING``)."""
     configs: dict[str, Any] = {
         # Weights outside the .so: loaded once from safetensors and never held twice.
         "aot_inductor.package_constants_in_so": False,
         "aot_inductor.metadata": metadata,
-        **CPU_THREADING,
+        **(CPU_THREADING if cpu else {}),
     }
     if max_autotune:
         configs["max_autotune"] = True
@@ -66,12 +72,19 @@ def compiler_settings(metadata: dict[str, str], *, max_autotune: bool = False) -
 
 
 def compile_package(ep: Any, path: Path, configs: dict[str, Any]) -> Path:
-    """Compile ``ep`` to ``path`` with ``configs``."""
+    """Compile ``ep`` to ``path`` with ``configs``; refused when its CPU code sizes buffers by a thread count."""
     try:
-        return compat.aoti_compile_and_package(ep, path, configs)
+        package = compat.aoti_compile_and_package(ep, path, configs)
     except Exception as e:
         raise BuildError(f"AOTInductor compile failed: {type(e).__name__}: {first_line(e)}",
                          "set AOTPACK_DEBUG=1 for the full trace") from e
+    with zipfile.ZipFile(package) as z:
+        if any(n.endswith(".cpp") and THREAD_SIZED.search(z.read(n)) for n in z.namelist()):
+            raise BuildError(f"the compiled CPU code sizes per-thread buffers for {configs.get('cpp.threads', 'the')} "
+                             "threads (inductor's C++ flex-attention template): a serving process with more threads "
+                             "would write past them", "use the model's SDPA attention (diffusers: "
+                             "model.set_attention_backend('native')) for a CPU build")
+    return package
 
 
 def compile_key(ep: Any, configs: dict[str, Any], platform: Platform) -> str:

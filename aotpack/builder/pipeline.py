@@ -194,7 +194,7 @@ def compile_target(spec: BuildSpec, t: Target, out: Path, timings: dict[str, flo
         ep, t.spec = export_fitted(t.wrapper, t.example, t.spec, t.block_class or t.name)
     metadata = {"aotpack.version": __version__, "aotpack.module": t.name,
                 CONSTANTS_KEY: constants_signature({**ep.state_dict, **ep.constants})}
-    configs = compiler_settings(metadata, max_autotune=spec.options.max_autotune)
+    configs = compiler_settings(metadata, max_autotune=spec.options.max_autotune, cpu=spec.device == "cpu")
     from aotpack.serve.load import constant_names
 
     with stage("compile", timings, label=f"compile {t.name} ({index} of {total})"):
