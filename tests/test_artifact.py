@@ -142,6 +142,8 @@ def test_verify_catches_a_missing_file(tmp_path):
     ({"../../evil.so": b"x"}, "outside its folder"),
     ({"/etc/evil.so": b"x"}, "outside its folder"),
     ({"model/big.bin": b"\0" * (64 << 20)}, "zip bomb"),
+    # an older build's (or anyone's) CPU flex-attention code: scratch for 2 threads, indexed by the thread number
+    ({"model/data/aotinductor/model/k.kernel.cpp": b"  int64_t num_thread = 2;\n"}, "per-thread buffers sized for"),
 ])
 def test_t12_package_entries_are_checked_before_torch_sees_them(tmp_path, entries, expect):
     import zipfile

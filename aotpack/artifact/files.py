@@ -20,7 +20,8 @@ import stat
 from pathlib import Path
 from typing import Callable, Iterator
 
-from aotpack.artifact.formats import SAFETENSORS_DTYPES, TensorEntry, check_package, read_safetensors_header
+from aotpack.artifact.formats import (SAFETENSORS_DTYPES, TensorEntry, check_package, read_safetensors_header,
+                                      thread_sized)
 from aotpack.artifact.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, parse
 from aotpack.artifact.temp_folders import MARK, own_folder, sweep_partials
 from aotpack.artifact.verified import (VERIFY_ENV, VERIFY_MODES, VerifiedFiles, _record, _stamp, fd_path,
@@ -30,7 +31,8 @@ from aotpack.errors import ManifestError, OutputExistsError, one_line
 __all__ = [
     "MODEL", "WEIGHTS", "SIGNATURE", "sha256_file", "file_entries", "atomic_folder", "check_output", "is_artifact",
     # re-exported: formats, verified, temp_folders (and two private helpers tests/test_artifact.py reads)
-    "SAFETENSORS_DTYPES", "TensorEntry", "read_safetensors_header", "check_package", "VERIFY_ENV", "VERIFY_MODES",
+    "SAFETENSORS_DTYPES", "TensorEntry", "read_safetensors_header", "check_package", "thread_sized", "VERIFY_ENV",
+    "VERIFY_MODES",
     "verify_mode", "verified_before", "remember_verified", "remember_folder", "VerifiedFiles", "fd_path",
     "verify_files", "MARK", "_record", "_stamp",
 ]

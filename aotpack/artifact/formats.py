@@ -1,12 +1,14 @@
 """The two formats an artifact's files come in, checked before anything maps or unpacks them: a .safetensors
 header (``read_safetensors_header``: bounds, dtypes, sizes, no overlap) and a .pt2 zip (``check_package``: no
-entry outside its folder, no link, no zip bomb). ``aotpack.artifact.files`` re-exports every name here.
+entry outside its folder, no link, no zip bomb, no CPU code whose buffers are sized for a thread count).
+``aotpack.artifact.files`` re-exports every name here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import struct
 import zipfile
@@ -22,6 +24,19 @@ SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF1
 _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
              "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}
 _MAX_HEADER = 100 << 20
+
+# Inductor's C++ templates (CPU flex attention; max-autotune's GEMM templates) allocate per-thread scratch for the
+# thread count they were compiled for and index it by the thread number at run time: a process with more threads
+# writes past it. Their code declares that count as `int64_t num_thread = 64;` (`num_threads = N;` in the GEMMs).
+THREAD_SIZED = re.compile(rb"\bnum_threads? = \d+;")
+
+
+def thread_sized(z: zipfile.ZipFile) -> str | None:
+    """The name of the first C++ file in the package ``z`` that holds thread-sized buffers, or None."""
+    for n in z.namelist():
+        if n.endswith(".cpp") and b"num_thread" in (code := z.read(n)) and THREAD_SIZED.search(code):
+            return n  # (the substring first: the pattern alone took 3.3 ms over flux-blocks' 0.5 MB of C++)
+    return None
 
 
 @dataclass(frozen=True)
@@ -74,8 +89,9 @@ def read_safetensors_header(fd: int, size: int, name: str, error: type = Integri
 
 
 def check_package(path: Path, name: str) -> None:
-    """A .pt2 is a zip the loader extracts: no absolute or '..' entry names, no links, and a total size that is
-    not far beyond the archive's own (AOTInductor stores its files uncompressed; a zip bomb is refused)."""
+    """A .pt2 is a zip the loader extracts: no absolute or '..' entry names, no links, a total size that is not
+    far beyond the archive's own (AOTInductor stores its files uncompressed; a zip bomb is refused), and no C++
+    code with buffers sized for a thread count (``thread_sized``: an older build's, or anyone's)."""
     size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as z:
@@ -89,6 +105,12 @@ def check_package(path: Path, name: str) -> None:
                     raise IntegrityError(f"{name} holds a link ({one_line(info.filename, 80)})",
                                          "do not load this artifact")
                 total += info.file_size
+            if total <= 2 * size + (16 << 20) and (held := thread_sized(z)):  # read only what is not a bomb
+                raise IntegrityError(f"{name} holds CPU code with per-thread buffers sized for a fixed thread count "
+                                     f"({one_line(held, 80)}: inductor's C++ flex-attention or GEMM template): a "
+                                     "process with more threads would write past them",
+                                     "rebuild it with SDPA attention (diffusers: "
+                                     "model.set_attention_backend('native'))")
     except zipfile.BadZipFile:
         raise IntegrityError(f"{name} is not an AOTInductor package (not a zip)", "do not load this artifact") from None
     if total > 2 * size + (16 << 20):

@@ -13,7 +13,6 @@ import faulthandler
 import hashlib
 import json
 import logging
-import re
 import shutil
 import types
 import zipfile
@@ -24,7 +23,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from aotpack import _torch_compat as compat
-from aotpack.artifact.files import VerifiedFiles
+from aotpack.artifact.files import VerifiedFiles, thread_sized
 from aotpack.artifact.manifest import FileEntry
 from aotpack.artifact.platform import Platform, tag
 from aotpack.errors import BuildError, IntegrityError, first_line
@@ -42,9 +41,9 @@ CONSTANTS_KEY = "aotpack.constants"   # .pt2 metadata: {constant: [dtype, shape]
 # the count the parallel-depth choice plans for (loops are shared until they give 64 or 128 chunks, or until a
 # chunk would be under 512 elements); at run time OpenMP uses the threads the process has. Inductor's C++ templates
 # (CPU flex attention; the GEMM templates of max-autotune, refused on CPU) size per-thread scratch by `threads` and
-# index it by the run-time thread number: `compile_package` refuses code that holds one (THREAD_SIZED).
+# index it by the run-time thread number: `compile_package` refuses code that holds one, and so does every load
+# (``aotpack.artifact.formats.thread_sized``).
 CPU_THREADING: dict[str, Any] = {"cpp.dynamic_threads": True, "cpp.threads": 64}
-THREAD_SIZED = re.compile(rb"\bnum_threads? = \d+;")  # `int64_t num_thread = 64;` in a template's code
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ def compile_package(ep: Any, path: Path, configs: dict[str, Any]) -> Path:
         raise BuildError(f"AOTInductor compile failed: {type(e).__name__}: {first_line(e)}",
                          "set AOTPACK_DEBUG=1 for the full trace") from e
     with zipfile.ZipFile(package) as z:
-        if any(n.endswith(".cpp") and THREAD_SIZED.search(z.read(n)) for n in z.namelist()):
+        if thread_sized(z):
             raise BuildError(f"the compiled CPU code sizes per-thread buffers for {configs.get('cpp.threads', 'the')} "
                              "threads (inductor's C++ flex-attention template): a serving process with more threads "
                              "would write past them", "use the model's SDPA attention (diffusers: "
