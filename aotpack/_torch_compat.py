@@ -7,11 +7,12 @@ a user. Nothing else in aotpack imports ``torch._*`` or writes a module's ``_par
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger("aotpack")
 
@@ -193,3 +194,121 @@ def int8_weight_mm(x: Any, weight: Any, scales: Any) -> Any:
         raise ValueError(f"int8_weight_mm needs an inner size that is a multiple of {INT8_MM_MULTIPLE}, got "
                          f"{weight.shape[1]}")
     return torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight.contiguous(), scales.to(x.dtype).contiguous())
+
+
+# ---- inductor's freezing: the constants it folds from weights, as steps over the weights' names ----------------
+
+class Unrecordable(Exception):
+    """A folded constant whose computation cannot be written down as steps over named weights."""
+
+
+@contextlib.contextmanager
+def recording_folds() -> Iterator[dict[str, Any]]:
+    """While compiling with ``freezing``: {constant name: recipe} for every constant inductor's freezing computes
+    from the weights (``_frozen_paramN``: a transposed weight, q/k/v weights concatenated, oneDNN's packed layout).
+    A recipe is ``{"steps": [[op, args, kwargs], ...], "dtype", "shape", "layout"}``, the last step the constant;
+    an argument ``{"w": name}`` is a weight by its constant name, ``{"s": i}`` step i's result, ``{"dtype": d}`` a
+    dtype. A constant folded through anything else is ``Unrecordable`` (its recipe is that exception): a build
+    that needs it refuses. Private: wraps ``torch._inductor.constant_folding.replace_node_with_constant``, which
+    every fold of inductor's ``constant_fold`` calls with the node it replaces, still in its graph."""
+    import torch._inductor.constant_folding as folding
+    import torch._inductor.freezing as freezing
+
+    folds: dict[str, Any] = {}
+    original, lifted = folding.replace_node_with_constant, freezing.replace_node_with_constant
+
+    def recording(gm, node, constant=None, name=None):
+        try:
+            recipe: Any = _recipe(gm, node, constant, folds)
+        except Unrecordable as e:
+            recipe = e
+        label = node.name
+        original(gm, node, constant, name)
+        new = next((n for n in gm.graph.nodes if n.name == label and n.op in ("get_attr", "placeholder")), None)
+        if new is not None:
+            folds[str(new.target)] = recipe
+
+    def params(gm, node, constant=None, name=None):  # aot_autograd lifted weights: no name to refer to
+        lifted(gm, node, constant, name)
+        new = next((n for n in gm.graph.nodes if n.name == node.name), None)
+        if new is not None:
+            folds[str(new.target)] = Unrecordable(f"a weight inductor took as a graph input ({node.name})")
+
+    folding.replace_node_with_constant, freezing.replace_node_with_constant = recording, params
+    try:
+        yield folds
+    finally:
+        folding.replace_node_with_constant, freezing.replace_node_with_constant = original, lifted
+
+
+def _recipe(gm: Any, node: Any, constant: Any, folds: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    if not isinstance(constant, torch.Tensor):
+        raise Unrecordable(f"{node.name} folds to no tensor")
+    steps: list[list] = []
+    done: dict[Any, dict] = {}
+
+    def ref(n: Any) -> dict:
+        if n in done:
+            return done[n]
+        if n.op == "get_attr":
+            earlier = folds.get(str(n.target))
+            if isinstance(earlier, Unrecordable):
+                raise earlier
+            if earlier is None:
+                out = {"w": str(n.target)}
+            else:  # a constant folded before: its steps, renumbered
+                base = len(steps)
+                steps.extend([op, _renumber(a, base), _renumber(k, base)] for op, a, k in earlier["steps"])
+                out = {"s": len(steps) - 1}
+        elif n.op == "call_function" and isinstance(n.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            args, kwargs = _arg(n.args, ref), _arg(n.kwargs, ref)
+            steps.append([_op_name(n.target), args, kwargs])
+            out = {"s": len(steps) - 1}
+        else:
+            raise Unrecordable(f"{node.name} folds through {n.op} {n.target}")
+        done[n] = out
+        return out
+
+    ref(node)
+    return {"steps": steps, "dtype": str(constant.dtype).removeprefix("torch."), "shape": list(constant.shape),
+            "layout": "mkldnn" if constant.is_mkldnn else "strided"}
+
+
+def _op_name(op: Any) -> str:
+    """``aten.permute.default`` for ``torch.ops.aten.permute.default``; a packet of one overload (inductor's
+    freezing calls ``torch.ops.mkldnn._reorder_linear_weight``) by that overload."""
+    import torch
+
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        if op.overloads() != ["default"]:
+            raise Unrecordable(f"a folded constant calls {op} with overloads {op.overloads()}")
+        op = op.default
+    return f"{op.namespace}.{op._schema.name.split('::', 1)[1]}.{op._overloadname}"
+
+
+def _arg(a: Any, ref: Callable[[Any], dict]) -> Any:
+    import torch
+
+    if isinstance(a, torch.fx.Node):
+        return ref(a)
+    if isinstance(a, (list, tuple)):
+        return [_arg(x, ref) for x in a]
+    if isinstance(a, dict):
+        return {str(k): _arg(v, ref) for k, v in a.items()}
+    if isinstance(a, torch.dtype):
+        return {"dtype": str(a).removeprefix("torch.")}
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return a
+    raise Unrecordable(f"a folded constant takes {type(a).__name__} {a!r:.40}")
+
+
+def _renumber(a: Any, base: int) -> Any:
+    if isinstance(a, dict):
+        if set(a) == {"s"}:
+            return {"s": a["s"] + base}
+        return {k: _renumber(v, base) for k, v in a.items()}
+    if isinstance(a, list):
+        return [_renumber(x, base) for x in a]
+    return a

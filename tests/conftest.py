@@ -112,7 +112,8 @@ def artifacts(tmp_path_factory) -> ArtifactFactory:
 PREBUILD = {
     "gw0": [("int8wo", {"lora": True, "fuse_qkv": True, "quantize_text_encoder": "int8wo", "compile_vae": True,
                         "lora_scale": 0.8}),
-            ("auto", {"error_budget": 0.05}), ("int8wo", {"recipe": "tiny-cogvideox"}), ("none", {})],
+            ("auto", {"error_budget": 0.05}), ("int8wo", {"recipe": "tiny-cogvideox"}), ("none", {}),
+            ("none", {"dtype": "bfloat16", "freeze": True, "regional": False})],
     "gw1": [("int8dq", {}), ("int8wo", {"regional": True}), ("int8wo", {}),
             ("int8wo", {"recipe": "tiny-cogvideox", "regional": True}), ("int8wo", {"regional": True, "dtype": "bfloat16"})],
 }

@@ -227,3 +227,39 @@ def test_int8_weight_mm_refuses_what_crashed_the_kernel_before_calling_it():
         compat.int8_weight_mm(torch.randn(2, 100), torch.zeros(32, 100, dtype=torch.int8), torch.ones(32))
     with pytest.raises(ValueError, match="int8 weight"):
         compat.int8_weight_mm(torch.randn(2, 64), torch.zeros(32, 64), torch.ones(32))
+
+
+@pytest.mark.slow
+def test_recording_folds_writes_down_every_constant_freezing_computes(tmp_path):
+    """``recording_folds`` wraps inductor's ``replace_node_with_constant``: every constant the frozen code expects
+    that no weight is named after has a recipe, and the recipes replayed give the code what it computes with
+    (output equal to eager in bf16 rounding, packed in oneDNN's layout)."""
+    from aotpack.artifact import folds
+
+    class Two(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(32, 64), torch.nn.Linear(64, 16)
+
+        def forward(self, x):
+            return self.b(torch.nn.functional.gelu(self.a(x)))
+
+    model = Two().to(torch.bfloat16).eval()
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ep = torch.export.export(model, (x,), strict=False)
+        with compat.recording_folds() as recorded:
+            package = compat.aoti_compile_and_package(ep, tmp_path / "m.pt2", {
+                "freezing": True, "aot_inductor.package_constants_in_so": False})
+        compiled = compat.open_package(package)
+        state = dict(ep.state_dict)
+        fqns = compat.weight_fqns(compiled)
+        frozen = [f for f in fqns if f not in state]
+        assert frozen and all(isinstance(recorded.get(f), dict) for f in frozen), (fqns, recorded)
+        assert not folds.problems({f: recorded[f] for f in frozen})
+        constants = {f: state[f] if f in state else folds.replay(f, recorded[f], state.__getitem__) for f in fqns}
+        assert any(c.is_mkldnn for c in constants.values())
+        compiled.load_constants(constants, check_full_update=True, user_managed=True)
+        out, want = compiled(x), model(x)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    assert torch.allclose(out.float(), want.float(), atol=0.05, rtol=0.05)

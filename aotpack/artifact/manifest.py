@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aotpack.artifact import folds
 from aotpack.artifact import manifest_v1 as v1
 from aotpack.artifact.input_spec import InputSpec, Relation, TensorSpec
 from aotpack.artifact.platform import Platform, mismatches
@@ -134,6 +135,10 @@ def _module_problems(m: Manifest) -> list[str]:
             problems.append(f"modules[{i}].output must be '', 'tensor' or a list of 'none'/'tensor'")
         if not all(t.dtype in _DTYPES for t in mod.inputs.tensors):
             problems.append(f"modules[{i}] names an input dtype that is not a tensor dtype")
+        if mod.fold is not None:
+            if mod.kind == "block" or getattr(m.platform, "device", None) != "cpu":
+                problems.append(f"modules[{i}].fold belongs to a whole-graph CPU module only")
+            problems.extend(f"modules[{i}].{p}" for p in folds.problems(mod.fold)[:3])
     return problems
 
 

@@ -94,6 +94,8 @@ class CompiledModule:
     # a block's output as its own forward returns it: "" a tuple of tensors, "tensor" one tensor, or the tuple's
     # items ("none,tensor": SD3's last block); the compiled code returns the tensors only
     output: str = field(default="", metadata={"omit_default": True})
+    # a frozen build (CPU): {constant: its steps over weights}, replayed at load (aotpack.artifact.folds)
+    fold: dict | None = field(default=None, metadata={"omit_default": True})
 
     def key(self, instance: str, constant: str) -> str:
         if not self.root:
@@ -129,6 +131,7 @@ class Options:
     compile_vae: bool = False
     max_autotune: bool = False
     regional: bool = False
+    freeze: bool = field(default=False, metadata={"omit_default": True})
 
 
 @dataclass(frozen=True)

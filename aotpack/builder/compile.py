@@ -56,9 +56,11 @@ class Reusable:
     entry: FileEntry
 
 
-def compiler_settings(metadata: dict[str, str], *, max_autotune: bool = False, cpu: bool = True) -> dict[str, Any]:
+def compiler_settings(metadata: dict[str, str], *, max_autotune: bool = False, cpu: bool = True,
+                      freeze: bool = False) -> dict[str, Any]:
     """The inductor configs of an aotpack compile: weights outside the .so, aotpack's metadata inside; on a CPU the
-    kernels' threads left to the serving process (``CPU_THREADING``)."""
+    kernels' threads left to the serving process (``CPU_THREADING``); ``freeze``: inductor's freezing
+    (``compile_frozen``)."""
     configs: dict[str, Any] = {
         # Weights outside the .so: loaded once from safetensors and never held twice.
         "aot_inductor.package_constants_in_so": False,
@@ -67,6 +69,8 @@ def compiler_settings(metadata: dict[str, str], *, max_autotune: bool = False, c
     }
     if max_autotune:
         configs["max_autotune"] = True
+    if freeze:
+        configs["freezing"] = True
     return configs
 
 
@@ -84,6 +88,41 @@ def compile_package(ep: Any, path: Path, configs: dict[str, Any]) -> Path:
                              "would write past them", "use the model's SDPA attention (diffusers: "
                              "model.set_attention_backend('native')) for a CPU build")
     return package
+
+
+def compile_frozen(ep: Any, path: Path, configs: dict[str, Any]) -> dict[str, Any]:
+    """``compile_package`` with inductor's freezing; returns what it folded ({constant: recipe or Unrecordable},
+    ``compat.recording_folds``). Inductor freezes only under ``no_grad``. The recipes are recorded while it
+    compiles, so a frozen build always compiles: the compile cache and ``--reuse`` hand over code only."""
+    with torch.no_grad(), compat.recording_folds() as folds:
+        compile_package(ep, path, configs)
+    return dict(folds)
+
+
+def frozen_constants(ep: Any, fqns: list[str], folds: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(fold: {folded constant: recipe}, the weights the artifact stores) of frozen code that expects ``fqns``:
+    the weights it takes as they are and those its folded constants are computed from. Refused when freezing
+    computed a constant it did not let aotpack record, or left a weight out of both: the code then holds that
+    weight's value (its compile key, its LoRA swaps and ``--reuse`` assume code independent of the weights)."""
+    from aotpack.artifact import folds as folding
+
+    state = {**ep.state_dict, **ep.constants}
+    fold: dict[str, Any] = {}
+    for name in (f for f in fqns if f not in state):
+        recipe = folds.get(name)
+        bad = [str(recipe or "not recorded")] if not isinstance(recipe, dict) else folding.problems({name: recipe})
+        if bad:
+            raise BuildError(f"freezing computed constant {name} in a way aotpack cannot replay at load: "
+                             f"{first_line(bad[0])}", "leave --freeze out")
+        fold[name] = recipe
+    stored = sorted({f for f in fqns if f in state} | folding.inputs(fold))
+    unknown = [n for n in stored if n not in state]
+    inlined = sorted(set(state) - set(stored))
+    if unknown or inlined:
+        what = f"reads {unknown[0]}, which the export does not hold" if unknown else \
+            f"put {len(inlined)} weights into the compiled code ({inlined[0]}, ...)"
+        raise BuildError(f"freezing {what}", "leave --freeze out")
+    return fold, stored
 
 
 def compile_key(ep: Any, configs: dict[str, Any], platform: Platform) -> str:

@@ -25,7 +25,8 @@ from aotpack.artifact.aligned import save_aligned
 from aotpack.artifact.files import WEIGHTS, atomic_folder, file_entries, remember_folder
 from aotpack.artifact.manifest import SCHEMA_VERSION, BuildInfo, CompiledModule, FileEntry, LoraRef, Manifest, ModelRef, PlanRef, QuantError, RecipeRef, SchemeRef, MANIFEST
 from aotpack.builder.capture import Call, capture_inputs, record_call, unflatten_inputs
-from aotpack.builder.compile import CONSTANTS_KEY, compile_cached, compiler_settings, constant_values, constants_signature, crash_report
+from aotpack.builder.compile import (CONSTANTS_KEY, compile_cached, compile_frozen, compile_key, compiler_settings,
+                                     constant_values, constants_signature, crash_report, frozen_constants)
 from aotpack.builder.export import export_fitted
 from aotpack.builder.plan import PLAN_FILE, Planner, check_plan_covers, linear_quantizer, summary
 from aotpack.builder.schemes import config_to_json, get_scheme, quantize_named, torchao_config
@@ -194,14 +195,20 @@ def compile_target(spec: BuildSpec, t: Target, out: Path, timings: dict[str, flo
         ep, t.spec = export_fitted(t.wrapper, t.example, t.spec, t.block_class or t.name)
     metadata = {"aotpack.version": __version__, "aotpack.module": t.name,
                 CONSTANTS_KEY: constants_signature({**ep.state_dict, **ep.constants})}
-    configs = compiler_settings(metadata, max_autotune=spec.options.max_autotune, cpu=spec.device == "cpu")
+    frozen = spec.options.freeze
+    configs = compiler_settings(metadata, max_autotune=spec.options.max_autotune, cpu=spec.device == "cpu",
+                                freeze=frozen)
     from aotpack.serve.load import constant_names
 
     with stage("compile", timings, label=f"compile {t.name} ({index} of {total})"):
-        key, how = _compile(spec, t, ep, out, configs)
+        if frozen:  # always compiled: its folded constants are recorded as it compiles
+            folds, key, how = compile_frozen(ep, out / t.code, configs), compile_key(ep, configs, spec.platform), \
+                "compiled"
+        else:
+            key, how = _compile(spec, t, ep, out, configs)
         # code shared by instances must not hold one instance's weights: when inductor computed constants from
         # weights into the code, compile again with runtime folding (each instance folds its own at its call)
-        shared = _shared(t) and not configs.get(compat.RUNTIME_FOLDING)
+        shared = _shared(t) and not configs.get(compat.RUNTIME_FOLDING) and not frozen
         taken = set(constant_names(out / t.code)) if shared else set()  # opens the package once
         folded = sorted((set(ep.state_dict) | set(ep.constants)) - taken) if shared else []
         if folded:
@@ -215,6 +222,9 @@ def compile_target(spec: BuildSpec, t: Target, out: Path, timings: dict[str, flo
                             instances=t.instances, inputs=t.spec, scheme=",".join(sorted(t.schemes)),
                             max_abs_error=0.0, tolerance=0.0, compile_key=key, compiled=how, config=t.config)
     fqns = constant_names(out / t.code)
+    if frozen:  # the weights its folded constants come from, stored instead of them
+        fold, fqns = frozen_constants(ep, fqns, folds)
+        module = replace(module, fold=fold or None)
     if t.members is None:
         values = {module.key(t.instances[0], f): v for f, v in constant_values(ep, fqns).items()}
     else:  # every instance's own weights, under the same compiled names

@@ -140,6 +140,20 @@ def check_scheme(name: str, device: str, cuda_capability: tuple[int, int] | None
     return scheme
 
 
+def check_freeze(device: str, regional: bool, lora: bool) -> None:
+    """``--freeze``: inductor's freezing of CPU weights, for a whole-graph build without a LoRA (its folded
+    constants are computed at load from the artifact's weights, aotpack.artifact.folds)."""
+    if device != "cpu":
+        raise SchemeError("--freeze packs weights for a CPU's oneDNN kernels; this build is for " + device,
+                          "leave --freeze out")
+    if regional:
+        raise SchemeError("--freeze builds a whole graph: the blocks of a regional build share their code and "
+                          "take each instance's weights as they are", "add --whole-graph, or leave --freeze out")
+    if lora:
+        raise SchemeError("--freeze is not combined with --lora yet (a frozen artifact's weights are packed at "
+                          "load, and a LoRA is fused and swapped on plain weights)", "leave one of them out")
+
+
 def check_max_autotune(device: str) -> None:
     """``--max-autotune`` tunes GPU kernels. On a CPU, inductor's GEMM templates pack the weights into new
     constants baked into the code, which an artifact whose weights live outside the code cannot feed (measured:

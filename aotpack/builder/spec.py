@@ -19,7 +19,7 @@ from aotpack.artifact.platform import Platform, compute_dtype, default_device, d
 from aotpack.builder.compile import Reusable
 from aotpack.builder.plan import DEFAULT_BUDGET, read_plan
 from aotpack.builder.recipe import _COMMIT, DTYPES, Recipe, get_recipe, is_local_checkpoint
-from aotpack.builder.schemes import check_max_autotune, check_scheme
+from aotpack.builder.schemes import check_freeze, check_max_autotune, check_scheme
 from aotpack.builder.source import Source, resolve_source
 from aotpack.errors import RecipeError
 from aotpack.paths import check_cache_writable
@@ -92,6 +92,7 @@ def resolve(
     error_budget: float | None = None,
     reuse: str | os.PathLike | None = None,
     max_autotune: bool = False,
+    freeze: bool = False,
     regional: bool | None = None,
     sign_key: str | os.PathLike | None = None,
     component: str | None = None,
@@ -128,9 +129,11 @@ def resolve(
     if max_autotune:
         check_max_autotune(here.device)
     regional = r.regional if regional is None else regional
+    if freeze:
+        check_freeze(here.device, bool(regional), lora_request is not None)
     options = Options(fuse_qkv=bool(fuse_qkv), quantize_text_encoder=quantize_text_encoder,
                       quantize_vae=quantize_vae, compile_vae=bool(compile_vae), max_autotune=bool(max_autotune),
-                      regional=bool(regional))
+                      regional=bool(regional), freeze=bool(freeze))
     key = _check_sign_key(Path(sign_key)) if sign_key is not None else None
     reusable = reusable_code(Path(reuse)) if reuse is not None else {}
     check_cache_writable()

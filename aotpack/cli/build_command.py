@@ -16,7 +16,7 @@ from aotpack.options import build_options, quiet_option
 @build_options
 @click.pass_context
 def build(ctx, recipe, quant, plan, error_budget, out, model, variant, dtype, overwrite, lora, lora_scale, fuse_qkv,
-          quantize_text_encoder, quantize_vae, compile_vae, max_autotune, reuse, sign_key, regional,
+          quantize_text_encoder, quantize_vae, compile_vae, max_autotune, freeze, reuse, sign_key, regional,
           push_to, tag_name, on_flavor, install, as_json, **derive_kwargs) -> None:
     """Quantize, export and compile RECIPE into an artifact folder; prints its path.
 
@@ -63,7 +63,8 @@ def build(ctx, recipe, quant, plan, error_budget, out, model, variant, dtype, ov
                           lora=lora, lora_scale=lora_scale, fuse_qkv=fuse_qkv,
                           quantize_text_encoder=quantize_text_encoder, quantize_vae=quantize_vae,
                           compile_vae=compile_vae, plan=plan, error_budget=error_budget, reuse=reuse,
-                          max_autotune=max_autotune, sign_key=sign_key, regional=regional, **derive_kwargs)
+                          max_autotune=max_autotune, freeze=freeze, sign_key=sign_key, regional=regional,
+                          **derive_kwargs)
     if not push_to:
         echo_result(as_json, {"path": str(path)}, str(path))
         return

@@ -13,7 +13,7 @@ from aotpack.hub.client import _json
 
 # Short names of build options in build names; an option not listed here is named by its key.
 _OPTION_NAMES = {"fuse_qkv": "qkv", "compile_vae": "cvae", "quantize_text_encoder": "qte", "quantize_vae": "qvae",
-                 "max_autotune": "tuned", "regional": "regional"}
+                 "max_autotune": "tuned", "regional": "regional", "freeze": "frozen"}
 
 
 def build_name(data: Any) -> str:

@@ -18,6 +18,7 @@ import torch
 
 from aotpack import _torch_compat as compat
 from aotpack.signing import check_signature, trusted_keys_from_env  # noqa: F401  (load's own names too)
+from aotpack.artifact import folds
 from aotpack.artifact import manifest as mf
 from aotpack.artifact.files import VerifiedFiles
 from aotpack.artifact.manifest import CompiledModule, Manifest
@@ -93,6 +94,15 @@ def constant_names(code: Path) -> list[str]:
     return compat.weight_fqns(compat.open_package(code))
 
 
+def stored_names(compiled: Any, module: CompiledModule) -> list[str]:
+    """The constants a compiled module takes from its weights file: the ones its code expects, where a frozen
+    build folded some (``module.fold``) the weights those are computed from instead."""
+    fqns = compat.weight_fqns(compiled)
+    if not module.fold:
+        return fqns
+    return sorted({f for f in fqns if f not in module.fold} | folds.inputs(module.fold))
+
+
 def _check_constants(compiled: Any, module: CompiledModule, weights: dict[str, torch.Tensor], instance: str) -> None:
     """The weights must be exactly the compiled constants, by name, dtype and shape, before they are loaded.
     Fails closed: a package without aotpack's constants signature is refused."""
@@ -107,10 +117,13 @@ def _check_constants(compiled: Any, module: CompiledModule, weights: dict[str, t
     if not isinstance(signature, dict):
         raise IntegrityError(f"{module.code} carries no constants signature (not built by aotpack)",
                              "do not load this artifact; rebuild it with aotpack")
-    expected = compat.weight_fqns(compiled)
+    expected = stored_names(compiled, module)
     names = {f: module.key(instance, f) for f in expected}
     missing = sorted(k for k in names.values() if k not in weights)
     unsigned = sorted(f for f in expected if f not in signature)
+    unused = sorted(set(module.fold or ()) - set(compat.weight_fqns(compiled)))
+    if unused:
+        raise IntegrityError(f"the manifest folds constants {unused[:3]} the compiled code does not expect", hint)
     if missing or unsigned:
         raise IntegrityError(f"weights do not match the compiled constants: missing {missing[:3]}"
                              + (f", unsigned {unsigned[:3]}" if unsigned else ""), hint)
@@ -140,9 +153,15 @@ def _names(names: list[str]) -> str:
 
 def instance_constants(compiled: Any, module: CompiledModule, weights: dict[str, torch.Tensor],
                        instance: str) -> dict[str, torch.Tensor]:
-    """{constant name: tensor} of one instance of ``module``, checked against the compiled constants first."""
+    """{constant name: tensor} of one instance of ``module``, checked against the compiled constants first; a
+    folded constant is computed from the weights by its recorded steps (``aotpack.artifact.folds``)."""
     _check_constants(compiled, module, weights, instance)
-    return {f: weights[module.key(instance, f)] for f in compat.weight_fqns(compiled)}
+    fold = module.fold or {}
+
+    def weight(f: str) -> torch.Tensor:
+        return weights[module.key(instance, f)]
+
+    return {f: folds.replay(f, fold[f], weight) if f in fold else weight(f) for f in compat.weight_fqns(compiled)}
 
 
 def open_compiled(code: Path, module: CompiledModule, weights: dict[str, torch.Tensor], instance: str) -> Any:
@@ -162,7 +181,7 @@ def _check_weights_cover(manifest: Manifest, weights: dict[str, dict[str, torch.
 
     for file, tensors in weights.items():
         used = {m.key(inst, f) for m in manifest.modules if m.weights == file
-                for inst in m.instances for f in compat.weight_fqns(compiled[m.name])}
+                for inst in m.instances for f in stored_names(compiled[m.name], m)}
         if manifest.options.regional:
             used |= glue_keys(manifest, tensors)
         extra = sorted(set(tensors) - used)
@@ -234,10 +253,14 @@ def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = 
     def constants_of(m: CompiledModule, instance: str) -> dict[str, torch.Tensor]:
         return instance_constants(opened[m.name], m, weights[m.weights], instance)
 
+    loaded = {}
     for m in manifest.modules:  # no compiled module is ever callable before it holds constants
-        opened[m.name].load_constants(constants_of(m, m.instances[0]), check_full_update=True, user_managed=True)
+        loaded[m.name] = constants_of(m, m.instances[0])
+        opened[m.name].load_constants(loaded[m.name], check_full_update=True, user_managed=True)
     component = [m for m in manifest.modules if m.kind in ("component", "block")]
-    keys = {k: v for m in component for k, v in weights[m.weights].items()}  # what a LoRA swap starts from
+    # what a LoRA swap starts from; a frozen build swaps none, and the weights only its folds read are let go
+    direct = {m.key(m.instances[0], f) for m in component if m.fold for f in loaded[m.name]}
+    keys = {k: v for m in component for k, v in weights[m.weights].items() if not m.fold or k in direct}
     hint = request_hint(manifest)
     if manifest.options.regional:
         from aotpack.serve.regional import build_model
@@ -246,12 +269,13 @@ def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = 
         attach(module, manifest, folder, keys=keys, plan=plan, signer=signer, codes=codes)
     else:
         main = manifest.component
-        module = AotModule(opened[main.name], main, keys, manifest, folder, plan=plan, signer=signer)
+        module = AotModule(opened[main.name], main, keys, manifest, folder, plan=plan, signer=signer,
+                           constants=loaded[main.name])
         if cuda_graphs:
             module.use_cuda_graphs(CudaGraphs(module._compiled))
     vae = manifest.module("vae_decoder")
     if vae is not None:
-        module.vae_decoder = AotVaeDecoder(opened[vae.name], constants_of(vae, vae.instances[0]), vae, manifest)
+        module.vae_decoder = AotVaeDecoder(opened[vae.name], loaded[vae.name], vae, manifest)
     log.info("loaded %s in %.2f s", folder, time.perf_counter() - t0)
     return module
 

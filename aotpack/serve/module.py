@@ -95,6 +95,9 @@ def swap_lora(target: Any, lora: Any, scale: float, apply: Callable[[dict], None
     from aotpack.builder.weights import Lora, lora_scale
     from aotpack.serve.lora import lora_constants
 
+    if any(m.fold for m in target.manifest.modules):
+        raise InputError("this artifact was built with --freeze: its weights are packed for the compiled code at "
+                         "load, and it swaps none", "build without --freeze to swap LoRAs at load time")
     scale = lora_scale(scale) if lora is not None else scale  # a NaN or 1e30 scale makes every output NaN
     t0 = time.perf_counter()
     keys = target._aotpack_keys
@@ -183,14 +186,16 @@ class AotModule(_Pinned, ModelMixin, ConfigMixin):
         return super().__new__(cls)
 
     def __init__(self, compiled: Any, module: CompiledModule, keys: dict[str, torch.Tensor], manifest: Manifest,
-                 path: Path, *, plan: bytes | None = None, signer: str | None = None) -> None:
+                 path: Path, *, plan: bytes | None = None, signer: str | None = None,
+                 constants: dict[str, torch.Tensor] | None = None) -> None:
         ModelMixin.__init__(self)  # not super(): the stand-in's next class is the real model, never built
         self.register_to_config(**{k: v for k, v in manifest.model.config.items() if not k.startswith("_")})
         self._compiled, self._module = compiled, module
         self._aotpack_lock = SwapLock()
         self._graphs: CudaGraphs | None = None
         attach(self, manifest, path, keys=keys, plan=plan, signer=signer)
-        self._weights = self._constants(keys)  # user_managed: this dict owns what the compiled code reads
+        # user_managed: this dict owns what the compiled code reads (``constants``: what the loader loaded)
+        self._weights = constants if constants is not None else self._constants(keys)
         self._dtype = getattr(torch, manifest.dtype)
         self._device = torch.device(manifest.platform.device)
         self._spec = module.inputs

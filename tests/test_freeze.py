@@ -1,0 +1,152 @@
+"""``--freeze`` (issue 21, item 3): inductor's freezing in a CPU artifact. Its folded constants (weights transposed
+and packed in oneDNN's layout) are recorded at build as steps over the artifact's weights and replayed at load;
+the record is data the loader checks, never code: an edited step, an unlisted operation, a wrong shape or a
+weight it does not hold is refused before the compiled code holds any constant."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from aotpack.artifact import folds
+from aotpack.artifact import manifest as mf
+from aotpack.artifact.files import WEIGHTS
+from aotpack.errors import InputError, IntegrityError, ManifestError, SchemeError
+
+FROZEN = {"dtype": "bfloat16", "freeze": True, "regional": False}
+PACK = "mkldnn._reorder_linear_weight.default"
+
+
+def _recipe(steps, shape, layout="strided", dtype="bfloat16") -> dict:
+    return {"steps": steps, "dtype": dtype, "shape": shape, "layout": layout}
+
+
+# ---- the record, without a compile -----------------------------------------------------------------------------
+
+def test_t42_replay_runs_the_recorded_steps_and_checks_what_comes_out():
+    w = torch.randn(8, 4, dtype=torch.bfloat16)
+    steps = [["aten.permute.default", [{"w": "a.weight"}, [1, 0]], {}],
+             ["prims.convert_element_type.default", [{"s": 0}, {"dtype": "float32"}], {}]]
+    out = folds.replay("c", _recipe(steps, [4, 8], dtype="float32"), {"a.weight": w}.__getitem__)
+    assert torch.equal(out, w.t().float())
+    with pytest.raises(IntegrityError, match=r"comes out float32 \[4, 8\] strided, the compiled code expects "
+                                             r"float32 \[8, 4\] strided"):
+        folds.replay("c", _recipe(steps, [8, 4], dtype="float32"), {"a.weight": w}.__getitem__)
+    with pytest.raises(IntegrityError, match="aten.permute.default failed"):
+        folds.replay("c", _recipe([["aten.permute.default", [{"w": "a.weight"}, [2, 0]], {}]], [4, 8]),
+                     {"a.weight": w}.__getitem__)
+    assert folds.inputs({"c": _recipe(steps, [4, 8])}) == {"a.weight"}
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_t42_replay_packs_for_this_cpu():
+    w = torch.randn(16, 32, dtype=torch.bfloat16)
+    out = folds.replay("c", _recipe([[PACK, [{"w": "w"}, 4], {}]], [16, 32], "mkldnn"), {"w": w}.__getitem__)
+    assert out.is_mkldnn and out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fold,problem", [
+    ({}, "fold must map constant names to their steps"),
+    ({"c": {"steps": [["aten.t.default", [{"w": "a"}], {}]]}}, "must hold steps, dtype, shape and layout"),
+    ({"c": _recipe([["builtins.eval", ["1"], {}]], [1])}, "'builtins.eval' is not an operation"),
+    ({"c": _recipe([["aten.empty.memory_format", [[1 << 40]], {}]], [1])}, "is not an operation"),
+    ({"c": _recipe([["aten.t.default", [{"s": 0}], {}]], [1])}, "arguments must be weights, earlier steps"),
+    ({"c": _recipe([["aten.t.default", [{"w": "a", "s": 0}], {}]], [1])}, "arguments must be"),
+    ({"c": _recipe([["aten.t.default", [{"dtype": "object"}], {}]], [1])}, "arguments must be"),
+    ({"c": _recipe([["aten.t.default", [{"w": "a"}], {}]], [-1])}, "names no tensor dtype, shape and layout"),
+    ({"c": _recipe([["aten.t.default", [{"w": "a"}], {}]], [1], layout="sparse")}, "names no tensor dtype"),
+    ({"c": _recipe([["aten.t.default", [{"w": "a"}], {}]] * (folds.MAX_STEPS + 1), [1])}, "must have 1 to"),
+    ({"c": _recipe([["aten.t.default", [[[[[[{"w": "a"}]]]]]], {}]], [1])}, "arguments must be"),
+])
+def test_t42_a_fold_record_that_is_not_plain_listed_steps_is_refused(fold, problem):
+    assert any(problem in p for p in folds.problems(fold)), folds.problems(fold)
+
+
+def test_t42_freeze_is_refused_where_it_cannot_hold():
+    from aotpack.builder.schemes import check_freeze
+
+    for args, cause in [(("cuda", False, False), "packs weights for a CPU"),
+                        (("cpu", True, False), "builds a whole graph"), (("cpu", False, True), "--lora")]:
+        with pytest.raises(SchemeError, match=cause):
+            check_freeze(*args)
+    check_freeze("cpu", False, False)
+
+
+# ---- a frozen tiny-flux build ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def frozen(artifacts):
+    return artifacts("none", **FROZEN)
+
+
+def test_t42_a_frozen_build_stores_plain_weights_and_matches_eager(frozen):
+    from safetensors import safe_open
+    from test_variants import fresh_check
+
+    m = mf.read(frozen)
+    module = m.component
+    assert m.options.freeze and module.fold and all(r["steps"] for r in module.fold.values())
+    assert any(step[0] == PACK for r in module.fold.values() for step in r["steps"])  # oneDNN's packed layout
+    with safe_open(str(frozen / WEIGHTS), "pt") as f:
+        stored = set(f.keys())
+    assert not stored & set(module.fold)          # the folded constants are computed, not stored
+    assert {module.key(module.instances[0], w) for w in folds.inputs(module.fold)} <= stored
+    assert module.max_abs_error <= module.tolerance
+    # a fresh load, through the real pipeline at another size than the export's, against eager diffusers
+    result = fresh_check(frozen, "none")
+    assert result["vs_eager_same_scheme"] <= module.tolerance, result
+
+
+def test_t42_a_frozen_artifact_swaps_no_lora(frozen, lora_file):
+    import aotpack
+
+    module = aotpack.load(frozen, trusted_keys=[])
+    with pytest.raises(InputError, match="built with --freeze") as e:
+        module.swap_lora(lora_file)
+    assert e.value.hint == "build without --freeze to swap LoRAs at load time"
+
+
+def _edited(frozen, tmp_path, edit) -> object:
+    dest = shutil.copytree(frozen, tmp_path / "a")
+    data = json.loads((dest / "manifest.json").read_text())
+    edit(data["modules"][0]["fold"])
+    (dest / "manifest.json").write_text(json.dumps(data))
+    return dest
+
+
+def _packed(fold: dict) -> str:
+    return next(n for n, r in fold.items() if r["steps"][-1][0] == PACK)
+
+
+@pytest.mark.parametrize("case,error,match", [
+    ("op", ManifestError, "is not an operation a folded constant may use"),
+    ("shape", IntegrityError, "the compiled code expects"),
+    ("weight", IntegrityError, "weights do not match the compiled constants"),
+    ("extra", IntegrityError, "folds constants .* the compiled code does not expect"),
+    ("dropped", IntegrityError, "weights do not match the compiled constants: unexpected"),
+])
+def test_t42_an_edited_fold_record_is_refused_before_the_code_holds_constants(frozen, tmp_path, case, error,
+                                                                              match, opened):
+    import aotpack
+
+    def edit(fold: dict) -> None:
+        name = _packed(fold)
+        if case == "op":
+            fold[name]["steps"][0][0] = "aten.empty.memory_format"
+        elif case == "shape":
+            fold[name]["shape"] = fold[name]["shape"][::-1] + [1]
+        elif case == "weight":
+            fold[name]["steps"][0][1][0] = {"w": "component.not_a_weight"}
+        elif case == "extra":
+            fold["_frozen_param999"] = fold[name]
+        else:  # the folded constant's weight rides along unread
+            del fold[name]
+
+    path = _edited(frozen, tmp_path, edit)
+    with pytest.raises(error, match=match):  # raised where the constants are made, before the code takes any
+        aotpack.load(path, trusted_keys=[])
+    if case == "op":  # an unlisted operation: refused as the manifest is read, before any code is opened
+        assert opened == []
