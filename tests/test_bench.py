@@ -260,6 +260,12 @@ def test_the_compile_matrix_holds_the_default_artifact_to_every_torch_compile_va
     assert "artifact's) (compile float32 int8dq): 0.97 met." in text
     fake["rows"][0]["error"], fake["rows"][2]["error"] = 1e-7, 8e-7  # unquantized fp32: rounding, not a 8x worse
     assert "artifact's) (compile float32 int8dq): 0.97 met." in "\n".join(matrix_table(fake))
+    # another artifact (the frozen bf16 build): a line of its own, and never taken for a torch.compile variant
+    fake["rows"].insert(1, {"variant": "aotpack bfloat16 none --freeze", "dtype": "bfloat16", "scheme": "none",
+                            "mode": "artifact", "median_s": 0.20, "min_s": 0.19, "error": 0.005})
+    text = "\n".join(matrix_table(fake))
+    assert "Another artifact, aotpack bfloat16 none --freeze: 0.80x the fastest torch.compile variant " \
+           "(compile bfloat16 none)." in text and "variant (compile bfloat16 none): 1.20 missed." in text
     del fake["rows"][0]["error"]
     assert "artifact's): n/a (the artifact's error not measured)." in "\n".join(matrix_table(fake))
     assert matrix_table({}) == []
@@ -274,11 +280,22 @@ def test_the_compile_matrix_builds_its_default_only_when_missing_and_records_it_
     _, arts = built
     whole = next(p for p in arts.iterdir() if not p.name.endswith("-regional"))
     recipe = get_recipe("tiny-flux")
-    monkeypatch.setattr(run, "spawn", lambda kind, args, env=None: {"rows": [], "kind": kind, "path": args["path"]})
-    monkeypatch.setattr(run, "build_artifact", lambda *a, **k: pytest.fail("built an artifact that exists"))
+    monkeypatch.setattr(run, "spawn", lambda kind, args, env=None: {"rows": [], "kind": kind, "path": args["path"],
+                                                                    "others": args["others"]})
+    frozen: list = []
+
+    def build_artifact(name, quant, out, **k):  # only the frozen bf16 build is missing
+        from aotpack.artifact.platform import describe, tag
+
+        assert out.name.endswith(tag(describe())) and "-none-bfloat16-frozen-" in out.name, out
+        assert (quant, k["dtype"], k["extra"], k["regional"]) == ("none", "bfloat16", ("--freeze",), False)
+        frozen.append(out)
+
+    monkeypatch.setattr(run, "build_artifact", build_artifact)
     build = {"variant": None, "dtypes": {recipe.default_quant: "float32"}, "cold": False}
     records: list[dict] = []
     r = run._matrix(recipe, lambda q, regional: whole, {}, records, False, **build)
     assert r["kind"] == "matrix" and r["path"] == str(whole) and [x["path"] for x in records] == [str(whole)]
+    assert r["others"] == [str(frozen[0])] and frozen[0].parent == whole.parent
     run._matrix(recipe, lambda q, regional: whole, {}, records, False, **build)
     assert len(records) == 1  # already in the table: not recorded twice

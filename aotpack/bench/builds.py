@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def build_artifact(recipe_name: str, quant: str, out: Path, *, regional: bool, variant: str | None = None,
-                   dtype: str | None = None, cold: bool = True) -> float:
+                   dtype: str | None = None, cold: bool = True, extra: tuple[str, ...] = ()) -> float:
     """Build an artifact from scratch and return the seconds its process took.
 
     In its own process (its peak memory is its own) with an empty compile cache (``AOTPACK_CACHE`` a temp
@@ -23,7 +23,7 @@ def build_artifact(recipe_name: str, quant: str, out: Path, *, regional: bool, v
 
     cmd = [sys.executable, "-m", "aotpack.cli", "-q", "build", recipe_name, "--quant", quant, "--out", str(out),
            "--overwrite", "--regional" if regional else "--whole-graph"] \
-        + (["--variant", variant] if variant else []) + (["--dtype", dtype] if dtype else [])
+        + (["--variant", variant] if variant else []) + (["--dtype", dtype] if dtype else []) + list(extra)
     builtin = cache_dir() / "builtin"
     builtin.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="aotpack-bench-build-") as tmp:

@@ -134,13 +134,14 @@ def _compiled(transformer: Any, kwargs: dict[str, Any], mode: str) -> Callable[[
 
 
 def matrix(path: str, *, rounds: int = 10, max_autotune: bool = False, dtypes: tuple = MATRIX_DTYPES,
-           schemes: tuple = MATRIX_SCHEMES, modes: tuple | None = None) -> dict[str, Any]:
+           schemes: tuple = MATRIX_SCHEMES, modes: tuple | None = None, others: tuple = ()) -> dict[str, Any]:
     """The artifact at ``path`` (a box's default: its recipe's scheme in the dtype ``auto`` chose) against
     torch.compile of its checkpoint in every dtype x scheme x mode, interleaved in one process: is the default
     at least as fast as the fastest way torch.compile runs this model here, and as the fastest that is as accurate?
     Every row runs on one set of inputs (the transformer's arguments in a float32 pipeline call, cast to the row's
     dtype) and its forward error is measured against the float32 eager model, unquantized, on them. A variant that
-    fails to compile is a row with its error. Returns {"what", "rounds", "threads", "rows": [{"variant", "dtype",
+    fails to compile is a row with its error. ``others``: more artifacts of the same model, rows of mode "artifact"
+    (the bench adds its frozen bf16 build). Returns {"what", "rounds", "threads", "rows": [{"variant", "dtype",
     "scheme", "mode", "median_s", "min_s", "error"} or {..., "fails"}]}."""
     import torch
 
@@ -161,6 +162,11 @@ def matrix(path: str, *, rounds: int = 10, max_autotune: bool = False, dtypes: t
     runs: dict[str, Callable[[], Any]] = {"aotpack": (lambda kw: lambda: module(**kw))(_cast(kwargs, manifest))}
     rows: list[dict[str, Any]] = [{"variant": "aotpack", "dtype": manifest.dtype, "scheme": manifest.scheme.name,
                                    "mode": "artifact"}]
+    for other in others:
+        m, loaded = aotpack.inspect(other), aotpack.load(other)
+        name = f"aotpack {m.dtype} {m.scheme.name}" + (" --freeze" if m.options.freeze else "")
+        runs[name] = (lambda mod, kw: lambda: mod(**kw))(loaded, _cast(kwargs, m))
+        rows.append({"variant": name, "dtype": m.dtype, "scheme": m.scheme.name, "mode": "artifact"})
     for dtype in dtypes:
         inputs = _in_dtype(kwargs, getattr(torch, dtype))
         for scheme in schemes:

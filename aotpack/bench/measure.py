@@ -231,7 +231,8 @@ def main(argv: list[str]) -> None:
     elif kind == "matrix":
         from aotpack.bench.interleaved import matrix
 
-        result = matrix(args["path"], rounds=args.get("rounds", 10), max_autotune=args.get("max_autotune", False))
+        result = matrix(args["path"], rounds=args.get("rounds", 10), max_autotune=args.get("max_autotune", False),
+                        others=tuple(args.get("others", ())))
     else:
         result = worker(args) if kind == "worker" else load_worker(args)
     print(json.dumps(result))

@@ -162,12 +162,31 @@ def _matrix(recipe: Any, path_of: Callable, builds: dict, records: list[dict], m
     path = path_of(recipe.default_quant, False)
     if not any(r.get("path") == str(path) for r in records):  # not a scheme the bench ran
         _ensure_artifacts(recipe, recipe.default_quant, {"aotpack": path}, {"aotpack": False}, builds, records, **build)
+    from aotpack.artifact.platform import default_device
+
+    others = [_frozen(recipe, path, build)] if default_device() == "cpu" else []
     print(f"  compile matrix: {path.name} against torch.compile in every dtype, scheme and mode ...", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="aotpack-bench-") as tmp:
-        r = spawn("matrix", {"path": str(path), "max_autotune": max_autotune}, env={"TORCHINDUCTOR_CACHE_DIR": tmp})
+        r = spawn("matrix", {"path": str(path), "max_autotune": max_autotune, "others": [str(p) for p in others]},
+                  env={"TORCHINDUCTOR_CACHE_DIR": tmp})
     shown = ", ".join(f"{x['variant']} {x['median_s']:.3f} s" for x in r["rows"] if "median_s" in x)
     print(f"  compile matrix: {shown}", file=sys.stderr)
     return r
+
+
+FROZEN = ("none", "bfloat16")  # the frozen artifact of the compile matrix: inductor's freezing packs bf16 linears
+
+
+def _frozen(recipe: Any, default: Path, build: dict) -> Path:
+    """A CPU matrix's second artifact: the recipe's model unquantized in bf16, built ``--freeze`` (beside the
+    default artifact, built when missing): what the fastest torch.compile variant, bf16 + freezing, runs."""
+    from aotpack.artifact.platform import describe, tag
+
+    path = default.with_name(f"{recipe.full_name}-{FROZEN[0]}-{FROZEN[1]}-frozen-{tag(describe())}")
+    if not (path / "manifest.json").is_file():
+        build_artifact(recipe.name, FROZEN[0], path, regional=False, variant=build.get("variant"), dtype=FROZEN[1],
+                       cold=build.get("cold", True), extra=("--freeze",))
+    return path
 
 
 def _load_artifacts(quant: str, paths: dict) -> dict:
