@@ -173,6 +173,25 @@ def open_compiled(code: Path, module: CompiledModule, weights: dict[str, torch.T
     return compiled
 
 
+def lora_base(module: CompiledModule, weights: dict[str, torch.Tensor], constants: dict[str, torch.Tensor]
+              ) -> dict[str, torch.Tensor]:
+    """What a LoRA swap starts from: the weights, where the weights a frozen module's code does not read (only
+    its one-weight folds do) become meta tensors — name, dtype and shape: a swap replaces those it touches and
+    their folds are replayed, the rest keep the packed constants made at load (``constants``) — so that a weight
+    and its packed copy are not both held. A fold of several weights (q, k, v concatenated) keeps its weights: a
+    swap may touch only some of them."""
+    if not module.fold:
+        return weights
+    instance = module.instances[0]
+    keep = {module.key(instance, f) for f in constants if f not in module.fold}
+    for recipe in module.fold.values():
+        read = folds.inputs({"": recipe})
+        if len(read) > 1:
+            keep |= {module.key(instance, w) for w in read}
+    unread = {module.key(instance, w) for w in folds.inputs(module.fold)} - keep
+    return {k: v.to("meta") if k in unread else v for k, v in weights.items()}
+
+
 def _check_weights_cover(manifest: Manifest, weights: dict[str, dict[str, torch.Tensor]],
                          compiled: dict[str, Any]) -> None:
     """Every tensor of a weights file belongs to some module instance, or (regional) to the eager parts around
@@ -258,9 +277,7 @@ def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = 
         loaded[m.name] = constants_of(m, m.instances[0])
         opened[m.name].load_constants(loaded[m.name], check_full_update=True, user_managed=True)
     component = [m for m in manifest.modules if m.kind in ("component", "block")]
-    # what a LoRA swap starts from; a frozen build swaps none, and the weights only its folds read are let go
-    direct = {m.key(m.instances[0], f) for m in component if m.fold for f in loaded[m.name]}
-    keys = {k: v for m in component for k, v in weights[m.weights].items() if not m.fold or k in direct}
+    keys = {k: v for m in component for k, v in lora_base(m, weights[m.weights], loaded[m.name]).items()}
     hint = request_hint(manifest)
     if manifest.options.regional:
         from aotpack.serve.regional import build_model

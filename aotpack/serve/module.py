@@ -24,6 +24,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from aotpack import _torch_compat as compat
 from aotpack.serve.runtime import CudaGraphs, SwapLock  # noqa: F401  (re-exported)
 from aotpack.artifact.manifest import CompiledModule, Manifest
+from aotpack.artifact import folds
 from aotpack.errors import InputError
 
 log = logging.getLogger("aotpack")
@@ -95,9 +96,6 @@ def swap_lora(target: Any, lora: Any, scale: float, apply: Callable[[dict], None
     from aotpack.builder.weights import Lora, lora_scale
     from aotpack.serve.lora import lora_constants
 
-    if any(m.fold for m in target.manifest.modules):
-        raise InputError("this artifact was built with --freeze: its weights are packed for the compiled code at "
-                         "load, and it swaps none", "build without --freeze to swap LoRAs at load time")
     scale = lora_scale(scale) if lora is not None else scale  # a NaN or 1e30 scale makes every output NaN
     t0 = time.perf_counter()
     keys = target._aotpack_keys
@@ -194,16 +192,29 @@ class AotModule(_Pinned, ModelMixin, ConfigMixin):
         self._aotpack_lock = SwapLock()
         self._graphs: CudaGraphs | None = None
         attach(self, manifest, path, keys=keys, plan=plan, signer=signer)
-        # user_managed: this dict owns what the compiled code reads (``constants``: what the loader loaded)
+        # user_managed: this dict owns what the compiled code reads (``constants``: what the loader loaded); a
+        # frozen module keeps the packed constants of its load for the folds a LoRA swap does not touch
         self._weights = constants if constants is not None else self._constants(keys)
+        self._loaded = dict(self._weights) if module.fold else None
         self._dtype = getattr(torch, manifest.dtype)
         self._device = torch.device(manifest.platform.device)
         self._spec = module.inputs
         self._hint = request_hint(manifest)
 
     def _constants(self, keys: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        instance = self._module.instances[0]
-        return {f: keys[self._module.key(instance, f)] for f in compat.weight_fqns(self._compiled)}
+        """The compiled code's constants from ``keys`` (weights-file name -> tensor); a frozen module's folded
+        constant is replayed where ``keys`` changed one of its weights (a LoRA swap), else kept as loaded."""
+        module, instance = self._module, self._module.instances[0]
+        fold, base = module.fold or {}, self._aotpack_keys
+
+        def weight(f: str) -> torch.Tensor:
+            return keys[module.key(instance, f)]
+
+        def folded(f: str) -> torch.Tensor:
+            read = [module.key(instance, w) for w in folds.inputs({f: fold[f]})]
+            return self._loaded[f] if all(keys[k] is base[k] for k in read) else folds.replay(f, fold[f], weight)
+
+        return {f: folded(f) if f in fold else weight(f) for f in compat.weight_fqns(self._compiled)}
 
     def use_cuda_graphs(self, graphs: "CudaGraphs") -> None:
         self._graphs = graphs
