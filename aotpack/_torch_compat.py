@@ -206,11 +206,12 @@ class Unrecordable(Exception):
 def recording_folds() -> Iterator[dict[str, Any]]:
     """While compiling with ``freezing``: {constant name: recipe} for every constant inductor's freezing computes
     from the weights (``_frozen_paramN``: a transposed weight, q/k/v weights concatenated, oneDNN's packed layout).
-    A recipe is ``{"steps": [[op, args, kwargs], ...], "dtype", "shape", "layout"}``, the last step the constant;
-    an argument ``{"w": name}`` is a weight by its constant name, ``{"s": i}`` step i's result, ``{"dtype": d}`` a
-    dtype. A constant folded through anything else is ``Unrecordable`` (its recipe is that exception): a build
-    that needs it refuses. Private: wraps ``torch._inductor.constant_folding.replace_node_with_constant``, which
-    every fold of inductor's ``constant_fold`` calls with the node it replaces, still in its graph."""
+    A recipe is the format ``aotpack.artifact.folds`` reads: ``{"steps": [[op, args, kwargs], ...], "dtype",
+    "shape", "stride", "layout"}``, the last step the constant; an argument ``{"w": name}`` is a weight by its
+    constant name, ``{"s": i}`` step i's result, ``{"dtype": d}`` a dtype. A constant folded through anything
+    else is ``Unrecordable`` (its recipe is that exception): a build that needs it refuses. Private: wraps ``torch._inductor.constant_folding.replace_node_with_constant``, which
+    every fold of inductor's ``constant_fold`` calls with the node it replaces, still in its graph. The patch is
+    process-wide and not re-entrant: one compile at a time (a build compiles one module after another)."""
     import torch._inductor.constant_folding as folding
     import torch._inductor.freezing as freezing
 
@@ -260,10 +261,11 @@ def _recipe(gm: Any, node: Any, constant: Any, folds: dict[str, Any]) -> dict[st
                 out = {"w": str(n.target)}
             else:  # a constant folded before: its steps, renumbered
                 base = len(steps)
-                steps.extend([op, _renumber(a, base), _renumber(k, base)] for op, a, k in earlier["steps"])
+                steps.extend([op, _renumber(a, base), {key: _renumber(v, base) for key, v in k.items()}]
+                             for op, a, k in earlier["steps"])
                 out = {"s": len(steps) - 1}
         elif n.op == "call_function" and isinstance(n.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-            args, kwargs = _arg(n.args, ref), _arg(n.kwargs, ref)
+            args, kwargs = _arg(n.args, ref), {str(k): _arg(v, ref) for k, v in n.kwargs.items()}
             steps.append([_op_name(n.target), args, kwargs])
             out = {"s": len(steps) - 1}
         else:
@@ -272,8 +274,9 @@ def _recipe(gm: Any, node: Any, constant: Any, folds: dict[str, Any]) -> dict[st
         return out
 
     ref(node)
+    packed = constant.is_mkldnn
     return {"steps": steps, "dtype": str(constant.dtype).removeprefix("torch."), "shape": list(constant.shape),
-            "layout": "mkldnn" if constant.is_mkldnn else "strided"}
+            "stride": None if packed else list(constant.stride()), "layout": "mkldnn" if packed else "strided"}
 
 
 def _op_name(op: Any) -> str:
@@ -295,8 +298,6 @@ def _arg(a: Any, ref: Callable[[Any], dict]) -> Any:
         return ref(a)
     if isinstance(a, (list, tuple)):
         return [_arg(x, ref) for x in a]
-    if isinstance(a, dict):
-        return {str(k): _arg(v, ref) for k, v in a.items()}
     if isinstance(a, torch.dtype):
         return {"dtype": str(a).removeprefix("torch.")}
     if a is None or isinstance(a, (bool, int, float, str)):
@@ -305,10 +306,9 @@ def _arg(a: Any, ref: Callable[[Any], dict]) -> Any:
 
 
 def _renumber(a: Any, base: int) -> Any:
+    """An argument of an earlier fold's step, its step references moved by ``base`` (its steps now follow others)."""
     if isinstance(a, dict):
-        if set(a) == {"s"}:
-            return {"s": a["s"] + base}
-        return {k: _renumber(v, base) for k, v in a.items()}
+        return {"s": a["s"] + base} if set(a) == {"s"} else a
     if isinstance(a, list):
         return [_renumber(x, base) for x in a]
     return a

@@ -26,6 +26,8 @@ def invoke(*args: str):
     (["build", "flux3"], "Error: unknown recipe 'flux3'"),
     (["build", "tiny-flux", "--variant", "schnell"], "Error: recipe tiny-flux has no variant 'schnell'"),
     (["build", "tiny-flux", "--max-autotune"], "Error: --max-autotune is for CUDA builds"),
+    (["build", "tiny-flux", "--freeze"], "Error: --freeze packs float weights; with --quant int8wo"),
+    (["build", "tiny-flux", "--quant", "none", "--freeze", "--regional"], "Error: --freeze builds a whole graph"),
 ])
 def test_refusals_that_need_no_torch_do_not_import_it(args, message):
     # a fresh interpreter: this one has torch loaded already. Where a GPU node exists torch must decide.

@@ -5,29 +5,43 @@ transposed, cast, or packed into oneDNN's blocked layout for the CPU (``mkldnn._
 compiled code expects those constants by new names (``_frozen_paramN``). The artifact stores the weights, not
 the constants: the manifest records each constant as a few steps over weights (``aotpack._torch_compat.
 recording_folds`` writes them down at build), and the loader replays them on the box that runs the code, so a
-packed layout is always the one this box's oneDNN chose. Steps are data: only the tensor operations listed in
-``OPS`` run, on weights and literals, and each result must have the dtype, shape and layout the build recorded.
+packed layout is always the one this box's oneDNN chose.
+
+A recipe is ``{"steps": [[op, args, kwargs], ...], "dtype", "shape", "stride", "layout"}``, the last step the
+constant (``stride``: its strides, ``None`` for a packed one, whose layout oneDNN owns). In ``args``, and in the
+values of the ``kwargs`` dict, ``{"w": name}`` is a weight by its constant name, ``{"s": i}`` the result of an
+earlier step, ``{"dtype": d}`` a dtype; anything else is a plain value. Steps are data: only the tensor operations
+in ``OPS`` run, a dry run on meta tensors first holds every step to the size of what the recipe reads and makes
+(no step may allocate more), and each result must have the recorded dtype, shape, strides, layout and device.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from aotpack.artifact.formats import SAFETENSORS_DTYPES
 from aotpack.errors import IntegrityError
 
 # The operations a folded constant may be computed with: views, casts, concatenation, elementwise arithmetic
-# and the CPU's weight-packing calls. Nothing that reads a file, allocates more than its inputs, or runs code.
+# and oneDNN's weight packing. Nothing that reads a file, moves a tensor to another device, or runs code.
 OPS = frozenset({
     "aten.permute.default", "aten.t.default", "aten.transpose.int", "aten.reshape.default", "aten.view.default",
     "aten.unsqueeze.default", "aten.squeeze.dim", "aten.slice.Tensor", "aten.select.int", "aten.clone.default",
     "aten.cat.default", "aten.add.Tensor", "aten.sub.Tensor", "aten.mul.Tensor", "aten.div.Tensor",
-    "prims.convert_element_type.default", "aten._to_copy.default",
-    "mkldnn._reorder_linear_weight.default", "mkl._mkl_reorder_linear_weight.default",
+    "prims.convert_element_type.default", "mkldnn._reorder_linear_weight.default",
 })
+PACK = "mkldnn._reorder_linear_weight.default"   # no meta kernel: its dry run keeps its input's shape
 LAYOUTS = ("strided", "mkldnn")
+KEYS = {"steps", "dtype", "shape", "stride", "layout"}
 MAX_STEPS = 64      # per constant: the flux-blocks bf16 build folds each in 2 or 3
+MAX_ITEMS = 64      # per list argument (a permutation, a shape, the tensors of a cat)
 _HINT = "the manifest was edited or comes from another aotpack; rebuild the artifact, or download it again"
+
+
+def _refs(step: list) -> list[Any]:
+    """A step's arguments: its args and the values of its kwargs (the kwargs dict itself is never a reference)."""
+    return [step[1], *step[2].values()]
 
 
 def inputs(fold: dict[str, Any]) -> set[str]:
@@ -35,110 +49,167 @@ def inputs(fold: dict[str, Any]) -> set[str]:
     found: set[str] = set()
 
     def walk(a: Any) -> None:
-        if isinstance(a, dict):
-            if set(a) == {"w"}:
-                found.add(a["w"])
-            else:
-                for v in a.values():
-                    walk(v)
+        if isinstance(a, dict) and set(a) == {"w"}:
+            found.add(a["w"])
         elif isinstance(a, list):
             for v in a:
                 walk(v)
 
     for recipe in fold.values():
-        walk(recipe.get("steps") if isinstance(recipe, dict) else None)
+        for step in recipe.get("steps") or () if isinstance(recipe, dict) else ():
+            if isinstance(step, list) and len(step) == 3 and isinstance(step[2], dict):
+                walk(_refs(step))
     return found
 
 
 def problems(fold: Any) -> list[str]:
     """What is wrong with a manifest's ``fold`` record (empty: every step is a listed operation on weights,
-    literals and earlier steps, and every constant names a dtype, a shape and a layout)."""
+    literals and earlier steps, and every constant names a dtype, a shape, its strides and a layout)."""
     if not isinstance(fold, dict) or not fold:
         return ["fold must map constant names to their steps"]
-    dtypes = set(SAFETENSORS_DTYPES.values())
     out = []
     for name, recipe in fold.items():
-        if not (isinstance(recipe, dict) and set(recipe) == {"steps", "dtype", "shape", "layout"}):
-            out.append(f"fold[{name!r:.60}] must hold steps, dtype, shape and layout")
-            continue
-        steps, shape = recipe["steps"], recipe["shape"]
-        if recipe["dtype"] not in dtypes or recipe["layout"] not in LAYOUTS or not (
-                isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                for d in shape)):
-            out.append(f"fold[{name!r:.60}] names no tensor dtype, shape and layout")
-        if not (isinstance(steps, list) and 0 < len(steps) <= MAX_STEPS):
-            out.append(f"fold[{name!r:.60}] must have 1 to {MAX_STEPS} steps")
-            continue
-        for i, step in enumerate(steps):
-            bad = _step_problem(step, i, dtypes)
-            if bad:
-                out.append(f"fold[{name!r:.60}] step {i}: {bad}")
-                break
+        bad = _recipe_problem(recipe)
+        if bad:
+            out.append(f"fold[{name!r:.60}] {bad}")
     return out
 
 
-def _step_problem(step: Any, index: int, dtypes: set[str]) -> str:
-    if not (isinstance(step, list) and len(step) == 3 and isinstance(step[1], list) and isinstance(step[2], dict)):
+def _dims(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= MAX_ITEMS and all(isinstance(d, int) and not isinstance(d, bool)
+                                                                  and d >= 0 for d in v)
+
+
+def _recipe_problem(recipe: Any) -> str:
+    if not (isinstance(recipe, dict) and set(recipe) == KEYS):
+        return "must hold steps, dtype, shape, stride and layout"
+    steps, shape, stride = recipe["steps"], recipe["shape"], recipe["stride"]
+    if recipe["dtype"] not in set(SAFETENSORS_DTYPES.values()) or recipe["layout"] not in LAYOUTS \
+            or not _dims(shape) or not (stride is None if recipe["layout"] == "mkldnn" else
+                                        _dims(stride) and len(stride) == len(shape)):
+        return "names no tensor dtype, shape, strides and layout"
+    if not (isinstance(steps, list) and 0 < len(steps) <= MAX_STEPS):
+        return f"must have 1 to {MAX_STEPS} steps"
+    for i, step in enumerate(steps):
+        bad = _step_problem(step, i)
+        if bad:
+            return f"step {i}: {bad}"
+    return ""
+
+
+def _step_problem(step: Any, index: int) -> str:
+    if not (isinstance(step, list) and len(step) == 3 and isinstance(step[1], list) and isinstance(step[2], dict)
+            and all(isinstance(k, str) for k in step[2])):
         return "must be [operation, args, kwargs]"
     if step[0] not in OPS:
         return f"{str(step[0])[:60]!r} is not an operation a folded constant may use"
-    return "" if _literal(step[1], index, dtypes) and _literal(step[2], index, dtypes) else \
+    return "" if all(_literal(a, index) for a in _refs(step)) else \
         "arguments must be weights, earlier steps, dtypes or plain values"
 
 
-def _literal(a: Any, index: int, dtypes: set[str], depth: int = 0) -> bool:
-    if depth > 4:
+def _literal(a: Any, index: int, depth: int = 0) -> bool:
+    if depth > 3:
         return False
-    if a is None or isinstance(a, (bool, int, float, str)):
+    if a is None or isinstance(a, (bool, int, str)) or isinstance(a, float) and math.isfinite(a):
         return True
     if isinstance(a, list):
-        return all(_literal(x, index, dtypes, depth + 1) for x in a)
-    if isinstance(a, dict):
-        if set(a) == {"w"}:
-            return isinstance(a["w"], str) and bool(a["w"])
-        if set(a) == {"s"}:
-            return isinstance(a["s"], int) and not isinstance(a["s"], bool) and 0 <= a["s"] < index
-        if set(a) == {"dtype"}:
-            return a["dtype"] in dtypes
-        return depth == 0 and all(isinstance(k, str) and _literal(v, index, dtypes, depth + 1) for k, v in a.items())
+        return len(a) <= MAX_ITEMS and all(_literal(x, index, depth + 1) for x in a)
+    if isinstance(a, dict) and len(a) == 1:
+        (key, v), = a.items()
+        if key == "w":
+            return isinstance(v, str) and bool(v)
+        if key == "s":
+            return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < index
+        if key == "dtype":
+            return isinstance(v, str) and v in set(SAFETENSORS_DTYPES.values())
     return False
 
 
-def replay(name: str, recipe: dict[str, Any], weight: Callable[[str], Any]) -> Any:
-    """The constant ``name``, computed from the weights (``weight(constant name)``) by its recorded steps;
-    IntegrityError unless it comes out with the recorded dtype, shape and layout."""
+def _run(recipe: dict[str, Any], weight: Callable[[str], Any], op_of: Callable[[str], Callable]) -> list[Any]:
+    """Every step's result, with ``weight`` for the weights and ``op_of`` for the operations."""
     import torch
 
     results: list[Any] = []
 
     def value(a: Any) -> Any:
         if isinstance(a, dict):
-            if set(a) == {"w"}:
-                return weight(a["w"])
-            if set(a) == {"s"}:
-                return results[a["s"]]
-            if set(a) == {"dtype"}:
-                return getattr(torch, a["dtype"])
-            return {k: value(v) for k, v in a.items()}
+            (key, v), = a.items()
+            return weight(v) if key == "w" else results[v] if key == "s" else getattr(torch, v)
         if isinstance(a, list):
             return [value(x) for x in a]
         return a
 
+    for op, args, kwargs in recipe["steps"]:
+        results.append(op_of(op)(*value(args), **{k: value(v) for k, v in kwargs.items()}))
+    return results
+
+
+def _op(name: str) -> Callable:
+    import torch
+
+    if name not in OPS:  # parsing refused it already; a step is data, never a lookup of any other name
+        raise IntegrityError(f"a folded constant uses {name}", _HINT)
+    namespace, fn, overload = name.split(".")
+    return getattr(getattr(getattr(torch.ops, namespace), fn), overload)
+
+
+def _dry_run(name: str, recipe: dict[str, Any], weight: Callable[[str], Any]) -> None:
+    """The steps on meta tensors (shapes only, nothing allocated): refused when a step would make more elements
+    than the weights it reads and the constant it makes hold together (a broadcast, a cat of a cat)."""
+    import torch
+
+    read = {w: weight(w) for w in inputs({name: recipe})}
+    budget = sum(t.numel() for t in read.values()) + math.prod(recipe["shape"])
+    meta = {w: torch.empty(t.shape, dtype=t.dtype, device="meta") for w, t in read.items()}
+
+    def op_of(op: str) -> Callable:
+        fn = _op(op)
+
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            out = args[0] if op == PACK else fn(*args, **kwargs)
+            if not isinstance(out, torch.Tensor) or out.numel() > budget:
+                raise IntegrityError(f"folded constant {name}: {op} makes "
+                                     f"{out.numel() if isinstance(out, torch.Tensor) else 'no'} elements from "
+                                     f"weights of {budget - math.prod(recipe['shape'])}", _HINT)
+            return out
+        return checked
+
+    _run(recipe, meta.__getitem__, op_of)
+
+
+def replay(name: str, recipe: dict[str, Any], weight: Callable[[str], Any]) -> Any:
+    """The constant ``name``, computed from the weights (``weight(constant name)``) by its recorded steps (dry run
+    first); IntegrityError unless it comes out with the recorded dtype, shape, strides, layout, on the CPU."""
+    import torch
+
     with torch.no_grad():
-        for op, args, kwargs in recipe["steps"]:
-            if op not in OPS:  # parsing refused it already; the steps are data, never a lookup of any name
-                raise IntegrityError(f"folded constant {name} uses {op}", _HINT)
-            namespace, fn, overload = op.split(".")
-            try:
-                results.append(getattr(getattr(getattr(torch.ops, namespace), fn), overload)(*value(args),
-                                                                                            **value(kwargs)))
-            except (RuntimeError, TypeError, ValueError, IndexError) as e:
-                raise IntegrityError(f"folded constant {name}: {op} failed ({type(e).__name__}: "
-                                     f"{str(e).splitlines()[0][:120] if str(e) else ''})", _HINT) from None
-    out = results[-1]
-    layout = "mkldnn" if out.is_mkldnn else "strided"
-    got = [str(out.dtype).removeprefix("torch."), list(out.shape), layout]
-    if got != [recipe["dtype"], recipe["shape"], recipe["layout"]]:
-        raise IntegrityError(f"folded constant {name} comes out {got[0]} {got[1]} {got[2]}, the compiled code "
-                             f"expects {recipe['dtype']} {recipe['shape']} {recipe['layout']}", _HINT)
+        try:
+            _dry_run(name, recipe, weight)
+            out = _run(recipe, weight, _op)[-1]
+        except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError) as e:
+            raise IntegrityError(f"folded constant {name} cannot be computed from the weights ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:120] if str(e) else ''})", _HINT) from None
+    got = describe(out)
+    want = [recipe[k] for k in ("dtype", "shape", "stride", "layout")] + ["cpu"]
+    if got != want:
+        raise IntegrityError(f"folded constant {name} comes out {_shown(got)}, the compiled code expects "
+                             f"{_shown(want)}", _HINT)
     return out
+
+
+def describe(t: Any) -> list:
+    """[dtype, shape, strides (None when packed), layout, device type] of a folded constant."""
+    packed = t.is_mkldnn
+    return [str(t.dtype).removeprefix("torch."), list(t.shape), None if packed else list(t.stride()),
+            "mkldnn" if packed else "strided", t.device.type]
+
+
+def _shown(d: list) -> str:
+    return f"{d[0]} {d[1]} {d[3]}" + (f" strides {d[2]}" if d[2] is not None else "") + f" on {d[4]}"
+
+
+def nbytes(fold: dict[str, Any] | None) -> int:
+    """The memory the folded constants take (their elements; a packed layout may pad a little)."""
+    import torch
+
+    return sum(math.prod(r["shape"]) * getattr(torch, r["dtype"]).itemsize for r in (fold or {}).values())

@@ -70,7 +70,9 @@ def compiler_settings(metadata: dict[str, str], *, max_autotune: bool = False, c
     if max_autotune:
         configs["max_autotune"] = True
     if freeze:
-        configs["freezing"] = True
+        # every constant stays a constant: inductor otherwise writes a 0-d or <= 8-element one (a folded bias) into
+        # the code as literal values, which a LoRA swap or another artifact's weights could not change
+        configs.update({"freezing": True, "always_keep_tensor_constants": True})
     return configs
 
 

@@ -140,9 +140,19 @@ def check_scheme(name: str, device: str, cuda_capability: tuple[int, int] | None
     return scheme
 
 
-def check_freeze(device: str, regional: bool, lora: bool) -> None:
-    """``--freeze``: inductor's freezing of CPU weights, for a whole-graph build without a LoRA (its folded
-    constants are computed at load from the artifact's weights, aotpack.artifact.folds)."""
+def check_freeze(device: str, regional: bool, lora: bool, *, quant: str = "none", compile_vae: bool = False,
+                 reuse: bool = False) -> None:
+    """``--freeze``: inductor's freezing of CPU weights, for a whole-graph build of the unquantized model without a
+    build-time LoRA (its folded constants are computed at load from the artifact's weights, aotpack.artifact.folds).
+    Refused before anything is loaded where it cannot hold."""
+    if quant != "none":  # measured: int8wo and int8dq freezing puts the int8 weights into the compiled code
+        raise SchemeError(f"--freeze packs float weights; with --quant {quant} inductor's freezing writes the "
+                          "quantized weights into the compiled code", "use --freeze with --quant none (and "
+                          "--dtype bfloat16 on a CPU with bf16 matrix units), or leave --freeze out")
+    if compile_vae or reuse:
+        what = "--compile-vae (the VAE's channels-last weights do not fold)" if compile_vae else \
+            "--reuse (a frozen build records its folds while it compiles: it always compiles)"
+        raise SchemeError(f"--freeze is not combined with {what}", "leave one of them out")
     if device != "cpu":
         raise SchemeError("--freeze packs weights for a CPU's oneDNN kernels; this build is for " + device,
                           "leave --freeze out")

@@ -51,7 +51,9 @@ def build(ctx, recipe, quant, plan, error_budget, out, model, variant, dtype, ov
         _build_on_jobs(ctx, recipe, quant, plan, variant, derive_kwargs, flavor=on_flavor, push_to=push_to,
                        tag_name=tag_name, install=install, as_json=as_json)
         return
-    _refuse_early(recipe, quant, variant, model, plan, max_autotune, derive_kwargs)
+    _refuse_early(recipe, quant, variant, model, plan, max_autotune, derive_kwargs,
+                  freeze={"regional": regional, "lora": lora is not None, "compile_vae": compile_vae,
+                          "reuse": reuse is not None} if freeze else None)
     if push_to:  # an offline box or a bad token fails now, not after the build
         from aotpack.hub import check_can_push
 
@@ -95,7 +97,7 @@ def _build_on_jobs(ctx: click.Context, recipe: str, quant: str | None, plan: str
 
 
 def _refuse_early(recipe: str, quant: str | None, variant: str | None, model: str | None, plan: str | None,
-                  max_autotune: bool = False, derive_kwargs: dict | None = None) -> None:
+                  max_autotune: bool = False, derive_kwargs: dict | None = None, freeze: dict | None = None) -> None:
     """The refusals that need neither torch nor a model, made before the build imports them (a second instead of
     ten): an unknown recipe or variant, a scheme this device cannot run, a GPU checkpoint on a machine without
     one. The build checks all of them again (the Python API goes straight there)."""
@@ -124,6 +126,12 @@ def _refuse_early(recipe: str, quant: str | None, variant: str | None, model: st
         from aotpack.builder.schemes import check_max_autotune
 
         check_max_autotune(device)
+    if freeze is not None:
+        from aotpack.builder.schemes import check_freeze
+
+        regional = r.regional if freeze["regional"] is None else freeze["regional"]
+        check_freeze(device, regional, freeze["lora"], quant=scheme if plan is None else "auto",
+                     compile_vae=freeze["compile_vae"], reuse=freeze["reuse"])
     if not model and not r.builtin and r.checkpoint_needs and r.checkpoint_needs != device:
         resolve_source(r, None, device)  # raises its one line
 
