@@ -115,7 +115,8 @@ PREBUILD = {
             ("auto", {"error_budget": 0.05}), ("int8wo", {"recipe": "tiny-cogvideox"}), ("none", {}),
             ("none", {"dtype": "bfloat16", "freeze": True, "regional": False})],
     "gw1": [("int8dq", {}), ("int8wo", {"regional": True}), ("int8wo", {}),
-            ("int8wo", {"recipe": "tiny-cogvideox", "regional": True}), ("int8wo", {"regional": True, "dtype": "bfloat16"})],
+            ("int8wo", {"recipe": "tiny-cogvideox", "regional": True}), ("int8wo", {"regional": True, "dtype": "bfloat16"}),
+            ("none", {"dtype": "bfloat16", "freeze": True, "regional": True})],
 }
 
 

@@ -26,8 +26,9 @@ def invoke(*args: str):
     (["build", "flux3"], "Error: unknown recipe 'flux3'"),
     (["build", "tiny-flux", "--variant", "schnell"], "Error: recipe tiny-flux has no variant 'schnell'"),
     (["build", "tiny-flux", "--max-autotune"], "Error: --max-autotune is for CUDA builds"),
-    (["build", "tiny-flux", "--freeze"], "Error: --freeze packs float weights; with --quant int8wo"),
-    (["build", "tiny-flux", "--quant", "none", "--freeze", "--regional"], "Error: --freeze builds a whole graph"),
+    (["build", "tiny-flux", "--freeze"], "Error: --freeze packs float weights; with --quant int8wo inductor"),
+    (["build", "tiny-flux", "--quant", "none", "--freeze", "--compile-vae"], "Error: --freeze is not combined with "
+     "--compile-vae"),
 ])
 def test_refusals_that_need_no_torch_do_not_import_it(args, message):
     # a fresh interpreter: this one has torch loaded already. Where a GPU node exists torch must decide.

@@ -213,3 +213,22 @@ def nbytes(fold: dict[str, Any] | None) -> int:
     import torch
 
     return sum(math.prod(r["shape"]) * getattr(torch, r["dtype"]).itemsize for r in (fold or {}).values())
+
+
+def swapped(module: Any, instance: str, fqns: list[str], keys: dict[str, Any], base: dict[str, Any],
+            loaded: dict[str, Any] | None) -> dict[str, Any]:
+    """The constants ``fqns`` of one instance of ``module`` (a ``CompiledModule``) from ``keys`` (weights-file
+    name -> tensor, a LoRA swap's or its undo's): a folded constant is replayed where ``keys`` holds another
+    tensor than ``base`` (what the load started from) for a weight it reads, else kept as loaded (``loaded``)."""
+    fold = module.fold or {}
+
+    def weight(f: str) -> Any:
+        return keys[module.key(instance, f)]
+
+    def folded(f: str) -> Any:
+        read = [module.key(instance, w) for w in inputs({f: fold[f]})]
+        if loaded is not None and all(keys[k] is base[k] for k in read):
+            return loaded[f]
+        return replay(f, fold[f], weight)
+
+    return {f: folded(f) if f in fold else weight(f) for f in fqns}

@@ -136,9 +136,8 @@ def _module_problems(m: Manifest) -> list[str]:
         if not all(t.dtype in _DTYPES for t in mod.inputs.tensors):
             problems.append(f"modules[{i}] names an input dtype that is not a tensor dtype")
         if mod.fold is not None:
-            if mod.kind == "block" or getattr(m.platform, "device", None) != "cpu" or not (m.options and
-                                                                                           m.options.freeze):
-                problems.append(f"modules[{i}].fold belongs to a whole-graph CPU module of a --freeze build only")
+            if getattr(m.platform, "device", None) != "cpu" or not (m.options and m.options.freeze):
+                problems.append(f"modules[{i}].fold belongs to a CPU module of a --freeze build only")
             problems.extend(f"modules[{i}].{p}" for p in folds.problems(mod.fold)[:3])
     return problems
 

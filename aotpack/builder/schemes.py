@@ -140,13 +140,13 @@ def check_scheme(name: str, device: str, cuda_capability: tuple[int, int] | None
     return scheme
 
 
-def check_freeze(device: str, regional: bool, lora: bool, *, quant: str = "none", compile_vae: bool = False,
+def check_freeze(device: str, lora: bool, *, quant: str = "none", compile_vae: bool = False,
                  reuse: bool = False) -> None:
-    """``--freeze``: inductor's freezing of CPU weights, for a whole-graph build of the unquantized model without a
-    build-time LoRA (its folded constants are computed at load from the artifact's weights, aotpack.artifact.folds).
+    """``--freeze``: inductor's freezing of CPU weights, for a build of the unquantized model (whole graph or
+    regional: each block instance replays its own folds) without a build-time LoRA (its folded constants are computed at load from the artifact's weights, aotpack.artifact.folds).
     Refused before anything is loaded where it cannot hold."""
-    if quant != "none":  # measured: int8wo and int8dq freezing puts the int8 weights into the compiled code
-        raise SchemeError(f"--freeze packs float weights; with --quant {quant} inductor's freezing writes the "
+    if quant != "none":  # int8wo / int8dq: the build's check found the int8 weights folded into the compiled code
+        raise SchemeError(f"--freeze packs float weights; with --quant {quant} inductor's freezing folds the "
                           "quantized weights into the compiled code", "use --freeze with --quant none (and "
                           "--dtype bfloat16 on a CPU with bf16 matrix units), or leave --freeze out")
     if compile_vae or reuse:
@@ -156,9 +156,6 @@ def check_freeze(device: str, regional: bool, lora: bool, *, quant: str = "none"
     if device != "cpu":
         raise SchemeError("--freeze packs weights for a CPU's oneDNN kernels; this build is for " + device,
                           "leave --freeze out")
-    if regional:
-        raise SchemeError("--freeze builds a whole graph: the blocks of a regional build share their code and "
-                          "take each instance's weights as they are", "add --whole-graph, or leave --freeze out")
     if lora:
         raise SchemeError("--freeze is not combined with --lora yet (a frozen artifact's weights are packed at "
                           "load, and a LoRA is fused and swapped on plain weights)", "leave one of them out")

@@ -130,7 +130,7 @@ def resolve(
         check_max_autotune(here.device)
     regional = r.regional if regional is None else regional
     if freeze:
-        check_freeze(here.device, bool(regional), lora_request is not None, quant=quant,
+        check_freeze(here.device, lora_request is not None, quant=quant,
                      compile_vae=bool(compile_vae), reuse=reuse is not None)
     options = Options(fuse_qkv=bool(fuse_qkv), quantize_text_encoder=quantize_text_encoder,
                       quantize_vae=quantize_vae, compile_vae=bool(compile_vae), max_autotune=bool(max_autotune),

@@ -52,7 +52,7 @@ def build(ctx, recipe, quant, plan, error_budget, out, model, variant, dtype, ov
                        tag_name=tag_name, install=install, as_json=as_json)
         return
     _refuse_early(recipe, quant, variant, model, plan, max_autotune, derive_kwargs,
-                  freeze={"regional": regional, "lora": lora is not None, "compile_vae": compile_vae,
+                  freeze={"lora": lora is not None, "compile_vae": compile_vae,
                           "reuse": reuse is not None} if freeze else None)
     if push_to:  # an offline box or a bad token fails now, not after the build
         from aotpack.hub import check_can_push
@@ -129,8 +129,7 @@ def _refuse_early(recipe: str, quant: str | None, variant: str | None, model: st
     if freeze is not None:
         from aotpack.builder.schemes import check_freeze
 
-        regional = r.regional if freeze["regional"] is None else freeze["regional"]
-        check_freeze(device, regional, freeze["lora"], quant=scheme if plan is None else "auto",
+        check_freeze(device, freeze["lora"], quant=scheme if plan is None else "auto",
                      compile_vae=freeze["compile_vae"], reuse=freeze["reuse"])
     if not model and not r.builtin and r.checkpoint_needs and r.checkpoint_needs != device:
         resolve_source(r, None, device)  # raises its one line

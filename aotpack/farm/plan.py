@@ -80,6 +80,15 @@ def _plan_cell(planned: Planned, hardware: dict[str, Any] | None, checkpoints: d
                             "drop the cell or choose a newer GPU")
     params, _ = _parsed(cell)
     _check_local_files(params)
+    if params.get("freeze"):  # a CPU-only option: refused before a paid GPU job starts
+        from aotpack.builder.schemes import check_freeze
+        from aotpack.errors import SchemeError
+
+        try:
+            check_freeze(device, params.get("lora") is not None, quant=cell.scheme,
+                         compile_vae=bool(params.get("compile_vae")), reuse=params.get("reuse") is not None)
+        except SchemeError as e:
+            raise FarmError(f"{one_line(cell.flavor, 60)}: {e.cause}", e.hint) from None
     planned.uploads = uploads_of(cell, params, device, _cap(cap))
     repo = cell.repo
     try:

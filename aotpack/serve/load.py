@@ -173,23 +173,18 @@ def open_compiled(code: Path, module: CompiledModule, weights: dict[str, torch.T
     return compiled
 
 
-def lora_base(module: CompiledModule, weights: dict[str, torch.Tensor], constants: dict[str, torch.Tensor]
-              ) -> dict[str, torch.Tensor]:
-    """What a LoRA swap starts from: the weights, where the weights a frozen module's code does not read (only
-    its one-weight folds do) become meta tensors — name, dtype and shape: a swap replaces those it touches and
-    their folds are replayed, the rest keep the packed constants made at load (``constants``) — so that a weight
-    and its packed copy are not both held. A fold of several weights (q, k, v concatenated) keeps its weights: a
-    swap may touch only some of them."""
+def unread(module: CompiledModule, constants: dict[str, torch.Tensor]) -> set[str]:
+    """The weights-file names a frozen module's code never reads, only its one-weight folds do (every instance):
+    what a LoRA swap starts from holds them as meta tensors — name, dtype and shape: a swap replaces those it
+    touches and their folds are replayed, the rest keep the packed constants made at load (``constants``: the
+    first instance's) — so that a weight and its packed copy are not both held. A fold of several weights (q, k,
+    v concatenated) keeps its weights: a swap may touch only some of them."""
     if not module.fold:
-        return weights
-    instance = module.instances[0]
-    keep = {module.key(instance, f) for f in constants if f not in module.fold}
-    for recipe in module.fold.values():
-        read = folds.inputs({"": recipe})
-        if len(read) > 1:
-            keep |= {module.key(instance, w) for w in read}
-    unread = {module.key(instance, w) for w in folds.inputs(module.fold)} - keep
-    return {k: v.to("meta") if k in unread else v for k, v in weights.items()}
+        return set()
+    direct = {f for f in constants if f not in module.fold}
+    several = {w for recipe in module.fold.values() if len(read := folds.inputs({"": recipe})) > 1 for w in read}
+    names = folds.inputs(module.fold) - direct - several
+    return {module.key(instance, w) for instance in module.instances for w in names}
 
 
 def _check_weights_cover(manifest: Manifest, weights: dict[str, dict[str, torch.Tensor]],
@@ -278,12 +273,16 @@ def load(path: str | os.PathLike, *, revision: str | None = None, trust: bool = 
         loaded[m.name] = constants_of(m, m.instances[0])
         opened[m.name].load_constants(loaded[m.name], check_full_update=True, user_managed=True)
     component = [m for m in manifest.modules if m.kind in ("component", "block")]
-    keys = {k: v for m in component for k, v in lora_base(m, weights[m.weights], loaded[m.name]).items()}
+    metas = set().union(*(unread(m, loaded[m.name]) for m in component))
+    keys = {k: v.to("meta") if k in metas else v for m in component for k, v in weights[m.weights].items()}
     hint = request_hint(manifest)
     if manifest.options.regional:
         from aotpack.serve.regional import build_model
 
-        module, codes = build_model(manifest, weights, opened, constants_of, device, hint, cuda_graphs=cuda_graphs)
+        def first_or_own(m: CompiledModule, instance: str) -> dict[str, torch.Tensor]:  # each instance made once
+            return loaded[m.name] if instance == m.instances[0] else constants_of(m, instance)
+
+        module, codes = build_model(manifest, weights, opened, first_or_own, device, hint, cuda_graphs=cuda_graphs)
         attach(module, manifest, folder, keys=keys, plan=plan, signer=signer, codes=codes)
     else:
         main = manifest.component

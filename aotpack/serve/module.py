@@ -204,17 +204,8 @@ class AotModule(_Pinned, ModelMixin, ConfigMixin):
     def _constants(self, keys: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The compiled code's constants from ``keys`` (weights-file name -> tensor); a frozen module's folded
         constant is replayed where ``keys`` changed one of its weights (a LoRA swap), else kept as loaded."""
-        module, instance = self._module, self._module.instances[0]
-        fold, base = module.fold or {}, self._aotpack_keys
-
-        def weight(f: str) -> torch.Tensor:
-            return keys[module.key(instance, f)]
-
-        def folded(f: str) -> torch.Tensor:
-            read = [module.key(instance, w) for w in folds.inputs({f: fold[f]})]
-            return self._loaded[f] if all(keys[k] is base[k] for k in read) else folds.replay(f, fold[f], weight)
-
-        return {f: folded(f) if f in fold else weight(f) for f in compat.weight_fqns(self._compiled)}
+        return folds.swapped(self._module, self._module.instances[0], compat.weight_fqns(self._compiled), keys,
+                             self._aotpack_keys, self._loaded)
 
     def use_cuda_graphs(self, graphs: "CudaGraphs") -> None:
         self._graphs = graphs

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from aotpack import _torch_compat as compat
+from aotpack.artifact import folds
 from aotpack.artifact.manifest import CompiledModule, InputSpec, Manifest
 from aotpack.serve import glue as int8
 from aotpack.serve.glue import inside
@@ -73,6 +74,7 @@ class CompiledBlock:
                  output: str = "") -> None:
         self.code, self.instance, self.constants, self.spec = code, instance, constants, spec
         self.device, self.hint, self.signature, self.output = device, hint, signature, output
+        self.loaded: dict[str, torch.Tensor] | None = None  # a frozen block: its constants as loaded
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if args:
@@ -136,6 +138,8 @@ def build_model(manifest: Manifest, weights: dict[str, dict[str, torch.Tensor]],
             block = model.get_submodule(instance[len(component) + 1:])
             block.forward = CompiledBlock(code, instance, constants_of(m, instance), m.inputs, torch.device(device),
                                           hint, inspect.signature(block.forward), m.output)
+            if m.fold:  # what a LoRA swap keeps of a frozen block: the packed constants it does not touch
+                block.forward.loaded = dict(block.forward.constants)
             # the weights live in the compiled module's constants now; the block keeps its class, its place and
             # its forward (what diffusers hooks), and no children: an empty nn.Linear would break what walks the
             # model's linears (diffusers' LoRA loader reads every linear's weight before routing to the model)
@@ -223,7 +227,9 @@ def apply_weights(model: Any, codes: dict[str, SharedCode], keys: dict[str, torc
         fqns = compat.weight_fqns(codes[m.name].compiled)
         for instance in m.instances:
             block = model.get_submodule(instance[len(component) + 1:])
-            block.forward.constants = {f: keys[m.key(instance, f)] for f in fqns}
+            # a frozen block replays the folds whose weights ``keys`` changes and keeps the rest as loaded
+            block.forward.constants = folds.swapped(m, instance, fqns, keys, model._aotpack_keys,
+                                                    block.forward.loaded)
         codes[m.name].forget()
     model.load_state_dict({k[len(component) + 1:]: keys[k] for k in glue_keys(manifest, keys)}, strict=False,
                           assign=True)
