@@ -53,18 +53,20 @@ def test_t42_replay_runs_the_recorded_steps_and_checks_what_comes_out():
 
 
 def test_t42_no_step_allocates_more_than_the_recipe_reads_and_makes():
-    """A broadcast or a cat of a cat passes the record's check (listed operations, plain arguments): the dry run
-    on meta tensors refuses it before anything is allocated."""
+    """A broadcast, a cat of a cat or a pile of float64 casts passes the record's check (listed operations, plain
+    arguments): the dry run on meta tensors refuses it before anything is allocated."""
     w = torch.randn(4096, dtype=torch.bfloat16)
     broadcast = [["aten.reshape.default", [{"w": "w"}, [4096, 1]], {}],
                  ["aten.reshape.default", [{"w": "w"}, [1, 4096]], {}],
                  ["aten.mul.Tensor", [{"s": 0}, {"s": 1}], {}], ["aten.sum.default", [{"s": 2}], {}]]
     doubling = [["aten.cat.default", [[{"w": "w"}, {"w": "w"}]], {}]] + \
                [["aten.cat.default", [[{"s": i}, {"s": i}]], {}] for i in range(40)]
-    for steps in (broadcast[:3], doubling):
+    casts = [["prims.convert_element_type.default", [{"w": "w"}, {"dtype": "float64"}], {}]] * 63 + \
+            [["aten.slice.Tensor", [{"w": "w"}, 0, 0, 1], {}]]
+    for steps in (broadcast[:3], doubling, casts):
         recipe = _recipe(steps, [1])
         assert not folds.problems({"c": recipe})
-        with pytest.raises(IntegrityError, match=r"makes \d+ elements from weights of 4096"):
+        with pytest.raises(IntegrityError, match=r"its steps would hold \d+ bytes to make 2 from weights of 8192"):
             folds.replay("c", recipe, {"w": w}.__getitem__)
 
 
@@ -238,3 +240,25 @@ def test_t42_a_farm_refuses_freeze_where_a_job_could_not_build_it():
     assert "h200: --freeze packs weights for a CPU" in problems[0], problems
     assert "cpu-basic: --freeze packs float weights; with --quant int8wo" in problems[1], problems
     assert problems[2] is None, problems
+
+
+def test_t42_a_regional_swap_that_fails_leaves_every_block_as_it_was(artifacts, lora_file, monkeypatch):
+    """The blocks' new constants are all made before any is handed over: a replay that fails part way (here the
+    last instance's) leaves every instance on the weights it had, and the module on no LoRA."""
+    import aotpack
+    from aotpack.serve import regional
+
+    module = aotpack.load(artifacts("none", **BUILDS["regional"]), trusted_keys=[])
+    before = {i: dict(c) for i, c in _constants(module).items()}
+    last = [m.instances[-1] for m in module.manifest.modules][-1]
+    real = regional.folds.swapped
+
+    def failing(m, instance, *a):
+        if instance == last:
+            raise IntegrityError("folded constant x cannot be computed from the weights", "hint")
+        return real(m, instance, *a)
+
+    monkeypatch.setattr(regional.folds, "swapped", failing)
+    with pytest.raises(IntegrityError, match="cannot be computed"):
+        module.swap_lora(lora_file, 0.8)
+    assert all(c[f] is before[i][f] for i, c in _constants(module).items() for f in c) and module.lora is None

@@ -11,8 +11,8 @@ A recipe is ``{"steps": [[op, args, kwargs], ...], "dtype", "shape", "stride", "
 constant (``stride``: its strides, ``None`` for a packed one, whose layout oneDNN owns). In ``args``, and in the
 values of the ``kwargs`` dict, ``{"w": name}`` is a weight by its constant name, ``{"s": i}`` the result of an
 earlier step, ``{"dtype": d}`` a dtype; anything else is a plain value. Steps are data: only the tensor operations
-in ``OPS`` run, a dry run on meta tensors first holds every step to the size of what the recipe reads and makes
-(no step may allocate more), and each result must have the recorded dtype, shape, strides, layout and device.
+in ``OPS`` run, a dry run on meta tensors first holds the results a replay keeps at once to twice the bytes of
+what the recipe reads and makes, and each result must have the recorded dtype, shape, strides, layout and device.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ OPS = frozenset({
     "aten.cat.default", "aten.add.Tensor", "aten.sub.Tensor", "aten.mul.Tensor", "aten.div.Tensor",
     "prims.convert_element_type.default", "mkldnn._reorder_linear_weight.default",
 })
+VIEWS = frozenset({"aten.permute.default", "aten.t.default", "aten.transpose.int", "aten.view.default",
+                   "aten.unsqueeze.default", "aten.squeeze.dim", "aten.slice.Tensor", "aten.select.int"})
 PACK = "mkldnn._reorder_linear_weight.default"   # no meta kernel: its dry run keeps its input's shape
 LAYOUTS = ("strided", "mkldnn")
 KEYS = {"steps", "dtype", "shape", "stride", "layout"}
@@ -84,7 +86,8 @@ def _recipe_problem(recipe: Any) -> str:
     if not (isinstance(recipe, dict) and set(recipe) == KEYS):
         return "must hold steps, dtype, shape, stride and layout"
     steps, shape, stride = recipe["steps"], recipe["shape"], recipe["stride"]
-    if recipe["dtype"] not in set(SAFETENSORS_DTYPES.values()) or recipe["layout"] not in LAYOUTS \
+    if not (isinstance(recipe["dtype"], str) and isinstance(recipe["layout"], str)) \
+            or recipe["dtype"] not in set(SAFETENSORS_DTYPES.values()) or recipe["layout"] not in LAYOUTS \
             or not _dims(shape) or not (stride is None if recipe["layout"] == "mkldnn" else
                                         _dims(stride) and len(stride) == len(shape)):
         return "names no tensor dtype, shape, strides and layout"
@@ -101,7 +104,7 @@ def _step_problem(step: Any, index: int) -> str:
     if not (isinstance(step, list) and len(step) == 3 and isinstance(step[1], list) and isinstance(step[2], dict)
             and all(isinstance(k, str) for k in step[2])):
         return "must be [operation, args, kwargs]"
-    if step[0] not in OPS:
+    if not isinstance(step[0], str) or step[0] not in OPS:
         return f"{str(step[0])[:60]!r} is not an operation a folded constant may use"
     return "" if all(_literal(a, index) for a in _refs(step)) else \
         "arguments must be weights, earlier steps, dtypes or plain values"
@@ -154,23 +157,33 @@ def _op(name: str) -> Callable:
 
 
 def _dry_run(name: str, recipe: dict[str, Any], weight: Callable[[str], Any]) -> None:
-    """The steps on meta tensors (shapes only, nothing allocated): refused when a step would make more elements
-    than the weights it reads and the constant it makes hold together (a broadcast, a cat of a cat)."""
+    """The steps on meta tensors (shapes only, nothing allocated): refused when the results a replay holds at once
+    (every step's that is not a view of another) would take more than twice the bytes of the weights it reads and
+    the constant it makes (a broadcast, a cat of a cat, a pile of float64 casts)."""
     import torch
 
     read = {w: weight(w) for w in inputs({name: recipe})}
-    budget = sum(t.numel() for t in read.values()) + math.prod(recipe["shape"])
+    made = nbytes({name: recipe})
+    budget = 2 * (sum(t.numel() * t.element_size() for t in read.values()) + made)
     meta = {w: torch.empty(t.shape, dtype=t.dtype, device="meta") for w, t in read.items()}
+    held = [0]
 
     def op_of(op: str) -> Callable:
         fn = _op(op)
 
         def checked(*args: Any, **kwargs: Any) -> Any:
-            out = args[0] if op == PACK else fn(*args, **kwargs)
-            if not isinstance(out, torch.Tensor) or out.numel() > budget:
-                raise IntegrityError(f"folded constant {name}: {op} makes "
-                                     f"{out.numel() if isinstance(out, torch.Tensor) else 'no'} elements from "
-                                     f"weights of {budget - math.prod(recipe['shape'])}", _HINT)
+            if op == PACK:  # oneDNN pads a packed weight to its blocks: counted with each dim rounded up to 64
+                w = args[0]
+                if not (isinstance(w, torch.Tensor) and w.dim() == 2 and w.is_floating_point()):
+                    raise IntegrityError(f"folded constant {name}: {op} takes a 2-d float weight", _HINT)
+                out, size = w, math.prod(-(-d // 64) * 64 for d in w.shape) * w.element_size()
+            else:
+                out = fn(*args, **kwargs)
+                size = out.numel() * out.element_size() if isinstance(out, torch.Tensor) and op not in VIEWS else 0
+            held[0] += size
+            if not isinstance(out, torch.Tensor) or held[0] > budget:
+                raise IntegrityError(f"folded constant {name}: its steps would hold {held[0]} bytes to make "
+                                     f"{made} from weights of {budget // 2 - made}", _HINT)
             return out
         return checked
 
@@ -186,7 +199,7 @@ def replay(name: str, recipe: dict[str, Any], weight: Callable[[str], Any]) -> A
         try:
             _dry_run(name, recipe, weight)
             out = _run(recipe, weight, _op)[-1]
-        except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError) as e:
+        except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError, NotImplementedError) as e:
             raise IntegrityError(f"folded constant {name} cannot be computed from the weights ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:120] if str(e) else ''})", _HINT) from None
     got = describe(out)
@@ -209,10 +222,11 @@ def _shown(d: list) -> str:
 
 
 def nbytes(fold: dict[str, Any] | None) -> int:
-    """The memory the folded constants take (their elements; a packed layout may pad a little)."""
+    """The memory one instance's folded constants take (a packed one with each dim rounded up to 64)."""
     import torch
 
-    return sum(math.prod(r["shape"]) * getattr(torch, r["dtype"]).itemsize for r in (fold or {}).values())
+    return sum(math.prod(-(-d // 64) * 64 if r["layout"] == "mkldnn" else d for d in r["shape"])
+               * getattr(torch, r["dtype"]).itemsize for r in (fold or {}).values())
 
 
 def swapped(module: Any, instance: str, fqns: list[str], keys: dict[str, Any], base: dict[str, Any],

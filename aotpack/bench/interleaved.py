@@ -162,11 +162,7 @@ def matrix(path: str, *, rounds: int = 10, max_autotune: bool = False, dtypes: t
     runs: dict[str, Callable[[], Any]] = {"aotpack": (lambda kw: lambda: module(**kw))(_cast(kwargs, manifest))}
     rows: list[dict[str, Any]] = [{"variant": "aotpack", "dtype": manifest.dtype, "scheme": manifest.scheme.name,
                                    "mode": "artifact"}]
-    for other in others:
-        m, loaded = aotpack.inspect(other), aotpack.load(other)
-        name = f"aotpack {m.dtype} {m.scheme.name}" + (" --freeze" if m.options.freeze else "")
-        runs[name] = (lambda mod, kw: lambda: mod(**kw))(loaded, _cast(kwargs, m))
-        rows.append({"variant": name, "dtype": m.dtype, "scheme": m.scheme.name, "mode": "artifact"})
+    rows += [_other(path, kwargs, runs) for path in others]
     for dtype in dtypes:
         inputs = _in_dtype(kwargs, getattr(torch, dtype))
         for scheme in schemes:
@@ -190,6 +186,22 @@ def matrix(path: str, *, rounds: int = 10, max_autotune: bool = False, dtypes: t
             row["error"] = errors[row["variant"]]
     return {"what": f"{manifest.recipe.name} {manifest.scheme.name} {manifest.dtype}", "rounds": rounds,
             "threads": torch.get_num_threads(), "rows": rows}
+
+
+def _other(path: str, kwargs: dict[str, Any], runs: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """The matrix's row of another artifact of the model (its run into ``runs``); a row that says why when it
+    does not load, as for a variant that fails to compile."""
+    import aotpack
+    from aotpack.errors import one_line
+
+    m = aotpack.inspect(path)
+    name = f"aotpack {m.dtype} {m.scheme.name}" + (" --freeze" if m.options.freeze else "")
+    row = {"variant": name, "dtype": m.dtype, "scheme": m.scheme.name, "mode": "artifact"}
+    try:
+        runs[name] = (lambda mod, kw: lambda: mod(**kw))(aotpack.load(path), _cast(kwargs, m))
+    except Exception as e:  # noqa: BLE001
+        row["fails"] = one_line(f"{type(e).__name__}: {e}", 200)
+    return row
 
 
 def _reference(recipe: Any, source: Any) -> tuple[dict[str, Any], Any]:

@@ -164,7 +164,7 @@ def _matrix(recipe: Any, path_of: Callable, builds: dict, records: list[dict], m
         _ensure_artifacts(recipe, recipe.default_quant, {"aotpack": path}, {"aotpack": False}, builds, records, **build)
     from aotpack.artifact.platform import default_device
 
-    others = [_frozen(recipe, path, build)] if default_device() == "cpu" else []
+    others = [p for p in [_frozen(recipe, path, build)] if p is not None] if default_device() == "cpu" else []
     print(f"  compile matrix: {path.name} against torch.compile in every dtype, scheme and mode ...", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="aotpack-bench-") as tmp:
         r = spawn("matrix", {"path": str(path), "max_autotune": max_autotune, "others": [str(p) for p in others]},
@@ -177,15 +177,21 @@ def _matrix(recipe: Any, path_of: Callable, builds: dict, records: list[dict], m
 FROZEN = ("none", "bfloat16")  # the frozen artifact of the compile matrix: inductor's freezing packs bf16 linears
 
 
-def _frozen(recipe: Any, default: Path, build: dict) -> Path:
+def _frozen(recipe: Any, default: Path, build: dict) -> Path | None:
     """A CPU matrix's second artifact: the recipe's model unquantized in bf16, built ``--freeze`` (beside the
     default artifact, built when missing): what the fastest torch.compile variant, bf16 + freezing, runs."""
     from aotpack.artifact.platform import describe, tag
 
+    from aotpack.errors import AotpackError
+
     path = default.with_name(f"{recipe.full_name}-{FROZEN[0]}-{FROZEN[1]}-frozen-{tag(describe())}")
     if not (path / "manifest.json").is_file():
-        build_artifact(recipe.name, FROZEN[0], path, regional=False, variant=build.get("variant"), dtype=FROZEN[1],
-                       cold=build.get("cold", True), extra=("--freeze",))
+        try:
+            build_artifact(recipe.name, FROZEN[0], path, regional=False, variant=build.get("variant"),
+                           dtype=FROZEN[1], cold=build.get("cold", True), extra=("--freeze",))
+        except AotpackError as e:  # the matrix runs without it, and says why
+            print(f"  compile matrix: the frozen bf16 build failed ({e.cause}); left out", file=sys.stderr)
+            return None
     return path
 
 

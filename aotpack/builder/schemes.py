@@ -143,8 +143,15 @@ def check_scheme(name: str, device: str, cuda_capability: tuple[int, int] | None
 def check_freeze(device: str, lora: bool, *, quant: str = "none", compile_vae: bool = False,
                  reuse: bool = False) -> None:
     """``--freeze``: inductor's freezing of CPU weights, for a build of the unquantized model (whole graph or
-    regional: each block instance replays its own folds) without a build-time LoRA (its folded constants are computed at load from the artifact's weights, aotpack.artifact.folds).
-    Refused before anything is loaded where it cannot hold."""
+    regional: each block instance replays its own folds) without a build-time LoRA; its folded constants are
+    computed at load from the artifact's weights (aotpack.artifact.folds). Refused before anything is loaded where
+    it cannot hold."""
+    if device != "cpu":
+        raise SchemeError("--freeze packs weights for a CPU's oneDNN kernels; this build is for " + device,
+                          "leave --freeze out")
+    if lora:
+        raise SchemeError("--freeze is not combined with --lora yet (a frozen artifact's weights are packed at "
+                          "load, and a LoRA is fused and swapped on plain weights)", "leave one of them out")
     if quant != "none":  # int8wo / int8dq: the build's check found the int8 weights folded into the compiled code
         raise SchemeError(f"--freeze packs float weights; with --quant {quant} inductor's freezing folds the "
                           "quantized weights into the compiled code", "use --freeze with --quant none (and "
@@ -153,12 +160,6 @@ def check_freeze(device: str, lora: bool, *, quant: str = "none", compile_vae: b
         what = "--compile-vae (the VAE's channels-last weights do not fold)" if compile_vae else \
             "--reuse (a frozen build records its folds while it compiles: it always compiles)"
         raise SchemeError(f"--freeze is not combined with {what}", "leave one of them out")
-    if device != "cpu":
-        raise SchemeError("--freeze packs weights for a CPU's oneDNN kernels; this build is for " + device,
-                          "leave --freeze out")
-    if lora:
-        raise SchemeError("--freeze is not combined with --lora yet (a frozen artifact's weights are packed at "
-                          "load, and a LoRA is fused and swapped on plain weights)", "leave one of them out")
 
 
 def check_max_autotune(device: str) -> None:

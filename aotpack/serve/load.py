@@ -234,7 +234,7 @@ def _open_verified(folder: Path, pulled: Any, keys: list, *, cuda_graphs: bool
         mf.check_compatible(manifest, describe(device if device == "cpu" else None, probe_isa=False))
         files.check_all()
         # a frozen module packs its folded constants while every weight is still held
-        check_memory(manifest.weights_bytes() + sum(folds.nbytes(m.fold) for m in manifest.modules))
+        check_memory(manifest.weights_bytes() + sum(folds.nbytes(m.fold) * len(m.instances) for m in manifest.modules))
         # mapped from the verified bytes; a tensor not 64-byte aligned (files of older builds) gets an aligned copy
         weights = {name: aligned(load_file(files.data(name), device=device))
                    for name in {m.weights for m in manifest.modules}}

@@ -223,13 +223,16 @@ def apply_weights(model: Any, codes: dict[str, SharedCode], keys: dict[str, torc
     manifest = model.manifest
     component = manifest.recipe.component
     blocks = [m for m in manifest.modules if m.kind == "block"]
+    new = {}  # every instance's first, then assigned: a replay that fails leaves the model as it was
     for m in blocks:
         fqns = compat.weight_fqns(codes[m.name].compiled)
         for instance in m.instances:
             block = model.get_submodule(instance[len(component) + 1:])
             # a frozen block replays the folds whose weights ``keys`` changes and keeps the rest as loaded
-            block.forward.constants = folds.swapped(m, instance, fqns, keys, model._aotpack_keys,
-                                                    block.forward.loaded)
+            new[instance] = (block, folds.swapped(m, instance, fqns, keys, model._aotpack_keys, block.forward.loaded))
+    for block, constants in new.values():
+        block.forward.constants = constants
+    for m in blocks:
         codes[m.name].forget()
     model.load_state_dict({k[len(component) + 1:]: keys[k] for k in glue_keys(manifest, keys)}, strict=False,
                           assign=True)
