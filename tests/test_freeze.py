@@ -141,6 +141,9 @@ def test_t42_a_frozen_build_stores_plain_weights_and_matches_eager(artifacts, ki
         assert not stored & {module.key(i, f) for i in module.instances for f in module.fold}  # made, not stored
         assert {module.key(i, w) for i in module.instances for w in folds.inputs(module.fold)} <= stored
         assert module.max_abs_error <= module.tolerance
+    from aotpack.artifact.summary import summarize
+
+    assert summarize(m).count("folded constants made from the weights at load") == len(m.modules)
     # a fresh load, through the real pipeline at another size than the export's, against eager diffusers
     result = fresh_check(path, "none")
     assert result["vs_eager_same_scheme"] <= max(x.tolerance for x in m.modules), result

@@ -63,7 +63,8 @@ def summarize(m: Manifest, folder: Path | None = None) -> str:
                 + (", ..." if len(mod.instances) > 3 else "")) if len(mod.instances) > 1 else s(mod.instances[0])
         lines.append(f"module      {s(mod.name)} ({s(mod.kind)}): {s(mod.code)} + {s(mod.weights)} for {used}; "
                      f"{dyn}; compiled vs eager max |diff| {mod.max_abs_error:.2e} (tolerance {mod.tolerance:.1e}), "
-                     f"{s(mod.compiled or 'compiled')}")
+                     f"{s(mod.compiled or 'compiled')}"
+                     + (f"; {len(mod.fold)} folded constants made from the weights at load" if mod.fold else ""))
     for name, entry in sorted(m.files.items()):
         lines.append(f"file        {s(name):<24} {_mb(entry.size):>12}  sha256 {s(entry.sha256[:16])}...")
     lines.append(f"total       {_mb(sum(e.size for e in m.files.values()))}")
