@@ -229,11 +229,20 @@ def nbytes(fold: dict[str, Any] | None) -> int:
                * getattr(torch, r["dtype"]).itemsize for r in (fold or {}).values())
 
 
-def swapped(module: Any, instance: str, fqns: list[str], keys: dict[str, Any], base: dict[str, Any],
-            loaded: dict[str, Any] | None) -> dict[str, Any]:
+def stored(fqns: list[str], fold: dict[str, Any] | None) -> list[str]:
+    """The constants a module takes from its weights file when its code expects ``fqns``: those, where ``fold``
+    computes some, the weights those are computed from instead."""
+    if not fold:
+        return list(fqns)
+    return sorted({f for f in fqns if f not in fold} | inputs(fold))
+
+
+def swapped(module: Any, instance: str, fqns: list[str], keys: dict[str, Any], base: dict[str, Any] | None = None,
+            loaded: dict[str, Any] | None = None) -> dict[str, Any]:
     """The constants ``fqns`` of one instance of ``module`` (a ``CompiledModule``) from ``keys`` (weights-file
-    name -> tensor, a LoRA swap's or its undo's): a folded constant is replayed where ``keys`` holds another
-    tensor than ``base`` (what the load started from) for a weight it reads, else kept as loaded (``loaded``)."""
+    name -> tensor: the load's, a LoRA swap's or its undo's): a folded constant is replayed, or, given what the
+    load made (``loaded``), kept as loaded unless ``keys`` holds another tensor than ``base`` (what the load
+    started from) for a weight it reads."""
     fold = module.fold or {}
 
     def weight(f: str) -> Any:
@@ -241,7 +250,7 @@ def swapped(module: Any, instance: str, fqns: list[str], keys: dict[str, Any], b
 
     def folded(f: str) -> Any:
         read = [module.key(instance, w) for w in inputs({f: fold[f]})]
-        if loaded is not None and all(keys[k] is base[k] for k in read):
+        if loaded is not None and base is not None and all(keys[k] is base[k] for k in read):
             return loaded[f]
         return replay(f, fold[f], weight)
 

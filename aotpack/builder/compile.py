@@ -117,7 +117,7 @@ def frozen_constants(ep: Any, fqns: list[str], folds: dict[str, Any]) -> tuple[d
             raise BuildError(f"freezing computed constant {name} in a way aotpack cannot replay at load: "
                              f"{first_line(bad[0])}", "leave --freeze out")
         fold[name] = recipe
-    stored = sorted({f for f in fqns if f in state} | folding.inputs(fold))
+    stored = folding.stored(fqns, fold)
     unknown = [n for n in stored if n not in state]
     inlined = sorted(set(state) - set(stored))
     if unknown or inlined:

@@ -97,10 +97,7 @@ def constant_names(code: Path) -> list[str]:
 def stored_names(compiled: Any, module: CompiledModule) -> list[str]:
     """The constants a compiled module takes from its weights file: the ones its code expects, where a frozen
     build folded some (``module.fold``) the weights those are computed from instead."""
-    fqns = compat.weight_fqns(compiled)
-    if not module.fold:
-        return fqns
-    return sorted({f for f in fqns if f not in module.fold} | folds.inputs(module.fold))
+    return folds.stored(compat.weight_fqns(compiled), module.fold)
 
 
 def _check_constants(compiled: Any, module: CompiledModule, weights: dict[str, torch.Tensor], instance: str) -> None:
@@ -156,12 +153,7 @@ def instance_constants(compiled: Any, module: CompiledModule, weights: dict[str,
     """{constant name: tensor} of one instance of ``module``, checked against the compiled constants first; a
     folded constant is computed from the weights by its recorded steps (``aotpack.artifact.folds``)."""
     _check_constants(compiled, module, weights, instance)
-    fold = module.fold or {}
-
-    def weight(f: str) -> torch.Tensor:
-        return weights[module.key(instance, f)]
-
-    return {f: folds.replay(f, fold[f], weight) if f in fold else weight(f) for f in compat.weight_fqns(compiled)}
+    return folds.swapped(module, instance, compat.weight_fqns(compiled), weights)
 
 
 def open_compiled(code: Path, module: CompiledModule, weights: dict[str, torch.Tensor], instance: str) -> Any:

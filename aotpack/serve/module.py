@@ -194,7 +194,7 @@ class AotModule(_Pinned, ModelMixin, ConfigMixin):
         attach(self, manifest, path, keys=keys, plan=plan, signer=signer)
         # user_managed: this dict owns what the compiled code reads (``constants``: what the loader loaded); a
         # frozen module keeps the packed constants of its load for the folds a LoRA swap does not touch
-        self._loaded = constants if module.fold else None
+        self._loaded: dict[str, torch.Tensor] | None = None
         self._weights = constants if constants is not None else self._constants(keys)
         self._loaded = dict(self._weights) if module.fold else None
         self._dtype = getattr(torch, manifest.dtype)
