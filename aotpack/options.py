@@ -75,10 +75,10 @@ def build_options(f):
     @click.option("--compile-vae", is_flag=True, help="Compile the VAE decoder too, as a second module in the artifact.")
     @click.option("--max-autotune", is_flag=True,
                   help="Let inductor benchmark kernel choices while compiling (GPU; slow). The tuned code is the .pt2.")
-    @click.option("--freeze", is_flag=True,
+    @click.option("--freeze/--no-freeze", default=None,
                   help="CPU: compile with inductor's freezing (weights transposed and packed in oneDNN's layout, "
-                       "replayed from the artifact's weights at load and on a LoRA swap). With --quant none; not with --lora, "
-                       "--compile-vae or --reuse.")
+                       "replayed from the artifact's weights at load and on a LoRA swap). With --quant none or int8dq; not "
+                       "with --lora, --compile-vae or --reuse. Default: the recipe's (flux-blocks freezes where it can).")
     @click.option("--reuse", type=click.Path(), default=None,
                   help="Take the compiled code of this artifact instead of compiling, when the graph is the same "
                        "(e.g. other weights or a LoRA).")

@@ -26,7 +26,7 @@ def invoke(*args: str):
     (["build", "flux3"], "Error: unknown recipe 'flux3'"),
     (["build", "tiny-flux", "--variant", "schnell"], "Error: recipe tiny-flux has no variant 'schnell'"),
     (["build", "tiny-flux", "--max-autotune"], "Error: --max-autotune is for CUDA builds"),
-    (["build", "tiny-flux", "--freeze"], "Error: --freeze packs float weights; with --quant int8wo inductor"),
+    (["build", "tiny-flux", "--freeze"], "Error: --freeze with --quant int8wo: inductor's freezing folds"),
     (["build", "tiny-flux", "--quant", "none", "--freeze", "--compile-vae"], "Error: --freeze is not combined with "
      "--compile-vae"),
 ])

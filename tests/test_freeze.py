@@ -18,6 +18,7 @@ from aotpack.artifact.files import WEIGHTS
 from aotpack.errors import IntegrityError, ManifestError, SchemeError
 
 FROZEN = {"dtype": "bfloat16", "freeze": True, "regional": False}
+FROZEN_INT8DQ = {"dtype": "float32", "freeze": True, "regional": False}
 BUILDS = {"whole": FROZEN, "regional": {**FROZEN, "regional": True}}
 PACK = "mkldnn._reorder_linear_weight.default"
 
@@ -108,13 +109,31 @@ def test_t42_freeze_is_refused_where_it_cannot_hold():
 
     for args, kwargs, cause in [(("cuda", False), {}, "packs weights for a CPU"),
                                 (("cpu", True), {}, "--lora"),
-                                (("cpu", False), {"quant": "int8dq"}, "with --quant int8dq inductor's freezing"),
-                                (("cpu", False), {"quant": "auto"}, "with --quant auto"),
+                                (("cpu", False), {"quant": "int8wo"}, "folds its int8 weights back to float"),
+                                (("cpu", False), {"quant": "auto"}, "is for --quant none or int8dq, not auto"),
                                 (("cpu", False), {"compile_vae": True}, "--compile-vae"),
                                 (("cpu", False), {"reuse": True}, "--reuse")]:
         with pytest.raises(SchemeError, match=cause):
             check_freeze(*args, **kwargs)
     check_freeze("cpu", False)
+    check_freeze("cpu", False, quant="int8dq")
+
+
+def test_t42_a_recipe_that_freezes_does_so_only_where_freezing_holds():
+    """flux-blocks says ``freeze = true``: its CPU builds of none and int8dq freeze unless told not to; where
+    freezing cannot hold (another scheme, a GPU, an option it does not combine with) the default is simply off —
+    only an explicit --freeze is refused there."""
+    from aotpack.builder.recipe import get_recipe
+    from aotpack.builder.schemes import freezes_by_default
+
+    r = get_recipe("flux-blocks")
+    assert r.freeze and not get_recipe("tiny-flux").freeze
+    assert freezes_by_default(r, "cpu", "int8dq") and freezes_by_default(r, "cpu", "none")
+    for device, quant, kwargs in [("cpu", "int8wo", {}), ("cpu", "auto", {}), ("cuda", "int8dq", {}),
+                                  ("cpu", "int8dq", {"lora": True}), ("cpu", "int8dq", {"reuse": True}),
+                                  ("cpu", "none", {"compile_vae": True})]:
+        assert not freezes_by_default(r, device, quant, **kwargs), (device, quant, kwargs)
+    assert not freezes_by_default(get_recipe("tiny-flux"), "cpu", "int8dq")
 
 
 # ---- a frozen tiny-flux build ------------------------------------------------------------------------------------
@@ -187,6 +206,36 @@ def test_t42_a_lora_swap_replays_the_folds_it_touches(artifacts, lora_file, kind
     assert result["vs_eager_same_scheme"] < 0.75 * result["vs_eager_without_lora"], result
 
 
+def test_t42_a_frozen_int8dq_build_folds_views_and_sums_and_matches_eager(artifacts, lora_file):
+    """int8dq frozen: inductor transposes each int8 weight (a view of the stored one, no bytes) and precomputes its
+    column sums for the int8 GEMM; the zero points its symmetric activations never read are not stored. A fresh
+    load matches eager int8dq, and a LoRA swap replays the folds of the weights it requantizes."""
+    from safetensors import safe_open
+    from test_variants import fresh_check
+
+    path = artifacts("int8dq", **FROZEN_INT8DQ)
+    m = mf.read(path)
+    (module,) = m.modules
+    assert m.options.freeze and m.scheme.name == "int8dq" and module.fold
+    ops = {step[0] for r in module.fold.values() for step in r["steps"]}
+    assert "aten.sum.dim_IntList" in ops and PACK not in ops, ops
+    with safe_open(str(path / WEIGHTS), "pt") as f:
+        stored = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    assert {module.key(module.instances[0], w) for w in folds.inputs(module.fold)} <= set(stored)
+    int8 = [k for k in stored if k.endswith("original0")]
+    assert int8 and not [k for k in stored if k.endswith("original2")]  # zero points: never read, not stored
+    # what the load makes: per output channel an int32 column sum and the float32 scale reshaped; the transposed
+    # weights are views of the stored ones
+    made = folds.nbytes(module.fold)
+    assert 0 < made <= sum(2 * 4 * s[0] for k, s in stored.items() if k in int8), made
+    assert module.max_abs_error <= module.tolerance
+    result = fresh_check(path, "int8dq")
+    assert result["vs_eager_same_scheme"] <= module.tolerance, result
+    result = fresh_check(path, "int8dq", "--lora", lora_file, "--lora-scale", "0.8", "--swap")
+    assert result["vs_eager_same_scheme"] <= 1.5 * module.tolerance, result
+    assert result["vs_eager_same_scheme"] < 0.75 * result["vs_eager_without_lora"], result
+
+
 def _edited(frozen, tmp_path, edit) -> object:
     dest = shutil.copytree(frozen, tmp_path / "a")
     data = json.loads((dest / "manifest.json").read_text())
@@ -241,7 +290,7 @@ def test_t42_a_farm_refuses_freeze_where_a_job_could_not_build_it():
                   options=("--freeze", "--dtype", "bfloat16")),
     ])]
     assert "h200: --freeze packs weights for a CPU" in problems[0], problems
-    assert "cpu-basic: --freeze packs float weights; with --quant int8wo" in problems[1], problems
+    assert "cpu-basic: --freeze with --quant int8wo: inductor's freezing folds" in problems[1], problems
     assert problems[2] is None, problems
 
 

@@ -54,10 +54,12 @@ def test_invalid_recipe_gathers_every_problem():
     data["shapes"]["batch"] = [4, 1]
     data["capture"]["height"] = 65
     data["colour"] = "blue"
+    data["freeze"] = "yes"
     with pytest.raises(RecipeError) as e:
         parse_recipe(data, source="broken.toml")
     msg = e.value.cause
-    for part in ("dtype must be one of", "shapes.batch", "capture.height=65", "unknown key 'colour'"):
+    for part in ("dtype must be one of", "shapes.batch", "capture.height=65", "unknown key 'colour'",
+                 "freeze must be true or false"):
         assert part in msg, part
 
 

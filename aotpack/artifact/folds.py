@@ -1,7 +1,7 @@
 """A frozen build's folded constants: the steps that compute each from the artifact's weights, checked and replayed.
 
 Inductor's freezing (``aotpack build --freeze``) computes constants from the weights while it compiles: a weight
-transposed, cast, or packed into oneDNN's blocked layout for the CPU (``mkldnn._reorder_linear_weight``). The
+transposed, cast, summed (int8dq), or packed into oneDNN's blocked layout for the CPU (``mkldnn._reorder_linear_weight``). The
 compiled code expects those constants by new names (``_frozen_paramN``). The artifact stores the weights, not
 the constants: the manifest records each constant as a few steps over weights (``aotpack._torch_compat.
 recording_folds`` writes them down at build), and the loader replays them on the box that runs the code, so a
@@ -23,12 +23,12 @@ from typing import Any, Callable
 from aotpack.artifact.formats import SAFETENSORS_DTYPES
 from aotpack.errors import IntegrityError
 
-# The operations a folded constant may be computed with: views, casts, concatenation, elementwise arithmetic
-# and oneDNN's weight packing. Nothing that reads a file, moves a tensor to another device, or runs code.
+# The operations a folded constant may be computed with: views, casts, concatenation, elementwise arithmetic,
+# sums (int8dq: a weight's column sums, the int8 GEMM's compensation) and oneDNN's weight packing. Nothing that reads a file, moves a tensor to another device, or runs code.
 OPS = frozenset({
     "aten.permute.default", "aten.t.default", "aten.transpose.int", "aten.reshape.default", "aten.view.default",
     "aten.unsqueeze.default", "aten.squeeze.dim", "aten.slice.Tensor", "aten.select.int", "aten.clone.default",
-    "aten.cat.default", "aten.add.Tensor", "aten.sub.Tensor", "aten.mul.Tensor", "aten.div.Tensor",
+    "aten.cat.default", "aten.sum.dim_IntList", "aten.add.Tensor", "aten.sub.Tensor", "aten.mul.Tensor", "aten.div.Tensor",
     "prims.convert_element_type.default", "mkldnn._reorder_linear_weight.default",
 })
 VIEWS = frozenset({"aten.permute.default", "aten.t.default", "aten.transpose.int", "aten.view.default",
@@ -222,11 +222,13 @@ def _shown(d: list) -> str:
 
 
 def nbytes(fold: dict[str, Any] | None) -> int:
-    """The memory one instance's folded constants take (a packed one with each dim rounded up to 64)."""
+    """The memory one instance's folded constants take (a packed one with each dim rounded up to 64; one made by
+    views alone, int8dq's transposed weight, none: it is its weight's bytes)."""
     import torch
 
     return sum(math.prod(-(-d // 64) * 64 if r["layout"] == "mkldnn" else d for d in r["shape"])
-               * getattr(torch, r["dtype"]).itemsize for r in (fold or {}).values())
+               * getattr(torch, r["dtype"]).itemsize for r in (fold or {}).values()
+               if not all(step[0] in VIEWS for step in r["steps"]))
 
 
 def stored(fqns: list[str], fold: dict[str, Any] | None) -> list[str]:

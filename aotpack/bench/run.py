@@ -29,10 +29,10 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
     schemes already in ``out/builds.json`` (same platform) are kept, so that one folder gathers a table.
     ``compile_matrix``: also the recipe's default artifact (its default scheme, in the dtype ``auto`` or ``dtype``
     gives it here) against torch.compile in every dtype x scheme x mode, interleaved in one process (``matrix``)."""
-    from aotpack.artifact.platform import default_device, describe, tag
+    from aotpack.artifact.platform import default_device, describe
     from aotpack.builder.recipe import get_recipe
     from aotpack.builder.source import resolve_source
-    from aotpack.builder.spec import build_dtype, default_out
+    from aotpack.builder.spec import build_dtype
 
     recipe = get_recipe(recipe_name, variant)
     here = describe(device := default_device())
@@ -46,8 +46,7 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
     wanted = {"aotpack": False} | ({REGIONAL: True} if REGIONAL in variants or (build_only and regional) else {})
 
     def path_of(quant: str, is_regional: bool) -> Path:
-        return default_out(recipe.full_name, quant, tag(here), artifacts_dir, regional=is_regional,
-                           dtype=dtypes[quant], default_dtype=recipe.dtype)
+        return _artifact_path(recipe, quant, here, artifacts_dir, is_regional, dtypes[quant])
 
     build = {"variant": variant, "dtypes": dtypes, "cold": cold_builds}  # how a missing artifact is built
     if build_only:
@@ -75,6 +74,18 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
     write_results(out, recipe, rows, loads, builds, info, common, artifacts=records, interleaved=inter,
                   matrix=matrix)
     return out
+
+
+def _artifact_path(recipe: Any, quant: str, here: Any, artifacts_dir: Path, regional: bool, dtype: str) -> Path:
+    """Where ``aotpack build`` puts this artifact by default (its name says a frozen build: the recipe's default)."""
+    from aotpack.artifact.platform import tag
+    from aotpack.artifact.records import Options
+    from aotpack.builder.schemes import freezes_by_default
+    from aotpack.builder.spec import default_out
+
+    options = Options(freeze=freezes_by_default(recipe, here.device, quant))
+    return default_out(recipe.full_name, quant, tag(here), artifacts_dir, regional=regional, options=options,
+                       dtype=dtype, default_dtype=recipe.dtype)
 
 
 def _dtypes_line(dtypes: dict[str, str]) -> str:

@@ -119,12 +119,20 @@ def frozen_constants(ep: Any, fqns: list[str], folds: dict[str, Any]) -> tuple[d
         fold[name] = recipe
     stored = folding.stored(fqns, fold)
     unknown = [n for n in stored if n not in state]
-    inlined = sorted(set(state) - set(stored))
+    inlined = sorted(set(state) - set(stored) - unread(ep))
     if unknown or inlined:
         what = f"reads {unknown[0]}, which the export does not hold" if unknown else \
             f"put {len(inlined)} weights into the compiled code ({inlined[0]}, ...)"
         raise BuildError(f"freezing {what}", "leave --freeze out")
     return fold, stored
+
+
+def unread(ep: Any) -> set[str]:
+    """The weights ``ep``'s graph takes but never reads (int8dq's zero points: its activations are symmetric), which
+    frozen code leaves out of its constants: not stored, and not a sign of weights folded into the code."""
+    sig = ep.graph_signature
+    names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+    return {names[n.name] for n in ep.graph.nodes if n.op == "placeholder" and n.name in names and not n.users}
 
 
 def compile_key(ep: Any, configs: dict[str, Any], platform: Platform) -> str:

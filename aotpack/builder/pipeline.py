@@ -59,7 +59,8 @@ def build(recipe: str, quant: str | None = None, **kwargs: Any) -> Path:
     ``quant="auto"``: a per-layer plan (fastest scheme within ``error_budget``), stored as plan.json;
     ``plan``: rebuild from a saved plan.json without timing again (implies ``quant="auto"``);
     ``reuse``: an artifact whose compiled code is taken instead of compiling when the compile keys match;
-    ``max_autotune``: let inductor benchmark kernel choices; ``sign_key``: sign the artifact (EC PEM key).
+    ``max_autotune``: let inductor benchmark kernel choices; ``freeze``: inductor's freezing on a CPU (None: the
+    recipe's default); ``sign_key``: sign the artifact (EC PEM key).
     """
     spec = resolve(recipe, quant, **kwargs)
     try:

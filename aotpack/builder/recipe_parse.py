@@ -16,7 +16,7 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _TOP_KEYS = {
     "name", "family", "description", "pipeline", "component", "checkpoint", "revision", "checkpoint_needs",
     "dtype", "default_quant", "shapes", "capture", "run", "inputs", "variants", "call", "output", "blocks",
-    "block_inputs", "regional", "ranges",
+    "block_inputs", "regional", "freeze", "ranges",
 }
 _VIDEO_DIMS = {"latent_frames", "video_seq"}
 _VARIANT_KEYS = {"checkpoint", "revision", "description", "max_sequence_length", "run_steps", "guidance_scale",
@@ -61,8 +61,9 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
     blocks = _block_names(data.get("blocks", []), problems)
     block_inputs = _dims_table(data.get("block_inputs") or {}, "block_inputs", output, problems)
     ranges = _ranges(data.get("ranges") or {}, problems)
-    if not isinstance(data.get("regional", False), bool):
-        problems.append("regional must be true or false")
+    for key in ("regional", "freeze"):
+        if not isinstance(data.get(key, False), bool):
+            problems.append(f"{key} must be true or false")
     fields, capture, run = dict(data), dict(capture), dict(run)
     if variant is not None and variant not in variants and not problems:
         # the user's word, not the file's: a variant the recipe lacks is a bad --variant, not a broken recipe
@@ -85,7 +86,7 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
         checkpoint_needs=fields.get("checkpoint_needs"), variant=variant, variants=tuple(sorted(variants)),
         frames=s["frames"], temporal_compression=s["temporal_compression"], vae_scale=s["vae_scale"],
         call=dict(call), output=output, blocks=tuple(blocks), block_inputs=block_inputs,
-        regional=data.get("regional") is True, ranges=ranges, data=json.loads(json.dumps(data)),
+        regional=data.get("regional") is True, freeze=data.get("freeze") is True, ranges=ranges, data=json.loads(json.dumps(data)),
     )
 
 

@@ -140,9 +140,21 @@ def check_scheme(name: str, device: str, cuda_capability: tuple[int, int] | None
     return scheme
 
 
+# The schemes a frozen build takes: their folded constants are views, sums or oneDNN-packed copies of the weights,
+# never larger than them (int8dq: each int8 weight transposed in place and its column sums for the int8 GEMM).
+FREEZABLE = ("none", "int8dq")
+
+
+def freezes_by_default(recipe: Any, device: str, quant: str, *, lora: bool = False, compile_vae: bool = False,
+                       reuse: bool = False) -> bool:
+    """Whether a build without --freeze/--no-freeze freezes: where its recipe says ``freeze = true`` and freezing
+    can hold (a CPU, --quant none or int8dq, none of the options it does not combine with)."""
+    return bool(recipe.freeze) and device == "cpu" and quant in FREEZABLE and not (lora or compile_vae or reuse)
+
+
 def check_freeze(device: str, lora: bool, *, quant: str = "none", compile_vae: bool = False,
                  reuse: bool = False) -> None:
-    """``--freeze``: inductor's freezing of CPU weights, for a build of the unquantized model (whole graph or
+    """``--freeze``: inductor's freezing of CPU weights, for a build of the unquantized or int8dq model (whole graph or
     regional: each block instance replays its own folds) without a build-time LoRA; its folded constants are
     computed at load from the artifact's weights (aotpack.artifact.folds). Refused before anything is loaded where
     it cannot hold."""
@@ -152,10 +164,13 @@ def check_freeze(device: str, lora: bool, *, quant: str = "none", compile_vae: b
     if lora:
         raise SchemeError("--freeze is not combined with --lora yet (a frozen artifact's weights are packed at "
                           "load, and a LoRA is fused and swapped on plain weights)", "leave one of them out")
-    if quant != "none":  # int8wo / int8dq: the build's check found the int8 weights folded into the compiled code
-        raise SchemeError(f"--freeze packs float weights; with --quant {quant} inductor's freezing folds the "
-                          "quantized weights into the compiled code", "use --freeze with --quant none (and "
-                          "--dtype bfloat16 on a CPU with bf16 matrix units), or leave --freeze out")
+    if quant not in FREEZABLE:
+        cause = ("--freeze with --quant int8wo: inductor's freezing folds its int8 weights back to float at load "
+                 "(measured on tiny-flux: each weight dequantized and packed in float32, 4x the bytes int8wo "
+                 "stores)") if quant == "int8wo" else \
+            f"--freeze is for --quant {' or '.join(FREEZABLE)}, not {quant} (a plan may choose int8wo per layer)"
+        raise SchemeError(cause, "use --freeze with --quant int8dq or none (with --dtype bfloat16 on a CPU with bf16 "
+                          "matrix units), or leave --freeze out")
     if compile_vae or reuse:
         what = "--compile-vae (the VAE's channels-last weights do not fold)" if compile_vae else \
             "--reuse (a frozen build records its folds while it compiles: it always compiles)"

@@ -19,7 +19,7 @@ from aotpack.artifact.platform import Platform, compute_dtype, default_device, d
 from aotpack.builder.compile import Reusable
 from aotpack.builder.plan import DEFAULT_BUDGET, read_plan
 from aotpack.builder.recipe import _COMMIT, DTYPES, Recipe, get_recipe, is_local_checkpoint
-from aotpack.builder.schemes import check_freeze, check_max_autotune, check_scheme
+from aotpack.builder.schemes import check_freeze, freezes_by_default, check_max_autotune, check_scheme
 from aotpack.builder.source import Source, resolve_source
 from aotpack.errors import RecipeError
 from aotpack.paths import check_cache_writable
@@ -92,7 +92,7 @@ def resolve(
     error_budget: float | None = None,
     reuse: str | os.PathLike | None = None,
     max_autotune: bool = False,
-    freeze: bool = False,
+    freeze: bool | None = None,
     regional: bool | None = None,
     sign_key: str | os.PathLike | None = None,
     component: str | None = None,
@@ -129,6 +129,9 @@ def resolve(
     if max_autotune:
         check_max_autotune(here.device)
     regional = r.regional if regional is None else regional
+    if freeze is None:  # the recipe's default holds only where freezing can (an explicit --freeze is checked)
+        freeze = freezes_by_default(r, here.device, quant, lora=lora_request is not None,
+                                    compile_vae=bool(compile_vae), reuse=reuse is not None)
     if freeze:
         check_freeze(here.device, lora_request is not None, quant=quant,
                      compile_vae=bool(compile_vae), reuse=reuse is not None)
