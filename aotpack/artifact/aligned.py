@@ -65,3 +65,91 @@ def aligned(tensors: dict[str, Any]) -> dict[str, Any]:
     if moved:
         log.debug("copied %.1f MiB of weights to 64-byte aligned memory", moved / 2**20)
     return out
+
+
+# ---- letting go of the pages of weights nothing reads any more ---------------------------------------------------
+
+_MADV_DONTNEED = 4  # Linux
+
+
+def _span(t: Any) -> tuple[int, int]:
+    """The bytes [start, end) a CPU tensor reads (a view: from its first to its last element)."""
+    if not t.numel():
+        return t.data_ptr(), t.data_ptr()
+    last = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """This process's mappings of files ([start, end) from /proc/self/maps: those with an inode)."""
+    out = []
+    try:
+        lines = open("/proc/self/maps").read().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 6 and parts[4] != "0":
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append((start, end))
+    return out
+
+
+def release_mapped(dropped: list[Any], live: list[Any]) -> int:
+    """Hand back to the kernel the pages of ``dropped`` tensors (weights mapped from a weights file that nothing
+    reads any more: a frozen artifact's plain weights once packed) that hold no byte of a ``live`` tensor
+    (``madvise(MADV_DONTNEED)``: a clean page of a file mapping leaves this process's RSS and stays in the page
+    cache; read again, it is mapped again from the file). Only pages inside file mappings: anonymous memory (an
+    aligned copy) is freed with its tensor, and this would zero it. Returns the bytes released (0 off Linux)."""
+    import ctypes
+    import mmap
+    import sys
+
+    import torch
+
+    if not sys.platform.startswith("linux") or not dropped:
+        return 0
+    page = mmap.PAGESIZE
+    # a oneDNN-packed constant owns its memory (a copy), and a GPU or meta tensor maps no file page
+    dropped, live = ([t for t in ts if t.device.type == "cpu" and t.layout == torch.strided] for ts in (dropped, live))
+    busy = _merged([(s // page * page, -(-e // page) * page) for s, e in map(_span, live) if e > s])
+    files = _file_mappings()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released = 0
+    for t in dropped:
+        start, end = _span(t)
+        for lo, hi in _free_pieces(-(-start // page) * page, end // page * page, busy):
+            for flo, fhi in files:
+                a, b = max(lo, flo), min(hi, fhi)
+                if b > a and libc.madvise(a, b - a, _MADV_DONTNEED) == 0:
+                    released += b - a
+    return released
+
+
+def _free_pieces(lo: int, hi: int, busy: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[lo, hi) less the ``busy`` ranges (disjoint, sorted)."""
+    import bisect
+
+    pieces = []
+    for s, e in busy[max(0, bisect.bisect_right(busy, (lo, lo)) - 1):]:
+        if s >= hi:
+            break
+        if e <= lo:
+            continue
+        if s > lo:
+            pieces.append((lo, s))
+        lo = max(lo, e)
+    if hi > lo:
+        pieces.append((lo, hi))
+    return pieces
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
