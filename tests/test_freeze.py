@@ -294,6 +294,26 @@ def test_t42_a_farm_refuses_freeze_where_a_job_could_not_build_it():
     assert problems[2] is None, problems
 
 
+def test_t42_a_farm_names_and_forwards_the_recipes_freeze_default():
+    """A flux-blocks cell on a CPU flavor pushes a frozen build whether or not it says --freeze (the recipe's
+    default): two such cells clash; --no-freeze is another build, and reaches the job's command line."""
+    from aotpack import farm
+    from aotpack.farm.cell_options import _build_command, options_from_context
+
+    planned = farm.plan_farm([
+        farm.Cell(recipe="flux-blocks", scheme="int8dq", flavor="cpu-basic", repo_id="me/b"),
+        farm.Cell(recipe="flux-blocks", scheme="int8dq", flavor="cpu-basic", repo_id="me/b", options=("--freeze",)),
+        farm.Cell(recipe="flux-blocks", scheme="int8dq", flavor="cpu-upgrade", repo_id="me/c",
+                  options=("--no-freeze",)),
+    ])
+    assert planned[0].build.startswith("int8dq-frozen-cpu") and planned[0].problem is None, planned[0]
+    assert "would both push int8dq-frozen-cpu" in planned[1].problem, planned[1].problem
+    assert "frozen" not in planned[2].build and planned[2].problem is None, planned[2]
+    for typed in (["--no-freeze"], ["--freeze"], ["--whole-graph"], []):
+        ctx = _build_command().make_context("build", ["flux-blocks", *typed])
+        assert options_from_context(ctx) == typed
+
+
 def test_t42_a_regional_swap_that_fails_leaves_every_block_as_it_was(artifacts, lora_file, monkeypatch):
     """The blocks' new constants are all made before any is handed over: a replay that fails part way (here the
     last instance's) leaves every instance on the weights it had, and the module on no LoRA."""

@@ -192,10 +192,13 @@ def _frozen(recipe: Any, default: Path, build: dict) -> Path | None:
     """A CPU matrix's second artifact: the recipe's model unquantized in bf16, built ``--freeze`` (beside the
     default artifact, built when missing): what the fastest torch.compile variant, bf16 + freezing, runs."""
     from aotpack.artifact.platform import describe, tag
-
+    from aotpack.artifact.records import Options
+    from aotpack.builder.spec import default_out
     from aotpack.errors import AotpackError
 
-    path = default.with_name(f"{recipe.full_name}-{FROZEN[0]}-{FROZEN[1]}-frozen-{tag(describe())}")
+    # named as `aotpack build` names it (the same folder as the bench's own `none` artifact where that is frozen bf16)
+    path = default_out(recipe.full_name, FROZEN[0], tag(describe()), default.parent, options=Options(freeze=True),
+                       dtype=FROZEN[1], default_dtype=recipe.dtype)
     if not (path / "manifest.json").is_file():
         try:
             build_artifact(recipe.name, FROZEN[0], path, regional=False, variant=build.get("variant"),

@@ -36,8 +36,8 @@ def options_from_context(ctx: Any) -> list[str]:
         if ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
             continue
         value, flag = ctx.params[param.name], param.opts[0]
-        if param.is_flag:
-            args += [flag] if value else []
+        if param.is_flag:  # a two-way flag typed off (--no-freeze, --whole-graph) must reach the job too
+            args += [flag] if value else param.secondary_opts[:1]
         else:
             for v in (value if param.multiple else [value]):
                 args += [flag, str(v)]
