@@ -77,8 +77,9 @@ def build_options(f):
                   help="Let inductor benchmark kernel choices while compiling (GPU; slow). The tuned code is the .pt2.")
     @click.option("--freeze/--no-freeze", default=None,
                   help="CPU: compile with inductor's freezing (weights transposed and packed in oneDNN's layout, "
-                       "replayed from the artifact's weights at load and on a LoRA swap). With --quant none or int8dq; not "
-                       "with --lora, --compile-vae or --reuse. Default: the recipe's (flux-blocks freezes where it can).")
+                       "replayed from the artifact's weights at load and on a LoRA swap). With --quant none or "
+                       "int8dq; not with --lora, --compile-vae or --reuse. Default: the recipe's (flux-blocks "
+                       "freezes where it can).")
     @click.option("--reuse", type=click.Path(), default=None,
                   help="Take the compiled code of this artifact instead of compiling, when the graph is the same "
                        "(e.g. other weights or a LoRA).")

@@ -1,9 +1,9 @@
 """A frozen build's folded constants: the steps that compute each from the artifact's weights, checked and replayed.
 
 Inductor's freezing (``aotpack build --freeze``) computes constants from the weights while it compiles: a weight
-transposed, cast, summed (int8dq), or packed into oneDNN's blocked layout for the CPU (``mkldnn._reorder_linear_weight``). The
-compiled code expects those constants by new names (``_frozen_paramN``). The artifact stores the weights, not
-the constants: the manifest records each constant as a few steps over weights (``aotpack._torch_compat.
+transposed, cast, summed (int8dq), or packed into oneDNN's blocked layout for the CPU
+(``mkldnn._reorder_linear_weight``). The compiled code expects those constants by new names (``_frozen_paramN``).
+The artifact stores the weights, not the constants: the manifest records each constant as a few steps over weights (``aotpack._torch_compat.
 recording_folds`` writes them down at build), and the loader replays them on the box that runs the code, so a
 packed layout is always the one this box's oneDNN chose.
 
@@ -24,11 +24,13 @@ from aotpack.artifact.formats import SAFETENSORS_DTYPES
 from aotpack.errors import IntegrityError
 
 # The operations a folded constant may be computed with: views, casts, concatenation, elementwise arithmetic,
-# sums (int8dq: a weight's column sums, the int8 GEMM's compensation) and oneDNN's weight packing. Nothing that reads a file, moves a tensor to another device, or runs code.
+# sums (int8dq: a weight's column sums, the int8 GEMM's compensation) and oneDNN's weight packing. Nothing that
+# reads a file, moves a tensor to another device, or runs code.
 OPS = frozenset({
     "aten.permute.default", "aten.t.default", "aten.transpose.int", "aten.reshape.default", "aten.view.default",
     "aten.unsqueeze.default", "aten.squeeze.dim", "aten.slice.Tensor", "aten.select.int", "aten.clone.default",
-    "aten.cat.default", "aten.sum.dim_IntList", "aten.add.Tensor", "aten.sub.Tensor", "aten.mul.Tensor", "aten.div.Tensor",
+    "aten.cat.default", "aten.sum.dim_IntList", "aten.add.Tensor", "aten.sub.Tensor", "aten.mul.Tensor",
+    "aten.div.Tensor",
     "prims.convert_element_type.default", "mkldnn._reorder_linear_weight.default",
 })
 VIEWS = frozenset({"aten.permute.default", "aten.t.default", "aten.transpose.int", "aten.view.default",

@@ -76,14 +76,16 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
     return out
 
 
-def _artifact_path(recipe: Any, quant: str, here: Any, artifacts_dir: Path, regional: bool, dtype: str) -> Path:
-    """Where ``aotpack build`` puts this artifact by default (its name says a frozen build: the recipe's default)."""
+def _artifact_path(recipe: Any, quant: str, here: Any, artifacts_dir: Path, regional: bool, dtype: str,
+                   freeze: bool | None = None) -> Path:
+    """Where ``aotpack build`` puts this artifact by default (its name says a frozen build: ``freeze``, or the
+    recipe's default)."""
     from aotpack.artifact.platform import tag
     from aotpack.artifact.records import Options
     from aotpack.builder.schemes import freezes_by_default
     from aotpack.builder.spec import default_out
 
-    options = Options(freeze=freezes_by_default(recipe, here.device, quant))
+    options = Options(freeze=freezes_by_default(recipe, here.device, quant) if freeze is None else freeze)
     return default_out(recipe.full_name, quant, tag(here), artifacts_dir, regional=regional, options=options,
                        dtype=dtype, default_dtype=recipe.dtype)
 
@@ -191,14 +193,11 @@ FROZEN = ("none", "bfloat16")  # the frozen artifact of the compile matrix: indu
 def _frozen(recipe: Any, default: Path, build: dict) -> Path | None:
     """A CPU matrix's second artifact: the recipe's model unquantized in bf16, built ``--freeze`` (beside the
     default artifact, built when missing): what the fastest torch.compile variant, bf16 + freezing, runs."""
-    from aotpack.artifact.platform import describe, tag
-    from aotpack.artifact.records import Options
-    from aotpack.builder.spec import default_out
+    from aotpack.artifact.platform import describe
     from aotpack.errors import AotpackError
 
     # named as `aotpack build` names it (the same folder as the bench's own `none` artifact where that is frozen bf16)
-    path = default_out(recipe.full_name, FROZEN[0], tag(describe()), default.parent, options=Options(freeze=True),
-                       dtype=FROZEN[1], default_dtype=recipe.dtype)
+    path = _artifact_path(recipe, FROZEN[0], describe(), default.parent, False, FROZEN[1], freeze=True)
     if not (path / "manifest.json").is_file():
         try:
             build_artifact(recipe.name, FROZEN[0], path, regional=False, variant=build.get("variant"),

@@ -86,7 +86,8 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
         checkpoint_needs=fields.get("checkpoint_needs"), variant=variant, variants=tuple(sorted(variants)),
         frames=s["frames"], temporal_compression=s["temporal_compression"], vae_scale=s["vae_scale"],
         call=dict(call), output=output, blocks=tuple(blocks), block_inputs=block_inputs,
-        regional=data.get("regional") is True, freeze=data.get("freeze") is True, ranges=ranges, data=json.loads(json.dumps(data)),
+        regional=data.get("regional") is True, freeze=data.get("freeze") is True, ranges=ranges,
+        data=json.loads(json.dumps(data)),
     )
 
 

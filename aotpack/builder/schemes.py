@@ -147,9 +147,15 @@ FREEZABLE = ("none", "int8dq")
 
 def freezes_by_default(recipe: Any, device: str, quant: str, *, lora: bool = False, compile_vae: bool = False,
                        reuse: bool = False) -> bool:
-    """Whether a build without --freeze/--no-freeze freezes: where its recipe says ``freeze = true`` and freezing
-    can hold (a CPU, --quant none or int8dq, none of the options it does not combine with)."""
-    return bool(recipe.freeze) and device == "cpu" and quant in FREEZABLE and not (lora or compile_vae or reuse)
+    """Whether a build without --freeze/--no-freeze freezes: where its recipe says ``freeze = true`` and an
+    explicit --freeze would be taken (``check_freeze``: one rule for both)."""
+    if not recipe.freeze:
+        return False
+    try:
+        check_freeze(device, lora, quant=quant, compile_vae=compile_vae, reuse=reuse)
+    except SchemeError:
+        return False
+    return True
 
 
 def check_freeze(device: str, lora: bool, *, quant: str = "none", compile_vae: bool = False,

@@ -19,7 +19,7 @@ from aotpack.artifact.platform import Platform, compute_dtype, default_device, d
 from aotpack.builder.compile import Reusable
 from aotpack.builder.plan import DEFAULT_BUDGET, read_plan
 from aotpack.builder.recipe import _COMMIT, DTYPES, Recipe, get_recipe, is_local_checkpoint
-from aotpack.builder.schemes import check_freeze, freezes_by_default, check_max_autotune, check_scheme
+from aotpack.builder.schemes import check_freeze, check_max_autotune, check_scheme, freezes_by_default
 from aotpack.builder.source import Source, resolve_source
 from aotpack.errors import RecipeError
 from aotpack.paths import check_cache_writable
