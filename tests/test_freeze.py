@@ -78,6 +78,39 @@ def test_t42_replay_packs_for_this_cpu():
     assert out.is_mkldnn and out.dtype == torch.bfloat16
 
 
+def test_t42_an_int8_column_sum_replays_as_the_same_integers_faster():
+    """int8dq's GEMM compensation (an int8 weight's sums into int32) replays through an int8 matmul: every result,
+    its shape and strides equal aten.sum's, for views, either dim, keepdim or not, extreme values; anything else
+    (float, several dims, a sum that could overflow int32) runs aten.sum itself."""
+    torch.manual_seed(0)
+    extreme = torch.full((64, 24), -128, dtype=torch.int8)
+    cases = [torch.randint(-128, 128, (k, n), dtype=torch.int8) for k, n in ((1, 1), (3, 5), (17, 16), (96, 40))]
+    cases += [cases[-1].permute(1, 0), cases[-1][::3, 1::2], extreme, extreme.t()]
+    for x in cases:
+        for dim, keep in ((0, True), (1, True), (0, False), (1, False), (-1, True), (-2, False)):
+            want = torch.ops.aten.sum.dim_IntList(x, [dim], keep, dtype=torch.int32)
+            got = folds._int8_sum(x, [dim], keep, dtype=torch.int32)
+            assert torch.equal(got, want) and got.stride() == want.stride(), (x.shape, dim, keep)
+    steps = [["aten.permute.default", [{"w": "w"}, [1, 0]], {}],
+             ["aten.sum.dim_IntList", [{"s": 0}, [0], True], {"dtype": {"dtype": "int32"}}],
+             ["aten.mul.Tensor", [{"s": 1}, 128], {}]]
+    w = cases[3]
+    out = folds.replay("c", _recipe(steps, [1, 96], dtype="int32"), {"w": w}.__getitem__)
+    assert torch.equal(out, w.t().sum(0, keepdim=True, dtype=torch.int32) * 128)
+    calls = []
+    real = torch._int_mm
+    try:
+        torch._int_mm = lambda *a: calls.append(a) or real(*a)
+        folds._int8_sum(torch.ones(4, 4), [0], True, dtype=torch.float32)
+        folds._int8_sum(w, [0, 1], True, dtype=torch.int32)
+        folds._int8_sum(w, [0], True)                                     # int64 by default: aten.sum
+        assert not calls
+        folds._int8_sum(w, [0], True, dtype=torch.int32)
+        assert len(calls) == 1
+    finally:
+        torch._int_mm = real
+
+
 @pytest.mark.parametrize("fold,problem", [
     ({}, "fold must map constant names to their steps"),
     ({"c": {"steps": [["aten.t.default", [{"w": "a"}], {}]]}}, "must hold steps, dtype, shape, stride and layout"),

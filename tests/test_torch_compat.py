@@ -263,3 +263,49 @@ def test_recording_folds_writes_down_every_constant_freezing_computes(tmp_path):
         out, want = compiled(x), model(x)
     out = out[0] if isinstance(out, (list, tuple)) else out
     assert torch.allclose(out.float(), want.float(), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.slow  # two small AOTInductor compiles
+@pytest.mark.parametrize("amx", [True, False], ids=["s8s8-amx", "u8s8-vnni"])
+def test_a_frozen_int8dq_linear_keeps_int_mm_and_replayable_folds(tmp_path, monkeypatch, amx):
+    """torchao traces int8dq's matmul as s8s8 on an AMX CPU and as u8s8 with a column-sum compensation on a VNNI one
+    (``torchao.kernel.intmm._int_scaled_matmul_cpu``), so a CI box sees only one: both are traced here. Inductor's
+    freezing has a rewrite of the s8s8 form to oneDNN's ``qlinear`` (``_register_smooth_quant_int_mm_pattern``),
+    which torch.compile takes (2.3x slower on an AMX box) and the exported graph does not: export's
+    ``_assert_tensor_metadata`` checks give the pattern's middle nodes a second user. Should a torch drop them, a
+    frozen int8dq build would fold through ``onednn.qlinear_prepack``, which aotpack does not replay: this fails."""
+    import zipfile
+
+    import torchao.kernel.intmm as intmm
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    from aotpack.artifact import folds
+
+    monkeypatch.setattr(intmm, "_cpu_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(intmm, "_cpu_is_vnni_supported", lambda: True)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32)).eval()
+    quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    compat.unwrap_tensor_subclass(model)  # as a build exports it: plain int8 weights and scales
+    x = torch.randn(2, 16, 64)
+    with torch.no_grad():
+        ep = torch.export.export(model, (x,), strict=False)
+        with compat.recording_folds() as recorded:
+            package = compat.aoti_compile_and_package(ep, tmp_path / "m.pt2", {
+                "freezing": True, "aot_inductor.package_constants_in_so": False,
+                "always_keep_tensor_constants": True})
+        with zipfile.ZipFile(package) as z:
+            code = "".join(z.read(n).decode() for n in z.namelist() if n.endswith(".cpp"))
+        assert "qlinear" not in code and code.count("_int_mm") >= 2
+        compiled = compat.open_package(package)
+        state = {**ep.state_dict, **ep.constants}
+        fqns = compat.weight_fqns(compiled)
+        frozen = {f: recorded.get(f) for f in fqns if f not in state}
+        assert frozen and not folds.problems(frozen), frozen
+        sums = [r for r in frozen.values() if any(s[0] == "aten.sum.dim_IntList" for s in r["steps"])]
+        assert len(sums) == (0 if amx else 2)
+        compiled.load_constants({f: state[f] if f in state else folds.replay(f, frozen[f], state.__getitem__)
+                                 for f in fqns}, check_full_update=True, user_managed=True)
+        out, want = compiled(x), model(x)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    assert torch.allclose(out, want, atol=1e-4, rtol=1e-4)

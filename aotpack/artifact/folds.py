@@ -158,6 +158,30 @@ def _op(name: str) -> Callable:
     return getattr(getattr(getattr(torch.ops, namespace), fn), overload)
 
 
+def _fast_op(name: str) -> Callable:
+    """``_op``, but a 2-d int8 tensor's sum along one dim into int32 (int8dq's GEMM compensation, a column sum of
+    every int8 weight) runs as an int8 matmul with a row of ones: the same integers (int32 accumulation both ways;
+    taken only where no sum can reach 2**31), ~50x faster than ``aten.sum`` on int8, which dominated a frozen int8dq
+    artifact's load (flux-blocks: 0.83 of its 0.92 s)."""
+    fn = _op(name)
+    return _int8_sum if name == "aten.sum.dim_IntList" else fn
+
+
+def _int8_sum(x: Any, dim: Any, keepdim: bool = False, *, dtype: Any = None) -> Any:
+    import torch
+
+    d = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    if not (isinstance(x, torch.Tensor) and x.dtype == torch.int8 and x.device.type == "cpu" and x.dim() == 2
+            and dtype == torch.int32 and d in (0, 1, -1, -2) and 0 < x.shape[d] < 2**31 // 128
+            and x.layout == torch.strided and x.numel() > 0):
+        return torch.ops.aten.sum.dim_IntList(x, dim, keepdim, dtype=dtype)
+    if d % 2 == 0:
+        out = torch._int_mm(torch.ones(1, x.shape[0], dtype=torch.int8), x)          # (1, N)
+        return out if keepdim else out.reshape(x.shape[1])
+    out = torch._int_mm(x, torch.ones(x.shape[1], 1, dtype=torch.int8))              # (M, 1)
+    return out if keepdim else out.reshape(x.shape[0])
+
+
 def _dry_run(name: str, recipe: dict[str, Any], weight: Callable[[str], Any]) -> None:
     """The steps on meta tensors (shapes only, nothing allocated): refused when the results a replay holds at once
     (every step's that is not a view of another) would take more than twice the bytes of the weights it reads and
@@ -200,7 +224,7 @@ def replay(name: str, recipe: dict[str, Any], weight: Callable[[str], Any]) -> A
     with torch.no_grad():
         try:
             _dry_run(name, recipe, weight)
-            out = _run(recipe, weight, _op)[-1]
+            out = _run(recipe, weight, _fast_op)[-1]
         except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError, NotImplementedError) as e:
             raise IntegrityError(f"folded constant {name} cannot be computed from the weights ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:120] if str(e) else ''})", _HINT) from None
