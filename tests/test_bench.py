@@ -284,18 +284,20 @@ def test_the_compile_matrix_builds_its_default_only_when_missing_and_records_it_
                                                                     "others": args["others"]})
     frozen: list = []
 
-    def build_artifact(name, quant, out, **k):  # only the frozen bf16 build is missing
+    def build_artifact(name, quant, out, **k):  # only the frozen builds are missing
         from aotpack.artifact.platform import describe, tag
 
-        assert out.name == f"tiny-flux-none-{tag(describe())}-frozen-bf16", out  # as `aotpack build` names it
-        assert (quant, k["dtype"], k["extra"], k["regional"]) == ("none", "bfloat16", ("--freeze",), False)
-        frozen.append(out)
+        assert (k["extra"], k["regional"]) == (("--freeze",), False)
+        short = {"bfloat16": "-bf16", "float32": ""}[k["dtype"]]  # tiny-flux's own dtype is float32
+        assert out.name == f"tiny-flux-{quant}-{tag(describe())}-frozen{short}", out  # as `aotpack build` names it
+        frozen.append((quant, k["dtype"], out))
 
     monkeypatch.setattr(run, "build_artifact", build_artifact)
     build = {"variant": None, "dtypes": {recipe.default_quant: "float32"}, "cold": False}
     records: list[dict] = []
     r = run._matrix(recipe, lambda q, regional: whole, {}, records, False, **build)
     assert r["kind"] == "matrix" and r["path"] == str(whole) and [x["path"] for x in records] == [str(whole)]
-    assert r["others"] == [str(frozen[0])] and frozen[0].parent == whole.parent
+    assert [f[:2] for f in frozen] == list(run.FROZEN)  # the default (unfrozen int8wo) is none of them
+    assert r["others"] == [str(f[2]) for f in frozen] and all(f[2].parent == whole.parent for f in frozen)
     run._matrix(recipe, lambda q, regional: whole, {}, records, False, **build)
     assert len(records) == 1  # already in the table: not recorded twice

@@ -141,7 +141,7 @@ def matrix(path: str, *, rounds: int = 10, max_autotune: bool = False, dtypes: t
     Every row runs on one set of inputs (the transformer's arguments in a float32 pipeline call, cast to the row's
     dtype) and its forward error is measured against the float32 eager model, unquantized, on them. A variant that
     fails to compile is a row with its error. ``others``: more artifacts of the same model, rows of mode "artifact"
-    (the bench adds its frozen bf16 build). Returns {"what", "rounds", "threads", "rows": [{"variant", "dtype",
+    (the bench adds its other frozen builds). Returns {"what", "rounds", "threads", "rows": [{"variant", "dtype",
     "scheme", "mode", "median_s", "min_s", "error"} or {..., "fails"}]}."""
     import torch
 

@@ -370,7 +370,7 @@ def matrix_table(res: dict) -> list[str]:
 
 
 def _other_artifacts(rows: list[dict], compiled: list[dict]) -> list[str]:
-    """A line for each other artifact the matrix ran (the frozen bf16 build): its time against the fastest
+    """A line for each other artifact the matrix ran (the other frozen builds): its time against the fastest
     torch.compile variant."""
     if not compiled:
         return []

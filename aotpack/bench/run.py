@@ -177,7 +177,7 @@ def _matrix(recipe: Any, path_of: Callable, builds: dict, records: list[dict], m
         _ensure_artifacts(recipe, recipe.default_quant, {"aotpack": path}, {"aotpack": False}, builds, records, **build)
     from aotpack.artifact.platform import default_device
 
-    others = [p for p in [_frozen(recipe, path, build)] if p is not None] if default_device() == "cpu" else []
+    others = _frozen(recipe, path, build) if default_device() == "cpu" else []
     print(f"  compile matrix: {path.name} against torch.compile in every dtype, scheme and mode ...", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="aotpack-bench-") as tmp:
         r = spawn("matrix", {"path": str(path), "max_autotune": max_autotune, "others": [str(p) for p in others]},
@@ -187,25 +187,36 @@ def _matrix(recipe: Any, path_of: Callable, builds: dict, records: list[dict], m
     return r
 
 
-FROZEN = ("none", "bfloat16")  # the frozen artifact of the compile matrix: inductor's freezing packs bf16 linears
+# The frozen artifacts a CPU matrix runs beside the default (scheme, dtype): the fastest torch.compile variants
+# measured were bf16 none + freezing (an AMX box), bf16 int8dq + freezing (another AMX box) and fp32 int8dq +
+# freezing (AVX512-BF16 + VNNI): one bench run on a box shows which artifact is its fastest.
+FROZEN = (("none", "bfloat16"), ("int8dq", "bfloat16"), ("int8dq", "float32"))
 
 
-def _frozen(recipe: Any, default: Path, build: dict) -> Path | None:
-    """A CPU matrix's second artifact: the recipe's model unquantized in bf16, built ``--freeze`` (beside the
-    default artifact, built when missing): what the fastest torch.compile variant, bf16 + freezing, runs."""
+def _frozen(recipe: Any, default: Path, build: dict) -> list[Path]:
+    """A CPU matrix's other artifacts: the recipe's model built ``--freeze`` in each of ``FROZEN`` but the default
+    artifact's own (each built when missing; one whose build fails is left out, and the bench says why)."""
+    from aotpack.artifact import manifest as mf
     from aotpack.artifact.platform import describe
     from aotpack.errors import AotpackError
 
-    # named as `aotpack build` names it (the same folder as the bench's own `none` artifact where that is frozen bf16)
-    path = _artifact_path(recipe, FROZEN[0], describe(), default.parent, False, FROZEN[1], freeze=True)
-    if not (path / "manifest.json").is_file():
-        try:
-            build_artifact(recipe.name, FROZEN[0], path, regional=False, variant=build.get("variant"),
-                           dtype=FROZEN[1], cold=build.get("cold", True), extra=("--freeze",))
-        except AotpackError as e:  # the matrix runs without it, and says why
-            print(f"  compile matrix: the frozen bf16 build failed ({e.cause}); left out", file=sys.stderr)
-            return None
-    return path
+    m = mf.read(default)
+    paths = []
+    for quant, dtype in FROZEN:
+        if m.options.freeze and (quant, dtype) == (m.scheme.name, m.dtype):
+            continue
+        # named as `aotpack build` names it (the bench's own artifact of that scheme where that one is frozen)
+        path = _artifact_path(recipe, quant, describe(), default.parent, False, dtype, freeze=True)
+        if not (path / "manifest.json").is_file():
+            try:
+                build_artifact(recipe.name, quant, path, regional=False, variant=build.get("variant"),
+                               dtype=dtype, cold=build.get("cold", True), extra=("--freeze",))
+            except AotpackError as e:  # the matrix runs without it, and says why
+                print(f"  compile matrix: the frozen {dtype} {quant} build failed ({e.cause}); left out",
+                      file=sys.stderr)
+                continue
+        paths.append(path)
+    return paths
 
 
 def _load_artifacts(quant: str, paths: dict) -> dict:
