@@ -265,10 +265,11 @@ def _targets_table(rows: list[dict], loads: dict) -> list[str]:
 
 def _loads_table(loads: dict, builds: dict) -> list[str]:
     """The '## Artifact load' section: one line an artifact, its reads and loads from a cold page cache."""
-    lines = ["", "## Artifact load", "", "Each figure in a fresh process with a cold page cache (torch, diffusers "
-             "and safetensors imported: a serving process has them). A first load hashes every byte; later "
-             "loads of the same files skip the hash (file identity remembered, see README) and map the "
-             "weights lazily, so their bytes are read by the first forward.", "",
+    lines = ["", "## Artifact load", "", "Each figure in a fresh process with a cold page cache (torch, diffusers, "
+             "safetensors and the model's diffusers class imported: a serving process has them). A first load "
+             "hashes every byte; later loads of the same files skip the hash (file identity remembered, see "
+             "README) and map the weights lazily, so their bytes are read by the first forward (a frozen "
+             "int8dq artifact reads its int8 weights at load, for their column sums).", "",
              "| artifact | artifact MiB | read s (cold, floor) | first aotpack.load s | later aotpack.load s | "
              "RSS added by load MiB | RSS after one forward MiB | build s |", "|---|---|---|---|---|---|---|---|"]
     for label, ld in loads.items():
