@@ -85,7 +85,9 @@ def test_t42_an_int8_column_sum_replays_as_the_same_integers_faster():
     torch.manual_seed(0)
     extreme = torch.full((64, 24), -128, dtype=torch.int8)
     cases = [torch.randint(-128, 128, (k, n), dtype=torch.int8) for k, n in ((1, 1), (3, 5), (17, 16), (96, 40))]
-    cases += [cases[-1].permute(1, 0), cases[-1][::3, 1::2], extreme, extreme.t()]
+    column = torch.randint(-128, 128, (40, 1), dtype=torch.int8)    # its transpose: strides (1, 1), which the CPU
+    cases += [cases[-1].permute(1, 0), cases[-1][::3, 1::2], extreme, extreme.t(), column, column.t(),  # _int_mm
+              cases[-1][:1].expand(5, 40)]                                                         # never writes
     for x in cases:
         for dim, keep in ((0, True), (1, True), (0, False), (1, False), (-1, True), (-2, False)):
             want = torch.ops.aten.sum.dim_IntList(x, [dim], keep, dtype=torch.int32)
@@ -99,14 +101,20 @@ def test_t42_an_int8_column_sum_replays_as_the_same_integers_faster():
     assert torch.equal(out, w.t().sum(0, keepdim=True, dtype=torch.int32) * 128)
     calls = []
     real = torch._int_mm
+    big = torch.ones(2**31 // 128, 2, dtype=torch.int8)                 # a column sum could reach 2**31
     try:
         torch._int_mm = lambda *a: calls.append(a) or real(*a)
         folds._int8_sum(torch.ones(4, 4), [0], True, dtype=torch.float32)
         folds._int8_sum(w, [0, 1], True, dtype=torch.int32)
         folds._int8_sum(w, [0], True)                                     # int64 by default: aten.sum
+        for x in (column.t(), w[::3, 1::2], w[:1].expand(5, 40)):         # strides the fast path does not take
+            folds._int8_sum(x, [0], True, dtype=torch.int32)
+        assert torch.equal(folds._int8_sum(big, [0], True, dtype=torch.int32), big.sum(0, True, dtype=torch.int32))
         assert not calls
         folds._int8_sum(w, [0], True, dtype=torch.int32)
         assert len(calls) == 1
+        folds.replay("c", _recipe(steps, [1, 96], dtype="int32"), {"w": w}.__getitem__)   # a load takes it
+        assert len(calls) == 2
     finally:
         torch._int_mm = real
 

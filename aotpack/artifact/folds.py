@@ -171,9 +171,11 @@ def _int8_sum(x: Any, dim: Any, keepdim: bool = False, *, dtype: Any = None) -> 
     import torch
 
     d = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    # only a weight or its transpose, both dims > 1: on other strides (a size-1 dim, a slice, a broadcast) the CPU
+    # _int_mm leaves its output unwritten or warns and falls back
     if not (isinstance(x, torch.Tensor) and x.dtype == torch.int8 and x.device.type == "cpu" and x.dim() == 2
-            and dtype == torch.int32 and d in (0, 1, -1, -2) and 0 < x.shape[d] < 2**31 // 128
-            and x.layout == torch.strided and x.numel() > 0):
+            and dtype == torch.int32 and d in (0, 1, -1, -2) and x.shape[d] < 2**31 // 128 and min(x.shape) > 1
+            and x.layout == torch.strided and (x.is_contiguous() or x.t().is_contiguous())):
         return torch.ops.aten.sum.dim_IntList(x, dim, keepdim, dtype=dtype)
     if d % 2 == 0:
         out = torch._int_mm(torch.ones(1, x.shape[0], dtype=torch.int8), x)          # (1, N)
