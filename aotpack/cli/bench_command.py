@@ -36,7 +36,8 @@ from aotpack.options import json_option, quiet_option
                    "x scheme (none, int8dq, int8wo) x mode (default, freezing; with --max-autotune also "
                    "max-autotune + freezing), interleaved in one process, each with its forward error against "
                    "the float32 eager model: is the box's default the fastest, and the fastest as accurate? "
-                   "On a CPU the bf16 `none --freeze` build runs beside it (built when missing). "
+                   "On a CPU the other frozen builds (bf16 none, bf16 int8dq, fp32 int8dq) run beside it "
+                   "(built when missing). "
                    "(12 compiles at real width: ~15 min on 2 cores, ~15 GiB.)")
 @json_option
 def bench(recipe, quants, variant, steps, images, out, max_autotune, dtype, regional, build_only, compile_matrix,
