@@ -161,7 +161,7 @@ def _op(name: str) -> Callable:
 def _fast_op(name: str) -> Callable:
     """``_op``, but a 2-d int8 tensor's sum along one dim into int32 (int8dq's GEMM compensation, a column sum of
     every int8 weight) runs as an int8 matmul with a row of ones: the same integers (int32 accumulation both ways;
-    taken only where no sum can reach 2**31), ~50x faster than ``aten.sum`` on int8, which dominated a frozen int8dq
+    taken only for a weight or its transpose with both dims over 1, and where no sum can reach 2**31), ~50x faster than ``aten.sum`` on int8, which dominated a frozen int8dq
     artifact's load (flux-blocks: 0.83 of its 0.92 s)."""
     fn = _op(name)
     return _int8_sum if name == "aten.sum.dim_IntList" else fn
