@@ -3,9 +3,9 @@
 Inductor's freezing (``aotpack build --freeze``) computes constants from the weights while it compiles: a weight
 transposed, cast, summed (int8dq), or packed into oneDNN's blocked layout for the CPU
 (``mkldnn._reorder_linear_weight``). The compiled code expects those constants by new names (``_frozen_paramN``).
-The artifact stores the weights, not the constants: the manifest records each constant as a few steps over weights (``aotpack._torch_compat.
-recording_folds`` writes them down at build), and the loader replays them on the box that runs the code, so a
-packed layout is always the one this box's oneDNN chose.
+The artifact stores the weights, not the constants: the manifest records each constant as a few steps over weights
+(``aotpack._torch_compat.recording_folds`` writes them down at build), and the loader replays them on the box that
+runs the code, so a packed layout is always the one this box's oneDNN chose.
 
 A recipe is ``{"steps": [[op, args, kwargs], ...], "dtype", "shape", "stride", "layout"}``, the last step the
 constant (``stride``: its strides, ``None`` for a packed one, whose layout oneDNN owns). In ``args``, and in the
@@ -161,8 +161,8 @@ def _op(name: str) -> Callable:
 def _fast_op(name: str) -> Callable:
     """``_op``, but a 2-d int8 tensor's sum along one dim into int32 (int8dq's GEMM compensation, a column sum of
     every int8 weight) runs as an int8 matmul with a row of ones: the same integers (int32 accumulation both ways;
-    taken only for a weight or its transpose with both dims over 1, and where no sum can reach 2**31), ~50x faster than ``aten.sum`` on int8, which dominated a frozen int8dq
-    artifact's load (flux-blocks: 0.83 of its 0.92 s)."""
+    taken only for a weight or its transpose with both dims over 1, and where no sum can reach 2**31), ~50x faster
+    than ``aten.sum`` on int8, which dominated a frozen int8dq artifact's load (flux-blocks: 0.83 of its 0.92 s)."""
     fn = _op(name)
     return _int8_sum if name == "aten.sum.dim_IntList" else fn
 
