@@ -163,7 +163,26 @@ def isa_cpu_flags() -> dict[str, set[str]]:
     return out
 
 
+def packs_bf16() -> bool:
+    """Whether oneDNN packs and multiplies bf16 here (``torch.ops.mkldnn._is_mkldnn_bf16_supported``: AVX-512 BW/VL/DQ
+    or AVX-NE-CONVERT). Inductor's freezing packs bf16 linear weights only where it does; elsewhere (AVX2) a frozen
+    bf16 build's folds are transposes, and replaying a packing step fails."""
+    import torch
+
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 # ---- torchao --------------------------------------------------------------------------------------------------------
+
+def torchao_u8s8() -> bool:
+    """Whether torchao traces int8dq's CPU matmul as u8 x s8 with a column-sum compensation (VNNI without AMX,
+    ``torchao.kernel.intmm._int_scaled_matmul_cpu``), else as s8 x s8: a frozen int8dq build folds those sums."""
+    from torchao.kernel import intmm
+    from torchao.utils import torch_version_at_least
+
+    return (not intmm._cpu_is_amx_tile_supported() and intmm._cpu_is_vnni_supported()
+            and torch_version_at_least("2.12.0.dev"))
+
 
 def unwrap_tensor_subclass(module: Any) -> Any:
     """torchao tensor subclasses -> plain tensors plus parametrizations, so that export sees plain tensors and

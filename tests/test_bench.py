@@ -1,11 +1,13 @@
 """aotpack bench on tiny-flux (few variants, so that it stays quick): real fresh processes, real files."""
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
+from aotpack.artifact import platform
 from aotpack.bench import BUILD_COLUMNS, COLUMNS, has_repeated_blocks, run_bench
 
 pytestmark = pytest.mark.slow
@@ -293,11 +295,49 @@ def test_the_compile_matrix_builds_its_default_only_when_missing_and_records_it_
         frozen.append((quant, k["dtype"], out))
 
     monkeypatch.setattr(run, "build_artifact", build_artifact)
+    here = platform.describe()
+    zen4 = dataclasses.replace(here, cpu_flags=("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"))
+    monkeypatch.setattr(platform, "describe", lambda *a, **k: zen4)  # bf16 and int8 units: every candidate runs
     build = {"variant": None, "dtypes": {recipe.default_quant: "float32"}, "cold": False}
     records: list[dict] = []
-    r = run._matrix(recipe, lambda q, regional: whole, {}, records, False, **build)
+    r = run._matrix(recipe, recipe.default_quant, lambda q, regional: whole, {}, records, False, **build)
     assert r["kind"] == "matrix" and r["path"] == str(whole) and [x["path"] for x in records] == [str(whole)]
     assert [f[:2] for f in frozen] == list(run.FROZEN)  # the default (unfrozen int8wo) is none of them
     assert r["others"] == [str(f[2]) for f in frozen] and all(f[2].parent == whole.parent for f in frozen)
-    run._matrix(recipe, lambda q, regional: whole, {}, records, False, **build)
+    run._matrix(recipe, recipe.default_quant, lambda q, regional: whole, {}, records, False, **build)
     assert len(records) == 1  # already in the table: not recorded twice
+    # a CPU with AVX2 only: bf16 runs widened to fp32, int8 matmuls without oneDNN; no such artifact is built
+    monkeypatch.setattr(platform, "describe", lambda *a, **k: dataclasses.replace(here, cpu_flags=("avx2", "fma")))
+    frozen.clear()
+    r = run._matrix(recipe, recipe.default_quant, lambda q, regional: whole, {}, records, False, **build)
+    assert r["others"] == [] and frozen == []
+
+
+def test_a_matrix_row_many_times_slower_than_the_fastest_runs_no_rounds():
+    """int8 matmuls on a CPU without int8 units run ~25x slower: such a row is timed once, not in every round, and
+    the table says so; the others run every round."""
+    import time
+
+    from aotpack.bench.interleaved import _rounds
+    from aotpack.bench.results import matrix_table
+
+    calls = {"fast": 0, "slow": 0}
+
+    def run(name, seconds):
+        def f():
+            calls[name] += 1
+            time.sleep(seconds)
+        return f
+
+    times = _rounds({"fast": run("fast", 0.002), "slow": run("slow", 0.05)}, 4, prune=3.0)
+    assert calls == {"fast": 6, "slow": 2} and times["slow"]["pruned"] and "pruned" not in times["fast"]
+    assert times["slow"]["median_s"] >= 0.05 > times["fast"]["median_s"]
+    assert _rounds({"fast": run("fast", 0.002), "slow": run("slow", 0.05)}, 4)["slow"].get("pruned") is None
+    assert calls["slow"] == 2 + 6  # no prune: every round
+    rows = [{"variant": "aotpack", "dtype": "float32", "scheme": "none", "mode": "artifact", "median_s": 1.0,
+             "min_s": 0.9, "error": 1e-7},
+            {"variant": "compile float32 int8dq", "dtype": "float32", "scheme": "int8dq", "mode": "default",
+             "median_s": 25.0, "min_s": 25.0, "pruned": True, "error": 0.01}]
+    text = "\n".join(matrix_table({"what": "x", "rounds": 4, "threads": 2, "rows": rows}))
+    assert "| compile float32 int8dq | float32 | int8dq | default | 25.0000 (1 call) | | 25.00 | 1.00% |" in text
+    assert "A row marked (1 call) took over 3x the fastest row's first timed call and ran no rounds." in text

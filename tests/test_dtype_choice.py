@@ -158,3 +158,68 @@ def test_a_hostile_dtype_in_the_index_neither_crashes_the_choice_nor_wins_it():
     for hostile in ({"x": 1}, ["bfloat16"], None, 7, "bfloat16\n"):
         index = {"builds": {"a-good": good, "b-odd": {**good, "dtype": hostile, "size": 1}}}
         assert choose_build(index, dataclasses.asdict(ZEN4)) == "a-good"
+
+
+VNNI_ONLY = Platform(cpu_flags=("avx2", "fma", "f16c", "avx_vnni"), **BASE)  # Alder Lake and later: AVX-VNNI
+
+
+@pytest.mark.parametrize("here,slow", [(AVX2, True), (CASCADE, False), (ZEN4, False), (SPR, False),
+                                       (VNNI_ONLY, False), (gpu("9.0"), False)],
+                         ids=["avx2", "avx512-vnni", "avx512-bf16", "amx", "avx-vnni", "sm90"])
+def test_int8_matmuls_are_slow_only_on_a_cpu_without_int8_units(here, slow):
+    """Measured on an AVX2-only AMD EPYC: torch runs int8 matmuls there without oneDNN, ~25x slower than fp32."""
+    why = plat.slow_scheme(here.device, here.cpu_flags, "int8dq")
+    assert (why is not None) == slow and (not slow or "no int8 dot-product units" in why)
+    assert all(plat.slow_scheme(here.device, here.cpu_flags, s) is None for s in ("none", "int8wo", "auto", None))
+
+
+def test_a_recipe_default_slow_here_gives_way_to_its_next_choice(monkeypatch, tmp_path, built, caplog):
+    """flux-blocks' default_quant is ["int8dq", "none"]: int8 matmuls where the CPU has int8 units, float32 none
+    on one without (int8dq there ran ~25x slower than float32). A user who names --quant int8dq gets it, warned."""
+    import logging
+
+    from aotpack.builder.recipe import get_recipe
+    from aotpack.builder.recipe_parse import parse_recipe
+
+    caplog.set_level(logging.INFO, logger="aotpack")
+    blocks = parse_recipe({**get_recipe("flux-blocks").data, "checkpoint": "builtin:tiny-flux"})
+    assert (blocks.default_quant, blocks.default_quants) == ("int8dq", ("int8dq", "none"))
+    on(monkeypatch, AVX2)
+    spec = spec_mod.resolve(blocks, artifacts_dir=tmp_path)
+    assert (spec.quant, spec.dtype) == ("none", "float32") and "-none-" in spec.out.name
+    assert "--quant none: the recipe's default int8dq is slow here (int8dq multiplies in int8" in caplog.text
+    caplog.clear()
+    assert spec_mod.resolve(blocks, "int8dq", artifacts_dir=tmp_path).quant == "int8dq"  # asked for: built
+    assert "--quant int8dq: int8dq multiplies in int8" in caplog.text and "--quant none runs faster here" in caplog.text
+    for here in (ZEN4, SPR, CASCADE):
+        on(monkeypatch, here)
+        assert spec_mod.resolve(blocks, artifacts_dir=tmp_path).quant == "int8dq"
+    tiny = get_recipe("tiny-flux")  # one name: the default on every box
+    assert tiny.default_for("cpu", AVX2.cpu_flags) == ("int8wo", None)
+    only_slow = parse_recipe({**tiny.data, "default_quant": ["int8dq"]})
+    assert only_slow.default_for("cpu", AVX2.cpu_flags) == ("int8dq", None)  # nothing else named: the first
+
+
+def test_default_quant_is_a_name_or_a_list_of_distinct_names():
+    from aotpack.builder.recipe import get_recipe
+    from aotpack.builder.recipe_parse import parse_recipe
+    from aotpack.errors import RecipeError
+
+    base = get_recipe("tiny-flux").data
+    for bad in ([], ["int8dq", "int8dq"], [1], ["int8dq", ""], "", None, {"int8dq": 1}):
+        with pytest.raises(RecipeError, match="'default_quant' must be a scheme's name, or a list of distinct"):
+            parse_recipe({**base, "default_quant": bad})
+    r = parse_recipe({**base, "default_quant": ["int8dq", "int8wo"]})
+    assert r.default_for("cpu", AVX2.cpu_flags)[0] == "int8wo" and r.default_for("cpu", ZEN4.cpu_flags)[0] == "int8dq"
+
+
+def test_a_pull_on_a_cpu_without_int8_units_passes_over_the_int8dq_build():
+    from aotpack.hub import choose_build
+
+    def entry(scheme: str, size: int) -> dict:
+        return {"scheme": scheme, "dtype": "float32", "size": size, "platform": dataclasses.asdict(AVX2)}
+
+    index = {"builds": {"int8dq-cpu": entry("int8dq", 500), "none-cpu": entry("none", 2000)}}
+    assert choose_build(index, dataclasses.asdict(AVX2)) == "none-cpu"  # not the smallest: ~25x faster here
+    assert choose_build(index, dataclasses.asdict(AVX2), quant="int8dq") == "int8dq-cpu"  # asked for
+    assert choose_build(index, dataclasses.asdict(VNNI_ONLY)) == "int8dq-cpu"

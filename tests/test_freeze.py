@@ -12,6 +12,7 @@ import shutil
 import pytest
 import torch
 
+from aotpack import _torch_compat as compat
 from aotpack.artifact import folds
 from aotpack.artifact import manifest as mf
 from aotpack.artifact.files import WEIGHTS
@@ -73,8 +74,15 @@ def test_t42_no_step_allocates_more_than_the_recipe_reads_and_makes():
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
 def test_t42_replay_packs_for_this_cpu():
+    """A bf16 packing step replays into oneDNN's layout where oneDNN runs bf16; on a CPU where it does not (AVX2),
+    the same record is a one-line refusal (a frozen bf16 build made here has no packing step: see below)."""
     w = torch.randn(16, 32, dtype=torch.bfloat16)
-    out = folds.replay("c", _recipe([[PACK, [{"w": "w"}, 4], {}]], [16, 32], "mkldnn"), {"w": w}.__getitem__)
+    recipe = _recipe([[PACK, [{"w": "w"}, 4], {}]], [16, 32], "mkldnn")
+    if not compat.packs_bf16():
+        with pytest.raises(IntegrityError, match="folded constant c cannot be computed from the weights"):
+            folds.replay("c", recipe, {"w": w}.__getitem__)
+        return
+    out = folds.replay("c", recipe, {"w": w}.__getitem__)
     assert out.is_mkldnn and out.dtype == torch.bfloat16
 
 
@@ -197,7 +205,8 @@ def test_t42_a_frozen_build_stores_plain_weights_and_matches_eager(artifacts, ki
         stored = set(f.keys())
     for module in m.modules:
         assert module.fold and all(r["steps"] for r in module.fold.values())
-        assert any(step[0] == PACK for r in module.fold.values() for step in r["steps"])  # oneDNN's packed layout
+        # oneDNN's packed layout where oneDNN runs bf16 (AVX-512, AMX); on AVX2 freezing only transposes
+        assert any(step[0] == PACK for r in module.fold.values() for step in r["steps"]) == compat.packs_bf16()
         assert not stored & {module.key(i, f) for i in module.instances for f in module.fold}  # made, not stored
         assert {module.key(i, w) for i in module.instances for w in folds.inputs(module.fold)} <= stored
         assert module.max_abs_error <= module.tolerance
@@ -248,9 +257,10 @@ def test_t42_a_lora_swap_replays_the_folds_it_touches(artifacts, lora_file, kind
 
 
 def test_t42_a_frozen_int8dq_build_folds_views_and_sums_and_matches_eager(artifacts, lora_file):
-    """int8dq frozen: inductor transposes each int8 weight (a view of the stored one, no bytes) and precomputes its
-    column sums for the int8 GEMM; the zero points its symmetric activations never read are not stored. A fresh
-    load matches eager int8dq, and a LoRA swap replays the folds of the weights it requantizes."""
+    """int8dq frozen: inductor transposes each int8 weight (a view of the stored one, no bytes) and, on a VNNI CPU
+    without AMX (torchao's u8 x s8 path), precomputes its column sums for the int8 GEMM; the zero points its
+    symmetric activations never read are not stored. A fresh load matches eager int8dq, and a LoRA swap replays
+    the folds of the weights it requantizes."""
     from safetensors import safe_open
     from test_variants import fresh_check
 
@@ -259,7 +269,8 @@ def test_t42_a_frozen_int8dq_build_folds_views_and_sums_and_matches_eager(artifa
     (module,) = m.modules
     assert m.options.freeze and m.scheme.name == "int8dq" and module.fold
     ops = {step[0] for r in module.fold.values() for step in r["steps"]}
-    assert "aten.sum.dim_IntList" in ops and PACK not in ops, ops
+    u8s8 = compat.torchao_u8s8()  # VNNI without AMX: column sums; AMX or no VNNI: s8 x s8, transposes only
+    assert ("aten.sum.dim_IntList" in ops) == u8s8 and "aten.permute.default" in ops and PACK not in ops, ops
     with safe_open(str(path / WEIGHTS), "pt") as f:
         stored = {k: f.get_slice(k).get_shape() for k in f.keys()}
     assert {module.key(module.instances[0], w) for w in folds.inputs(module.fold)} <= set(stored)
@@ -268,7 +279,7 @@ def test_t42_a_frozen_int8dq_build_folds_views_and_sums_and_matches_eager(artifa
     # what the load makes: per output channel an int32 column sum and the float32 scale reshaped; the transposed
     # weights are views of the stored ones
     made = folds.nbytes(module.fold)
-    assert 0 < made <= sum(2 * 4 * s[0] for k, s in stored.items() if k in int8), made
+    assert (0 < made if u8s8 else 0 <= made) and made <= sum(2 * 4 * s[0] for k, s in stored.items() if k in int8)
     assert module.max_abs_error <= module.tolerance
     result = fresh_check(path, "int8dq")
     assert result["vs_eager_same_scheme"] <= module.tolerance, result
@@ -286,7 +297,9 @@ def _edited(frozen, tmp_path, edit) -> object:
 
 
 def _packed(fold: dict) -> str:
-    return next(n for n, r in fold.items() if r["steps"][-1][0] == PACK)
+    """A packed constant's name (a transposed one where this CPU does not pack bf16)."""
+    return next(n for n, r in fold.items() if r["steps"][-1][0] == (PACK if compat.packs_bf16() else
+                                                                       "aten.permute.default"))
 
 
 @pytest.mark.parametrize("case,error,match", [
@@ -306,6 +319,8 @@ def test_t42_an_edited_fold_record_is_refused_before_the_code_holds_constants(fr
             fold[name]["steps"][0][0] = "aten.empty.memory_format"
         elif case == "shape":
             fold[name]["shape"] = fold[name]["shape"][::-1] + [1]
+            if fold[name].get("stride"):  # a transposed weight's record names its strides: as many as its dims
+                fold[name]["stride"] = fold[name]["stride"][::-1] + [1]
         elif case == "weight":
             fold[name]["steps"][0][1][0] = {"w": "component.not_a_weight"}
         elif case == "extra":

@@ -233,7 +233,7 @@ def test_int8_weight_mm_refuses_what_crashed_the_kernel_before_calling_it():
 def test_recording_folds_writes_down_every_constant_freezing_computes(tmp_path):
     """``recording_folds`` wraps inductor's ``replace_node_with_constant``: every constant the frozen code expects
     that no weight is named after has a recipe, and the recipes replayed give the code what it computes with
-    (output equal to eager in bf16 rounding, packed in oneDNN's layout)."""
+    (output equal to eager in bf16 rounding, packed in oneDNN's layout where oneDNN runs bf16)."""
     from aotpack.artifact import folds
 
     class Two(torch.nn.Module):
@@ -258,7 +258,7 @@ def test_recording_folds_writes_down_every_constant_freezing_computes(tmp_path):
         assert frozen and all(isinstance(recorded.get(f), dict) for f in frozen), (fqns, recorded)
         assert not folds.problems({f: recorded[f] for f in frozen})
         constants = {f: state[f] if f in state else folds.replay(f, recorded[f], state.__getitem__) for f in fqns}
-        assert any(c.is_mkldnn for c in constants.values())
+        assert any(c.is_mkldnn for c in constants.values()) == compat.packs_bf16()  # AVX2: transposes only
         compiled.load_constants(constants, check_full_update=True, user_managed=True)
         out, want = compiled(x), model(x)
     out = out[0] if isinstance(out, (list, tuple)) else out
@@ -309,3 +309,22 @@ def test_a_frozen_int8dq_linear_keeps_int_mm_and_replayable_folds(tmp_path, monk
         out, want = compiled(x), model(x)
     out = out[0] if isinstance(out, (list, tuple)) else out
     assert torch.allclose(out, want, atol=1e-4, rtol=1e-4)
+
+
+def test_what_this_cpu_packs_and_traces_is_what_the_helpers_say():
+    """``packs_bf16``: oneDNN's bf16 weight packing runs here exactly when it says; ``torchao_u8s8``: torchao's int8
+    matmul on this CPU computes a column-sum compensation exactly when it says (a frozen int8dq build folds it)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torchao.kernel.intmm import int_scaled_matmul
+
+    w = torch.randn(16, 32, dtype=torch.bfloat16)
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(w, 4)
+        packed = True
+    except RuntimeError:
+        packed = False
+    assert compat.packs_bf16() == packed
+    a, b = torch.randint(-128, 128, (4, 32), dtype=torch.int8), torch.randint(-128, 128, (32, 16), dtype=torch.int8)
+    graph = make_fx(int_scaled_matmul)(a, b, torch.ones(4, 1))
+    ops = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+    assert any("sum" in o for o in ops) == compat.torchao_u8s8(), ops

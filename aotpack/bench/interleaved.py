@@ -78,22 +78,37 @@ def _cast(kwargs: dict[str, Any], manifest: Any) -> dict[str, Any]:
             if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
 
 
-def _rounds(runs: dict[str, Callable[[], Any]], rounds: int) -> dict[str, dict[str, float]]:
+def _rounds(runs: dict[str, Callable[[], Any]], rounds: int,
+            prune: float | None = None) -> dict[str, dict[str, Any]]:
     """{name: {"median_s", "min_s"}} of every run, each once per round in rotating order (after two first calls:
-    page faults, lazy setup)."""
+    page faults, lazy setup). ``prune``: a run whose second first call took over ``prune`` x the fastest one's
+    joins no round; its entry is that call, with "pruned": True (int8 matmuls on a CPU without int8 units run ~25x
+    slower: ten rounds of them would be most of a matrix's hour, to show what one call shows)."""
     import torch
 
     names = list(runs)
     times: dict[str, list[float]] = {n: [] for n in names}
     with torch.no_grad():
-        for f in runs.values():
-            f(), f()
+        for n, f in runs.items():
+            f()
+            t = time.perf_counter()
+            f()
+            times[n].append(time.perf_counter() - t)
+    cut: dict[str, float] = {}
+    if prune is not None:
+        fastest = min(v[0] for v in times.values())
+        cut = {n: v[0] for n, v in times.items() if v[0] > prune * fastest}
+        names = [n for n in names if n not in cut]
+    times = {n: [] for n in names}
+    with torch.no_grad():
         for i in range(rounds):
             for n in names[i % len(names):] + names[:i % len(names)]:
                 t = time.perf_counter()
                 runs[n]()
                 times[n].append(time.perf_counter() - t)
-    return {n: {"median_s": sorted(v)[len(v) // 2], "min_s": min(v)} for n, v in times.items()}
+    done: dict[str, dict[str, Any]] = {n: {"median_s": sorted(v)[len(v) // 2], "min_s": min(v)}
+                                       for n, v in times.items()}
+    return done | {n: {"median_s": t, "min_s": t, "pruned": True} for n, t in cut.items()}
 
 
 def interleaved(paths: list[str], *, compile_rows: bool = True, rounds: int = 15) -> dict[str, Any]:
@@ -110,6 +125,7 @@ def interleaved(paths: list[str], *, compile_rows: bool = True, rounds: int = 15
 MATRIX_DTYPES = ("float32", "bfloat16")
 MATRIX_SCHEMES = ("none", "int8dq", "int8wo")
 MATRIX_MODES = ("default", "freezing")      # with max_autotune also "max-autotune+freezing"
+PRUNE = 3.0   # a matrix row over this many times the fastest row's first timed call runs no rounds (see _rounds)
 
 
 def _compiled(transformer: Any, kwargs: dict[str, Any], mode: str) -> Callable[[], Any]:
@@ -179,7 +195,7 @@ def matrix(path: str, *, rounds: int = 10, max_autotune: bool = False, dtypes: t
                 rows.append(row)
     with torch.no_grad():
         errors = {name: _error(run(), reference) for name, run in runs.items()}
-    times = _rounds(runs, rounds)
+    times = _rounds(runs, rounds, prune=PRUNE)
     for row in rows:
         row.update(times.get(row["variant"], {}))
         if row["variant"] in errors:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from aotpack.bench.bound import bound_table
+from aotpack.bench.interleaved import PRUNE
 from aotpack.bench.variants import COMPILES, REGIONAL, SHOWN
 
 
@@ -353,7 +354,9 @@ def matrix_table(res: dict) -> list[str]:
              "scheme and inductor mode, once each per round in rotating order in one process "
              f"({res['rounds']} rounds, {res['threads']} threads; every row on the transformer's arguments in one "
              "float32 pipeline call, cast to its dtype); s a forward, and the forward's error: its largest "
-             "difference from the float32 eager model's output (unquantized), relative to that output's largest.",
+             "difference from the float32 eager model's output (unquantized), relative to that output's largest."
+             + (f" A row marked (1 call) took over {PRUNE:g}x the fastest row's first timed call and ran no rounds."
+                if any(r.get("pruned") for r in res["rows"]) else ""),
              "", _matrix_target("the fastest torch.compile variant", art, compiled, "none compiled"),
              _matrix_target(f"the fastest as accurate (error <= {AS_ACCURATE} x the artifact's)", art, close,
                             "none compiled as accurate" if bound is not None else "the artifact's error not measured"),
@@ -361,7 +364,9 @@ def matrix_table(res: dict) -> list[str]:
              "| variant | dtype | scheme | mode | median s | min s | / aotpack | forward error |",
              "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        if "median_s" in r:
+        if r.get("pruned"):  # one call: over PRUNE x the fastest, it ran no rounds
+            cells = f"{r['median_s']:.4f} (1 call) | | {r['median_s'] / art['median_s']:.2f}"
+        elif "median_s" in r:
             cells = f"{r['median_s']:.4f} | {r['min_s']:.4f} | {r['median_s'] / art['median_s']:.2f}"
         else:
             cells = f"fails: {r.get('fails', 'no timing')} | | "

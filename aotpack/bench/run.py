@@ -36,7 +36,8 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
 
     recipe = get_recipe(recipe_name, variant)
     here = describe(device := default_device())
-    dtypes = {q: build_dtype(dtype or recipe.dtype, here, q) for q in [*quants, recipe.default_quant]}
+    default = recipe.default_for(here.device, here.cpu_flags)[0]  # the scheme a plain `aotpack build` takes here
+    dtypes = {q: build_dtype(dtype or recipe.dtype, here, q) for q in [*quants, default]}
     out.mkdir(parents=True, exist_ok=True)
     source = resolve_source(recipe, None, device)  # builtins are made here, once, outside any timed build
     if regional is None:
@@ -67,7 +68,7 @@ def run_bench(recipe_name: str, quants: list[str], *, out: Path, steps: int | No
         loads.update(_load_artifacts(quant, paths))
         if any(v.startswith("compile") for v in variants):  # the forward target, where the box's drift cancels
             inter[quant] = _interleaved(paths)
-    matrix = _matrix(recipe, path_of, builds, records, max_autotune, **build) if compile_matrix else None
+    matrix = _matrix(recipe, default, path_of, builds, records, max_autotune, **build) if compile_matrix else None
     after = matmul_rates(device)  # a busy neighbour for a few seconds halves one reading, never both
     rates = {k: max(v, after.get(k, 0.0)) for k, v in rates.items()}
     info = {**machine(), "matmul_gflops": {k: round(v, 1) for k, v in rates.items()}}
@@ -168,13 +169,13 @@ def _interleaved(paths: dict) -> dict:
     return r
 
 
-def _matrix(recipe: Any, path_of: Callable, builds: dict, records: list[dict], max_autotune: bool,
+def _matrix(recipe: Any, default: str, path_of: Callable, builds: dict, records: list[dict], max_autotune: bool,
             **build: Any) -> dict:
-    """The recipe's default artifact (built first when missing, and in the build table once) against every
-    torch.compile variant, interleaved in one fresh process."""
-    path = path_of(recipe.default_quant, False)
+    """The recipe's default artifact here (scheme ``default``; built first when missing, and in the build table
+    once) against every torch.compile variant, interleaved in one fresh process."""
+    path = path_of(default, False)
     if not any(r.get("path") == str(path) for r in records):  # not a scheme the bench ran
-        _ensure_artifacts(recipe, recipe.default_quant, {"aotpack": path}, {"aotpack": False}, builds, records, **build)
+        _ensure_artifacts(recipe, default, {"aotpack": path}, {"aotpack": False}, builds, records, **build)
     from aotpack.artifact.platform import default_device
 
     others = _frozen(recipe, path, build) if default_device() == "cpu" else []
@@ -195,15 +196,22 @@ FROZEN = (("none", "bfloat16"), ("int8dq", "bfloat16"), ("int8dq", "float32"))
 
 def _frozen(recipe: Any, default: Path, build: dict) -> list[Path]:
     """A CPU matrix's other artifacts: the recipe's model built ``--freeze`` in each of ``FROZEN`` but the default
-    artifact's own (each built when missing; one whose build fails is left out, and the bench says why)."""
+    artifact's own and those this CPU cannot run fast (bf16 without bf16 units, int8 matmuls without int8 units:
+    their torch.compile rows show it); each built when missing; one whose build fails is left out, and the bench
+    says why."""
     from aotpack.artifact import manifest as mf
-    from aotpack.artifact.platform import describe
+    from aotpack.artifact.platform import BF16_UNITS, describe, slow_scheme
     from aotpack.errors import AotpackError
 
-    m = mf.read(default)
+    m, here = mf.read(default), describe()
     paths = []
     for quant, dtype in FROZEN:
         if m.options.freeze and (quant, dtype) == (m.scheme.name, m.dtype):
+            continue
+        slow = slow_scheme(here.device, here.cpu_flags, quant) or (
+            "this CPU has no bf16 units" if dtype == "bfloat16" and not set(BF16_UNITS) & set(here.cpu_flags) else None)
+        if slow:
+            print(f"  compile matrix: no frozen {dtype} {quant} artifact ({slow})", file=sys.stderr)
             continue
         # named as `aotpack build` names it (the bench's own artifact of that scheme where that one is frozen)
         path = _artifact_path(recipe, quant, describe(), default.parent, False, dtype, freeze=True)

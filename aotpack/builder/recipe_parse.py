@@ -77,10 +77,11 @@ def parse_recipe(data: dict, *, source: str = "<recipe>", variant: str | None = 
         problems.append(f"revision must be a 40-hex commit of {fields.get('checkpoint')} (a branch or tag can move)")
     if problems:
         raise RecipeError(f"recipe {source} is invalid: " + "; ".join(problems), "fix the recipe file")
+    quants = tuple([fields["default_quant"]] if isinstance(fields["default_quant"], str) else fields["default_quant"])
     return Recipe(
         name=fields["name"], family=fields["family"], description=fields["description"],
         pipeline=fields["pipeline"], component=fields["component"], checkpoint=fields["checkpoint"],
-        revision=fields.get("revision"), dtype=fields["dtype"], default_quant=fields["default_quant"],
+        revision=fields.get("revision"), dtype=fields["dtype"], default_quant=quants[0], default_quants=quants,
         batch=s["batch"], height=s["height"], width=s["width"], multiple=s["multiple"], step=s["step"],
         max_sequence_length=s["max_sequence_length"], capture=capture, run=run, dynamic=dynamic,
         checkpoint_needs=fields.get("checkpoint_needs"), variant=variant, variants=tuple(sorted(variants)),
@@ -144,9 +145,14 @@ def _ranges(table: Any, problems: list[str]) -> dict[str, tuple[int, ...]]:
 def _check_identity(data: dict, problems: list[str]) -> None:
     for key in sorted(set(data) - _TOP_KEYS):
         problems.append(f"unknown key '{key}'")
-    for key in ("name", "family", "description", "pipeline", "component", "checkpoint", "dtype", "default_quant"):
+    for key in ("name", "family", "description", "pipeline", "component", "checkpoint", "dtype"):
         if not isinstance(data.get(key), str) or not data.get(key):
             problems.append(f"'{key}' must be a non-empty string")
+    quants = data.get("default_quant")
+    if not (isinstance(quants, str) and quants or isinstance(quants, list) and quants
+            and all(isinstance(q, str) and q for q in quants) and len(set(quants)) == len(quants)):
+        problems.append("'default_quant' must be a scheme's name, or a list of distinct names (the first this "
+                        f"machine runs at its speed is the default), got {quants!r}")
     if data.get("dtype") not in (*DTYPES, "auto"):  # auto: what the build machine computes fastest
         problems.append(f"dtype must be one of {', '.join(DTYPES)}, auto, got {data.get('dtype')!r}")
 

@@ -64,6 +64,21 @@ class Recipe:
     # the table this recipe was parsed from, as the manifest records it: an artifact is served from its own recipe
     data: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
     step: int = 0                                  # a request's height/width are multiples of it (0: multiple)
+    default_quants: tuple[str, ...] = ()           # default_quant as a list: the schemes in order of preference
+
+    def default_for(self, device: str, flags: tuple[str, ...] | list[str]) -> tuple[str, str | None]:
+        """The scheme a build on ``device`` (its CPU ``flags``) takes when ``--quant`` is left out, and why when it
+        is not ``default_quant``: the first of ``default_quants`` that does not run many times slower than float32
+        there (``platform.slow_scheme``: int8 matmuls on a CPU without int8 units), else ``default_quant``."""
+        from aotpack.artifact.platform import slow_scheme
+
+        first_slow = slow_scheme(device, flags, self.default_quant)
+        for scheme in (self.default_quants or (self.default_quant,)):
+            if not slow_scheme(device, flags, scheme):
+                return scheme, (None if scheme == self.default_quant else
+                                f"the recipe's default {self.default_quant} is slow here ({first_slow}), so its "
+                                f"next choice: {scheme}")
+        return self.default_quant, None
 
     @property
     def size_step(self) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from aotpack.artifact import manifest as mf
 from aotpack.artifact.files import check_output, verify_files
 from aotpack.artifact.manifest import Options
-from aotpack.artifact.platform import Platform, compute_dtype, default_device, describe, tag
+from aotpack.artifact.platform import Platform, compute_dtype, default_device, describe, slow_scheme, tag
 from aotpack.builder.compile import Reusable
 from aotpack.builder.plan import DEFAULT_BUDGET, read_plan
 from aotpack.builder.recipe import _COMMIT, DTYPES, Recipe, get_recipe, is_local_checkpoint
@@ -158,7 +158,12 @@ def _scheme(quant: str | None, plan: str | os.PathLike | None, error_budget: flo
         if quant not in (None, "auto"):
             raise RecipeError(f"--plan and --quant {quant} contradict each other", "leave --quant out with --plan")
         quant = "auto"
-    quant = quant or r.default_quant
+    if quant is None:
+        quant, why = r.default_for(here.device, here.cpu_flags)
+        if why:
+            log.info("--quant %s: %s", quant, why)
+    elif slow := slow_scheme(here.device, here.cpu_flags, quant):
+        log.warning("--quant %s: %s; --quant none runs faster here, --quant int8wo keeps int8 weights", quant, slow)
     if quant != "auto":
         check_scheme(quant, here.device, here.capability)
         return quant, None

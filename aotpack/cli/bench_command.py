@@ -66,9 +66,10 @@ def bench(recipe, quants, variant, steps, images, out, max_autotune, dtype, regi
     from aotpack.builder.recipe import get_recipe
 
     r = get_recipe(recipe, variant)
-    quants = list(quants) or list(dict.fromkeys(["none", r.default_quant]))
+    here = describe()
+    quants = list(quants) or list(dict.fromkeys(["none", r.default_for(here.device, here.cpu_flags)[0]]))
     name = f"{r.name}-builds" if build_only else r.full_name
-    folder = Path(out) if out else Path("artifacts") / "bench" / (f"{name}-{tag(describe())}"
+    folder = Path(out) if out else Path("artifacts") / "bench" / (f"{name}-{tag(here)}"
                                                                   + (f"-{dtype}" if dtype else ""))
     done = run_bench(recipe, quants, out=folder, steps=steps, images=images, variant=variant,
                      max_autotune=max_autotune, dtype=dtype, regional=regional, build_only=build_only,

@@ -101,7 +101,7 @@ def _refuse_early(recipe: str, quant: str | None, variant: str | None, model: st
     """The refusals that need neither torch nor a model, made before the build imports them (a second instead of
     ten): an unknown recipe or variant, a scheme this device cannot run, a GPU checkpoint on a machine without
     one. The build checks all of them again (the Python API goes straight there)."""
-    from aotpack.artifact.platform import default_device
+    from aotpack.artifact.platform import cpu_flags, default_device
     from aotpack.builder.recipe import get_recipe
     from aotpack.builder.schemes import check_scheme
     from aotpack.builder.derive import DEFAULT_QUANT, is_pipeline_source
@@ -119,7 +119,7 @@ def _refuse_early(recipe: str, quant: str | None, variant: str | None, model: st
     r = get_recipe(recipe, variant)
     if device != "cpu":
         return  # GPU capabilities need torch: the build checks them
-    scheme = quant or r.default_quant
+    scheme = quant or r.default_for(device, cpu_flags())[0]
     if plan is None and scheme != "auto":
         check_scheme(scheme, device)
     if max_autotune:

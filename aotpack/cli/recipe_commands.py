@@ -22,17 +22,17 @@ def recipes(as_json: bool) -> None:
       aotpack recipes
       aotpack recipes --json
     """
-    from aotpack.artifact.platform import default_device
+    from aotpack.artifact.platform import cpu_flags, default_device
     from aotpack.builder.recipe import get_recipe, list_recipes
     from aotpack.builder.schemes import SCHEMES, why_not
 
-    device = default_device()
+    device, flags = default_device(), cpu_flags()
     usable = [name for name, s in SCHEMES.items() if why_not(s, device) is None]
     rows = []
     for name in list_recipes():
         r = get_recipe(name)
         rows.append({"name": name, "description": r.description, "checkpoint": r.checkpoint, "dtype": r.dtype,
-                     "variants": list(r.variants), "default_quant": r.default_quant,
+                     "variants": list(r.variants), "default_quant": r.default_for(device, flags)[0],
                      "build": "regional" if r.regional else "whole-graph",
                      "runs_here": not (r.checkpoint_needs and r.checkpoint_needs != device)})
     if as_json:

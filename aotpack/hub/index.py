@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from aotpack.artifact import manifest as mf
-from aotpack.artifact.platform import compute_dtype, mismatches, tag
+from aotpack.artifact.platform import Platform, compute_dtype, mismatches, slow_scheme, tag
 from aotpack.errors import HubError, IncompatibleArtifactError
 from aotpack.hub.client import INDEX, INDEX_SCHEMA, _SHA256, _constants, _json, _shown
 
@@ -117,7 +117,8 @@ def _index_entry(data: Any, manifest_sha: str, signature_sha: str | None) -> dic
 
 
 def choose_build(index: dict, here: dict, quant: str | None = None, build: str | None = None) -> str:
-    """The build of ``index`` that runs here: ``build`` if named, else exact platform first, then the dtype this
+    """The build of ``index`` that runs here: ``build`` if named, else exact platform first, then a scheme that is
+    not many times slower here (``slow_scheme``: int8 matmuls on a CPU without int8 units), then the dtype this
     machine computes fastest (``compute_dtype``: a bf16 build is the smaller one, yet on a CPU without bf16 units
     it runs several times slower than fp32), then the smallest."""
     if build is not None:
@@ -127,7 +128,7 @@ def choose_build(index: dict, here: dict, quant: str | None = None, build: str |
         candidates = {build: index["builds"][build]}
     else:
         candidates = index["builds"]
-    fits = []
+    fits, h = [], Platform.coerce(here)
     for name, entry in candidates.items():
         if quant and entry.get("scheme") != quant:
             continue
@@ -138,10 +139,11 @@ def choose_build(index: dict, here: dict, quant: str | None = None, build: str |
         except (KeyError, TypeError, AttributeError):
             continue
         fastest = compute_dtype(here, entry.get("scheme"))[0]  # what `--dtype auto` builds this scheme in here
-        fits.append((tag(platform) != tag(here), entry.get("dtype") != fastest, entry.get("size", 0), name))
+        slow = slow_scheme(h.device, h.cpu_flags, entry.get("scheme")) is not None
+        fits.append((tag(platform) != tag(here), slow, entry.get("dtype") != fastest, entry.get("size", 0), name))
     if fits:
         fits.sort()
-        other, slower, size, name = fits[0]
+        other, _, slower, size, name = fits[0]
         why = ("the one named" if build else
                f"{'a compatible' if other else 'the exact'} platform for this machine ({tag(here)})"
                + (f", scheme {quant}" if quant else "")
