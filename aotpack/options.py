@@ -53,7 +53,9 @@ def build_options(f):
 
     @click.argument("recipe")
     @click.option("--quant", "quant", default=None,
-                  help="Quantization scheme (default: the recipe's); 'auto' picks one per layer (see --error-budget).")
+                  help="Quantization scheme (default: the recipe's; a recipe may name several, and this machine "
+                       "gets the first it runs fast: no int8dq on a CPU without VNNI/AMX); 'auto' picks one per "
+                       "layer (see --error-budget).")
     @click.option("--plan", type=click.Path(), default=None,
                   help="Rebuild from the plan.json of an earlier --quant auto build, without timing again.")
     @click.option("--error-budget", type=float, default=None,

@@ -223,3 +223,11 @@ def test_a_pull_on_a_cpu_without_int8_units_passes_over_the_int8dq_build():
     assert choose_build(index, dataclasses.asdict(AVX2)) == "none-cpu"  # not the smallest: ~25x faster here
     assert choose_build(index, dataclasses.asdict(AVX2), quant="int8dq") == "int8dq-cpu"  # asked for
     assert choose_build(index, dataclasses.asdict(VNNI_ONLY)) == "int8dq-cpu"
+
+
+def test_quant_auto_does_not_time_int8dq_where_the_cpu_has_no_int8_units():
+    from aotpack.builder.plan import candidates
+
+    names = {f: [s.name for s in candidates("cpu", flags=p.cpu_flags)] for f, p in (("avx2", AVX2), ("vnni", CASCADE))}
+    assert "int8dq" not in names["avx2"] and "int8dq" in names["vnni"]
+    assert set(names["vnni"]) - set(names["avx2"]) == {"int8dq"} and "int8wo" in names["avx2"]

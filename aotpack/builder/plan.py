@@ -39,8 +39,14 @@ DEFAULT_BUDGET = 0.05
 MAX_PLAN_BYTES = 1 << 20
 
 
-def candidates(device: str, cap: tuple[int, int] | None = None) -> list[Scheme]:
-    return [SCHEMES[n] for n in CANDIDATES if why_not(SCHEMES[n], device, cap) is None]
+def candidates(device: str, cap: tuple[int, int] | None = None, flags: tuple[str, ...] | None = None) -> list[Scheme]:
+    """The schemes a plan times on ``device``: those it can run, less those many times slower than float32 there
+    (``platform.slow_scheme``: int8dq on a CPU without int8 units, ~25x; timing it per layer would cost minutes)."""
+    from aotpack.artifact.platform import cpu_flags, slow_scheme
+
+    flags = cpu_flags() if flags is None else flags
+    return [SCHEMES[n] for n in CANDIDATES
+            if why_not(SCHEMES[n], device, cap) is None and slow_scheme(device, flags, n) is None]
 
 
 class Planner:
