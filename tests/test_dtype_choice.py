@@ -127,7 +127,7 @@ def test_a_pull_prefers_the_build_in_the_dtype_this_machine_computes_fastest():
 
 def test_int8_matmuls_stay_in_float32_on_cpu(monkeypatch, tmp_path, built):
     """int8dq multiplies in int8: float32 carries the rest faster and closer than bf16 (measured, see
-    platform.INT8_MATMUL); flux-blocks' default scheme is int8dq, so its default build is fp32 on every CPU."""
+    platform.INT8_MATMUL); flux-blocks' default scheme is int8dq where the CPU has int8 units, built in fp32."""
     assert compute_dtype(ZEN4, "int8dq")[0] == compute_dtype(AVX2, "int8dq")[0] == "float32"
     assert compute_dtype(ZEN4, "int8wo")[0] == "bfloat16" and compute_dtype(gpu("9.0"), "int8dq")[0] == "bfloat16"
     from aotpack.builder.recipe import get_recipe
@@ -164,13 +164,24 @@ VNNI_ONLY = Platform(cpu_flags=("avx2", "fma", "f16c", "avx_vnni"), **BASE)  # A
 
 
 @pytest.mark.parametrize("here,slow", [(AVX2, True), (CASCADE, False), (ZEN4, False), (SPR, False),
-                                       (VNNI_ONLY, False), (gpu("9.0"), False)],
+                                       (VNNI_ONLY, True), (gpu("9.0"), False)],
                          ids=["avx2", "avx512-vnni", "avx512-bf16", "amx", "avx-vnni", "sm90"])
 def test_int8_matmuls_are_slow_only_on_a_cpu_without_int8_units(here, slow):
-    """Measured on an AVX2-only AMD EPYC: torch runs int8 matmuls there without oneDNN, ~25x slower than fp32."""
+    """Measured on an AVX2-only AMD EPYC: torch runs int8 matmuls there without oneDNN, ~25x slower than fp32;
+    torch takes oneDNN for them only with AVX512-VNNI (``torch.cpu._is_vnni_supported``), so AVX-VNNI alone is
+    slow too."""
     why = plat.slow_scheme(here.device, here.cpu_flags, "int8dq")
-    assert (why is not None) == slow and (not slow or "no int8 dot-product units" in why)
+    assert (why is not None) == slow and (not slow or "without oneDNN" in why)
     assert all(plat.slow_scheme(here.device, here.cpu_flags, s) is None for s in ("none", "int8wo", "auto", None))
+
+
+def test_the_int8_rule_is_torchs_own_on_this_cpu():
+    """On this machine: int8dq is slow by aotpack's flags exactly where torch (and torchao, which asks it) finds no
+    VNNI or AMX to run int8 matmuls on."""
+    import torch
+
+    here = plat.slow_scheme("cpu", plat.cpu_flags(), "int8dq") is None
+    assert here == (torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def test_a_recipe_default_slow_here_gives_way_to_its_next_choice(monkeypatch, tmp_path, built, caplog):
@@ -198,6 +209,10 @@ def test_a_recipe_default_slow_here_gives_way_to_its_next_choice(monkeypatch, tm
     assert tiny.default_for("cpu", AVX2.cpu_flags) == ("int8wo", None)
     only_slow = parse_recipe({**tiny.data, "default_quant": ["int8dq"]})
     assert only_slow.default_for("cpu", AVX2.cpu_flags) == ("int8dq", None)  # nothing else named: the first
+    on(monkeypatch, AVX2)
+    caplog.clear()
+    assert spec_mod.resolve(only_slow, artifacts_dir=tmp_path).quant == "int8dq"
+    assert "--quant int8dq: int8dq multiplies in int8" in caplog.text  # warned as if asked for
 
 
 def test_default_quant_is_a_name_or_a_list_of_distinct_names():
@@ -209,8 +224,13 @@ def test_default_quant_is_a_name_or_a_list_of_distinct_names():
     for bad in ([], ["int8dq", "int8dq"], [1], ["int8dq", ""], "", None, {"int8dq": 1}):
         with pytest.raises(RecipeError, match="'default_quant' must be a scheme's name, or a list of distinct"):
             parse_recipe({**base, "default_quant": bad})
+    with pytest.raises(RecipeError, match="default_quant names an unknown scheme 'nnoe'"):
+        parse_recipe({**base, "default_quant": ["int8dq", "nnoe"]})  # a fallback only some boxes would reach
     r = parse_recipe({**base, "default_quant": ["int8dq", "int8wo"]})
     assert r.default_for("cpu", AVX2.cpu_flags)[0] == "int8wo" and r.default_for("cpu", ZEN4.cpu_flags)[0] == "int8dq"
+    with pytest.raises(ValueError, match="is not the first of"):
+        dataclasses.replace(r, default_quant="none")  # the two fields cannot disagree
+    assert dataclasses.replace(r, default_quant="none", default_quants=()).default_quants == ("none",)
 
 
 def test_a_pull_on_a_cpu_without_int8_units_passes_over_the_int8dq_build():
@@ -222,7 +242,12 @@ def test_a_pull_on_a_cpu_without_int8_units_passes_over_the_int8dq_build():
     index = {"builds": {"int8dq-cpu": entry("int8dq", 500), "none-cpu": entry("none", 2000)}}
     assert choose_build(index, dataclasses.asdict(AVX2)) == "none-cpu"  # not the smallest: ~25x faster here
     assert choose_build(index, dataclasses.asdict(AVX2), quant="int8dq") == "int8dq-cpu"  # asked for
-    assert choose_build(index, dataclasses.asdict(VNNI_ONLY)) == "int8dq-cpu"
+    assert choose_build(index, dataclasses.asdict(VNNI_ONLY)) == "none-cpu"  # AVX-VNNI: torch does not use it
+    # AVX-512 without VNNI (Skylake-X): an AVX2 box's none build over its own platform's int8dq build
+    skx = Platform(cpu_flags=AVX512[:-1], **{**BASE, "isa": "avx512"})
+    index = {"builds": {"int8dq-skx": {**entry("int8dq", 500), "platform": dataclasses.asdict(skx)},
+                        "none-avx2": entry("none", 2000)}}
+    assert plat.tag(skx) != plat.tag(AVX2) and choose_build(index, dataclasses.asdict(skx)) == "none-avx2"
 
 
 def test_quant_auto_does_not_time_int8dq_where_the_cpu_has_no_int8_units():

@@ -67,19 +67,21 @@ BF16_UNITS = ("amx_bf16", "avx512_bf16")
 INT8_MATMUL = ("int8dq",)
 
 
-# The CPU flags of int8 dot-product units: AMX int8 tiles, AVX512-VNNI or AVX-VNNI; torch runs int8 matmuls with
-# oneDNN only where they are (no oneDNN call at all on the box below, ONEDNN_VERBOSE=1). Without them, on a 2-core
-# AMD EPYC with AVX2 only: torch._int_mm at 1.3-4.9 GFLOP/s against 142 GFLOP/s for a float32 matmul, and an
-# int8dq linear (512 x 3072 @ 3072 x 3072) 1.81 s eager, 1.76 s compiled, against 0.069 s in float32 (26x).
-INT8_UNITS = ("amx_int8", "avx512_vnni", "avx_vnni")
+# The CPU flags of the int8 units torch's CPU int8 matmul (``torch._int_mm``) runs on: AMX int8 tiles or
+# AVX512-VNNI. torch takes oneDNN for it only with AVX512-VNNI (``torch.cpu._is_vnni_supported`` checks only that
+# flag, and torchao follows it; AVX-VNNI without AVX-512 is not used), else a reference loop: on a 2-core AMD EPYC
+# with AVX2 only, no oneDNN call at all (ONEDNN_VERBOSE=1), torch._int_mm at 1.3-4.9 GFLOP/s against 142 GFLOP/s
+# for a float32 matmul, and an int8dq linear (512 x 3072 @ 3072 x 3072) 1.81 s eager, 1.76 s compiled, against
+# 0.069 s in float32 (26x).
+INT8_UNITS = ("amx_int8", "avx512_vnni")
 
 
 def slow_scheme(device: str, flags: tuple[str, ...] | list[str], scheme: str | None) -> str | None:
     """Why ``scheme`` runs many times slower than float32 ``none`` on a machine (``device``, its CPU ``flags``),
     or None: int8 matmuls on a CPU without int8 dot-product units."""
     if device == "cpu" and scheme in INT8_MATMUL and not any(f in flags for f in INT8_UNITS):
-        return (f"{scheme} multiplies in int8, and this CPU has no int8 dot-product units (neither amx_int8 nor "
-                "avx512_vnni nor avx_vnni): ~25x slower than float32 here")
+        return (f"{scheme} multiplies in int8, and torch runs int8 matmuls on this CPU without oneDNN (it has "
+                "neither avx512_vnni nor amx_int8): ~25x slower than float32 here")
     return None
 
 

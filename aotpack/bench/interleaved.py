@@ -78,28 +78,31 @@ def _cast(kwargs: dict[str, Any], manifest: Any) -> dict[str, Any]:
             if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
 
 
-def _rounds(runs: dict[str, Callable[[], Any]], rounds: int,
-            prune: float | None = None) -> dict[str, dict[str, Any]]:
-    """{name: {"median_s", "min_s"}} of every run, each once per round in rotating order (after two first calls:
-    page faults, lazy setup). ``prune``: a run whose second first call took over ``prune`` x the fastest one's
-    joins no round; its entry is that call, with "pruned": True (int8 matmuls on a CPU without int8 units run ~25x
-    slower: ten rounds of them would be most of a matrix's hour, to show what one call shows)."""
+def _rounds(runs: dict[str, Callable[[], Any]], rounds: int, prune: float | None = None,
+            keep: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """{name: {"median_s", "min_s"}} of every run, each once per round in rotating order (after first calls: page
+    faults, lazy setup). ``prune``: a run (other than those in ``keep``) whose faster of two timed first calls took
+    over ``prune`` x the fastest run's joins no round; its entry is that call, with "pruned": True (int8 matmuls on
+    a CPU without int8 units run ~25x slower: ten rounds of them would be most of a matrix's hour, to show what one
+    call shows)."""
     import torch
 
     names = list(runs)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    first: dict[str, float] = {}
     with torch.no_grad():
         for n, f in runs.items():
             f()
-            t = time.perf_counter()
-            f()
-            times[n].append(time.perf_counter() - t)
-    cut: dict[str, float] = {}
-    if prune is not None:
-        fastest = min(v[0] for v in times.values())
-        cut = {n: v[0] for n, v in times.items() if v[0] > prune * fastest}
-        names = [n for n in names if n not in cut]
-    times = {n: [] for n in names}
+            if prune is None:
+                f()
+                continue
+            for _ in range(2):
+                t = time.perf_counter()
+                f()
+                first[n] = min(first.get(n, float("inf")), time.perf_counter() - t)
+    fastest = min(first.values(), default=0.0)
+    cut = {n: t for n, t in first.items() if prune is not None and n not in keep and t > prune * fastest}
+    names = [n for n in names if n not in cut]
+    times: dict[str, list[float]] = {n: [] for n in names}
     with torch.no_grad():
         for i in range(rounds):
             for n in names[i % len(names):] + names[:i % len(names)]:
@@ -195,7 +198,7 @@ def matrix(path: str, *, rounds: int = 10, max_autotune: bool = False, dtypes: t
                 rows.append(row)
     with torch.no_grad():
         errors = {name: _error(run(), reference) for name, run in runs.items()}
-    times = _rounds(runs, rounds, prune=PRUNE)
+    times = _rounds(runs, rounds, prune=PRUNE, keep=("aotpack",))  # the default: every ratio is to it
     for row in rows:
         row.update(times.get(row["variant"], {}))
         if row["variant"] in errors:

@@ -153,6 +153,12 @@ def _check_identity(data: dict, problems: list[str]) -> None:
             and all(isinstance(q, str) and q for q in quants) and len(set(quants)) == len(quants)):
         problems.append("'default_quant' must be a scheme's name, or a list of distinct names (the first this "
                         f"machine runs at its speed is the default), got {quants!r}")
+    else:
+        from aotpack.builder.schemes import SCHEMES
+
+        for q in [quants] if isinstance(quants, str) else quants:  # a fallback is checked where no box takes it
+            if q not in SCHEMES and q != "auto":
+                problems.append(f"default_quant names an unknown scheme {q!r} (schemes: {', '.join(SCHEMES)}, auto)")
     if data.get("dtype") not in (*DTYPES, "auto"):  # auto: what the build machine computes fastest
         problems.append(f"dtype must be one of {', '.join(DTYPES)}, auto, got {data.get('dtype')!r}")
 

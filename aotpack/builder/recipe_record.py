@@ -66,6 +66,12 @@ class Recipe:
     step: int = 0                                  # a request's height/width are multiples of it (0: multiple)
     default_quants: tuple[str, ...] = ()           # default_quant as a list: the schemes in order of preference
 
+    def __post_init__(self) -> None:
+        if not self.default_quants:
+            object.__setattr__(self, "default_quants", (self.default_quant,))
+        elif self.default_quants[0] != self.default_quant:
+            raise ValueError(f"default_quant {self.default_quant!r} is not the first of {self.default_quants!r}")
+
     def default_for(self, device: str, flags: tuple[str, ...] | list[str]) -> tuple[str, str | None]:
         """The scheme a build on ``device`` (its CPU ``flags``) takes when ``--quant`` is left out, and why when it
         is not ``default_quant``: the first of ``default_quants`` that does not run many times slower than float32
@@ -73,7 +79,7 @@ class Recipe:
         from aotpack.artifact.platform import slow_scheme
 
         first_slow = slow_scheme(device, flags, self.default_quant)
-        for scheme in (self.default_quants or (self.default_quant,)):
+        for scheme in self.default_quants:
             if not slow_scheme(device, flags, scheme):
                 return scheme, (None if scheme == self.default_quant else
                                 f"the recipe's default {self.default_quant} is slow here ({first_slow}), so its "

@@ -162,7 +162,7 @@ def _scheme(quant: str | None, plan: str | os.PathLike | None, error_budget: flo
         quant, why = r.default_for(here.device, here.cpu_flags)
         if why:
             log.info("--quant %s: %s", quant, why)
-    elif slow := slow_scheme(here.device, here.cpu_flags, quant):
+    if slow := slow_scheme(here.device, here.cpu_flags, quant):  # asked for, or the recipe's only default
         log.warning("--quant %s: %s; --quant none runs faster here, --quant int8wo keeps int8 weights", quant, slow)
     if quant != "auto":
         check_scheme(quant, here.device, here.capability)

@@ -37,7 +37,8 @@ from aotpack.options import json_option, quiet_option
                    "max-autotune + freezing), interleaved in one process, each with its forward error against "
                    "the float32 eager model: is the box's default the fastest, and the fastest as accurate? "
                    "On a CPU the other frozen builds (bf16 none, bf16 int8dq, fp32 int8dq) run beside it "
-                   "(built when missing). "
+                   "(built when missing; not those the CPU runs slowly: bf16 without bf16 units, int8dq without "
+                   "VNNI/AMX); a variant over 3x the fastest in its first calls joins no round. "
                    "(12 compiles at real width: ~15 min on 2 cores, ~15 GiB.)")
 @json_option
 def bench(recipe, quants, variant, steps, images, out, max_autotune, dtype, regional, build_only, compile_matrix,
@@ -56,7 +57,7 @@ def bench(recipe, quants, variant, steps, images, out, max_autotune, dtype, regi
       aotpack bench flux-blocks --quant none --quant int8wo --quant auto   # real width: `make bench`
       aotpack bench flux-blocks --quant int8wo --no-regional     # whole graph only
       aotpack bench flux-blocks --quant none --dtype float32     # beside the default (bf16 where the CPU has bf16 units)
-      aotpack bench flux-blocks --quant int8dq --compile-matrix  # the default against every torch.compile variant
+      aotpack bench flux-blocks --compile-matrix   # the box's default against every torch.compile variant
       aotpack bench flux-depth --quant int8wo --build-only --variant shallow   # 1 + 1 blocks
       aotpack bench flux-depth --quant int8wo --build-only       # 19 + 38 blocks, same table
     """

@@ -54,12 +54,14 @@ def recipes(as_json: bool) -> None:
 @quiet_option
 def schemes() -> None:
     """List every quantization scheme, the torchao config behind it and the hardware it needs."""
-    from aotpack.artifact.platform import default_device
+    from aotpack.artifact.platform import cpu_flags, default_device, slow_scheme
     from aotpack.builder.schemes import SCHEMES, why_not
 
-    device = default_device()
+    device, flags = default_device(), cpu_flags()
     for name, s in SCHEMES.items():
         status = "ok here" if why_not(s, device) is None else f"not here (use {s.instead})"
+        if status == "ok here" and slow_scheme(device, flags, name):
+            status = "ok here, ~25x slower than float32 (no VNNI/AMX)"
         click.echo(f"{name:<10} {s.description:<52} needs {s.needs():<30} {status}")
     from aotpack.builder.plan import candidates
 

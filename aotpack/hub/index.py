@@ -117,8 +117,8 @@ def _index_entry(data: Any, manifest_sha: str, signature_sha: str | None) -> dic
 
 
 def choose_build(index: dict, here: dict, quant: str | None = None, build: str | None = None) -> str:
-    """The build of ``index`` that runs here: ``build`` if named, else exact platform first, then a scheme that is
-    not many times slower here (``slow_scheme``: int8 matmuls on a CPU without int8 units), then the dtype this
+    """The build of ``index`` that runs here: ``build`` if named, else a scheme that is not many times slower here
+    (``slow_scheme``: int8 matmuls on a CPU without int8 units), then the exact platform, then the dtype this
     machine computes fastest (``compute_dtype``: a bf16 build is the smaller one, yet on a CPU without bf16 units
     it runs several times slower than fp32), then the smallest."""
     if build is not None:
@@ -140,13 +140,15 @@ def choose_build(index: dict, here: dict, quant: str | None = None, build: str |
             continue
         fastest = compute_dtype(here, entry.get("scheme"))[0]  # what `--dtype auto` builds this scheme in here
         slow = slow_scheme(h.device, h.cpu_flags, entry.get("scheme")) is not None
-        fits.append((tag(platform) != tag(here), slow, entry.get("dtype") != fastest, entry.get("size", 0), name))
+        fits.append((slow, tag(platform) != tag(here), entry.get("dtype") != fastest, entry.get("size", 0), name))
     if fits:
         fits.sort()
-        other, _, slower, size, name = fits[0]
+        passed_over, other, slower, size, name = fits[0]
         why = ("the one named" if build else
                f"{'a compatible' if other else 'the exact'} platform for this machine ({tag(here)})"
                + (f", scheme {quant}" if quant else "")
+               + ("" if passed_over or not any(f[0] for f in fits) else
+                  ", passing over a scheme many times slower here (int8 matmuls without int8 units)")
                + ("" if slower or len(fits) == 1 else ", in the dtype it computes that scheme fastest in")
                + (f", the smallest of {len(fits)} that fit" if len(fits) > 1 else "")
                + (f"; {len(index['builds']) - len(fits)} other build(s) do not fit" if len(index["builds"]) > len(fits)
