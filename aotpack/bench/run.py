@@ -214,7 +214,7 @@ def _frozen(recipe: Any, default: Path, build: dict) -> list[Path]:
             print(f"  compile matrix: no frozen {dtype} {quant} artifact ({slow})", file=sys.stderr)
             continue
         # named as `aotpack build` names it (the bench's own artifact of that scheme where that one is frozen)
-        path = _artifact_path(recipe, quant, describe(), default.parent, False, dtype, freeze=True)
+        path = _artifact_path(recipe, quant, here, default.parent, False, dtype, freeze=True)
         if not (path / "manifest.json").is_file():
             try:
                 build_artifact(recipe.name, quant, path, regional=False, variant=build.get("variant"),
