@@ -156,6 +156,30 @@ def test_the_forward_target_is_against_the_fastest_torch_compile_variant():
     assert bound_table(rows, {}) == []  # no rates measured: no section
 
 
+def test_a_dtype_with_no_fast_kernel_is_timed_on_a_sliver_of_rows_within_the_budget(monkeypatch):
+    """The matmul bound costs seconds on any box: a dtype whose full call would pass SLOW_CALL_S is timed on
+    PROBE_ROWS rows, and each dtype for at most BUDGET_S after two timed calls (an AVX2-only box once spent ~10
+    minutes here: bf16 at 0.45 GFLOP/s, 21 s a call, best of 10, twice)."""
+    import torch
+
+    from aotpack.bench import bound
+
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(torch, "matmul", lambda a, b: calls.append((str(a.dtype), a.shape[0])))
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(("int8", a.shape[0])))
+    seconds = {}
+    monkeypatch.setattr(bound, "_timed", lambda run, sync: (run(), seconds[calls[-1][0]])[1])
+    seconds.update({"torch.float32": 1e-4, "torch.bfloat16": 1.5, "int8": 0.05})
+    rates = bound.matmul_rates("cpu", repeats=10)
+    per = {d: [rows for dt, rows in calls if dt == d] for d in seconds}
+    assert per["torch.float32"] == [bound.PROBE_ROWS] * 2 + [bound.M] * 10  # fast: the full shape, ten calls
+    assert per["torch.bfloat16"] == [bound.PROBE_ROWS] * 4  # 16 x 1.5 s would pass 0.2 s: two probes, two calls
+    assert per["int8"] == [bound.PROBE_ROWS] * 2 + [bound.PROBE_ROWS] * 10  # 0.8 s a full call; 0.05 s each fits
+    flop = 2 * bound.K * bound.N
+    assert rates["float32"] == pytest.approx(flop * bound.M / 1e-4 / 1e9)
+    assert rates["bfloat16"] == pytest.approx(flop * bound.PROBE_ROWS / 1.5 / 1e9)
+
+
 def test_the_plan_is_printed_before_anything_runs_with_an_estimate_from_the_last_run(tmp_path, capsys):
     import json
 
