@@ -86,7 +86,9 @@ def _artifact_path(recipe: Any, quant: str, here: Any, artifacts_dir: Path, regi
     from aotpack.builder.schemes import freezes_by_default
     from aotpack.builder.spec import default_out
 
-    options = Options(freeze=freezes_by_default(recipe, here.device, quant) if freeze is None else freeze)
+    if freeze is None:  # as the build decides it (spec.resolve)
+        freeze = freezes_by_default(recipe, here.device, quant, flags=here.cpu_flags, dtype=dtype)
+    options = Options(freeze=freeze)
     return default_out(recipe.full_name, quant, tag(here), artifacts_dir, regional=regional, options=options,
                        dtype=dtype, default_dtype=recipe.dtype)
 
@@ -191,7 +193,9 @@ def _matrix(recipe: Any, default: str, path_of: Callable, builds: dict, records:
 # The frozen artifacts a CPU matrix runs beside the default (scheme, dtype): the fastest torch.compile variants
 # measured were bf16 none + freezing (an AMX box), bf16 int8dq + freezing (another AMX box) and fp32 int8dq +
 # freezing (AVX512-BF16 + VNNI): one bench run on a box shows which artifact is its fastest.
-FROZEN = (("none", "bfloat16"), ("int8dq", "bfloat16"), ("int8dq", "float32"))
+# float32 none too: where the default does not freeze it (platform.freeze_gains_nothing), the matrix shows what
+# freezing would have given
+FROZEN = (("none", "bfloat16"), ("int8dq", "bfloat16"), ("int8dq", "float32"), ("none", "float32"))
 
 
 def _frozen(recipe: Any, default: Path, build: dict) -> list[Path]:

@@ -6,9 +6,12 @@ Each scheme says what hardware it needs, so that a build fails in one line befor
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable
 
 from aotpack.errors import SchemeError
+
+log = logging.getLogger("aotpack")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,10 +149,16 @@ FREEZABLE = ("none", "int8dq")
 
 
 def freezes_by_default(recipe: Any, device: str, quant: str, *, lora: bool = False, compile_vae: bool = False,
-                       reuse: bool = False) -> bool:
-    """Whether a build without --freeze/--no-freeze freezes: where its recipe says ``freeze = true`` and an
-    explicit --freeze would be taken (``check_freeze``: one rule for both)."""
+                       reuse: bool = False, flags: tuple[str, ...] | None = None, dtype: str | None = None) -> bool:
+    """Whether a build without --freeze/--no-freeze freezes: where its recipe says ``freeze = true``, an explicit
+    --freeze would be taken (``check_freeze``: one rule for both), and, where the build's CPU ``flags`` and
+    ``dtype`` are known, freezing gains something there (``platform.freeze_gains_nothing``)."""
+    from aotpack.artifact.platform import freeze_gains_nothing
+
     if not recipe.freeze:
+        return False
+    if flags is not None and (why := freeze_gains_nothing(device, flags, dtype, quant)):
+        log.info("no freezing: %s (--freeze freezes anyway)", why)
         return False
     try:
         check_freeze(device, lora, quant=quant, compile_vae=compile_vae, reuse=reuse)

@@ -130,8 +130,8 @@ def resolve(
         check_max_autotune(here.device)
     regional = r.regional if regional is None else regional
     if freeze is None:  # the recipe's default holds only where freezing can (an explicit --freeze is checked)
-        freeze = freezes_by_default(r, here.device, quant, lora=lora_request is not None,
-                                    compile_vae=bool(compile_vae), reuse=reuse is not None)
+        freeze = freezes_by_default(r, here.device, quant, lora=lora_request is not None, compile_vae=bool(compile_vae),
+                                    reuse=reuse is not None, flags=here.cpu_flags, dtype=dtype)
     if freeze:
         check_freeze(here.device, lora_request is not None, quant=quant,
                      compile_vae=bool(compile_vae), reuse=reuse is not None)
