@@ -240,6 +240,9 @@ def test_a_recipe_freezes_float32_none_only_where_oneDNN_packing_pays(monkeypatc
     on(monkeypatch, here)
     spec = spec_mod.resolve(blocks, "none", dtype="float32", artifacts_dir=tmp_path)
     assert spec.options.freeze == gains and ("-frozen" in spec.out.name) == gains
+    from aotpack.bench.run import _artifact_path  # the bench names (and finds) the artifact the build makes
+
+    assert _artifact_path(blocks, "none", here, tmp_path, blocks.regional, "float32") == spec.out
     assert ("no freezing: float32 weights packed for oneDNN" in caplog.text) == (not gains)
     assert spec_mod.resolve(blocks, "none", dtype="float32", freeze=True, artifacts_dir=tmp_path).options.freeze
 

@@ -182,6 +182,22 @@ def test_job_command_and_environment_hold_no_token(online, monkeypatch, tmp_path
     assert "base64 -d > plan.json" in planned and "--plan plan.json" in planned and str(plan) not in planned
 
 
+def test_a_build_the_plan_names_frozen_is_built_frozen_whatever_the_jobs_cpu(online):  # noqa: F811
+    """flux-blocks freezes by default; on a CPU where freezing gains nothing (float32 none without AVX-512) a plain
+    build does not. The job's CPU is unknown when the farm plans, so the plan names the recipe's default and the
+    job's command says --freeze: the build pushed is the one named. --no-freeze, and a GPU cell, say nothing."""
+    cell = farm.Cell(recipe="flux-blocks", scheme="none", flavor="cpu-upgrade", repo_id="me/fb")
+    [planned] = farm.plan_farm([cell])
+    assert "frozen" in planned.build, planned.build
+    assert "--quant none --freeze --push me/fb" in farm.job_command(cell)[-1]
+    unfrozen = farm.Cell(recipe="flux-blocks", scheme="none", flavor="cpu-upgrade", repo_id="me/fb",
+                         options=("--no-freeze",))
+    [planned] = farm.plan_farm([unfrozen])
+    assert "frozen" not in planned.build and "--freeze" not in farm.job_command(unfrozen)[-1].replace("no-freeze", "")
+    gpu = farm.Cell(recipe="flux-blocks", scheme="none", flavor="h200", repo_id="me/fb")
+    assert "--freeze" not in farm.job_command(gpu)[-1]
+
+
 def test_interrupt_cancels_the_job(hub, jobs, online, caplog):  # noqa: F811
     import logging
 

@@ -193,9 +193,9 @@ def _matrix(recipe: Any, default: str, path_of: Callable, builds: dict, records:
 # The frozen artifacts a CPU matrix runs beside the default (scheme, dtype): the fastest torch.compile variants
 # measured were bf16 none + freezing (an AMX box), bf16 int8dq + freezing (another AMX box) and fp32 int8dq +
 # freezing (AVX512-BF16 + VNNI): one bench run on a box shows which artifact is its fastest.
-# float32 none too: where the default does not freeze it (platform.freeze_gains_nothing), the matrix shows what
-# freezing would have given
-FROZEN = (("none", "bfloat16"), ("int8dq", "bfloat16"), ("int8dq", "float32"), ("none", "float32"))
+# and float32 none where the default does not freeze it (platform.freeze_gains_nothing): what freezing would give
+FROZEN = (("none", "bfloat16"), ("int8dq", "bfloat16"), ("int8dq", "float32"))
+FROZEN_UNGAINED = ("none", "float32")
 
 
 def _frozen(recipe: Any, default: Path, build: dict) -> list[Path]:
@@ -204,12 +204,13 @@ def _frozen(recipe: Any, default: Path, build: dict) -> list[Path]:
     their torch.compile rows show it); each built when missing; one whose build fails is left out, and the bench
     says why."""
     from aotpack.artifact import manifest as mf
-    from aotpack.artifact.platform import BF16_UNITS, describe, slow_scheme
+    from aotpack.artifact.platform import BF16_UNITS, describe, freeze_gains_nothing, slow_scheme
     from aotpack.errors import AotpackError
 
     m, here = mf.read(default), describe()
     paths = []
-    for quant, dtype in FROZEN:
+    ungained = [FROZEN_UNGAINED] if freeze_gains_nothing(here.device, here.cpu_flags, *FROZEN_UNGAINED[::-1]) else []
+    for quant, dtype in [*FROZEN, *ungained]:
         if m.options.freeze and (quant, dtype) == (m.scheme.name, m.dtype):
             continue
         slow = slow_scheme(here.device, here.cpu_flags, quant) or (

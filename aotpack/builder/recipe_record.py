@@ -58,7 +58,7 @@ class Recipe:
     output: str = "image"                          # "image" or "video"
     blocks: tuple[str, ...] = ()                   # block classes to compile regionally (default: _repeated_blocks)
     regional: bool = False                         # build regionally unless --whole-graph
-    freeze: bool = False                           # CPU builds of none / int8dq freeze unless --no-freeze
+    freeze: bool = False                           # CPU builds of none / int8dq freeze where it gains (not --no-freeze)
     block_inputs: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # dims of the blocks' inputs
     ranges: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # [ranges]: dims set outright
     # the table this recipe was parsed from, as the manifest records it: an artifact is served from its own recipe

@@ -6,12 +6,9 @@ Each scheme says what hardware it needs, so that a build fails in one line befor
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any, Callable
 
 from aotpack.errors import SchemeError
-
-log = logging.getLogger("aotpack")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,14 +154,11 @@ def freezes_by_default(recipe: Any, device: str, quant: str, *, lora: bool = Fal
 
     if not recipe.freeze:
         return False
-    if flags is not None and (why := freeze_gains_nothing(device, flags, dtype, quant)):
-        log.info("no freezing: %s (--freeze freezes anyway)", why)
-        return False
     try:
         check_freeze(device, lora, quant=quant, compile_vae=compile_vae, reuse=reuse)
     except SchemeError:
         return False
-    return True
+    return flags is None or freeze_gains_nothing(device, flags, dtype, quant) is None
 
 
 def check_freeze(device: str, lora: bool, *, quant: str = "none", compile_vae: bool = False,

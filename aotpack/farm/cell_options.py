@@ -75,3 +75,19 @@ def _check_local_files(params: dict) -> None:
     if model and (os.path.exists(model) or model.startswith(("/", "./", "../", "~"))):
         raise FarmError(f"--model {one_line(model, 120)} is a local folder, which a job cannot read",
                         "pass a Hub repo id as --model")
+
+
+def recipe_defaults(recipe: Any, params: dict, device: str, scheme: str) -> dict[str, bool]:
+    """The options a job's build takes from its recipe where the cell says nothing (--regional, --freeze): they
+    name the build it pushes as much as typed ones do. The job's CPU is unknown here, so --freeze is decided by the
+    recipe alone and said on the job's command line (``job_script``): the job builds what the plan named."""
+    from aotpack.builder.schemes import freezes_by_default
+
+    out = {}
+    if params.get("regional") is None and recipe.regional:
+        out["regional"] = True
+    if params.get("freeze") is None and freezes_by_default(
+            recipe, device, scheme, lora=params.get("lora") is not None, compile_vae=bool(params.get("compile_vae")),
+            reuse=params.get("reuse") is not None):
+        out["freeze"] = True
+    return out

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from aotpack._version import __version__
 from aotpack.errors import AotpackError, FarmError, one_line
-from aotpack.farm.cell_options import _check_local_files, _parsed
+from aotpack.farm.cell_options import _check_local_files, _parsed, recipe_defaults
 from aotpack.farm.cells import Cell, _cap, flavor_platform
 
 _PLAN_HINT = "pass the plan.json of an earlier --quant auto build"
@@ -101,9 +101,20 @@ def job_command(cell: Cell, *, tag_in_job: bool = True, uploads: Sequence[Upload
         options[i + 1] = upload.name
     args = ["aotpack", "build", cell.recipe, "--quant", cell.scheme]
     args += ["--variant", cell.variant] if cell.variant else []
-    args += options + ["--push", cell.repo] + (["--tag", cell.tag] if cell.tag and tag_in_job else [])
+    args += options + _named_freeze(cell, params) + ["--push", cell.repo]
+    args += ["--tag", cell.tag] if cell.tag and tag_in_job else []
     lines.append(" ".join(shlex.quote(a) for a in args))
     return ["sh", "-c", "\n".join(lines)]
+
+
+def _named_freeze(cell: Cell, params: dict) -> list[str]:
+    """``--freeze`` where the plan named the build frozen from its recipe's default (``recipe_defaults``): a job
+    on a CPU where freezing gains nothing would otherwise build, and push, another build than the one named."""
+    from aotpack.builder.recipe import get_recipe
+
+    device = flavor_platform(cell.flavor)[0]
+    named = recipe_defaults(get_recipe(cell.recipe, cell.variant), params, device, cell.scheme)
+    return ["--freeze"] if named.get("freeze") else []
 
 
 def _job_env() -> dict[str, str]:

@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any, Sequence
 
 from aotpack.errors import AotpackError, FarmError, one_line
-from aotpack.farm.cell_options import _check_local_files, _parsed
+from aotpack.farm.cell_options import _check_local_files, _parsed, recipe_defaults
 from aotpack.farm.cells import Cell, _cap, _timeout_problem, flavor_platform, platform_label
 from aotpack.farm.job_script import Upload, uploads_of
 
@@ -96,7 +96,7 @@ def _plan_cell(planned: Planned, hardware: dict[str, Any] | None, checkpoints: d
     except ValueError:
         raise FarmError(f"repo {repo!r} is not owner/name", "e.g. repo = \"me/{recipe}-aot\"") from None
     checkpoints.setdefault(repo, set()).add(recipe.full_name)
-    options = {k: params.get(k) for k in _OPTION_NAMES if params.get(k)} | _recipe_defaults(recipe, params, device,
+    options = {k: params.get(k) for k in _OPTION_NAMES if params.get(k)} | recipe_defaults(recipe, params, device,
                                                                                           cell.scheme)
     # a CPU flavor's ISA is known once its job runs
     planned.build = name_of(cell.scheme, options, False, planned.platform if cap else "cpu-...")
@@ -105,21 +105,6 @@ def _plan_cell(planned: Planned, hardware: dict[str, Any] | None, checkpoints: d
         raise FarmError(f"{one_line(other.flavor, 60)} and {one_line(cell.flavor, 60)} would both push "
                         f"{planned.build} into {repo}",
                         "keep one of them (the build name does not tell them apart)")
-
-
-def _recipe_defaults(recipe: Any, params: dict, device: str, scheme: str) -> dict[str, bool]:
-    """The options a job's build takes from its recipe where the cell says nothing (--regional, --freeze): they
-    name the build it pushes as much as typed ones do."""
-    from aotpack.builder.schemes import freezes_by_default
-
-    out = {}
-    if params.get("regional") is None and recipe.regional:
-        out["regional"] = True
-    if params.get("freeze") is None and freezes_by_default(
-            recipe, device, scheme, lora=params.get("lora") is not None, compile_vae=bool(params.get("compile_vae")),
-            reuse=params.get("reuse") is not None):
-        out["freeze"] = True
-    return out
 
 
 def check_farm(cells: Sequence[Cell], *, token: str | None = None) -> list[Planned]:
