@@ -219,7 +219,7 @@ def test_a_recipe_default_slow_here_gives_way_to_its_next_choice(monkeypatch, tm
                                         (SPR, True)], ids=["avx2", "avx-vnni", "avx512-vnni", "avx512-bf16", "amx"])
 def test_a_recipe_freezes_float32_none_only_where_oneDNN_packing_pays(monkeypatch, tmp_path, here, gains, caplog):
     """Measured on an AVX2-only AMD EPYC: the frozen fp32 none flux-blocks artifact ran no faster than the unfrozen
-    one (1.38 vs 1.34 s a forward, 40 interleaved rounds) and its cold start was ~4 s longer (packing 2 GiB), so a
+    one (1.38 vs 1.34 s a forward, 40 interleaved rounds) and every load packed 2 GiB (1.1 s against 0.1 s), so a
     recipe's ``freeze = true`` does not freeze float32 none on a CPU without AVX-512; --freeze still does, and every
     other dtype and scheme freezes as before."""
     import logging

@@ -92,8 +92,8 @@ def freeze_gains_nothing(device: str, flags: tuple[str, ...] | list[str], dtype:
     Ahead of time, freezing packs a float32 linear weight for oneDNN, never for MKL's packed GEMM (inductor keeps
     that for torch.compile). Without AVX-512 oneDNN's packed float32 linears ran no faster than the unfrozen
     artifact's plain GEMM, and packing cost seconds at every load: flux-blocks fp32 ``none`` on a 2-core AVX2-only
-    AMD EPYC, 1.38 s a forward frozen against 1.34 s unfrozen (medians of 40 interleaved rounds), cold start 15.1-16.5
-    s against 11.6-11.8 s (4.1 s of it packing 2 GiB)."""
+    AMD EPYC, 1.378 s a forward frozen against 1.339 s unfrozen (medians of 40 interleaved rounds); a warm load 1.1 s
+    against 0.1 s (packing 2 GiB), a cold start's median 12.7 s against 11.7 s."""
     if device == "cpu" and dtype == "float32" and scheme == "none" and "avx2" in flags and "avx512f" not in flags:
         return ("float32 weights packed for oneDNN run no faster than the plain GEMM on a CPU without AVX-512, "
                 "and packing them costs seconds at every load")
