@@ -81,7 +81,7 @@ def build_options(f):
                   help="CPU: compile with inductor's freezing (weights transposed and packed in oneDNN's layout, "
                        "replayed from the artifact's weights at load and on a LoRA swap). With --quant none or "
                        "int8dq; not with --lora, --compile-vae or --reuse. Default: the recipe's (flux-blocks "
-                       "freezes where it can and gains: not float32 none on a CPU without AVX-512).")
+                       "freezes where it can).")
     @click.option("--reuse", type=click.Path(), default=None,
                   help="Take the compiled code of this artifact instead of compiling, when the graph is the same "
                        "(e.g. other weights or a LoRA).")

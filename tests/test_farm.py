@@ -183,9 +183,9 @@ def test_job_command_and_environment_hold_no_token(online, monkeypatch, tmp_path
 
 
 def test_a_build_the_plan_names_frozen_is_built_frozen_whatever_the_jobs_cpu(online):  # noqa: F811
-    """flux-blocks freezes by default; on a CPU where freezing gains nothing (float32 none without AVX-512) a plain
-    build does not. The job's CPU is unknown when the farm plans, so the plan names the recipe's default and the
-    job's command says --freeze: the build pushed is the one named. --no-freeze, and a GPU cell, say nothing."""
+    """flux-blocks freezes by default. The job's CPU is unknown when the farm plans, so the plan names the recipe's
+    default and the job's command says --freeze: the build pushed is the one named, whatever default the job's
+    aotpack has. --no-freeze, and a GPU cell, say nothing."""
     cell = farm.Cell(recipe="flux-blocks", scheme="none", flavor="cpu-upgrade", repo_id="me/fb")
     [planned] = farm.plan_farm([cell])
     assert "frozen" in planned.build, planned.build

@@ -85,21 +85,6 @@ def slow_scheme(device: str, flags: tuple[str, ...] | list[str], scheme: str | N
     return None
 
 
-def freeze_gains_nothing(device: str, flags: tuple[str, ...] | list[str], dtype: str | None,
-                         scheme: str | None) -> str | None:
-    """Why inductor's freezing would not pay for a build on this machine (``device``, its CPU ``flags``), or None
-    (also where it was not measured: CPUs other than x86 with AVX2).
-    Ahead of time, freezing packs a float32 linear weight for oneDNN, never for MKL's packed GEMM (inductor keeps
-    that for torch.compile). Without AVX-512 oneDNN's packed float32 linears ran no faster than the unfrozen
-    artifact's plain GEMM, and packing cost seconds at every load: flux-blocks fp32 ``none`` on a 2-core AVX2-only
-    AMD EPYC, 1.378 s a forward frozen against 1.339 s unfrozen (medians of 40 interleaved rounds); a warm load 1.1 s
-    against 0.1 s (packing 2 GiB), a cold start's median 12.7 s against 11.7 s."""
-    if device == "cpu" and dtype == "float32" and scheme == "none" and "avx2" in flags and "avx512f" not in flags:
-        return ("float32 weights packed for oneDNN run no faster than the plain GEMM on a CPU without AVX-512, "
-                "and packing them costs seconds at every load")
-    return None
-
-
 def compute_dtype(info: "Platform | Mapping[str, Any]", scheme: str | None = None) -> tuple[str, str]:
     """The dtype ``--dtype auto`` builds in on ``info`` (for ``scheme``), and why: bf16 on a GPU with bf16 tensor
     cores (sm80+) and on a CPU with bf16 matrix units, fp16 on an older GPU, fp32 on any other CPU and for a

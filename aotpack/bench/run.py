@@ -86,9 +86,7 @@ def _artifact_path(recipe: Any, quant: str, here: Any, artifacts_dir: Path, regi
     from aotpack.builder.schemes import freezes_by_default
     from aotpack.builder.spec import default_out
 
-    if freeze is None:  # as the build decides it (spec.resolve)
-        freeze = freezes_by_default(recipe, here.device, quant, flags=here.cpu_flags, dtype=dtype)
-    options = Options(freeze=freeze)
+    options = Options(freeze=freezes_by_default(recipe, here.device, quant) if freeze is None else freeze)
     return default_out(recipe.full_name, quant, tag(here), artifacts_dir, regional=regional, options=options,
                        dtype=dtype, default_dtype=recipe.dtype)
 
@@ -193,9 +191,7 @@ def _matrix(recipe: Any, default: str, path_of: Callable, builds: dict, records:
 # The frozen artifacts a CPU matrix runs beside the default (scheme, dtype): the fastest torch.compile variants
 # measured were bf16 none + freezing (an AMX box), bf16 int8dq + freezing (another AMX box) and fp32 int8dq +
 # freezing (AVX512-BF16 + VNNI): one bench run on a box shows which artifact is its fastest.
-# and float32 none where the default does not freeze it (platform.freeze_gains_nothing): what freezing would give
 FROZEN = (("none", "bfloat16"), ("int8dq", "bfloat16"), ("int8dq", "float32"))
-FROZEN_UNGAINED = ("none", "float32")
 
 
 def _frozen(recipe: Any, default: Path, build: dict) -> list[Path]:
@@ -204,13 +200,12 @@ def _frozen(recipe: Any, default: Path, build: dict) -> list[Path]:
     their torch.compile rows show it); each built when missing; one whose build fails is left out, and the bench
     says why."""
     from aotpack.artifact import manifest as mf
-    from aotpack.artifact.platform import BF16_UNITS, describe, freeze_gains_nothing, slow_scheme
+    from aotpack.artifact.platform import BF16_UNITS, describe, slow_scheme
     from aotpack.errors import AotpackError
 
     m, here = mf.read(default), describe()
     paths = []
-    ungained = [FROZEN_UNGAINED] if freeze_gains_nothing(here.device, here.cpu_flags, *FROZEN_UNGAINED[::-1]) else []
-    for quant, dtype in [*FROZEN, *ungained]:
+    for quant, dtype in FROZEN:
         if m.options.freeze and (quant, dtype) == (m.scheme.name, m.dtype):
             continue
         slow = slow_scheme(here.device, here.cpu_flags, quant) or (

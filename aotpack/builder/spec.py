@@ -15,8 +15,7 @@ from pathlib import Path
 from aotpack.artifact import manifest as mf
 from aotpack.artifact.files import check_output, verify_files
 from aotpack.artifact.manifest import Options
-from aotpack.artifact.platform import (Platform, compute_dtype, default_device, describe, freeze_gains_nothing,
-                                       slow_scheme, tag)
+from aotpack.artifact.platform import Platform, compute_dtype, default_device, describe, slow_scheme, tag
 from aotpack.builder.compile import Reusable
 from aotpack.builder.plan import DEFAULT_BUDGET, read_plan
 from aotpack.builder.recipe import _COMMIT, DTYPES, Recipe, get_recipe, is_local_checkpoint
@@ -131,8 +130,8 @@ def resolve(
         check_max_autotune(here.device)
     regional = r.regional if regional is None else regional
     if freeze is None:  # the recipe's default holds only where freezing can (an explicit --freeze is checked)
-        freeze = _default_freeze(r, here, quant, dtype, lora=lora_request is not None, compile_vae=bool(compile_vae),
-                                 reuse=reuse is not None)
+        freeze = freezes_by_default(r, here.device, quant, lora=lora_request is not None,
+                                    compile_vae=bool(compile_vae), reuse=reuse is not None)
     if freeze:
         check_freeze(here.device, lora_request is not None, quant=quant,
                      compile_vae=bool(compile_vae), reuse=reuse is not None)
@@ -172,17 +171,6 @@ def _scheme(quant: str | None, plan: str | os.PathLike | None, error_budget: flo
     if error_budget is not None and not 0 <= error_budget < 1:
         raise RecipeError(f"--error-budget {error_budget} must be in [0, 1)", "e.g. --error-budget 0.05")
     return quant, plan_data
-
-
-def _default_freeze(r: Recipe, here: Platform, quant: str, dtype: str, **kwargs: bool) -> bool:
-    """A build's --freeze when none was typed (``freezes_by_default`` on this machine), saying in one line when
-    freezing would hold but gains nothing here."""
-    if freezes_by_default(r, here.device, quant, flags=here.cpu_flags, dtype=dtype, **kwargs):
-        return True
-    if freezes_by_default(r, here.device, quant, **kwargs):
-        log.info("no freezing: %s (--freeze freezes anyway)",
-                 freeze_gains_nothing(here.device, here.cpu_flags, dtype, quant))
-    return False
 
 
 def build_dtype(dtype: str, here: Platform, scheme: str | None = None) -> str:

@@ -108,8 +108,8 @@ def job_command(cell: Cell, *, tag_in_job: bool = True, uploads: Sequence[Upload
 
 
 def _named_freeze(cell: Cell, params: dict) -> list[str]:
-    """``--freeze`` where the plan named the build frozen from its recipe's default (``recipe_defaults``): a job
-    on a CPU where freezing gains nothing would otherwise build, and push, another build than the one named."""
+    """``--freeze`` where the plan named the build frozen from its recipe's default (``recipe_defaults``): the job
+    builds, and pushes, the build the plan named, whatever its CPU and whatever aotpack version's default it runs."""
     from aotpack.builder.recipe import get_recipe
 
     device = flavor_platform(cell.flavor)[0]
