@@ -148,9 +148,10 @@ FREEZABLE = ("none", "int8dq")
 def freezes_by_default(recipe: Any, device: str, quant: str, *, lora: bool = False, compile_vae: bool = False,
                        reuse: bool = False) -> bool:
     """Whether a build without --freeze/--no-freeze freezes: where its recipe says ``freeze = true`` and an
-    explicit --freeze would be taken (``check_freeze``: one rule for both). On every CPU kind measured, float32
-    ``none`` included: on an AVX2-only box its oneDNN-packed weights ran 1.34x faster than the plain GEMM on one
-    (AMD EPYC Zen 3) and no slower on another (``artifacts/bench/flux-blocks-cpu-x86_64-avx2-2026-12-08``)."""
+    explicit --freeze would be taken (``check_freeze``: one rule for both). On every CPU kind, float32 ``none``
+    included: on AVX2-only boxes the frozen flux-blocks artifact ran 1.16-1.34x faster than the unfrozen one on one
+    (AMD EPYC Zen 3, ``artifacts/bench/flux-blocks-cpu-x86_64-avx2-2026-12-08``) and within 3 % of it on another
+    (``...-avx2-2026-12-07``)."""
     if not recipe.freeze:
         return False
     try:
