@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import platform
 
+from rounds_table import print_rounds  # scripts/, beside this file
+
 
 def main() -> None:
     import torch
@@ -48,13 +50,9 @@ def main() -> None:
             runs[name] = (lambda c: lambda: c(**kwargs))(compiled)
     finally:
         torch._inductor.config.freezing = False
-    times = _rounds(runs, args.rounds)
-    best = min(t["median_s"] for t in times.values())
-    print(f"{manifest.recipe.name} {manifest.scheme.name} {manifest.dtype}; {platform.machine()} {tag(describe())}, "
-          f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds\n")
-    print("| variant | median s | min s | / fastest |\n|---|---|---|---|")
-    for n, t in times.items():
-        print(f"| {n} | {t['median_s']:.4f} | {t['min_s']:.4f} | {t['median_s'] / best:.2f} |")
+    print_rounds(f"{manifest.recipe.name} {manifest.scheme.name} {manifest.dtype}; {platform.machine()} "
+                 f"{tag(describe())}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds",
+                 _rounds(runs, args.rounds))
 
 
 if __name__ == "__main__":

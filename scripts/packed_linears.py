@@ -16,6 +16,8 @@ import platform
 import statistics
 import time
 
+from rounds_table import print_rounds  # scripts/, beside this file
+
 
 def compiled_rows(transformer, kwargs) -> dict:
     """torch.compile (default; freezing as inductor chooses; freezing with oneDNN packing forced), each compiled by a
@@ -91,13 +93,8 @@ def main() -> None:
     runs = {f"aotpack {a}": (lambda m: lambda: m(**kwargs))(aotpack.load(a)) for a in args.artifacts}
     transformer = getattr(pipe, recipe.component).eval()
     runs.update(compiled_rows(transformer, kwargs))
-    times = _rounds(runs, args.rounds)
-    best = min(t["median_s"] for t in times.values())
-    print(f"{manifest.recipe.name} float32; {platform.machine()} {tag(describe())}, {torch.get_num_threads()} "
-          f"threads, {args.rounds} interleaved rounds\n")
-    print("| variant | median s | min s | / fastest |\n|---|---|---|---|")
-    for n, t in times.items():
-        print(f"| {n} | {t['median_s']:.4f} | {t['min_s']:.4f} | {t['median_s'] / best:.2f} |")
+    print_rounds(f"{manifest.recipe.name} float32; {platform.machine()} {tag(describe())}, {torch.get_num_threads()} "
+                 f"threads, {args.rounds} interleaved rounds", _rounds(runs, args.rounds))
     rows = kwargs["hidden_states"].shape[1] + kwargs["encoder_hidden_states"].shape[1]
     width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     print("\n" + "\n".join(linear_table([(rows, width, width), (rows, width, 4 * width), (rows, 4 * width, width)])))
